@@ -1,0 +1,226 @@
+"""Transformer pieces around MLA: RMSNorm, SwiGLU MLP, ``TransformerBlock`` and a small ``MLACausalLM``.
+
+Parameter names follow transformers' DeepseekV3 decoder layer (``input_layernorm``, ``self_attn``,
+``post_attention_layernorm``, ``mlp.gate_proj/up_proj/down_proj``; ``embed_tokens``, ``norm``,
+``lm_head``). The MLP is dense SwiGLU (Shazeer 2020, arXiv 2002.05202); MoE is out of scope.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mla.attention import AttentionStats, LatentSparseAttention, MultiHeadLatentAttention, RMSNorm
+from mla.cache import LatentCache
+from mla.config import MLAConfig
+
+__all__ = ["RMSNorm", "SwiGLU", "TransformerBlock", "MLACausalLM", "CausalLMOutput"]
+
+
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``: ``[..., hidden] -> [..., hidden]``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    Args:
+        config: ``MLAConfig``; layer_idx: this block's slot in a ``LatentCache``.
+        attention: ``"mla"`` (``MultiHeadLatentAttention``) or ``"sparse"`` (``LatentSparseAttention``).
+        sparse_mode: ``"block"`` or ``"topk"`` for ``attention="sparse"``.
+        form, backend: passed to the attention module. indexer_loss: see ``LatentSparseAttention``.
+
+    ``forward(x [B,T,E], *, position_ids=None, cache=None, attention_mask=None)`` returns
+    ``(x [B,T,E], AttentionStats)``.
+    """
+
+    def __init__(
+        self,
+        config: MLAConfig,
+        layer_idx: int = 0,
+        *,
+        attention: str = "mla",
+        sparse_mode: str = "block",
+        form: str = "auto",
+        backend: str = "auto",
+        indexer_loss: bool = False,
+    ):
+        super().__init__()
+        if attention == "mla":
+            self.self_attn = MultiHeadLatentAttention(config, layer_idx, form=form, backend=backend)
+        elif attention == "sparse":
+            self.self_attn = LatentSparseAttention(
+                config, layer_idx, mode=sparse_mode, form=form, backend=backend, indexer_loss=indexer_loss
+            )
+        else:
+            raise ValueError(f"attention: expected 'mla' or 'sparse', got {attention!r}")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, *, position_ids=None, cache=None, attention_mask=None):
+        h, stats = self.self_attn(
+            self.input_layernorm(x), position_ids=position_ids, cache=cache, attention_mask=attention_mask
+        )
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, stats
+
+
+class CausalLMOutput(NamedTuple):
+    """``logits [B, T, vocab]``; ``loss`` scalar (cross entropy over ``targets``, plus indexer losses) or
+    None; ``stats`` one ``AttentionStats`` per layer."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    stats: list[AttentionStats]
+
+
+class MLACausalLM(nn.Module):
+    """Decoder-only language model with MLA blocks (embedding, blocks, final RMSNorm, LM head).
+
+    Args:
+        config: ``MLAConfig``; attention / sparse_mode / form / backend / indexer_loss: see
+            ``TransformerBlock``. indexer_loss_weight: weight of the indexers' KL losses in ``loss``.
+
+    ``forward(input_ids [B,T] int64, *, targets=None, cache=None, position_ids=None, attention_mask=None)``
+    returns ``CausalLMOutput``; ``targets [B, T]`` are the next tokens (``-100`` ignored).
+
+    Raises:
+        ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary.
+    """
+
+    def __init__(
+        self,
+        config: MLAConfig,
+        *,
+        attention: str = "mla",
+        sparse_mode: str = "block",
+        form: str = "auto",
+        backend: str = "auto",
+        indexer_loss: bool = False,
+        indexer_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.indexer_loss_weight = indexer_loss_weight
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                config, i, attention=attention, sparse_mode=sparse_mode, form=form, backend=backend,
+                indexer_loss=indexer_loss,
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (shared weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self) -> LatentCache:
+        """An empty ``LatentCache`` with one slot per layer."""
+        return LatentCache(self.config.num_hidden_layers)
+
+    def forward(self, input_ids, *, targets=None, cache=None, position_ids=None, attention_mask=None):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = getattr(input_ids, "shape", input_ids)
+            raise ValueError(f"input_ids: expected a [B, T] integer tensor, got {got!r}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        x = self.embed_tokens(input_ids)
+        stats = []
+        for layer in self.layers:
+            x, st = layer(x, position_ids=position_ids, cache=cache, attention_mask=attention_mask)
+            stats.append(st)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            extra = [s.indexer_loss for s in stats if s.indexer_loss is not None]
+            if extra:
+                loss = loss + self.indexer_loss_weight * torch.stack(extra).sum()
+        return CausalLMOutput(logits, loss, stats)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoregressive decoding through the compressed latent cache.
+
+        The prompt ``input_ids [B, T]`` is prefilled once; each new token then attends over the cache
+        (absorbed form). ``temperature == 0`` is greedy; otherwise sampling from ``softmax(logits / T)``
+        restricted to the ``top_k`` most likely tokens when given. Stops early when every sequence has
+        produced ``eos_token_id``. Returns ``[B, T + n]`` int64 (``n <= max_new_tokens``).
+
+        Raises:
+            ValueError: empty prompt, negative ``max_new_tokens`` or ``temperature``.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected a non-empty [B, T] prompt, got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_cache()
+            out = input_ids
+            logits = self(input_ids, cache=cache).logits[:, -1]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, generator)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done |= nxt == eos_token_id
+                out = torch.cat([out, nxt[:, None]], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+                logits = self(nxt[:, None], cache=cache).logits[:, -1]
+            return out
+        finally:
+            self.train(was_training)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """Next token ids ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,315 @@
+"""Functional latent attention: input validation and backend dispatch (DESIGN §4, §8).
+
+``latent_attention`` is the one entry point the modules use. It checks every argument on the host
+(clear ``TypeError``/``ValueError`` naming the argument, before any kernel launch) and dispatches to
+
+* ``"reference"``: ``mla.reference.attention_reference`` (pure PyTorch, autograd through torch ops);
+* ``"triton"``: the fused kernels behind ``mla.autograd`` (CUDA tensors, or CPU tensors under the
+  Triton interpreter ``TRITON_INTERPRET=1``);
+* ``"auto"``: Triton when the tensors are on CUDA and the kernels are usable, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from mla import reference as _ref
+from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_to_dense_mask
+
+__all__ = [
+    "latent_attention",
+    "attention_with_stats",
+    "attention_probs",
+    "resolve_backend",
+    "AttentionResult",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "reference", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AttentionResult(NamedTuple):
+    """What ``attention_with_stats`` returns.
+
+    out: ``[B, T, Hq, Dv]`` in the input dtype. lse: ``[B, Hq, T]`` float32 (natural log, ``+inf`` for
+    rows with no key). max_logit: ``[B, Hq]`` float32 maximum scaled score (``-inf`` if none) or None.
+    backend: ``"reference"`` or ``"triton"``, the path that ran.
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    max_logit: torch.Tensor | None
+    backend: str
+
+
+def _triton_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether the fused kernels can run on ``device`` (and why not)."""
+    try:
+        from kernels._config import HAS_TRITON, INTERPRET
+        from mla import autograd as _ag  # noqa: F401  (imports kernels and triton)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return False, f"the Triton kernels could not be imported ({e})"
+    if not HAS_TRITON:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and INTERPRET:
+        return True, ""
+    if device.type == "cpu":
+        return False, (
+            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 in the environment before "
+            "importing mla/kernels"
+        )
+    return False, f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map ``"auto" | "reference" | "triton"`` to the path that will run on ``device``.
+
+    ``"auto"`` picks ``"triton"`` for CUDA tensors (not float64) when the kernels import, else
+    ``"reference"``.
+
+    Raises:
+        ValueError: unknown backend, or ``"triton"`` where the kernels cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        if device.type != "cuda" or dtype == torch.float64:
+            return "reference"
+        ok, _ = _triton_usable(device)
+        return "triton" if ok else "reference"
+    ok, why = _triton_usable(device)
+    if not ok:
+        raise ValueError(f"backend='triton' is unavailable: {why}")
+    if dtype == torch.float64:
+        raise TypeError("backend='triton': float64 inputs are only supported by backend='reference'")
+    return "triton"
+
+
+def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_scale(softmax_scale, Dk: int) -> float:
+    if softmax_scale is None:
+        return Dk**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale: expected a positive float or None, got {type(softmax_scale).__name__}")
+    s = float(softmax_scale)
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"softmax_scale: expected a finite positive float, got {softmax_scale}")
+    return s
+
+
+def _check_attn_mask(attn_mask, B: int, Hq: int, T: int, S: int, device) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a bool or float torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected dtype bool (True = attend) or a float bias, got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask: on device {attn_mask.device}, but q is on {device}")
+    full = (B, Hq, T, S)
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or len(shape) < 2 or any(
+        d not in (1, f) for d, f in zip(shape, full[4 - len(shape) :])
+    ):
+        raise ValueError(
+            f"attn_mask: expected a shape broadcastable to [B, Hq, T, S] = {list(full)}, got {list(shape)}"
+        )
+
+
+def _validate(
+    q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
+) -> tuple[float, str, torch.Tensor | None]:
+    _check_tensor("q", q, 4, "[B, T, Hq, Dk]")
+    _check_tensor("k", k, 4, "[B, S, Hkv, Dk]")
+    _check_tensor("v", v, 4, "[B, S, Hkv, Dv]")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
+    B, T, Hq, Dk = q.shape
+    _, S, Hkv, _ = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k: batch size {k.shape[0]} does not match q's batch size {B}")
+    if v.shape[0] != B:
+        raise ValueError(f"v: batch size {v.shape[0]} does not match q's batch size {B}")
+    if v.shape[1] != S:
+        raise ValueError(f"v: sequence length {v.shape[1]} does not match k's sequence length {S}")
+    if v.shape[2] != Hkv:
+        raise ValueError(f"v: {v.shape[2]} heads do not match k's {Hkv} heads")
+    if k.shape[3] != Dk:
+        raise ValueError(f"k: head dim {k.shape[3]} does not match q's head dim {Dk}")
+    if min(Hq, Hkv, Dk, v.shape[3]) < 1:
+        raise ValueError(f"q/k/v: heads and head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"q/k: the number of query heads Hq={Hq} must be a multiple of the number of kv heads Hkv={Hkv}"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    scale = _check_scale(softmax_scale, Dk)
+    if block_mask is not None and topk_indices is not None:
+        raise ValueError("block_mask and topk_indices are exclusive: pass at most one of them")
+    if block_mask is not None:
+        check_block_mask(block_mask, B, Hq, T, S, q.device, check_values=check_indices)
+    if topk_indices is not None:
+        topk_indices = check_topk_indices(topk_indices, B, T, Hkv, S, q.device, check_values=check_indices)
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, B, Hq, T, S, q.device)
+    path = resolve_backend(backend, q.device, q.dtype)
+    if attn_mask is not None:
+        if backend == "triton":
+            raise ValueError(
+                "attn_mask: arbitrary element masks run on backend='reference' only; express the pattern "
+                "as causal, a BlockMask or topk_indices to use the kernels"
+            )
+        path = "reference"
+    return scale, path, topk_indices
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    block_mask: BlockMask | None = None,
+    topk_indices: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    return_max_logit: bool = True,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> AttentionResult:
+    """``latent_attention`` that also returns ``lse``, the per-head max logit and the backend used.
+
+    Arguments as for ``latent_attention``. Returns an ``AttentionResult`` (out, lse, max_logit, backend);
+    ``max_logit`` is ``[B, Hq]`` float32 (detached) when ``return_max_logit``.
+    """
+    scale, path, topk_indices = _validate(
+        q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
+    )
+    if path == "triton":
+        from mla.autograd import triton_attention
+
+        out, lse, max_logit = triton_attention(
+            q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
+            topk_indices=topk_indices, return_max_logit=return_max_logit,
+        )
+    else:
+        out, lse, max_logit = _ref.attention_reference(
+            q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
+            topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=return_max_logit,
+        )
+    return AttentionResult(out, lse, max_logit, path)
+
+
+def latent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    block_mask: BlockMask | None = None,
+    topk_indices: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    attn_mask: torch.Tensor | None = None,
+    check_indices: bool = True,
+):
+    """Fused latent attention ``softmax(q·kᵀ·softmax_scale) · v`` (DESIGN §3–4).
+
+    Args:
+        q: ``[B, T, Hq, Dk]`` float16 / bfloat16 / float32 (float64 on ``backend="reference"``).
+        k: ``[B, S, Hkv, Dk]``, same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA).
+        v: ``[B, S, Hkv, Dv]``; ``Dv`` may differ from ``Dk``. In absorbed MLA ``v = k[..., :kv_lora_rank]``
+            (a prefix view of ``k``), which the kernels detect and load once.
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + S - T``),
+            as in FlashAttention >= 2.1 and FlashMLA; differs from SDPA's ``is_causal`` when ``T != S``.
+        softmax_scale: multiplier of the scores; default ``Dk ** -0.5``. MLA passes
+            ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times YaRN ``mscale²``).
+        block_mask: ``mla.sparsity.BlockMask`` built for ``(T, S)`` with batch/head dims 1 or B/Hq.
+        topk_indices: int32 ``[B, T, Hkv, K]`` key positions in ``[0, S)`` or ``-1`` (ignored).
+            Exclusive with ``block_mask``.
+        return_lse: also return ``lse [B, Hq, T]`` float32 (natural log; ``+inf`` where a row sees no key).
+        backend: ``"auto"`` (kernels on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+        attn_mask: optional bool keep-mask (True = attend) or float additive bias broadcastable to
+            ``[B, Hq, T, S]``; arbitrary masks run on the reference path.
+        check_indices: validate index values (one device sync): ``topk_indices`` in ``[-1, S)`` without
+            duplicates per row, ``block_mask`` indices in range and ascending.
+
+    Returns:
+        ``out [B, T, Hq, Dv]`` in the input dtype, or ``(out, lse)`` with ``return_lse``. A row that
+        sees no key gives ``out = 0``, ``lse = +inf`` and zero gradients.
+
+    Raises:
+        TypeError: non-tensor inputs, non-float or mismatched dtypes, wrong index dtype.
+        ValueError: wrong ranks or shapes, mismatched batch / heads / head dims / devices,
+            ``Hq % Hkv != 0``, bad ``softmax_scale``, both ``block_mask`` and ``topk_indices``, index
+            values out of range, or an unavailable backend.
+    """
+    res = attention_with_stats(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
+        topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,
+        check_indices=check_indices,
+    )
+    return (res.out, res.lse) if return_lse else res.out
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool = False,
+    block_mask: BlockMask | None = None,
+    topk_indices: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention probabilities ``exp(S - lse)`` recomputed from a kernel's ``lse``.
+
+    Args:
+        q ``[B, T, Hq, Dk]``, k ``[B, S, Hkv, Dk]``, lse ``[B, Hq, T]``; masks as in ``latent_attention``.
+
+    Returns:
+        ``[B, Hq, T, S]`` float32 (float64 for float64 inputs); rows sum to 1, or are all 0 where the
+        row sees no key. Materialises ``T × S`` per head: meant for ``need_weights`` and tests.
+    """
+    B, T, Hq, Dk = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    cdt = _ref.compute_dtype(q.dtype)
+    kk = k.to(cdt).repeat_interleave(Hq // Hkv, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q.to(cdt), kk) * softmax_scale
+    keep = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        rows = torch.arange(T, device=q.device)[:, None]
+        keep = keep & (torch.arange(S, device=q.device)[None, :] <= rows + (S - T))
+    if block_mask is not None:
+        keep = keep & block_mask.to_element_mask()
+    if topk_indices is not None:
+        keep = keep & topk_to_dense_mask(topk_indices, S).repeat_interleave(Hq // Hkv, dim=1)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            s = s + attn_mask.to(cdt)
+    lse_c = lse.to(cdt)[..., None]
+    p = torch.exp(s.masked_fill(~keep, float("-inf")) - torch.where(torch.isinf(lse_c), 0, lse_c))
+    return torch.where(torch.isinf(lse_c), torch.zeros_like(p), p)

@@ -1,0 +1,226 @@
+"""Pure-PyTorch latent attention: the oracle for every kernel and the CPU fallback.
+
+The math follows DESIGN §3–4 (FlashAttention-2 conventions, Dao 2023, arXiv 2307.08691):
+
+* scores ``S = (q · kᵀ) · softmax_scale`` with ``q [B,T,Hq,Dk]``, ``k [B,S,Hkv,Dk]``; query head ``h``
+  reads kv head ``h // (Hq / Hkv)`` (GQA/MQA);
+* causal masking is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + S - T``;
+* optional block mask (``mla.sparsity.BlockMask``), top-k key lists (``-1`` lanes ignored) and a dense
+  element mask / additive bias restrict or shift the scores;
+* ``lse = log Σ exp(S)`` in natural log; a row that sees no key returns output 0, ``lse = +inf`` and
+  zero gradients (never NaN).
+
+Queries are processed in chunks so that at most ``chunk × S`` scores per head exist at once; when
+gradients are needed and there is more than one chunk, each chunk is checkpointed so the backward
+pass has the same bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["attention_reference", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
+
+#: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(T: int, S: int, Hq: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(T, int(chunk_size)))
+    return max(1, min(T, DEFAULT_CHUNK_ELEMENTS // max(1, S * Hq)))
+
+
+def _allowed_chunk(
+    t0: int,
+    t1: int,
+    T: int,
+    S: int,
+    Hkv: int,
+    G: int,
+    device: torch.device,
+    causal: bool,
+    block_grid: torch.Tensor | None,
+    block_size: tuple[int, int] | None,
+    topk_indices: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Boolean keep-mask broadcastable to ``[B, Hkv, G, t1-t0, S]`` for query rows ``t0:t1`` (None: keep all)."""
+    allowed = None
+
+    def _and(a, b):
+        return b if a is None else a & b
+
+    if causal:
+        rows = torch.arange(t0, t1, device=device)[:, None]
+        cols = torch.arange(S, device=device)[None, :]
+        allowed = _and(allowed, (cols <= rows + (S - T))[None, None, None])
+    if block_grid is not None:
+        bm, bn = block_size
+        qb = torch.arange(t0, t1, device=device) // bm
+        kb = torch.arange(S, device=device) // bn
+        g = block_grid[:, :, qb][:, :, :, kb]  # [Bm, Hm, c, S]
+        if g.shape[1] == 1:
+            g = g[:, :, None]
+        else:
+            g = rearrange(g, "b (hk g) c s -> b hk g c s", g=G)
+        allowed = _and(allowed, g)
+    if topk_indices is not None:
+        idx = topk_indices[:, t0:t1].long()  # [B, c, Hkv, K]
+        idx = torch.where(idx < 0, torch.full_like(idx, S), idx)
+        sel = torch.zeros(*idx.shape[:3], S + 1, dtype=torch.bool, device=device)
+        sel.scatter_(-1, idx, True)
+        sel = rearrange(sel[..., :S], "b c hk s -> b hk 1 c s")
+        allowed = _and(allowed, sel)
+    if mask is not None:
+        m = mask[:, :, t0:t1]  # [Bm, Hm, c, S]
+        if m.shape[1] == 1:
+            m = m[:, :, None]
+        else:
+            m = rearrange(m, "b (hk g) c s -> b hk g c s", g=G)
+        allowed = _and(allowed, m)
+    return allowed
+
+
+def _chunk_forward(q, k, v, allowed, bias, scale: float):
+    """One query chunk. q [B,c,Hkv,G,Dk], k [B,S,Hkv,Dk], v [B,S,Hkv,Dv] (compute dtype).
+
+    Returns out [B,c,Hkv,G,Dv], lse [B,Hkv,G,c], row max [B,Hkv,G,c] (-inf where empty).
+    """
+    s = torch.einsum("bchgd,bshd->bhgcs", q, k) * scale
+    if bias is not None:
+        s = s + bias
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # The running max is only a stabiliser: detaching it keeps gradients exact and NaN-free.
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m_safe)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / denom
+    out = torch.einsum("bhgcs,bshe->bchge", p, v)
+    lse = (m_safe + torch.log(denom)).squeeze(-1)
+    lse = torch.where(empty.squeeze(-1), torch.full_like(lse, float("inf")), lse)
+    return out, lse, m.squeeze(-1)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    block_mask=None,
+    topk_indices: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_max_logit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Latent attention in plain PyTorch, chunked over queries.
+
+    Args:
+        q: ``[B, T, Hq, Dk]`` float16/bfloat16/float32/float64.
+        k: ``[B, S, Hkv, Dk]``, same dtype and device; ``Hq % Hkv == 0``.
+        v: ``[B, S, Hkv, Dv]``; may be a view of ``k`` (absorbed MLA).
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + S - T``).
+        softmax_scale: multiplier of ``q · kᵀ``; default ``Dk ** -0.5``.
+        block_mask: ``mla.sparsity.BlockMask`` for ``(T, S)``; inside a listed block every key is kept
+            (unless ``causal`` removes it).
+        topk_indices: int ``[B, T, Hkv, K]``, key positions in ``[0, S)`` or ``-1`` (ignored).
+        attn_mask: bool keep-mask (True = attend) or float additive bias, broadcastable to
+            ``[B, Hq, T, S]``. A float ``-inf`` entry removes the key like a False entry.
+        chunk_size: query rows per chunk (default: so that ``chunk × S × Hq ≤ 2**24`` scores).
+        return_max_logit: also return the per-(batch, head) maximum visible scaled score.
+
+    Returns:
+        ``(out, lse, max_logit)``: ``out [B, T, Hq, Dv]`` in ``q.dtype``; ``lse [B, Hq, T]`` float32
+        (float64 for float64 inputs), ``+inf`` for rows with no visible key; ``max_logit [B, Hq]``
+        (``-inf`` for heads that see nothing) or None. Inputs are assumed validated
+        (``mla.functional.latent_attention`` does that); shapes that do not fit raise from torch.
+    """
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    scale = Dk**-0.5 if softmax_scale is None else float(softmax_scale)
+    cdt = compute_dtype(q.dtype)
+    device = q.device
+    stat_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+
+    if T == 0 or S == 0:
+        out = q.new_zeros(B, T, Hq, Dv)
+        lse = torch.full((B, Hq, T), math.inf, dtype=stat_dtype, device=device)
+        ml = torch.full((B, Hq), -math.inf, dtype=stat_dtype, device=device) if return_max_logit else None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # Keep the graph connected so that backward yields zero gradients rather than None.
+            out = out + 0 * (q.sum() + k.sum() + v.sum()).to(out.dtype)
+        return out, lse, ml
+
+    block_grid = None
+    block_size = None
+    if block_mask is not None:
+        block_grid = block_mask.to_dense().to(device)
+        block_size = block_mask.BLOCK_SIZE
+
+    bool_mask = None
+    bias = None
+    if attn_mask is not None:
+        am = attn_mask
+        while am.dim() < 4:
+            am = am.unsqueeze(0)
+        if am.dtype == torch.bool:
+            bool_mask = am.expand(am.shape[0], am.shape[1], T, S)
+        else:
+            bias = am.to(cdt).expand(am.shape[0], am.shape[1], T, S)
+
+    qc = rearrange(q.to(cdt), "b t (hk g) d -> b t hk g d", g=G)
+    kc = k.to(cdt)
+    vc = v.to(cdt)
+    rows = _chunk_rows(T, S, Hq, chunk_size)
+    n_chunks = math.ceil(T / rows)
+    use_ckpt = n_chunks > 1 and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v) + ((bias,) if bias is not None else ())
+    )
+
+    outs, lses, maxes = [], [], []
+    for t0 in range(0, T, rows):
+        t1 = min(T, t0 + rows)
+        allowed = _allowed_chunk(
+            t0, t1, T, S, Hkv, G, device, causal, block_grid, block_size, topk_indices, bool_mask
+        )
+        b_chunk = None
+        if bias is not None:
+            b_chunk = bias[:, :, t0:t1]
+            b_chunk = (
+                b_chunk[:, :, None]
+                if b_chunk.shape[1] == 1
+                else rearrange(b_chunk, "b (hk g) c s -> b hk g c s", g=G)
+            )
+        if use_ckpt:
+            o, lse, m = checkpoint(
+                _chunk_forward, qc[:, t0:t1], kc, vc, allowed, b_chunk, scale, use_reentrant=False
+            )
+        else:
+            o, lse, m = _chunk_forward(qc[:, t0:t1], kc, vc, allowed, b_chunk, scale)
+        outs.append(o)
+        lses.append(lse)
+        if return_max_logit:
+            maxes.append(m.amax(dim=-1))
+
+    out = rearrange(torch.cat(outs, dim=1), "b t hk g e -> b t (hk g) e").to(q.dtype)
+    lse = rearrange(torch.cat(lses, dim=-1), "b hk g t -> b (hk g) t").to(stat_dtype)
+    max_logit = None
+    if return_max_logit:
+        max_logit = rearrange(torch.stack(maxes, 0).amax(0), "b hk g -> b (hk g)").to(stat_dtype).detach()
+    return out, lse, max_logit
