@@ -1,0 +1,221 @@
+"""Decode throughput of a transformers DeepseekV3 model before and after ``mla.integrations.transformers.patch_model``.
+
+    python -m bench.bench_hf                 # CPU (and CUDA when present): contexts 512, 2k, 8k
+    python -m bench.bench_hf --quick         # contexts 128 and 512, short timing budget
+    python -m bench.bench_hf --device cuda --contexts 512 2048 8192 32768 --csv hf.csv
+
+The model is a random-weight ``DeepseekV3ForCausalLM`` built from a config (no download) with DeepSeek's
+attention head sizes (``kv_lora_rank`` 512, ``qk_nope_head_dim`` 128, ``qk_rope_head_dim`` 64,
+``v_head_dim`` 128) but few heads and layers and dense MLPs, so the CPU run stays short; change them with
+``--heads/--hidden/--layers``. For each context length a transformers ``DynamicCache`` holding the
+compressed latents of the context is filled once (see below), then greedy decoding runs
+
+* *before*: transformers' module (default ``attn_implementation="sdpa"``), which expands the cached latents to
+  per-head K/V with ``kv_b_proj`` at every step: ``~2·S·dc·H·(dn+dv)`` FLOPs per layer and token;
+* *after*: the patched model, absorbed form over the same compressed cache: ``~4·S·H·(dc+dr)`` FLOPs,
+
+from the same cache (``cache.crop`` rewinds it between runs), and the generated tokens are compared.
+The cache of the ``ctx``-token context is filled, by default, with random latents through the cache's own
+``update`` (a CPU prefill at 8k takes minutes and does not change what a decode step computes);
+``--prefill model`` runs the real (chunked) prefill instead.
+Tokens/s counts decode steps × batch over wall time (``torch.cuda.synchronize`` on CUDA), after one
+warm-up step; each side runs until ``--budget`` seconds have passed (at least ``--min-steps`` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+
+import torch
+
+from mla.integrations.transformers import patch_model, unpatch_model
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    """A random DeepseekV3ForCausalLM (transformers) on ``device`` in ``dtype``."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        moe_intermediate_size=64, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, q_lora_rank=args.q_lora_rank, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=args.layers, n_routed_experts=2,
+        num_experts_per_tok=1, n_group=1, topk_group=1, max_position_embeddings=max(args.contexts) + 4096,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM._from_config(cfg, attn_implementation=args.attn, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def fill_random_cache(model, cache, B: int, ctx: int, g: torch.Generator, device, dtype) -> None:
+    """Fill a transformers cache with ``ctx`` random latent rows per layer through its own ``update`` API:
+    ``c_kv ~ N(0, 1)`` (an RMS-normalised latent) and ``k_rope ~ N(0, 1)``, shaped as ``DeepseekV3Attention``
+    stores them (``[B, 1, ctx, kv_lora_rank]``, ``[B, 1, ctx, qk_rope_head_dim]``)."""
+    cfg = model.config
+    for layer in range(cfg.num_hidden_layers):
+        kv = torch.randn(B, 1, ctx, cfg.kv_lora_rank, generator=g).to(device=device, dtype=dtype)
+        kr = torch.randn(B, 1, ctx, cfg.qk_rope_head_dim, generator=g).to(device=device, dtype=dtype)
+        cache.update(kv, kr, layer)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(model, cache, first, steps: int, device) -> tuple[torch.Tensor, float]:
+    """Greedy decode ``steps`` tokens after ``first [B, 1]``; returns (tokens [B, steps], seconds of steps 2..)."""
+    tok, out, t0 = first, [], None
+    for i in range(steps):
+        if i == 1:
+            _sync(device)
+            t0 = time.perf_counter()
+        logits = model(input_ids=tok, cache=cache, use_cache=True).logits
+        tok = logits[:, -1:].argmax(-1)
+        out.append(tok)
+    _sync(device)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+def _rewind(cache, ctx: int) -> None:
+    """Drop the tokens decoded after the ``ctx``-token prompt (transformers' ``crop`` takes a negative count)."""
+    extra = cache.get_seq_length() - ctx
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def timed_decode(model, cache, ctx: int, first, args, device, steps: int | None = None):
+    """Decode from the cache cropped to ``ctx`` tokens, repeatedly, until ``args.budget`` seconds are spent.
+
+    ``steps`` None: calibrate it first (``args.min_steps`` .. ``args.max_steps``, one run ≈ the budget).
+    Returns (tokens of the first run [B, steps + 1], tokens/s, steps).
+    """
+    B = first.shape[0]
+    if steps is None:
+        _rewind(cache, ctx)
+        tokens, t = decode(model, cache, first, args.min_steps + 1, device)
+        steps = int(min(args.max_steps, max(args.min_steps, args.budget * args.min_steps / max(t, 1e-9))))
+        if steps == args.min_steps or t >= args.budget:
+            return tokens, args.min_steps * B / t, args.min_steps
+    tokens, total_t, total_steps = None, 0.0, 0
+    start = time.perf_counter()
+    while True:
+        _rewind(cache, ctx)
+        toks, t = decode(model, cache, first, steps + 1, device)
+        tokens = toks if tokens is None else tokens
+        total_t, total_steps = total_t + t, total_steps + steps
+        if time.perf_counter() - start >= args.budget:
+            break
+    return tokens, total_steps * B / total_t, steps
+
+
+def bench_device(args, device: torch.device) -> list[dict]:
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    from transformers import DynamicCache
+
+    model = build_model(args, device, dtype)
+    rows = []
+    for ctx in args.contexts:
+        g = torch.Generator().manual_seed(ctx)
+        ids = torch.randint(1, args.vocab, (args.batch, ctx), generator=g).to(device)
+        cache = DynamicCache(config=model.config)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if args.prefill == "model":
+                for i in range(0, ctx, args.prefill_chunk):
+                    logits = model(input_ids=ids[:, i : i + args.prefill_chunk], cache=cache, use_cache=True).logits
+                first = logits[:, -1:].argmax(-1)
+            else:
+                fill_random_cache(model, cache, args.batch, ctx, g, device, dtype)
+                first = ids[:, -1:]
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        with torch.no_grad():
+            ref_tokens, before, steps = timed_decode(model, cache, ctx, first, args, device)
+            patch_model(model, form=args.form, backend=args.backend)
+            tokens, after, _ = timed_decode(model, cache, ctx, first, args, device, steps=steps)
+            unpatch_model(model)
+        same = bool(torch.equal(tokens[:, : ref_tokens.shape[1]], ref_tokens))
+        row = {
+            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "context": ctx,
+            "prefill": args.prefill, "prefill_s": round(prefill_s, 3), "steps": steps, "before_tok_s": round(before, 2),
+            "after_tok_s": round(after, 2), "ratio": round(after / before, 2), "same_tokens": same,
+        }
+        rows.append(row)
+        print(
+            f"  {device.type:4s} {row['dtype']:8s} context {ctx:6d}: before {before:9.2f} tok/s, after {after:9.2f} "
+            f"tok/s, ratio {after / before:6.2f}x, same greedy tokens: {same} (prefill {prefill_s:.1f}s)",
+            flush=True,
+        )
+        del cache
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CPU, plus CUDA when available")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--quick", action="store_true", help="contexts 128 512, budget 0.5 s")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--q-lora-rank", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--attn", default="sdpa", help="attn_implementation of the unpatched model (sdpa, eager)")
+    p.add_argument("--form", default="auto", choices=["auto", "naive", "absorbed"])
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of decoding per measurement")
+    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=64)
+    p.add_argument("--prefill", choices=["random", "model"], default="random",
+                   help="random: fill the transformers cache with random latents (fast; decode cost is the same);\n"
+                   "model: prefill the prompt through the unpatched model in chunks (slow on CPU at 8k)")
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 is steadier on a shared machine")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.contexts, args.budget, args.min_steps = [128, 512], 0.5, 2
+    devices = []
+    if args.device in ("auto", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda"))
+    print(
+        f"transformers DeepseekV3 decode, hidden {args.hidden}, {args.heads} heads, {args.layers} layers, "
+        f"kv_lora_rank 512, qk 128+64, v 128, batch {args.batch}; before = attn_implementation={args.attn!r}, "
+        f"after = patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
+    )
+    rows = []
+    for dev in devices:
+        rows += bench_device(args, dev)
+    print()
+    print("| device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r['device']} | {r['dtype']} | {r['context']} | {r['before_tok_s']} | {r['after_tok_s']} | "
+            f"{r['ratio']}x | {r['same_tokens']} |"
+        )
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

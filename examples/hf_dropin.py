@@ -1,0 +1,118 @@
+"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 model: one added line.
+
+    python examples/hf_dropin.py            # about half a minute on a laptop CPU
+    python examples/hf_dropin.py --context 4096 --threads 1
+
+1. Builds a small random-weight ``DeepseekV3ForCausalLM`` from a config (no download).
+2. Greedy-generates for a left-padded batch of two prompts with transformers' own attention, then
+   ``patch_model(model)`` — the one line — and generates again: the tokens are identical.
+3. Measures decode speed before and after at a long context. transformers expands the cached latents to
+   per-head keys/values at every step; the patched model attends in latent space over the same cache.
+4. Shows the other entry point: ``attn_implementation="mla_latent"`` (our attention function in transformers'
+   ``AttentionInterface``; naive form, no module replacement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
+
+
+def small_config(max_positions: int) -> DeepseekV3Config:
+    """DeepSeek-V3's attention (q LoRA, 512-wide latent KV, 128 + 64 qk and 128 v head dims, interleaved RoPE,
+    YaRN) with 4 heads, 2 layers and dense MLPs."""
+    return DeepseekV3Config(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, first_k_dense_replace=2, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+        moe_intermediate_size=64, max_position_embeddings=max_positions, rope_interleave=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": max_positions // 4, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+
+
+def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights of unit gain (transformers' 0.02-std init makes a near-constant toy model)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(r / p.shape[-1] ** 0.5 if p.dim() > 1 else (1 + 0.1 * r if "norm" in name else 0.1 * r))
+
+
+class StepTimer(LogitsProcessor):
+    """Records when ``generate`` asks for each next token: the gaps are the decode steps (prefill excluded)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens/s of ``model.generate`` after the prefill (timed between generation steps)."""
+    timer = StepTimer()
+    with torch.no_grad():
+        model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([timer]))
+    return (len(timer.times) - 1) * prompt.shape[0] / (timer.times[-1] - timer.times[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=int, default=2048, help="prompt length of the speed measurement")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = small_config(max_positions=max(4096, 2 * args.context))
+    model = DeepseekV3ForCausalLM(config).eval()
+    random_weights(model)
+
+    # -- 1. identical greedy output, batch of two prompts, the second left-padded -----------------------
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, config.vocab_size, (2, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, :5], attention_mask[1, :5] = 0, 0
+    gen = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
+    with torch.no_grad():
+        before = model.generate(**gen)
+        patch_model(model)  # <- the one line: every DeepseekV3Attention now runs the latent attention
+        after = model.generate(**gen)
+    print("transformers:", before[:, 12:].tolist())
+    print("patched:     ", after[:, 12:].tolist())
+    print("identical greedy output:", torch.equal(before, after))
+    print("layer 0 attention is now:", type(model.model.layers[0].self_attn).__name__)
+
+    # -- 2. decode speed at a long context --------------------------------------------------------------
+    prompt = torch.randint(1, config.vocab_size, (1, args.context), generator=g)
+    unpatch_model(model)
+    slow = decode_tokens_per_s(model, prompt, args.new_tokens)
+    patch_model(model)
+    fast = decode_tokens_per_s(model, prompt, args.new_tokens)
+    print(
+        f"decode at context {args.context}: transformers {slow:.1f} tok/s, patched {fast:.1f} tok/s "
+        f"({fast / slow:.1f}x), {torch.get_num_threads()} CPU threads"
+    )
+
+    # -- 3. or: our kernel as a transformers attention implementation (naive form) ----------------------
+    other = DeepseekV3ForCausalLM._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    other.load_state_dict(model.state_dict())  # the patched model's state dict has the original keys
+    with torch.no_grad():
+        same = torch.equal(other.generate(**gen), before)
+    print(f'attn_implementation="{ATTN_IMPLEMENTATION}" gives the same greedy output:', same)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,569 @@
+"""Drop-in latent attention for Hugging Face ``transformers`` MLA models (DESIGN §1, §5; tested with 5.24).
+
+transformers (>= 5) caches the compressed latents of DeepSeek-style attention (``c_kv`` and the rotated shared
+key ``k_rope``) but expands them to per-head K/V with ``kv_b_proj`` over the *whole* cache at every decode
+step. ``patch_model`` swaps each MLA attention module of a loaded model for ``LatentAttentionForHF``, which
+keeps the same weights (the very same ``nn.Linear``/RMSNorm objects: no copy), the model's config and its
+cache objects, but
+
+* prefill (more than ``MultiHeadLatentAttention.absorb_max_q`` new tokens, or no cache): the *naive* form
+  — per-head K/V expanded from the latent, attention by ``mla.functional.attention_with_stats``;
+* decode (a cache and at most ``absorb_max_q`` new tokens): the *absorbed* form — ``W_UK`` folded into the
+  query, attention in latent space over the compressed cache (``k = [c_kv | k_rope]``, one kv head,
+  ``v = c_kv``), ``W_UV`` folded into the output. Nothing is expanded per head.
+
+The cache holds exactly what transformers' own module would store, so a patched model can continue a cache
+an unpatched one started and vice versa.
+
+``register_attention_implementation`` (run at import under the name ``"mla_latent"``) also adds our
+attention function to transformers' ``AttentionInterface`` (naive form: it receives per-head
+``query/key/value`` like every other implementation), so ``attn_implementation="mla_latent"`` works without
+patching.
+
+Masks: the 4-D mask transformers builds (additive float for ``eager``, bool keep-mask for ``sdpa``/ours,
+``None`` when purely causal) or the 2-D padding mask of the flash implementations is reduced, once per
+forward pass and shared by all layers, to (a) trailing never-attended cache slots dropped (static caches),
+(b) ``causal=True`` with no element mask when it is exactly bottom-right causal — kernel-eligible — or
+(c) a bool keep-mask otherwise (left padding; reference path).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mla.attention import FORMS, MultiHeadLatentAttention
+from mla.functional import BACKENDS, attention_with_stats
+from mla.rope import apply_rotary
+
+try:
+    import transformers as _tf
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "mla.integrations.transformers needs Hugging Face transformers >= 5.0: pip install 'transformers>=5'"
+    ) from e
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SUPPORTED_ATTENTION_CLASSES",
+    "LatentAttentionForHF",
+    "patch_model",
+    "unpatch_model",
+    "is_patched",
+    "latent_attention_forward",
+    "register_attention_implementation",
+]
+
+#: Name under which ``latent_attention_forward`` is registered in transformers' ``AttentionInterface``.
+ATTN_IMPLEMENTATION = "mla_latent"
+
+# class name -> (transformers module, how the module applies RoPE). The forward of each of these classes was
+# checked (transformers 5.24) to be DeepseekV3Attention's up to the RoPE convention:
+#   "config":  cos/sin, interleaved pairs iff ``config.rope_interleave`` (output de-interleaved), else half-split
+#   "half":    cos/sin, half-split pairs always
+#   "complex": DeepSeek-V2's complex ``freqs_cis`` on interleaved pairs (output stays interleaved)
+_SUPPORTED: dict[str, tuple[str, str]] = {
+    "DeepseekV3Attention": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "config"),
+    "DeepseekV2Attention": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "complex"),
+    "Glm4MoeLiteAttention": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "config"),
+    "YoutuAttention": ("transformers.models.youtu.modeling_youtu", "config"),
+    "AXK1Attention": ("transformers.models.axk1.modeling_axk1", "config"),
+    "MiniCPM3Attention": ("transformers.models.minicpm3.modeling_minicpm3", "half"),
+}
+
+#: transformers attention classes ``patch_model`` replaces.
+SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED)
+
+# MLA-weighted classes whose forward does something else: refused with the reason.
+_UNSUPPORTED_REASONS = {
+    "Mistral4Attention": "scales queries by a position-dependent Llama-4 factor",
+    "MistralLarge4TextAttention": "scales queries by a position-dependent Llama-4 factor and may skip key RoPE",
+    "LongcatFlashMLA": "rescales the q/kv latents (LoRA scaling)",
+    "BailingHybridAttention": "multiplies the output by a head-wise sigmoid gate",
+    "KimiLinearAttention": "uses no RoPE (NoPE) on its keys",
+    "DeepseekV32Attention": "is sparse (DeepSeek Sparse Attention indexer)",
+    "GlmMoeDsaAttention": "is sparse (DeepSeek Sparse Attention indexer)",
+    "HYV4Attention": "is sparse (indexer)",
+    "AXK2Attention": "is sparse (indexer)",
+    "Dots3NoteTextAttention": "is sparse (indexer)",
+    "Glm5NextTextAttention": "is sparse (indexer)",
+}
+
+
+def _is_mla_like(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "kv_a_proj_with_mqa", None), nn.Module) and isinstance(
+        getattr(module, "kv_b_proj", None), nn.Module
+    )
+
+
+def _supported_key(cls: type) -> str | None:
+    """The ``_SUPPORTED`` key of exactly ``cls`` (subclasses are not trusted: they may change forward)."""
+    entry = _SUPPORTED.get(cls.__name__)
+    if entry is not None and cls.__module__ == entry[0]:
+        return cls.__name__
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------
+_memo = threading.local()
+
+
+def _plan_mask(
+    mask: torch.Tensor | None, B: int, T: int, S: int, device: torch.device, causal: bool = True
+) -> tuple[int, bool, torch.Tensor | None]:
+    """Reduce a transformers attention mask to what ``attention_with_stats`` needs.
+
+    Args:
+        mask: None, a 2-D padding mask ``[B, S]`` (1/True = token; flash implementations), or a 4-D mask
+            ``[B|1, 1|H, T, S']`` (``S' >= S``, extra columns ignored): bool keep-mask (sdpa-style) or additive
+            float (eager-style: 0 = attend, ``finfo.min``/-inf = masked; other values are kept as a bias).
+        B, T, S: batch, query length and key length of the attention call.
+        causal: the module's causality, used when ``mask`` is None or 2-D.
+
+    Returns:
+        ``(S_eff, causal, attn_mask)``: attend over keys ``[:S_eff]`` (trailing columns no query may see are
+        dropped, e.g. unfilled static-cache slots) with ``causal`` (bottom-right) and ``attn_mask`` (None when the
+        mask is exactly causal / all-keep: the kernel-eligible fast path; else a bool keep-mask or float bias).
+        Computed once per mask tensor and reused by every layer of the same forward pass.
+
+    Raises:
+        TypeError: a mask that is not a tensor (e.g. flex attention's BlockMask).
+        ValueError: a mask whose shape does not fit ``(B, T, S)``.
+    """
+    if mask is None:
+        return S, causal, None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask: expected None or a torch.Tensor, got {type(mask).__name__}; the latent attention "
+            "accepts the masks of attn_implementation 'eager', 'sdpa', 'flash_attention_*' or "
+            f"'{ATTN_IMPLEMENTATION}' (not flex_attention's BlockMask)"
+        )
+    key = (mask._version, B, T, S, causal, str(device))
+    ref = getattr(_memo, "ref", None)
+    if ref is not None and ref() is mask and _memo.key == key:
+        return _memo.value
+    value = _plan_mask_uncached(mask, B, T, S, device, causal)
+    _memo.ref, _memo.key, _memo.value = weakref.ref(mask), key, value
+    return value
+
+
+def _plan_mask_uncached(mask, B, T, S, device, causal):
+    mask = mask.to(device)
+    if mask.dim() == 2:
+        if mask.shape != (B, S):
+            raise ValueError(f"attention_mask: a 2-D padding mask must be [B, S] = {[B, S]}, got {list(mask.shape)}")
+        pad = mask.bool()
+        if bool(pad.all()):
+            return S, causal, None
+        return S, causal, pad[:, None, None, :]
+    if mask.dim() != 4 or mask.shape[-2] != T or mask.shape[-1] < S or mask.shape[0] not in (1, B):
+        raise ValueError(
+            f"attention_mask: expected [B|1, 1|H, T, >=S] with B={B}, T={T}, S={S}, got {list(mask.shape)}"
+        )
+    mask = mask[..., :S]
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point():
+        keep = mask == 0
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((keep | blocked).all()):
+            return S, False, mask  # a genuine additive bias: reference path, no reduction
+    else:
+        raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
+    cols = keep.reshape(-1, S).any(dim=0)
+    seen = torch.nonzero(cols)
+    S_eff = int(seen[-1]) + 1 if seen.numel() else S
+    keep = keep[..., :S_eff]
+    rows = torch.arange(T, device=device)[:, None]
+    pattern = torch.arange(S_eff, device=device)[None, :] <= rows + (S_eff - T)
+    if bool((keep == pattern).all()):
+        return S_eff, True, None
+    if bool(keep.all()):
+        return S_eff, False, None
+    return S_eff, False, keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# The replacement module
+# ---------------------------------------------------------------------------------------------------
+def _rotate_complex(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2's complex RoPE on ``x [B, T, H, dr]`` with ``freqs_cis [B, T, dr/2]`` (complex), computed
+    in float32 and left interleaved, as transformers' ``deepseek_v2.apply_rotary_emb``."""
+    if freqs_cis.dim() == 2:
+        freqs_cis = freqs_cis[None]
+    c = freqs_cis.real.float()[:, :, None]
+    s = freqs_cis.imag.float()[:, :, None]
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+class LatentAttentionForHF(MultiHeadLatentAttention):
+    """``MultiHeadLatentAttention`` math behind a transformers MLA attention module's interface.
+
+    Not built directly: ``patch_model`` creates, for each supported transformers class ``C``
+    (``SUPPORTED_ATTENTION_CLASSES``), the subclass ``Latent<C>`` of both this class and ``C`` (so
+    ``isinstance(m, C)`` still holds and transformers' output-recording hooks find it), and instances that share
+    the original module's submodules (``q_proj``/``q_a_proj``/``q_a_layernorm``/``q_b_proj``,
+    ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``), attributes (``config``,
+    ``layer_idx``, ``scaling``, ...) and hooks. The original module is kept for ``unpatch_model``.
+
+    ``forward(hidden_states [B, T, E], position_embeddings, attention_mask, cache, **kwargs)`` takes the
+    arguments of the replaced class (positional order included) and returns ``(attn_output [B, T, E], None)``
+    — attention weights are not materialised (like transformers' sdpa/flash implementations).
+    ``position_embeddings`` are transformers' ``(cos, sin)`` (or DeepSeek-V2's complex ``freqs_cis``) for the
+    new tokens; ``cache`` a transformers ``Cache`` updated with ``(c_kv [B,1,T,dc], k_rope [B,1,T,dr])`` exactly as
+    the original module does. Forms: see ``MultiHeadLatentAttention`` (``form="auto"``: naive without a cache or
+    for chunks longer than ``absorb_max_q`` tokens, absorbed otherwise). Softmax scale: the original's
+    ``scaling`` (YaRN ``mscale²`` included).
+
+    Raises:
+        ValueError: ``position_embeddings`` missing; attention dropout requested in training mode (the fused
+            kernels do not drop probabilities); masks that do not fit (see ``_plan_mask``).
+    """
+
+    _hf_rope = "config"
+    _hf_params: tuple[str, ...] = ("position_embeddings", "attention_mask", "cache")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("LatentAttentionForHF is created by mla.integrations.transformers.patch_model(model)")
+
+    @classmethod
+    def _from_hf(cls, original: nn.Module, form: str, backend: str) -> LatentAttentionForHF:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, value in original.__dict__.items():
+            # nn.Module's registries (parameters, buffers, submodules, hooks) are copied shallowly, so the two
+            # modules share every submodule and parameter but can be re-pointed independently.
+            new.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+        new.__dict__["_mla_original"] = original  # not registered as a submodule: no state-dict keys
+        new.form, new.backend = form, backend
+        new.softmax_scale = float(original.scaling)
+        return new
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(self._hf_params):
+            raise TypeError(
+                f"{type(self).__name__}.forward: takes at most {len(self._hf_params) + 1} positional arguments "
+                f"(hidden_states, {', '.join(self._hf_params)}), got {len(args) + 1}"
+            )
+        for name, value in zip(self._hf_params, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward: got multiple values for argument {name!r}")
+            kwargs[name] = value
+        return kwargs
+
+    def _rotate(self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_embeddings):
+        """RoPE as the replaced class applies it: ``q_rope [B,T,H,dr]``, ``k_rope [B,T,dr]``."""
+        if position_embeddings is None:
+            raise ValueError(
+                f"{type(self).__name__}: position_embeddings is required (transformers' decoder layers pass the "
+                "rotary (cos, sin) of the new tokens)"
+            )
+        if self._hf_rope == "complex":
+            return _rotate_complex(q_rope, position_embeddings), _rotate_complex(
+                k_rope[:, :, None], position_embeddings
+            )[:, :, 0]
+        cos, sin = position_embeddings
+        interleaved = self._hf_rope == "config" and bool(self.config.rope_interleave)
+        q_rope = apply_rotary(q_rope, cos, sin, interleaved)
+        k_rope = apply_rotary(k_rope[:, :, None], cos, sin, interleaved)[:, :, 0]
+        return q_rope, k_rope
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        kwargs = self._bind(args, kwargs)
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
+        if self.training and getattr(self, "attention_dropout", 0.0):
+            raise ValueError(
+                f"{type(self).__name__}: attention_dropout={self.attention_dropout} in training mode is not "
+                "supported by the latent attention (no dropout on probabilities); set config.attention_dropout=0"
+            )
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states: expected [B, T, E], got shape {tuple(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+
+        q, _ = self.project_q(hidden_states)
+        q_nope, q_rope = torch.split(q, [dn, dr], dim=-1)
+        c_kv, k_rope = self.project_kv_latent(hidden_states)
+        q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        if cache is not None:
+            c_all, kr_all = cache.update(
+                c_kv.reshape(B, 1, T, dc), k_rope.reshape(B, 1, T, dr), self.layer_idx, kwargs=kwargs
+            )
+            latent = torch.cat([c_all[:, 0], kr_all[:, 0]], dim=-1)
+        else:
+            latent = torch.cat([c_kv, k_rope], dim=-1)
+        S = latent.shape[1]
+        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, hidden_states.device, causal=True)
+        if S_eff != S:
+            latent = latent[:, :S_eff]
+        form = self.resolve_form(None, T, cache is not None)
+        q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
+        res = attention_with_stats(
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=keep, return_max_logit=False,
+            backend=self.backend,
+        )
+        return self.finish(res.out, form), None
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, backend={self.backend!r}, layer_idx={self.layer_idx}, rope={self._hf_rope!r}"
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(hf_cls: type) -> type:
+    """``Latent<hf_cls>``: ``LatentAttentionForHF`` first in the MRO, then ``hf_cls`` (cached, picklable)."""
+    cls = _PATCHED_CLASSES.get(hf_cls)
+    if cls is None:
+        name = "Latent" + hf_cls.__name__
+        params = [
+            p.name for p in list(inspect.signature(hf_cls.forward).parameters.values())[2:]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        cls = type(
+            name,
+            (LatentAttentionForHF, hf_cls),
+            {
+                "__module__": __name__, "__qualname__": name, "_hf_rope": _SUPPORTED[hf_cls.__name__][1],
+                "_hf_params": tuple(params), "__doc__": f"``{hf_cls.__name__}`` running the latent attention "
+                "(created by ``patch_model``; see ``LatentAttentionForHF``).",
+            },
+        )
+        _PATCHED_CLASSES[hf_cls] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    # Lets pickle find the dynamically created ``Latent<Class>`` classes.
+    if name.startswith("Latent") and name[6:] in _SUPPORTED:
+        mod, _ = _SUPPORTED[name[6:]]
+        return _patched_class(getattr(importlib.import_module(mod), name[6:]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ---------------------------------------------------------------------------------------------------
+def _attention_summary(model: nn.Module) -> str:
+    names = Counter(
+        type(m).__name__ for m in model.modules()
+        if any(s in type(m).__name__.lower() for s in ("attention", "attn", "mla"))
+    )
+    if not names:
+        return "no module whose class name mentions attention"
+    return ", ".join(f"{n} (x{c})" for n, c in sorted(names.items()))
+
+
+def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") -> nn.Module:
+    """Replace every MLA attention module of a transformers model by the latent attention, in place.
+
+    Supported (transformers >= 5.0, checked against 5.24): ``DeepseekV3Attention`` (DeepSeek-V3/R1),
+    ``DeepseekV2Attention`` (DeepSeek-V2/-Lite, complex RoPE), ``Glm4MoeLiteAttention``, ``YoutuAttention``,
+    ``AXK1Attention`` and ``MiniCPM3Attention`` — exactly these classes, not subclasses. The weights (same
+    parameter objects), ``model.config`` (``q_lora_rank`` or none, ``rope_interleave``, any ``rope_parameters``
+    transformers supports since its cos/sin are used, ``attention_bias``) and transformers' cache objects are
+    kept, so ``model(...)`` and ``model.generate(...)`` (greedy, sampling, batched with left padding) work
+    unchanged. Patching a patched model only updates ``form``/``backend``.
+
+    Args:
+        model: a loaded ``torch.nn.Module`` (typically a ``PreTrainedModel``) containing MLA attention modules.
+        form: ``"auto"`` (naive for prefill / no cache, absorbed for decode steps of at most
+            ``MultiHeadLatentAttention.absorb_max_q`` tokens), ``"naive"`` or ``"absorbed"`` (always).
+        backend: ``"auto"`` (Triton kernels on CUDA, reference on CPU), ``"reference"`` or ``"triton"``
+            (see ``mla.functional.latent_attention``).
+
+    Returns:
+        ``model`` itself (modified in place).
+
+    Raises:
+        ValueError: bad ``form``/``backend``; no MLA attention module (the message lists the attention modules
+            found); MLA-like modules of a class whose forward is not the supported MLA (e.g. ``Mistral4Attention``,
+            ``LongcatFlashMLA``, the DSA-sparse ``DeepseekV32Attention``) or a subclass of a supported one; modules
+            dispatched with accelerate hooks (patch before ``dispatch_model``/``device_map`` offloading).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    targets, refused = [], []
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, LatentAttentionForHF):
+                targets.append((parent, child_name, child))
+            elif _supported_key(type(child)) is not None:
+                if hasattr(child, "_hf_hook") or "forward" in child.__dict__:
+                    refused.append(f"{type(child).__name__} (its forward is wrapped, e.g. by accelerate hooks)")
+                else:
+                    targets.append((parent, child_name, child))
+            elif _is_mla_like(child):
+                cls = type(child)
+                why = _UNSUPPORTED_REASONS.get(cls.__name__)
+                if why is None:
+                    why = (
+                        f"is a subclass of {next(b.__name__ for b in cls.__mro__ if _supported_key(b))}, which may "
+                        "change its forward" if any(_supported_key(b) for b in cls.__mro__)
+                        else "has MLA weights but a forward this integration has not been checked against"
+                    )
+                refused.append(f"{cls.__module__}.{cls.__name__} ({why})")
+    if refused:
+        raise ValueError(
+            f"patch_model: {type(model).__name__} has MLA attention modules that cannot be replaced: "
+            f"{'; '.join(sorted(set(refused)))}. Supported classes: {', '.join(SUPPORTED_ATTENTION_CLASSES)}"
+        )
+    if not targets:
+        raise ValueError(
+            f"patch_model: {type(model).__name__} has no MLA attention module to replace; attention modules "
+            f"found: {_attention_summary(model)}. Supported classes: {', '.join(SUPPORTED_ATTENTION_CLASSES)}"
+        )
+    done: dict[int, nn.Module] = {}
+    for parent, child_name, child in targets:
+        if isinstance(child, LatentAttentionForHF):
+            child.form, child.backend = form, backend
+            continue
+        new = done.get(id(child))
+        if new is None:
+            new = _patched_class(type(child))._from_hf(child, form, backend)
+            done[id(child)] = new
+        setattr(parent, child_name, new)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put the original transformers attention modules back (inverse of ``patch_model``), in place.
+
+    The originals get the patched modules' current submodules (so weights loaded or modules re-wrapped after
+    patching are kept) and training flag. A model that is not patched is returned unchanged.
+
+    Args:
+        model: a model previously given to ``patch_model``.
+
+    Returns:
+        ``model`` itself.
+    """
+    restored: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, LatentAttentionForHF):
+                continue
+            orig = restored.get(id(child))
+            if orig is None:
+                orig = child.__dict__["_mla_original"]
+                for name in list(orig._modules):
+                    if name in child._modules:
+                        orig._modules[name] = child._modules[name]
+                orig.training = child.training
+                restored[id(child)] = orig
+            setattr(parent, child_name, orig)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` contains modules installed by ``patch_model``."""
+    return any(isinstance(m, LatentAttentionForHF) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers AttentionInterface
+# ---------------------------------------------------------------------------------------------------
+def latent_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface``) running ``mla.functional.attention_with_stats``.
+
+    This is the naive form: whatever per-head tensors the model built. Registered as ``"mla_latent"``.
+
+    Args:
+        module: the calling attention module (``is_causal`` read from it, default True).
+        query: ``[B, Hq, T, Dk]`` (transformers layout); key ``[B, Hkv, S, Dk]``; value ``[B, Hkv, S, Dv]``;
+            ``Hq % Hkv == 0``; float16/bfloat16/float32.
+        attention_mask: None, a 4-D bool keep-mask / additive float mask ``[B|1, 1, T, >=S]`` or a 2-D padding
+            mask (see ``_plan_mask``).
+        scaling: softmax scale (default ``Dk ** -0.5``); dropout: must be 0 while training.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``(attn_output [B, T, Hq, Dv] in the input dtype, None)`` (no attention weights).
+
+    Raises:
+        ValueError: dropout > 0 in training, attention sinks (``s_aux``) or logit soft-capping requested, bad masks.
+    """
+    if dropout and module.training:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported")
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: attention sinks (s_aux) and soft-capping are not supported")
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    S_eff, causal, mask = _plan_mask(attention_mask, B, T, S, q.device, causal=causal)
+    if S_eff != S:
+        k, v = k[:, :S_eff], v[:, :S_eff]
+    res = attention_with_stats(
+        q, k, v, causal=causal, softmax_scale=scaling, attn_mask=mask, return_max_logit=False, backend=backend
+    )
+    return res.out, None
+
+
+def register_attention_implementation(name: str = ATTN_IMPLEMENTATION, *, backend: str = "auto") -> str:
+    """Register ``latent_attention_forward`` in transformers' ``AttentionInterface`` (and the sdpa-style bool mask
+    builder in ``AttentionMaskInterface``) under ``name``, so ``from_pretrained(..., attn_implementation=name)``
+    / ``model.set_attn_implementation(name)`` use it (naive form, any model using the attention interface).
+
+    Done at import for ``"mla_latent"`` with ``backend="auto"``; call again to register another backend under
+    another name. Source: ``transformers.AttentionInterface`` / ``transformers.masking_utils`` (transformers >= 5).
+
+    Args:
+        name: the implementation name; backend: passed to every call.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ValueError: unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    fn: Callable = latent_attention_forward
+    if backend != "auto":
+
+        def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            return latent_attention_forward(
+                module, query, key, value, attention_mask, scaling, dropout, backend=backend, **kwargs
+            )
+
+    _tf.AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+register_attention_implementation()
