@@ -1,0 +1,722 @@
+"""Split-KV Multi-Head Latent Attention decode over a paged latent cache (dense and top-k sparse).
+
+Method (our own Triton code; the ideas are published, the code is not copied):
+
+* **Split-KV** ("Flash-Decoding", Dao, Haziza, Massa, Sizov, 2023,
+  https://crfm.stanford.edu/2023/10/12/flashdecoding.html): with one or a few query tokens per
+  sequence there is too little parallelism over queries, so the key range of each sequence is cut
+  into ``num_splits`` pieces processed by different programs. Each piece writes a partial output
+  (normalised by its own softmax sum) and its log-sum-exp; a second, small kernel merges the pieces
+  with weights ``exp(lse_s - lse)``. An empty piece carries ``lse = -inf`` and weighs exactly 0.
+* **Heads packed into the tile rows** (FlashMLA, DeepSeek 2025, https://github.com/deepseek-ai/FlashMLA):
+  in absorbed MLA every head of a sequence attends to the same single latent "KV head"
+  (``[c_kv | k_rope]``, 512 + 64 values per token), so the ``Tq * H`` query rows of a sequence form
+  the M dimension of one matrix product against a shared cache tile, and each cache tile is read
+  once for all heads of a head group.
+* **V is a prefix of K**: the value of a token is the first ``Dv`` columns of its cache row; a
+  program's value columns are a block of the key tile it already loaded for the scores.
+* **Register budget** (see ``/work/shared/notes/triton-without-gpu.md``): a ``[64, 512]`` fp32
+  accumulator alone takes 128 registers per thread at 8 warps; with it every variant we compiled
+  spilled on sm90. So for Dv = 512 two programs share a (sequence, head group, split), each owning
+  256 value columns (``DV_SPLIT = 2``, grid axis 2): each loads the whole key tile once (its own
+  256 latent columns double as V) and computes the full scores, i.e. the score FLOPs are done
+  twice (about 1.5x the tensor-core work of one program; the cache is read from DRAM once, from
+  L2 twice).
+* **Masked lanes read a visible key**: a lane past the end of the range (or a -1 / out-of-range
+  top-k index) loads the row of a key the query does see, and its score is set to -inf before the
+  exponential. No block-table entry or page slot beyond a sequence's length is ever read (they may
+  hold -1, garbage or NaN), and the cache loads need no masks (fewer registers).
+
+Measured with ``triton.compile`` + the bundled ptxas for every spec of ``compile_specs`` (registers
+per thread with triton 3.9 / 3.6, spill bytes, shared bytes; fp16 and bf16 alike). Split kernel:
+64 rows x 32 keys per step, 8 warps, 2 stages; 576/512 as 2 programs x 256 value columns:
+
+=====================================  =======================  =======================
+spec                                   sm80 (A100, 164 KiB)     sm90 (H100, 227 KiB)
+=====================================  =======================  =======================
+576/512 H128 Tq1 dense, partials       184/206 regs, 0, 114688  194/159 regs, 0, 147456
+576/512 H128 Tq2 causal, direct        178/175 regs, 0, 114688  204/160 regs, 0, 147456
+576/512 H128 Tq1 top-k causal          184/216 regs, 0, 114816  211/172 regs, 0, 147584
+576/512 H16 Tq2 causal, partials       179/217 regs, 0, 114688  195/182 regs, 0, 147456
+80/64 H8 Tq2 causal, partials          128/128 regs, 0, 16384   66/66 regs, 0, 20480
+combine Dv 512 (Dv 64), 4 warps        40/40 (31/32), 0, 0      40/40 (30/30), 0, 0
+=====================================  =======================  =======================
+
+All sm90 split specs use wgmma. Rejected on sm90: a [64, 512] accumulator per program (no value
+split; no choice of 16 / 32 keys per step and 2-4 stages was spill-free in all launch modes, up to
+236 bytes), and 64 keys per step with the value split (44-76 bytes in the top-k variant).
+These need the ``tt.divisibility`` hints the JIT derives at run time (16-byte aligned pointers,
+strides that are multiples of 16: ``spec.extra["divisible"]``); compiled without them the loads are not
+vectorised and the 576/512 split kernel spills 272-584 bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["mla_decode_fwd", "choose_num_splits", "compile_specs", "decode_config", "MAX_SPLITS"]
+
+#: Upper bound on the number of key splits per sequence (chosen or given).
+MAX_SPLITS = 256
+
+_LOG2E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _mla_decode_split_kernel(
+        Q, KV, BLOCK_TABLE, SEQLENS, TOPK, OUT, LSE,
+        sm_scale_log2,
+        stride_qb, stride_qr,
+        stride_kvp, stride_kvs,
+        stride_btb,
+        stride_tkb, stride_tkt,
+        stride_ob, stride_or, stride_os,
+        stride_lb, stride_lt, stride_lh, stride_ls,
+        H, TQ, TOPK_K,
+        DK: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, DIRECT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, DV_SPLIT: tl.constexpr,
+        BLOCK_DR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One (sequence, head group[, query token], key split, value-column half) per program.
+
+        Grid: (B * groups, num_splits, DV_SPLIT). Dense: the ``TQ * H`` rows of a sequence are packed
+        (row r = t * H + h), groups = cdiv(TQ * H, BLOCK_H). Top-k: every query token has its own
+        key list, so the rows of a program are the heads of one token (groups = TQ * cdiv(H, BLOCK_H)).
+        Q and OUT address packed rows with one row stride (``stride_qr``, ``stride_or``; the launcher
+        guarantees ``stride_t == H * stride_h``), OUT's split stride ``stride_os`` is 0 when DIRECT.
+        The latent part of a key tile (``DV`` columns, padded to ``DV_SPLIT * BLOCK_DV``) is loaded
+        once, as ``DV_SPLIT`` (1 or 2) column blocks: all serve as K (scores), the program's own block
+        (grid axis 2) also serves as V, so the program owns ``BLOCK_DV`` output columns (the
+        accumulator of a [64, 512] tile does not fit the registers next to the rest). The rope part
+        (``DK - DV`` columns, padded to ``BLOCK_DR``; 0 when ``DK == DV``) is one more product.
+        DIRECT (one split): write the final output (input dtype) and lse ([B, H, TQ], +inf for an
+        empty row). Otherwise write fp32 partial outputs normalised by their own sum and their lse
+        (-inf for an empty split) for the combine kernel.
+        """
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_v = tl.program_id(2)
+        n_split = tl.num_programs(1)
+
+        if HAS_TOPK:
+            n_hg = (H + BLOCK_H - 1) // BLOCK_H  # (tl.cdiv: slow nested call in the interpreter)
+            b = pid_m // (TQ * n_hg)
+            rem = pid_m % (TQ * n_hg)
+            t0 = rem // n_hg
+            row_base = t0 * H + (rem % n_hg) * BLOCK_H  # first packed row (t * H + h) of the program
+            row_last = t0 * H + H - 1
+        else:
+            n_hg = (TQ * H + BLOCK_H - 1) // BLOCK_H
+            b = pid_m // n_hg
+            row_base = (pid_m % n_hg) * BLOCK_H
+            row_last = TQ * H - 1
+        b64 = b.to(tl.int64)
+        seqlen = tl.load(SEQLENS + b)
+
+        # this program's share of the key positions (dense) or of the top-k lanes
+        if HAS_TOPK:
+            n_keys = TOPK_K
+            key_end = seqlen - TQ + t0 + 1 if IS_CAUSAL else seqlen  # keys j < key_end are visible
+            n_keys = tl.where(key_end > 0, n_keys, 0)  # so inside the loop key 0 is visible
+        else:
+            n_keys = seqlen
+        blocks_per_split = ((n_keys + BLOCK_N - 1) // BLOCK_N + n_split - 1) // n_split
+        lo = pid_s * blocks_per_split * BLOCK_N
+        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_keys)
+
+        # Query tile: rows past the last one re-read the last row (no mask; never stored). The
+        # per-row offsets are int32 (a sequence's query block is small) and distinct from the
+        # epilogue's, so that nothing row-indexed stays live in registers across the key loop.
+        # Columns: this program's value block (offs_v), with DV_SPLIT == 2 the other latent block
+        # (offs_w; scores only), and the rope part (offs_r; scores only). Both programs of a pair
+        # add the two latent blocks in a different order: their statistics agree to fp32 rounding.
+        offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        v_ok = offs_v < DV
+        q_rows = tl.minimum(row_base + tl.arange(0, BLOCK_H), row_last)
+        q_ptr = Q + b64 * stride_qb + (q_rows * stride_qr)[:, None]
+        if DV_SPLIT * BLOCK_DV == DV:
+            q_lat = tl.load(q_ptr + offs_v[None, :])
+        else:
+            q_lat = tl.load(q_ptr + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+        if DV_SPLIT == 2:
+            offs_w = (1 - pid_v) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+            w_ok = offs_w < DV
+            if DV_SPLIT * BLOCK_DV == DV:
+                q_oth = tl.load(q_ptr + offs_w[None, :])
+            else:
+                q_oth = tl.load(q_ptr + offs_w[None, :], mask=w_ok[None, :], other=0.0)
+        if BLOCK_DR > 0:
+            offs_r = DV + tl.arange(0, BLOCK_DR)
+            r_ok = offs_r < DK
+            q_rope = tl.load(q_ptr + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        bt_row = BLOCK_TABLE + b64 * stride_btb
+        if HAS_TOPK:
+            tk_row = TOPK + b64 * stride_tkb + t0.to(tl.int64) * stride_tkt
+        elif IS_CAUSAL:
+            # row r sees keys j < row_end[r] (bottom-right aligned)
+            row_end = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H + 1
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            # Masked-out lanes read a *visible* key instead (the last one of the range, or key 0 for
+            # top-k), so every load is in bounds and finite: no block-table entry or page slot past
+            # the sequence is ever read (they may hold -1, garbage, NaN), no load needs a mask
+            # (registers), and the lane's score is -inf below, so its p is exactly 0.
+            if HAS_TOPK:
+                pos = tl.load(tk_row + offs_n, mask=offs_n < hi, other=-1)
+                key_ok = (pos >= 0) & (pos < key_end)
+                pos_ld = tl.where(key_ok, pos, 0)
+            else:
+                pos = offs_n
+                key_ok = pos < hi
+                pos_ld = tl.minimum(pos, hi - 1)
+            page = tl.load(bt_row + pos_ld // PAGE_SIZE)  # per key: a tile may span pages
+            kv_off = page.to(tl.int64) * stride_kvp + (pos_ld % PAGE_SIZE).to(tl.int64) * stride_kvs
+            if DV_SPLIT * BLOCK_DV == DV:
+                kv = tl.load(KV + kv_off[:, None] + offs_v[None, :])
+            else:
+                kv = tl.load(KV + kv_off[:, None] + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+            s = tl.dot(q_lat, tl.trans(kv), input_precision=DOT_PRECISION)
+            if DV_SPLIT == 2:
+                if DV_SPLIT * BLOCK_DV == DV:
+                    kw = tl.load(KV + kv_off[:, None] + offs_w[None, :])
+                else:
+                    kw = tl.load(KV + kv_off[:, None] + offs_w[None, :], mask=w_ok[None, :], other=0.0)
+                s = tl.dot(q_oth, tl.trans(kw), s, input_precision=DOT_PRECISION)
+            if BLOCK_DR > 0:
+                kr = tl.load(KV + kv_off[:, None] + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+                s = tl.dot(q_rope, tl.trans(kr), s, input_precision=DOT_PRECISION)
+            if IS_CAUSAL and not HAS_TOPK:
+                vis = key_ok[None, :] & (pos[None, :] < row_end[:, None])
+            else:
+                vis = key_ok[None, :]
+            s = tl.where(vis, s * sm_scale_log2, float("-inf"))  # base-2 logits
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
+            alpha = tl.exp2(m_i - m_base)
+            p = tl.exp2(s - m_base[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+        # epilogue addressing, int64 (partial buffers can be large)
+        rows = row_base + tl.arange(0, BLOCK_H)
+        row_ok = rows <= row_last
+        rows64 = rows.to(tl.int64)
+        split64 = pid_s.to(tl.int64)
+        o_ptr = OUT + b64 * stride_ob + rows64 * stride_or + split64 * stride_os
+        offs_o = pid_v.to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV).to(tl.int64)
+        o_ptrs = o_ptr[:, None] + offs_o[None, :]
+        o_mask = row_ok[:, None] & (offs_o < DV)[None, :]
+        l_ptr = (LSE + b64 * stride_lb + (rows64 // H) * stride_lt + (rows64 % H) * stride_lh
+                 + split64 * stride_ls)
+        l_mask = row_ok & ((rows * 0 + pid_v) == 0)  # both value halves hold the same statistics
+        if DIRECT:
+            tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
+            tl.store(l_ptr, tl.where(empty, float("inf"), lse), mask=l_mask)
+        else:
+            tl.store(o_ptrs, o, mask=o_mask)
+            tl.store(l_ptr, tl.where(empty, float("-inf"), lse), mask=l_mask)
+
+    @triton.jit
+    def _mla_decode_combine_kernel(
+        O_PART, LSE_PART, OUT, LSE,
+        NUM_SPLITS, H, TQ,
+        stride_pr, stride_ps,
+        stride_lpr,
+        stride_ob, stride_ot, stride_oh,
+        stride_lb, stride_lh, stride_lt,
+        DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        """Merge the splits of one query row (b, t, h) and one block of value columns.
+
+        O_PART fp32 [rows, NUM_SPLITS, DV] (row = (b * TQ + t) * H + h), LSE_PART fp32 [rows, NUM_SPLITS].
+        out = sum_s exp(lse_s - lse) * o_s with lse = log sum_s exp(lse_s); all splits empty: 0 and +inf.
+        """
+        row = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        row64 = row.to(tl.int64)
+        b = row // (TQ * H)
+        t = (row // H) % TQ
+        h = row % H
+        offs_s0 = tl.arange(0, BLOCK_S)
+        lp = LSE_PART + row64 * stride_lpr
+
+        # pass 1: the merged log-sum-exp (running max / sum over chunks of BLOCK_S splits)
+        m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+        ssum = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            offs_s = s0 + offs_s0
+            ls = tl.load(lp + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+            m_new = tl.maximum(m, ls)
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            ssum = ssum * tl.exp(m - base) + tl.exp(ls - base)
+            m = m_new
+        m_all = tl.max(m, 0)
+        base_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        total = tl.sum(ssum * tl.exp(m - base_all), 0)
+        empty = total == 0.0
+        lse = tl.where(empty, float("-inf"), base_all + tl.log(tl.where(empty, 1.0, total)))
+
+        # pass 2: weighted sum of the partial outputs
+        offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        v_ok = offs_v < DV
+        op = O_PART + row64 * stride_pr
+        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        lse_base = tl.where(empty, 0.0, lse)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            offs_s = s0 + offs_s0
+            s_ok = offs_s < NUM_SPLITS
+            ls = tl.load(lp + offs_s, mask=s_ok, other=float("-inf"))
+            w = tl.exp(ls - lse_base)
+            o = tl.load(op + offs_s.to(tl.int64)[:, None] * stride_ps + offs_v[None, :],
+                        mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * o, 0)
+
+        o_ptr = OUT + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        tl.store(o_ptr + offs_v, acc.to(OUT.dtype.element_ty), mask=v_ok)
+        lse_out = tl.where(empty, float("inf"), lse)
+        if pid_v == 0:
+            tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt,
+                     lse_out)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+#: Tile of the split kernel on a GPU: 64 query rows (heads x query tokens) per program, as in
+#: FlashMLA (the M of Hopper's wgmma), 8 warps (two warpgroups), at most 256 value columns per
+#: program (DV_SPLIT = 2 programs share a 512-column latent), 32 keys per pipelined step, two
+#: stages. Measured with ptxas for every spec of ``compile_specs`` (module docstring): 0 spills.
+#: A [64, 512] accumulator per program (no value split) spills on sm90 in every variant tried
+#: (BLOCK_N 16 / 32, 2 stages: 0-236 bytes), and BLOCK_N = 64 spills in the top-k variant.
+_GPU_BLOCK_H = 64
+_GPU_WARPS = 8
+_GPU_MAX_BLOCK_DV = 256
+_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=32, num_stages=2)}
+#: Minimum number of key tiles a split should own before splitting further pays for the combine.
+_MIN_TILES_PER_SPLIT = 2
+
+
+def _dim_blocks(head_dim: int, head_dim_v: int, max_block_dv: int) -> dict:
+    dv_p2 = max(16, _next_pow2(head_dim_v))
+    dv_split = 2 if dv_p2 > max_block_dv else 1
+    block_dr = 0 if head_dim == head_dim_v else max(16, _next_pow2(head_dim - head_dim_v))
+    return dict(BLOCK_DV=dv_p2 // dv_split, DV_SPLIT=dv_split, BLOCK_DR=block_dr)
+
+
+def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dtype | None = None) -> dict:
+    if dtype == torch.float32:
+        # fp32 inputs (IEEE products on CUDA cores): a correctness path, not a fast one. Small tiles
+        # so that shared memory fits (576/512: 69632 bytes on sm80/sm90); it spills (~3.7 KiB).
+        return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
+                    num_warps=4, num_stages=1)
+    tiles = _GPU_ARCH_TILES[90 if arch >= 90 else 80]
+    return dict(BLOCK_H=_GPU_BLOCK_H, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
+                num_warps=_GPU_WARPS, **tiles)
+
+
+def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = None, arch: int = 90) -> dict:
+    """Tile configuration of the split kernel for head dims (``head_dim`` = Dk, ``head_dim_v`` = Dv).
+
+    Returns a dict with ``BLOCK_H`` (query rows per program), ``BLOCK_N`` (keys per step),
+    ``BLOCK_DV`` (value columns per program: ``Dv`` padded to a power of two >= 16, halved when
+    ``DV_SPLIT`` is 2), ``DV_SPLIT`` (1 or 2 programs share the value columns; grid axis 2),
+    ``BLOCK_DR`` (``Dk - Dv`` padded to a power of two >= 16; 0 when ``Dk == Dv``), ``num_warps``
+    and ``num_stages``. ``arch`` is the compute capability (80: A100-class shared memory; >= 90:
+    Hopper). fp16 and bf16 share the tiles; fp32 (IEEE products, a correctness path) gets small
+    ones. Under the Triton interpreter (``kernels._config.INTERPRET``) one small configuration is
+    used.
+    Raises ``ValueError`` unless ``1 <= head_dim_v <= head_dim``.
+    """
+    if head_dim < 1 or head_dim_v < 1 or head_dim_v > head_dim:
+        raise ValueError(f"need 1 <= head_dim_v <= head_dim, got head_dim={head_dim}, head_dim_v={head_dim_v}")
+    if INTERPRET:
+        return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, 1024), num_warps=4, num_stages=1)
+    return _gpu_config(head_dim, head_dim_v, arch, dtype)
+
+
+def _combine_config(head_dim_v: int, num_splits: int) -> dict:
+    # 4 splits x up to 512 columns per step, 4 warps: 40-56 registers, no spills (8 splits x 512
+    # spilled 8 bytes on sm90). One program per query row and 512-column block.
+    block_s = min(64, _next_pow2(num_splits)) if INTERPRET else 4  # interpreter: fewer, wider steps
+    return dict(BLOCK_S=block_s, BLOCK_DV=max(16, min(512, _next_pow2(head_dim_v))), num_warps=4)
+
+
+def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, num_sms: int, *,
+                      block_h: int = _GPU_BLOCK_H, block_n: int = 64, dv_split: int = 1) -> int:
+    """Number of key splits per sequence for the split-KV decode (Flash-Decoding's idea).
+
+    Without splitting there are ``batch * cdiv(q_len * num_heads, block_h) * dv_split`` programs.
+    When that already fills ``num_sms`` streaming multiprocessors the answer is 1 (no combine pass).
+    Otherwise the count ``n`` is the smallest one whose wave efficiency
+    ``programs / (ceil(programs / num_sms) * num_sms)`` is within 85 % of the best reachable, where
+    ``n`` is limited so that each split owns at least ``_MIN_TILES_PER_SPLIT`` tiles of ``block_n``
+    keys of a ``max_seqlen``-key sequence (more splits than keys would only add empty work), and by
+    ``MAX_SPLITS``. (The same wave-quantisation argument as FlashAttention-2's split heuristic; our
+    own formulation.) ``max_seqlen`` is an upper bound on the keys per sequence (for top-k decode: K).
+
+    Returns an int in ``[1, MAX_SPLITS]``. Raises ``ValueError`` for negative sizes or ``num_sms < 1``.
+    """
+    if min(batch, num_heads, q_len, max_seqlen) < 0 or num_sms < 1:
+        raise ValueError(f"choose_num_splits: sizes must be >= 0 and num_sms >= 1, got batch={batch}, "
+                         f"num_heads={num_heads}, q_len={q_len}, max_seqlen={max_seqlen}, num_sms={num_sms}")
+    base = batch * _cdiv(q_len * num_heads, block_h) * max(1, dv_split)
+    if base == 0 or max_seqlen == 0 or base >= num_sms:
+        return 1
+    limit = max(1, min(MAX_SPLITS, _cdiv(max_seqlen, block_n) // _MIN_TILES_PER_SPLIT))
+
+    def efficiency(n: int) -> float:
+        programs = base * n
+        return programs / (_cdiv(programs, num_sms) * num_sms)
+
+    best = max(efficiency(n) for n in range(1, limit + 1))
+    for n in range(1, limit + 1):
+        if efficiency(n) >= 0.85 * best:
+            return n
+    return limit  # pragma: no cover - the loop always returns
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(cond: bool, msg: str, exc: type = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """Stride between the packed rows ``t * H + h`` of a ``[B, T, H, D]`` tensor with unit last
+    stride, or None when the rows are not equally spaced (or the last stride is not 1)."""
+    _, T, H, D = x.shape
+    if x.stride(-1) != 1 and D > 1:
+        return None
+    if H == 1:
+        return x.stride(1)
+    if T == 1 or x.stride(1) == H * x.stride(2):
+        return x.stride(2)
+    return None
+
+
+def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   cache_seqlens: torch.Tensor, softmax_scale: float, head_dim_v: int,
+                   causal: bool = False, topk_indices: torch.Tensor | None = None,
+                   num_splits: int | None = None, *, out: torch.Tensor | None = None,
+                   lse: torch.Tensor | None = None, config: dict | None = None):
+    """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
+
+    Args:
+        q: ``[B, Tq, H, Dk]`` fp16 / bf16 / fp32, any strides (copied unless the last stride is 1
+            and ``stride(1) == H * stride(2)``). ``Tq`` is small (1 ... 8; 2 with multi-token
+            prediction).
+        kv_cache: ``[num_pages, page_size, 1, Dk]``, dtype of ``q``, last stride 1. Each row is
+            ``[c_kv (Dv values) | k_rope (Dk - Dv values)]``; the value of a token is the first
+            ``head_dim_v`` columns of its row (read once: V is a prefix of the key tile).
+        block_table: int32 ``[B, max_pages]``: page ids; key ``j`` of sequence ``b`` is
+            ``kv_cache[block_table[b, j // page_size], j % page_size, 0]``. Entries past a sequence's
+            length are never read (may be -1 or garbage), nor are unused page slots. Any page size
+            >= 1; a key tile may span pages.
+        cache_seqlens: int32 ``[B]``: keys ``0 .. cache_seqlens[b] - 1`` exist. The caller guarantees
+            ``cache_seqlens[b] <= max_pages * page_size`` and valid page ids for those keys
+            (checking it here would cost a device sync).
+        softmax_scale: scores are ``q . k * softmax_scale`` (fp32 statistics).
+        head_dim_v: ``Dv`` (512 in DeepSeek's absorbed MLA, with ``Dk`` = 576).
+        causal: bottom-right aligned per sequence: query ``j`` of ``Tq`` sees keys
+            ``0 .. L - Tq + j`` (``L = cache_seqlens[b]``), as in FlashAttention >= 2.1 / FlashMLA.
+        topk_indices: optional int32 ``[B, Tq, K]`` (or ``[B, Tq, 1, K]``): per query token the key
+            positions it attends to, shared by all heads (DeepSeek sparse attention). ``-1`` lanes,
+            positions ``>= L`` and (with ``causal``) positions past the row's limit are skipped.
+        num_splits: key splits per sequence (``None``: ``choose_num_splits`` from B, H, Tq, the key
+            bound ``max_pages * page_size`` (or K) and the SM count; no host sync). With 1 the
+            split kernel writes the result directly and no combine runs. At most ``MAX_SPLITS``.
+        out: optional preallocated ``[B, Tq, H, Dv]`` output (dtype of ``q``, last stride 1 and
+            ``stride(1) == H * stride(2)``); every element is written.
+        lse: optional preallocated fp32 ``[B, H, Tq]`` log-sum-exp output (any strides).
+        config: optional tile override (keys of ``decode_config``), for tests and tuning.
+
+    fp32 inputs use IEEE fp32 products (``input_precision="ieee"``), fp16 / bf16 inputs tensor-core
+    products with fp32 accumulation; the softmax statistics and the split merge are fp32.
+
+    Returns:
+        ``(out, lse)``: ``out [B, Tq, H, Dv]`` in ``q.dtype``; ``lse`` fp32 ``[B, H, Tq]``, natural
+        log of the softmax denominator of the scaled scores. A row that sees no key (empty
+        sequence, causal row before the cache, all top-k lanes skipped) gives 0 and ``lse = +inf``.
+
+    Raises:
+        ValueError / TypeError for inconsistent shapes, dtypes or devices (checked before launch);
+        RuntimeError when Triton is missing or the tensors are on the CPU outside the interpreter.
+
+    Method: FlashMLA's head packing (all heads share the latent cache tile) with Flash-Decoding's
+    split-KV and log-sum-exp merge; see the module docstring. Our own code.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("mla_decode_fwd needs triton")
+    _check(q.dim() == 4, f"q must be [B, Tq, H, Dk], got shape {tuple(q.shape)}")
+    _check(kv_cache.dim() == 4 and kv_cache.shape[2] == 1,
+           f"kv_cache must be [num_pages, page_size, 1, Dk], got shape {tuple(kv_cache.shape)}")
+    B, Tq, H, Dk = q.shape
+    page_size = kv_cache.shape[1]
+    _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
+    _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}", TypeError)
+    _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
+    _check(page_size >= 1, f"page_size must be >= 1, got {page_size}")
+    _check(0 < int(head_dim_v) <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {head_dim_v}")
+    _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
+    _check(block_table.dim() == 2 and block_table.shape[0] == B,
+           f"block_table must be [B={B}, max_pages], got shape {tuple(block_table.shape)}")
+    _check(block_table.dtype == torch.int32, f"block_table must be int32, got {block_table.dtype}", TypeError)
+    _check(tuple(cache_seqlens.shape) == (B,), f"cache_seqlens must be [B={B}], got {tuple(cache_seqlens.shape)}")
+    _check(cache_seqlens.dtype == torch.int32, f"cache_seqlens must be int32, got {cache_seqlens.dtype}",
+           TypeError)
+    dev = q.device
+    for name, tensor in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        _check(tensor.device == dev, f"{name} must be on {dev}, got {tensor.device}")
+    if not INTERPRET and dev.type != "cuda":
+        raise RuntimeError("mla_decode_fwd runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    Dv = int(head_dim_v)
+    has_topk = topk_indices is not None
+    topk_k = 0
+    if has_topk:
+        if topk_indices.dim() == 4:
+            _check(topk_indices.shape[2] == 1, f"topk_indices [B, Tq, 1, K] needs dim 2 == 1, "
+                                               f"got shape {tuple(topk_indices.shape)}")
+            topk_indices = topk_indices[:, :, 0]
+        _check(topk_indices.dim() == 3 and tuple(topk_indices.shape[:2]) == (B, Tq),
+               f"topk_indices must be [B={B}, Tq={Tq}, K], got shape {tuple(topk_indices.shape)}")
+        _check(topk_indices.dtype == torch.int32, f"topk_indices must be int32, got {topk_indices.dtype}",
+               TypeError)
+        _check(topk_indices.device == dev, f"topk_indices must be on {dev}, got {topk_indices.device}")
+        if topk_indices.stride(-1) != 1:
+            topk_indices = topk_indices.contiguous()
+        topk_k = topk_indices.shape[2]
+    if _row_stride(q) is None:
+        q = q.contiguous()
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    cache_seqlens = cache_seqlens.contiguous()
+
+    if out is None:
+        out = torch.empty((B, Tq, H, Dv), dtype=q.dtype, device=dev)
+    else:
+        _check(tuple(out.shape) == (B, Tq, H, Dv) and out.dtype == q.dtype and out.device == dev,
+               f"out must be [{B}, {Tq}, {H}, {Dv}] {q.dtype} on {dev}, got {tuple(out.shape)} {out.dtype} "
+               f"on {out.device}")
+        _check(_row_stride(out) is not None, "out must have last stride 1 and stride(1) == H * stride(2) "
+               f"(rows t * H + h equally spaced), got strides {out.stride()}")
+    if lse is None:
+        lse = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
+    else:
+        _check(tuple(lse.shape) == (B, H, Tq) and lse.dtype == torch.float32 and lse.device == dev,
+               f"lse must be [{B}, {H}, {Tq}] float32 on {dev}, got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+    if B == 0 or Tq == 0 or H == 0:
+        return out, lse
+
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        arch, num_sms = props.major * 10 + props.minor, props.multi_processor_count
+    else:  # interpreter
+        arch, num_sms = 90, 8
+    cfg = decode_config(Dk, Dv, q.dtype, arch)
+    if config:
+        cfg.update(config)
+    _check(cfg["DV_SPLIT"] in (1, 2) and cfg["DV_SPLIT"] * cfg["BLOCK_DV"] >= Dv,
+           f"config must cover Dv={Dv} with DV_SPLIT in (1, 2) blocks of BLOCK_DV, got {cfg}")
+    if num_splits is None:
+        kw = dict(block_h=cfg["BLOCK_H"], block_n=cfg["BLOCK_N"], dv_split=cfg["DV_SPLIT"])
+        if has_topk:  # every query token is its own group of rows
+            num_splits = choose_num_splits(B * Tq, H, 1, topk_k, num_sms, **kw)
+        else:
+            num_splits = choose_num_splits(B, H, Tq, block_table.shape[1] * page_size, num_sms, **kw)
+    num_splits = int(num_splits)
+    _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+
+    if has_topk:
+        groups = B * Tq * _cdiv(H, cfg["BLOCK_H"])
+        tk, tk_strides = topk_indices, (topk_indices.stride(0), topk_indices.stride(1))
+    else:
+        groups = B * _cdiv(Tq * H, cfg["BLOCK_H"])
+        tk, tk_strides = cache_seqlens, (0, 0)  # unused pointer
+    direct = num_splits == 1
+    if direct:
+        o_buf, l_buf = out, lse
+        o_strides = (out.stride(0), _row_stride(out), 0)
+        l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), 0)
+    else:
+        o_buf = torch.empty((B, Tq, H, num_splits, Dv), dtype=torch.float32, device=dev)
+        l_buf = torch.empty((B, Tq, H, num_splits), dtype=torch.float32, device=dev)
+        o_strides = (o_buf.stride(0), o_buf.stride(2), o_buf.stride(3))
+        l_strides = l_buf.stride()
+    grid = (groups, num_splits, cfg["DV_SPLIT"])
+    _mla_decode_split_kernel[grid](
+        q, kv_cache, block_table, cache_seqlens, tk, o_buf, l_buf,
+        float(softmax_scale) * _LOG2E,
+        q.stride(0), _row_stride(q),
+        kv_cache.stride(0), kv_cache.stride(1),
+        block_table.stride(0),
+        tk_strides[0], tk_strides[1],
+        *o_strides, *l_strides,
+        H, Tq, topk_k,
+        DK=Dk, DV=Dv, PAGE_SIZE=page_size,
+        IS_CAUSAL=bool(causal), HAS_TOPK=has_topk, DIRECT=direct,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
+        BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not direct:
+        ccfg = _combine_config(Dv, num_splits)
+        rows = B * Tq * H
+        _mla_decode_combine_kernel[(rows, _cdiv(Dv, ccfg["BLOCK_DV"]))](
+            o_buf, l_buf, out, lse,
+            num_splits, H, Tq,
+            num_splits * Dv, Dv,
+            num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            DV=Dv, BLOCK_S=ccfg["BLOCK_S"], BLOCK_DV=ccfg["BLOCK_DV"], num_warps=ccfg["num_warps"],
+        )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile specifications (DESIGN §6.3)
+# --------------------------------------------------------------------------------------------
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple[dict, dict, list]:
+    """(signature, constexprs, divisible names) of a launch of ``fn`` with these arguments, specialised
+    as the JIT does: ints equal to 1 become constexpr, ints divisible by 16 and (16-byte aligned)
+    pointers get ``tt.divisibility=16``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, consts, divisible = {}, dict(constexprs), []
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            if pointers[name].startswith("*"):
+                divisible.append(name)
+        else:
+            ty, attr = native_specialize_impl(BaseBackend, ints[name], False, True, True)
+            signature[name] = ty
+            if ty == "constexpr":
+                consts[name] = attr
+            elif attr == "D":
+                divisible.append(name)
+    return signature, consts, divisible
+
+
+def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int, causal: bool,
+                topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
+                max_pages: int = 33) -> CompileSpec:
+    fn = _mla_decode_split_kernel
+    cfg = _gpu_config(dk, dv, arch)
+    ty = _TL_DTYPE[dtype]
+    H, T = num_heads, q_len
+    S = 1 if direct else num_splits
+    pointers = {"Q": f"*{ty}", "KV": f"*{ty}", "BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "TOPK": "*i32",
+                "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32"}
+    # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
+    ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * dk, stride_kvs=dk,
+                stride_btb=max_pages, stride_tkb=T * topk_k, stride_tkt=topk_k,
+                H=H, TQ=T, TOPK_K=topk_k if topk else 0)
+    if direct:  # out [B, T, H, dv], lse [B, H, T]
+        ints.update(stride_ob=T * H * dv, stride_or=dv, stride_os=0,
+                    stride_lb=H * T, stride_lt=1, stride_lh=T, stride_ls=0)
+    else:
+        ints.update(stride_ob=T * H * S * dv, stride_or=S * dv, stride_os=dv,
+                    stride_lb=T * H * S, stride_lt=H * S, stride_lh=S, stride_ls=1)
+    constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
+                      BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
+                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="tf32")
+    signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
+    mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
+    return CompileSpec(
+        kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
+        tile=f"{cfg['BLOCK_H']}x{cfg['BLOCK_N']}xV{cfg['DV_SPLIT']}*{cfg['BLOCK_DV']}+R{cfg['BLOCK_DR']}",
+        extra={"divisible": divisible, "num_heads": H, "q_len": T, "mode": mode, "page_size": page_size},
+    )
+
+
+def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, q_len: int = 1,
+                  num_splits: int = 16) -> CompileSpec:
+    fn = _mla_decode_combine_kernel
+    cfg = _combine_config(dv, num_splits)
+    ty = _TL_DTYPE[dtype]
+    H, T, S = num_heads, q_len, num_splits
+    pointers = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{ty}", "LSE": "*fp32"}
+    ints = dict(NUM_SPLITS=S, H=H, TQ=T, stride_pr=S * dv, stride_ps=dv, stride_lpr=S,
+                stride_ob=T * H * dv, stride_ot=H * dv, stride_oh=dv, stride_lb=H * T, stride_lh=T, stride_lt=1)
+    constexprs = dict(DV=dv, BLOCK_S=cfg["BLOCK_S"], BLOCK_DV=cfg["BLOCK_DV"])
+    signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
+    return CompileSpec(
+        kernel="mla_decode_combine", fn=fn, signature=signature, constexprs=constexprs,
+        num_warps=cfg["num_warps"], num_stages=1, arch=arch, dtype=ty, head_dims=(dv, dv),
+        tile=f"S{cfg['BLOCK_S']}xV{cfg['BLOCK_DV']}",
+        extra={"divisible": divisible, "num_heads": H, "q_len": T, "num_splits": S},
+    )
+
+
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every configuration the decode launcher may pick on a GPU, for ahead-of-time compile checks.
+
+    ``arch`` is the compute capability (80 or 90). For fp16 and bf16: the split kernel for the
+    absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
+    with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
+    partials), H = 16 (dense causal Tq = 2, split partials), and a generic shape (80, 64) (dense
+    causal, Tq = 2: masked rope block); the combine kernel for Dv = 512 and 64. The tile does not depend on H or
+    Tq; they only change the launch specialisation. Signatures are specialised as a contiguous
+    launch is (ints equal to 1 constexpr; ``extra["divisible"]`` names the 16-divisible ints and
+    aligned pointers, as ``kernels._compile.compile_spec`` expects); without those hints the loads
+    are not vectorised and the 576/512 kernel spills. Returns an empty list without Triton.
+    """
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16):
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=False, topk=False, direct=False))
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True))
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=True, direct=False))
+        specs.append(_split_spec(arch, dtype, 576, 512, 16, 2, causal=True, topk=False, direct=False))
+        specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
+        specs.append(_combine_spec(arch, dtype, 512))
+        specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
+    return specs
