@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla.cache import LatentCache
+from mla.cache import LatentCache, PagedLatentCache
 from mla.config import MLAConfig
-from mla.functional import AttentionResult, attention_probs, attention_with_stats
+from mla.functional import attention_probs, attention_with_stats, mla_decode, resolve_backend
 from mla.rope import RotaryEmbedding, apply_rotary, yarn_softmax_scale
-from mla.sparsity import BlockMask, topk_block_mask, topk_indices_from_scores
+from mla.sparsity import BlockMask, select_topk_blocks, topk_indices_from_scores
 
 __all__ = [
     "AttentionStats",
@@ -361,9 +361,7 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, _ = latent.shape
         H, dn, dr, dc = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if form == "absorbed":
-            w_uk, _ = self._weights_uk_uv()
-            q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))
-            q = torch.cat([q_lat, q_rope], dim=-1)
+            q = self.absorb_q(q_nope, q_rope)
             k = latent[:, :, None, :]
             v = k[..., :dc]  # a prefix view of k: the kernels load the latent tile once
             return q, k, v
@@ -381,7 +379,17 @@ class MultiHeadLatentAttention(nn.Module):
             out = torch.einsum("bthc,hvc->bthv", out, w_uv.to(out.dtype))
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
+    def absorb_q(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Absorbed query ``[B, T, H, dc + dr]``: ``cat(q_nope · W_UK, q_rope)``."""
+        w_uk, _ = self._weights_uk_uv()
+        return torch.cat([torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)
+
     def _prepare(self, hidden_states, position_ids, cache):
+        """Project and rotate; store the new latent rows in ``cache``.
+
+        Returns ``(q_nope, q_rope, q_latent, latent, position_ids)`` where ``latent [B, S, dc+dr]`` are
+        all rows to attend over (for a ``PagedLatentCache``: only the new rows; the pages hold the rest).
+        """
         if not isinstance(hidden_states, torch.Tensor):
             raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
@@ -389,15 +397,24 @@ class MultiHeadLatentAttention(nn.Module):
                 f"hidden_states: expected [B, T, {self.config.hidden_size}], got {tuple(hidden_states.shape)}"
             )
         B, T, _ = hidden_states.shape
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        device = hidden_states.device
+        paged = isinstance(cache, PagedLatentCache)
+        if paged and len(cache.seq_ids) != B:
+            raise ValueError(f"cache: the current step has {len(cache.seq_ids)} sequences, hidden_states has {B}")
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=hidden_states.device)[None]
+            if paged:
+                position_ids = cache.step_start.to(device).long()[:, None] + torch.arange(T, device=device)
+            else:
+                past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                position_ids = torch.arange(past, past + T, device=device)[None]
         q, q_latent = self.project_q(hidden_states)
         q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.project_kv_latent(hidden_states)
         q_rope, k_rope = self.rope(q_rope, k_rope, position_ids)
         latent = torch.cat([c_kv, k_rope], dim=-1)
-        if cache is not None:
+        if paged:
+            cache.write(self.layer_idx, latent)
+        elif cache is not None:
             latent = cache.update(self.layer_idx, latent)
         return q_nope, q_rope, q_latent, latent, position_ids
 
@@ -409,12 +426,35 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"attention_mask: expected [B, S] = {[B, S]}, got {list(attention_mask.shape)}")
         return attention_mask.to(device=device).bool()[:, None, None, :]
 
+    @staticmethod
+    def _paged_decode_step(cache, T: int, need_weights: bool, attention_mask) -> bool:
+        """Whether this call attends over the pages (not a fresh prefill); checks what that path needs."""
+        if not isinstance(cache, PagedLatentCache) or cache.step_is_prefill:
+            return False
+        if cache.step_uniform_len != T:
+            raise ValueError(
+                f"cache: a step continuing cached sequences must append the same number of tokens to each "
+                f"(T={T}), got {cache._step_lens}"
+            )
+        if need_weights or attention_mask is not None:
+            raise ValueError("need_weights / attention_mask are not supported when decoding over a PagedLatentCache")
+        return True
+
+    def _decode(self, q_abs, cache, topk_indices=None):
+        """``mla_decode`` of absorbed queries over the pages of ``cache`` (causal per sequence)."""
+        out, lse = mla_decode(
+            q_abs, cache.kv_cache(self.layer_idx), cache.block_table, cache.cache_seqlens,
+            softmax_scale=self.softmax_scale, head_dim_v=self.kv_lora_rank, causal=True,
+            topk_indices=topk_indices, backend=self.backend, check_inputs=False,
+        )
+        return out, resolve_backend(self.backend, q_abs.device, q_abs.dtype)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: LatentCache | PagedLatentCache | None = None,
         attention_mask: torch.Tensor | None = None,
         causal: bool = True,
         form: str | None = None,
@@ -422,6 +462,14 @@ class MultiHeadLatentAttention(nn.Module):
     ):
         q_nope, q_rope, _, latent, _ = self._prepare(hidden_states, position_ids, cache)
         B, T = q_nope.shape[:2]
+        if self._paged_decode_step(cache, T, need_weights, attention_mask):
+            if not causal:
+                raise ValueError("causal=False is not supported when decoding over a PagedLatentCache")
+            out, backend = self._decode(self.absorb_q(q_nope, q_rope), cache)
+            S = cache.max_seqlen()
+            return self.finish(out, "absorbed"), AttentionStats(
+                backend, self.kv_lora_rank + self.qk_rope_head_dim, causal_density(T, S), None, "absorbed"
+            )
         S = latent.shape[1]
         form = self.resolve_form(form, T, cache is not None)
         q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
@@ -509,24 +557,29 @@ def indexer_kl_loss(index_scores: torch.Tensor, attn_probs: torch.Tensor) -> tor
 
 
 class LatentSparseAttention(MultiHeadLatentAttention):
-    """MLA with a sparse key set per query: the hybrid of DESIGN §5.
+    """MLA with a sparse key set per query token: the hybrid of DESIGN §5.
 
-    ``mode="block"``: key blocks of ``sparse_block_size`` tokens; every query block keeps
-    ``num_sink_blocks`` leading blocks, ``num_local_blocks`` blocks ending at its diagonal and the
-    ``topk_blocks`` best other blocks, scored in latent space as the mean-pooled absorbed query latents
-    (``q_nope · W_UK`` averaged over heads and block) against the mean-pooled compressed keys ``c_kv``;
-    tokens inside kept blocks are masked causally.
-    ``mode="topk"``: a ``LightningIndexer`` scores keys and each query keeps its ``index_topk`` best
-    (causal); with ``indexer_loss=True`` the forward also computes ``indexer_kl_loss`` against the dense
-    attention distribution (reported in ``stats.indexer_loss``).
+    Always runs the absorbed form (one latent kv head shared by all heads, heads packed in the kernel
+    tile), as DeepSeek-V3.2 does for its sparse attention. Per query token (bottom-right causal):
 
-    Weights as ``MultiHeadLatentAttention`` (+ ``indexer.*`` in topk mode). Block/top-k selection is not
-    differentiable; gradients flow through the attention over the selected keys (and through the
-    indexer's KL loss). Returns ``(out, stats)`` like its parent, with ``density``, ``visited_blocks`` /
-    ``visited_tokens`` filled.
+    * ``mode="block"``: key blocks of ``sparse_block_size`` tokens; the token keeps the first
+      ``num_sink_blocks`` blocks, the ``num_local_blocks`` blocks ending at its own block (>= 1), and the
+      ``topk_blocks`` best other visible blocks, scored in latent space as its absorbed query latent
+      (``q_nope · W_UK`` averaged over heads) against the mean-pooled compressed keys ``c_kv`` of each
+      block (MoBA, arXiv 2502.13189 / NSA, arXiv 2502.11089 style). The choice is a ``BlockMask`` with
+      query blocks of one token, run by the block-sparse kernel; inside kept blocks causality is per token.
+    * ``mode="topk"``: a ``LightningIndexer`` scores the keys and the token keeps its ``index_topk`` best
+      (DeepSeek Sparse Attention); run by the top-k kernel. With ``indexer_loss=True`` the forward also
+      returns ``indexer_kl_loss`` against the dense attention distribution in ``stats.indexer_loss``.
+
+    Selection only looks at complete past blocks / past keys, so incremental decoding (``LatentCache`` or
+    ``PagedLatentCache``; decode steps use ``mla_decode`` with top-k token indices) equals the full forward.
+    Weights as ``MultiHeadLatentAttention`` (+ ``indexer.*`` in topk mode). Selection is not
+    differentiable; gradients flow through the attention over the kept keys (and the indexer's KL loss).
+    Returns ``(out, stats)`` like its parent, with ``density`` and ``visited_blocks``/``visited_tokens``.
 
     Raises:
-        ValueError: unknown mode.
+        ValueError: unknown mode, ``num_local_blocks < 1`` in block mode, ``causal=False``.
     """
 
     MODES = ("block", "topk")
@@ -537,13 +590,15 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         layer_idx: int | None = None,
         *,
         mode: str = "block",
-        form: str = "auto",
+        form: str = "absorbed",
         backend: str = "auto",
         indexer_loss: bool = False,
     ):
-        super().__init__(config, layer_idx, form=form, backend=backend)
+        super().__init__(config, layer_idx, form="absorbed", backend=backend)
         if mode not in self.MODES:
             raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+        if mode == "block" and config.num_local_blocks < 1:
+            raise ValueError("num_local_blocks: block mode needs >= 1 (a token must keep its own block)")
         self.mode = mode
         self.indexer_loss = indexer_loss
         if mode == "topk":
@@ -552,75 +607,100 @@ class LatentSparseAttention(MultiHeadLatentAttention):
                 config.index_head_dim, config.qk_rope_head_dim,
             )
 
-    def _block_mask(self, q_nope, latent, T: int, S: int) -> BlockMask:
-        cfg = self.config
+    def _block_grid(self, q_abs, rows, key_len, pos):
+        """bool ``[B, T, nK]`` key blocks kept per query token.
+
+        q_abs ``[B, T, H, dc+dr]``; rows ``[B, S, dc+dr]`` key rows (zeros past ``key_len``); key_len
+        ``[B]``; pos ``[B|1, T]`` key-aligned position of each query.
+        """
+        cfg, dc = self.config, self.kv_lora_rank
         bs = cfg.sparse_block_size
-        nq, nk = math.ceil(T / bs), math.ceil(S / bs)
-        w_uk, _ = self._weights_uk_uv()
+        B, S = rows.shape[:2]
+        nk = math.ceil(S / bs)
         with torch.no_grad():
-            q_lat = torch.einsum("bthn,hnc->btc", q_nope.float(), w_uk.float()) / self.num_heads
-            c = latent[..., : self.kv_lora_rank].float()
-            B = c.shape[0]
-            # Mean-pool over blocks (the last block may be partial: divide by its real length).
-            kpool = F.pad(c, (0, 0, 0, nk * bs - S)).view(B, nk, bs, -1).sum(2)
-            kcnt = torch.clamp(S - torch.arange(nk, device=c.device) * bs, max=bs).to(c.dtype)
-            kpool = kpool / kcnt[None, :, None]
-            qpool = F.pad(q_lat, (0, 0, 0, nq * bs - T)).view(B, nq, bs, -1).sum(2)
-            qcnt = torch.clamp(T - torch.arange(nq, device=c.device) * bs, max=bs).to(c.dtype)
-            qpool = qpool / qcnt[None, :, None]
-            scores = torch.einsum("bqc,bkc->bqk", qpool, kpool)[:, None]
-        return topk_block_mask(
-            scores, cfg.topk_blocks, bs, (T, S), num_sink_blocks=cfg.num_sink_blocks,
-            num_local_blocks=cfg.num_local_blocks, causal=True,
-        )
+            qm = q_abs[..., :dc].float().mean(dim=2)
+            c = F.pad(rows[..., :dc].float(), (0, 0, 0, nk * bs - S)).view(B, nk, bs, dc).sum(2)
+            start = torch.arange(nk, device=rows.device) * bs
+            cnt = (key_len.to(rows.device).long()[:, None] - start[None, :]).clamp(1, bs)
+            scores = torch.einsum("btc,bkc->btk", qm, c / cnt[..., None].to(c.dtype))
+            allowed = start[None, None, :] <= pos[..., None]
+            return select_topk_blocks(
+                scores, cfg.topk_blocks, allowed, num_sink_blocks=cfg.num_sink_blocks,
+                num_local_blocks=cfg.num_local_blocks,
+            )
+
+    @staticmethod
+    def _kept_tokens(grid, pos, bs: int, S: int) -> torch.Tensor:
+        """bool ``[B, T, S]``: tokens of the kept blocks that the query may see (``s <= pos``)."""
+        tok = grid.repeat_interleave(bs, dim=-1)[..., :S]
+        return tok & (torch.arange(S, device=grid.device) <= pos[..., None])
+
+    def _indexer_scores(self, hidden_states, q_latent, position_ids, cache):
+        cos, sin = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
+        # The indexer trains on its own loss: its inputs are detached from the main model (DeepSeek-V3.2).
+        x_idx = hidden_states.detach()
+        q_in = x_idx if q_latent is None else q_latent.detach()
+        keys = None
+        if cache is not None:
+            keys = cache.update_extra(self.layer_idx, "index_keys", self.indexer.keys(x_idx, cos, sin))
+        return self.indexer(x_idx, q_in, cos, sin, keys)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: LatentCache | PagedLatentCache | None = None,
         attention_mask: torch.Tensor | None = None,
         causal: bool = True,
         form: str | None = None,
         need_weights: bool = False,
     ):
         if not causal:
-            raise ValueError("LatentSparseAttention is causal: sinks, local window and indexer assume causal order")
+            raise ValueError("LatentSparseAttention is causal: sinks, local blocks and the indexer assume causal order")
         q_nope, q_rope, q_latent, latent, position_ids = self._prepare(hidden_states, position_ids, cache)
         B, T = q_nope.shape[:2]
-        S = latent.shape[1]
-        form = self.resolve_form(form, T, cache is not None)
-        q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
-        keep = self._key_mask(attention_mask, B, S, q.device)
-        block_mask = topk = None
-        kl = None
-        if self.mode == "block":
-            block_mask = self._block_mask(q_nope, latent, T, S)
-            visited_blocks = int(block_mask.kv_num_blocks.sum())  # the mask has batch dim B
-            density = block_mask.density(causal=True)
-            visited_tokens = None
+        device = q_nope.device
+        q_abs = self.absorb_q(q_nope, q_rope)
+        decoding = self._paged_decode_step(cache, T, need_weights, attention_mask)
+        if decoding:
+            rows, key_len = cache.gather(self.layer_idx), cache.cache_seqlens
+            pos = cache.step_start.to(device).long()[:, None] + torch.arange(T, device=device)
         else:
-            cos, sin = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
-            keys = None
-            # The indexer trains on its own loss: its inputs are detached from the main model (DeepSeek-V3.2).
-            x_idx = hidden_states.detach()
-            q_in = x_idx if q_latent is None else q_latent.detach()
-            if cache is not None:
-                keys = cache.update_extra(self.layer_idx, "index_keys", self.indexer.keys(x_idx, cos, sin))
-            scores = self.indexer(x_idx, q_in, cos, sin, keys)
-            rows = torch.arange(T, device=q.device)[:, None]
-            allowed = torch.arange(S, device=q.device)[None, :] <= rows + (S - T)
-            scores = scores.masked_fill(~allowed[None], float("-inf"))
-            if keep is not None:
-                scores = scores.masked_fill(~keep[:, 0], float("-inf"))
-            topk = topk_indices_from_scores(scores.detach()[:, :, None], self.config.index_topk, causal=True)
-            if k.shape[2] != 1:
-                topk = topk.expand(B, T, k.shape[2], topk.shape[-1]).contiguous()
-            visited_tokens = int((topk[:, :, 0] >= 0).sum())
+            rows = latent
+            key_len = torch.full((B,), latent.shape[1], dtype=torch.long, device=device)
+            pos = (latent.shape[1] - T + torch.arange(T, device=device))[None]
+        S = rows.shape[1]
+        keep = None if decoding else self._key_mask(attention_mask, B, S, device)
+        bs = self.config.sparse_block_size
+        block_mask = topk = kl = None
+        if self.mode == "block":
+            grid = self._block_grid(q_abs, rows, key_len, pos)
+            kept = self._kept_tokens(grid, pos, bs, S)
+            visited_blocks = int(grid.sum())
+            if decoding:
+                cfg = self.config
+                k_max = min(S, (cfg.num_sink_blocks + cfg.num_local_blocks + cfg.topk_blocks) * bs)
+                topk = topk_indices_from_scores(
+                    torch.zeros(kept.shape, device=device).masked_fill(~kept, float("-inf"))[:, :, None], k_max
+                )
+            else:
+                block_mask = BlockMask.from_dense(grid[:, None], (1, bs), (T, S))
+        else:
             visited_blocks = None
-            density = visited_tokens / (B * T * S)
-            if self.indexer_loss:
+            scores = self._indexer_scores(hidden_states, q_latent, position_ids, cache)[:, :, :S]
+            allowed = (torch.arange(S, device=device) <= pos[..., None]) & (
+                torch.arange(S, device=device) < key_len.to(device)[:, None, None]
+            )
+            if keep is not None:
+                allowed = allowed & keep[:, 0]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            topk = topk_indices_from_scores(scores.detach()[:, :, None], self.config.index_topk)
+            kept = torch.zeros(B, T, S + 1, dtype=torch.bool, device=device)
+            kept.scatter_(-1, torch.where(topk[:, :, 0] < 0, S, topk[:, :, 0]).long(), True)
+            kept = kept[..., :S]
+            if self.indexer_loss and not decoding:
+                q, k, v = q_abs, latent[:, :, None], latent[:, :, None, : self.kv_lora_rank]
                 with torch.no_grad():
                     ref = attention_with_stats(
                         q, k, v, causal=True, softmax_scale=self.softmax_scale, attn_mask=keep,
@@ -630,17 +710,28 @@ class LatentSparseAttention(MultiHeadLatentAttention):
                         q, k, ref.lse, softmax_scale=self.softmax_scale, causal=True, attn_mask=keep
                     )
                 kl = indexer_kl_loss(scores, dense)
-        res: AttentionResult = attention_with_stats(
-            q, k, v, causal=True, softmax_scale=self.softmax_scale, block_mask=block_mask, topk_indices=topk,
+        visited_tokens = int(kept.sum())
+        density = visited_tokens / max(1, B * T * S)
+        if decoding:
+            out, backend = self._decode(q_abs, cache, topk[:, :, 0])
+            stats = AttentionStats(
+                backend, q_abs.shape[-1], density, None, "absorbed", visited_blocks, visited_tokens
+            )
+            return self.finish(out, "absorbed"), stats
+        k = latent[:, :, None, :]
+        v = k[..., : self.kv_lora_rank]
+        res = attention_with_stats(
+            q_abs, k, v, causal=True, softmax_scale=self.softmax_scale, block_mask=block_mask, topk_indices=topk,
             attn_mask=keep, backend=self.backend, check_indices=False,
         )
-        out = self.finish(res.out, form)
+        out = self.finish(res.out, "absorbed")
         stats = AttentionStats(
-            res.backend, q.shape[-1], density, _head_max(res.max_logit), form, visited_blocks, visited_tokens, kl
+            res.backend, q_abs.shape[-1], density, _head_max(res.max_logit), "absorbed", visited_blocks,
+            visited_tokens, kl,
         )
         if need_weights:
             probs = attention_probs(
-                q.detach(), k.detach(), res.lse.detach(), softmax_scale=self.softmax_scale, causal=True,
+                q_abs.detach(), k.detach(), res.lse.detach(), softmax_scale=self.softmax_scale, causal=True,
                 block_mask=block_mask, topk_indices=topk, attn_mask=keep,
             )
             return out, stats, probs

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla.attention import AttentionStats, LatentSparseAttention, MultiHeadLatentAttention, RMSNorm
-from mla.cache import LatentCache
+from mla.cache import LatentCache, PagedLatentCache
 from mla.config import MLAConfig
 
 __all__ = ["RMSNorm", "SwiGLU", "TransformerBlock", "MLACausalLM", "CausalLMOutput"]
@@ -168,49 +168,89 @@ class MLACausalLM(nn.Module):
                 loss = loss + self.indexer_loss_weight * torch.stack(extra).sum()
         return CausalLMOutput(logits, loss, stats)
 
+    def new_paged_cache(self, batch_size: int, max_tokens: int, *, page_size: int = 64, dtype=None, device=None):
+        """A ``PagedLatentCache`` with room for ``batch_size`` sequences of ``max_tokens`` tokens."""
+        pages = batch_size * -(-max_tokens // page_size)
+        p = self.embed_tokens.weight
+        return PagedLatentCache(
+            self.config.num_hidden_layers, self.config.cache_values_per_token, num_pages=max(1, pages),
+            page_size=page_size, dtype=dtype or p.dtype, device=device or p.device,
+        )
+
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int,
         *,
+        attention_mask: torch.Tensor | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        page_size: int = 64,
     ) -> torch.Tensor:
-        """Autoregressive decoding through the compressed latent cache.
+        """Autoregressive decoding through a paged latent cache (``PagedLatentCache`` + ``mla_decode``).
 
-        The prompt ``input_ids [B, T]`` is prefilled once; each new token then attends over the cache
-        (absorbed form). ``temperature == 0`` is greedy; otherwise sampling from ``softmax(logits / T)``
-        restricted to the ``top_k`` most likely tokens when given. Stops early when every sequence has
-        produced ``eos_token_id``. Returns ``[B, T + n]`` int64 (``n <= max_new_tokens``).
+        The prompts are prefilled once; each new token then attends over the pages in the absorbed form
+        (the split-KV decode kernel on CUDA, the reference on CPU).
+
+        Args:
+            input_ids: ``[B, T]`` int64 prompts. Prompts of different lengths: pass ``attention_mask``
+                ``[B, T]`` (1 = real token; padding on either side, real tokens contiguous).
+            max_new_tokens: tokens to add per sequence.
+            temperature: 0 = greedy; otherwise sample ``softmax(logits / temperature)`` restricted to the
+                ``top_k`` most likely tokens when given.
+            eos_token_id: a sequence that produced it keeps producing it; generation stops once all have.
+            generator: ``torch.Generator`` for sampling. page_size: tokens per cache page.
+
+        Returns:
+            ``[B, T + n]`` int64: ``input_ids`` followed by the ``n <= max_new_tokens`` new tokens.
 
         Raises:
-            ValueError: empty prompt, negative ``max_new_tokens`` or ``temperature``.
+            ValueError: empty prompt, negative ``max_new_tokens``/``temperature``, a bad ``attention_mask``.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected a non-empty [B, T] prompt, got {tuple(input_ids.shape)}")
         if max_new_tokens < 0 or temperature < 0:
             raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            prompt, lengths = input_ids, [T] * B
+        else:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask: expected [B, T] = {[B, T]}, got {list(attention_mask.shape)}")
+            real = attention_mask.to(device).bool()
+            lengths = real.sum(1).tolist()
+            if min(lengths) < 1:
+                raise ValueError("attention_mask: every prompt needs at least one real token")
+            # Move each prompt's real tokens to the front (right padding): positions then start at 0.
+            order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+            prompt = torch.gather(input_ids, 1, order)
         was_training = self.training
         self.eval()
+        cache = self.new_paged_cache(B, max(lengths) + max_new_tokens, page_size=page_size, device=device)
+        seqs = cache.add_sequences(B)
         try:
-            cache = self.new_cache()
-            out = input_ids
-            logits = self(input_ids, cache=cache).logits[:, -1]
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for _ in range(max_new_tokens):
+            cache.begin_step(seqs, lengths)
+            logits = self(prompt, cache=cache).logits
+            logits = logits[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            new = []
+            for step in range(max_new_tokens):
                 nxt = sample_next(logits, temperature, top_k, generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                if eos_token_id is not None and bool(done.all()):
+                new.append(nxt)
+                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                     break
+                cache.begin_step(seqs, 1)
                 logits = self(nxt[:, None], cache=cache).logits[:, -1]
-            return out
+            return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
         finally:
+            cache.release(seqs)
             self.train(was_training)
 
 

@@ -96,3 +96,190 @@ class LatentCache:
         """Forget every cached token (storage is kept for reuse)."""
         self._len = [0] * self.num_layers
         self._extra = [{} for _ in range(self.num_layers)]
+
+
+class PagedLatentCache:
+    """Paged latent cache for serving: fixed-size pages of ``[c_kv | k_rope]`` rows, shared by all heads.
+
+    Storage per layer is ``kv_cache(layer) : [num_pages, page_size, 1, head_dim]`` (``head_dim =
+    kv_lora_rank + qk_rope_head_dim``); every sequence owns a list of pages (the same page ids in every
+    layer) taken from a free list, so sequences of any length share one pool without fragmentation
+    (vLLM's PagedAttention idea, Kwon et al. 2023, arXiv 2309.06180; FlashMLA's paged layout).
+
+    A forward step over a batch of sequences is bracketed by ``begin_step(seq_ids, num_new)``, which
+    reserves pages and fixes, per sequence, the position of the first new token (``step_start``) and
+    the length after the step (``cache_seqlens``); each layer then calls ``write(layer_idx, rows)`` and
+    attends with ``kv_cache(layer_idx)``, ``block_table`` and ``cache_seqlens`` (``mla.functional.mla_decode``).
+    A contiguous cache is the special case ``contiguous(...)``: one page per sequence.
+
+    Args:
+        num_layers: attention layers sharing the block table.
+        head_dim: values per cached row (``kv_lora_rank + qk_rope_head_dim``).
+        num_pages: pages in the pool (per layer). page_size: tokens per page (default 64).
+        dtype, device: of the storage.
+
+    Raises:
+        ValueError: bad sizes; ``RuntimeError`` when the pool runs out of pages.
+    """
+
+    def __init__(self, num_layers: int, head_dim: int, *, num_pages: int, page_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device=None):
+        for name, val in (("num_layers", num_layers), ("head_dim", head_dim), ("num_pages", num_pages),
+                          ("page_size", page_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        self.num_layers, self.head_dim, self.num_pages, self.page_size = num_layers, head_dim, num_pages, page_size
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        self._pools = [torch.empty(num_pages, page_size, 1, head_dim, dtype=dtype, device=self.device)
+                       for _ in range(num_layers)]
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
+        self._pages: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+        self._next_id = 0
+        self.seq_ids: list[int] = []
+        self.block_table = torch.zeros(0, 1, dtype=torch.int32, device=self.device)
+        self.cache_seqlens = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self.step_start = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self.step_len = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self._extra: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+
+    @classmethod
+    def contiguous(cls, num_layers: int, head_dim: int, batch_size: int, max_seqlen: int, **kw) -> PagedLatentCache:
+        """One page of ``max_seqlen`` tokens per sequence: a contiguous ``[B, max_seqlen]`` cache."""
+        return cls(num_layers, head_dim, num_pages=batch_size, page_size=max_seqlen, **kw)
+
+    # -- sequences ------------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def add_sequences(self, n: int) -> list[int]:
+        """Register ``n`` empty sequences; returns their ids."""
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for i in ids:
+            self._pages[i] = []
+            self._lens[i] = 0
+        return ids
+
+    def release(self, seq_ids) -> None:
+        """Return the pages of finished sequences to the free list and forget them."""
+        for i in seq_ids:
+            self._free.extend(reversed(self._pages.pop(i)))
+            self._lens.pop(i)
+
+    def seq_len(self, seq_id: int) -> int:
+        """Tokens cached for ``seq_id``."""
+        return self._lens[seq_id]
+
+    def begin_step(self, seq_ids, num_new) -> None:
+        """Reserve room for ``num_new`` tokens (an int or one per sequence) appended to each of ``seq_ids``.
+
+        Sets ``seq_ids``, ``step_start`` (int32 [B], position of the first new token),
+        ``step_len`` (int32 [B]), ``cache_seqlens`` (int32 [B], lengths after the step) and
+        ``block_table`` (int32 [B, max_pages]) on the cache's device.
+
+        Raises:
+            KeyError: unknown sequence id. RuntimeError: not enough free pages.
+        """
+        seq_ids = list(seq_ids)
+        if isinstance(num_new, int):
+            num_new = [num_new] * len(seq_ids)
+        num_new = [int(n) for n in num_new]
+        if len(num_new) != len(seq_ids) or min(num_new, default=0) < 0:
+            raise ValueError(f"num_new: expected {len(seq_ids)} non-negative counts, got {num_new}")
+        need = 0
+        for i, n in zip(seq_ids, num_new):
+            if i not in self._lens:
+                raise KeyError(f"seq_ids: unknown sequence {i}")
+            need += -(-(self._lens[i] + n) // self.page_size) - len(self._pages[i])
+        if need > len(self._free):
+            raise RuntimeError(
+                f"PagedLatentCache: {need} more pages needed, {len(self._free)} free of {self.num_pages}"
+            )
+        starts = []
+        for i, n in zip(seq_ids, num_new):
+            starts.append(self._lens[i])
+            self._lens[i] += n
+            while len(self._pages[i]) * self.page_size < self._lens[i]:
+                self._pages[i].append(self._free.pop())
+        width = max([len(self._pages[i]) for i in seq_ids] + [1])
+        table = [self._pages[i] + [-1] * (width - len(self._pages[i])) for i in seq_ids]
+        dev = self.device
+        self.seq_ids = seq_ids
+        self.block_table = torch.tensor(table, dtype=torch.int32, device=dev).view(len(seq_ids), width)
+        self.step_start = torch.tensor(starts, dtype=torch.int32, device=dev)
+        self.step_len = torch.tensor(num_new, dtype=torch.int32, device=dev)
+        self.cache_seqlens = torch.tensor([self._lens[i] for i in seq_ids], dtype=torch.int32, device=dev)
+        self._step_starts, self._step_lens = starts, num_new
+
+    @property
+    def step_is_prefill(self) -> bool:
+        """True when every sequence of the current step starts empty."""
+        return all(s == 0 for s in self._step_starts)
+
+    @property
+    def step_uniform_len(self) -> int | None:
+        """The common number of new tokens of the step, or None when it differs between sequences."""
+        lens = set(self._step_lens)
+        return lens.pop() if len(lens) == 1 else None
+
+    def max_seqlen(self) -> int:
+        """Longest sequence of the current step (after it)."""
+        return max((self._lens[i] for i in self.seq_ids), default=0)
+
+    # -- data -------------------------------------------------------------------------------------
+    def kv_cache(self, layer_idx: int) -> torch.Tensor:
+        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]``."""
+        return self._pools[layer_idx]
+
+    def write(self, layer_idx: int, rows: torch.Tensor) -> None:
+        """Store the current step's new rows: ``rows [B, T, head_dim]``; row ``t`` of sequence ``b`` goes to
+        position ``step_start[b] + t`` for ``t < step_len[b]`` (later rows are padding, ignored).
+
+        Raises:
+            ValueError: shape does not match the step.
+        """
+        B = len(self.seq_ids)
+        if rows.dim() != 3 or rows.shape[0] != B or rows.shape[2] != self.head_dim:
+            raise ValueError(f"rows: expected [B={B}, T, {self.head_dim}], got {tuple(rows.shape)}")
+        T = rows.shape[1]
+        t = torch.arange(T, device=self.device)[None, :]
+        valid = t < self.step_len.long()[:, None]
+        pos = self.step_start.long()[:, None] + t
+        page_col = torch.clamp(pos // self.page_size, max=self.block_table.shape[1] - 1)
+        pages = torch.gather(self.block_table.long(), 1, page_col)
+        slots = pos % self.page_size
+        pool = self._pools[layer_idx]
+        pool[pages[valid], slots[valid], 0] = rows.detach()[valid].to(pool.dtype)
+
+    def gather(self, layer_idx: int) -> torch.Tensor:
+        """Contiguous rows ``[B, max_seqlen, head_dim]`` of the current step's sequences (zeros past each length)."""
+        from mla.functional import _gather_pages
+
+        return _gather_pages(self._pools[layer_idx], self.block_table, self.cache_seqlens, self.max_seqlen())
+
+    def update_extra(self, layer_idx: int, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Per-layer side tensors ``[B, max_seqlen, ...]`` for the current batch (e.g. indexer keys).
+
+        ``value [B, T, ...]`` holds the step's new rows (placed at ``step_start[b] + t``); returns the
+        whole tensor (zeros past each sequence's length). Tied to the batch order of ``seq_ids``.
+        """
+        B, T = value.shape[:2]
+        S = self.max_seqlen()
+        old = self._extra[layer_idx].get(name)
+        buf = value.new_zeros(B, S, *value.shape[2:])
+        if old is not None and old.shape[0] == B:
+            n = min(old.shape[1], S)
+            buf[:, :n] = old[:, :n]
+        t = torch.arange(T, device=value.device)[None, :]
+        valid = t < self.step_len.long().to(value.device)[:, None]
+        pos = (self.step_start.long().to(value.device)[:, None] + t).clamp(max=max(S - 1, 0))
+        bidx = torch.arange(B, device=value.device)[:, None].expand(B, T)
+        buf[bidx[valid], pos[valid]] = value.detach()[valid]
+        self._extra[layer_idx][name] = buf
+        return buf
+
+    def bytes_per_token(self) -> int:
+        """Bytes stored per cached token, summed over layers: ``num_layers · head_dim · element size``."""
+        return self.num_layers * self.head_dim * self._pools[0].element_size()

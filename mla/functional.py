@@ -27,6 +27,7 @@ __all__ = [
     "resolve_backend",
     "AttentionResult",
     "BACKENDS",
+    "mla_decode",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -172,6 +173,14 @@ def _validate(
     if attn_mask is not None:
         _check_attn_mask(attn_mask, B, Hq, T, S, q.device)
     path = resolve_backend(backend, q.device, q.dtype)
+    if path == "triton":
+        from mla.autograd import kernel_supports
+
+        why = kernel_supports(q, k, v, block_mask, topk_indices)
+        if why:
+            if backend == "triton":
+                raise ValueError(f"backend='triton': {why}")
+            path = "reference"
     if attn_mask is not None:
         if backend == "triton":
             raise ValueError(
@@ -313,3 +322,158 @@ def attention_probs(
     lse_c = lse.to(cdt)[..., None]
     p = torch.exp(s.masked_fill(~keep, float("-inf")) - torch.where(torch.isinf(lse_c), 0, lse_c))
     return torch.where(torch.isinf(lse_c), torch.zeros_like(p), p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode over a paged latent cache
+# ---------------------------------------------------------------------------------------------------
+def _decode_keep_mask(cache_seqlens, S: int, Tq: int, causal: bool, topk_indices):
+    """Bool ``[B, 1, Tq, S]``: key ``s`` exists (``s < L``), causal per sequence, listed by top-k."""
+    L = cache_seqlens.long()[:, None, None]
+    s = torch.arange(S, device=cache_seqlens.device)[None, None, :]
+    keep = s < L
+    if causal:
+        j = torch.arange(Tq, device=cache_seqlens.device)[None, :, None]
+        keep = keep & (s <= L - Tq + j)
+    if topk_indices is not None:
+        idx = topk_indices.long()
+        idx = torch.where((idx < 0) | (idx >= S), S, idx)
+        sel = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
+        sel.scatter_(-1, idx, True)
+        keep = keep & sel[..., :S]
+    return keep[:, None]
+
+
+def _gather_pages(kv_cache, block_table, cache_seqlens, S: int):
+    """Contiguous ``[B, S, Dk]`` rows of each sequence (zeros past its length; unused pages never read)."""
+    page_size = kv_cache.shape[1]
+    n_pages = -(-S // page_size)
+    B = block_table.shape[0]
+    used = torch.arange(n_pages, device=block_table.device)[None, :] < (
+        (cache_seqlens.long()[:, None] + page_size - 1) // page_size
+    )
+    pages = torch.where(used, block_table[:, :n_pages].long(), torch.zeros((), dtype=torch.long, device=used.device))
+    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, -1)[:, :S]
+    valid = torch.arange(S, device=rows.device)[None, :] < cache_seqlens.long()[:, None]
+    # Unused slots may hold NaN/garbage: zero them so that 0-probability keys contribute exactly 0.
+    return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    head_dim_v: int | None = None,
+    causal: bool = False,
+    topk_indices: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = True,
+    backend: str = "auto",
+    check_inputs: bool = True,
+):
+    """MLA decode: a few query tokens per sequence attend over a paged latent cache (DESIGN §4 "Decode").
+
+    All heads share one cache row per token (absorbed MLA: ``[c_kv | k_rope]``); the value is the first
+    ``head_dim_v`` columns of the same row. On CUDA the split-KV Triton kernel runs (FlashMLA-style head
+    packing, Flash-Decoding split + log-sum-exp combine); elsewhere the reference gathers the pages.
+
+    Args:
+        q: ``[B, Tq, H, Dk]`` fp16 / bf16 / fp32 (fp64 on the reference), ``Tq`` small (1, or 2–8 for
+            multi-token prediction / speculative decoding). In MLA ``Dk = kv_lora_rank + qk_rope_head_dim``.
+        kv_cache: ``[num_pages, page_size, 1, Dk]``, same dtype and device.
+        block_table: int32 ``[B, max_pages]`` page ids; entries past a sequence's length are never read.
+        cache_seqlens: int32 ``[B]`` tokens cached per sequence (0 allowed: output 0, ``lse = +inf``).
+        softmax_scale: default ``Dk ** -0.5``; MLA passes ``(qk_nope + qk_rope) ** -0.5`` (· YaRN mscale²).
+        head_dim_v: ``Dv``, a prefix of each row (``kv_lora_rank`` for MLA); default ``Dk``.
+        causal: bottom-right per sequence: query ``j`` sees keys ``0 … L − Tq + j`` (``L = cache_seqlens[b]``).
+        topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
+            shared by all heads, as in DeepSeek Sparse Attention.
+        num_splits: key splits per sequence for the kernel (None: chosen from B, H and the SM count).
+        return_lse: also return ``lse [B, H, Tq]`` fp32.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
+
+    Returns:
+        ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
+
+    Raises:
+        TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables.
+        ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
+            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``.
+    """
+    _check_tensor("q", q, 4, "[B, Tq, H, Dk]")
+    _check_tensor("kv_cache", kv_cache, 4, "[num_pages, page_size, 1, Dk]")
+    if kv_cache.dtype != q.dtype:
+        raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
+    B, Tq, H, Dk = q.shape
+    num_pages, page_size = kv_cache.shape[0], kv_cache.shape[1]
+    if kv_cache.shape[2] != 1:
+        raise ValueError(
+            f"kv_cache: expected one latent head [num_pages, page_size, 1, Dk], got {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.shape[3] != Dk:
+        raise ValueError(f"kv_cache: row width {kv_cache.shape[3]} does not match q's head dim Dk={Dk}")
+    for name, t, rank in (("block_table", block_table, 2), ("cache_seqlens", cache_seqlens, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype int32, got {t.dtype}")
+        if t.dim() != rank or t.shape[0] != B:
+            raise ValueError(f"{name}: expected a {rank}-D tensor with batch {B} first, got {tuple(t.shape)}")
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
+    Dv = Dk if head_dim_v is None else int(head_dim_v)
+    if not 1 <= Dv <= Dk:
+        raise ValueError(f"head_dim_v: expected 1 <= head_dim_v <= Dk={Dk}, got {head_dim_v}")
+    scale = _check_scale(softmax_scale, Dk)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
+    if topk_indices is not None:
+        if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32, torch.int64):
+            got = getattr(topk_indices, "dtype", type(topk_indices).__name__)
+            raise TypeError(f"topk_indices: expected an int32 tensor, got {got}")
+        if topk_indices.dim() != 3 or tuple(topk_indices.shape[:2]) != (B, Tq):
+            raise ValueError(f"topk_indices: expected [B={B}, Tq={Tq}, K], got {tuple(topk_indices.shape)}")
+        if topk_indices.device != q.device:
+            raise ValueError(f"topk_indices: on device {topk_indices.device}, but q is on {q.device}")
+        topk_indices = topk_indices.to(torch.int32)
+    capacity = block_table.shape[1] * page_size
+    if check_inputs and B > 0:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0:
+            raise ValueError(f"cache_seqlens: expected values >= 0, got min {lo}")
+        if hi > capacity:
+            raise ValueError(
+                f"block_table: {block_table.shape[1]} pages of {page_size} tokens hold {capacity} tokens, "
+                f"but cache_seqlens has {hi}"
+            )
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < (
+            (cache_seqlens.long()[:, None] + page_size - 1) // page_size
+        )
+        ids = block_table[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
+            raise ValueError(f"block_table: page ids of used pages must be in [0, {num_pages}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if topk_indices is not None and topk_indices.numel() and int(topk_indices.min()) < -1:
+            raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
+    path = resolve_backend(backend, q.device, q.dtype)
+    if path == "triton":
+        from kernels.decode import mla_decode_fwd
+
+        out, lse = mla_decode_fwd(
+            q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
+            num_splits=num_splits,
+        )
+    else:
+        S = int(cache_seqlens.max()) if B > 0 else 0
+        rows = _gather_pages(kv_cache, block_table, cache_seqlens, S)
+        k = rows[:, :, None, :]
+        keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices)
+        out, lse, _ = _ref.attention_reference(q, k, k[..., :Dv], softmax_scale=scale, attn_mask=keep)
+    return (out, lse) if return_lse else out

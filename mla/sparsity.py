@@ -24,6 +24,7 @@ __all__ = [
     "causal_block_mask",
     "sliding_window_block_mask",
     "topk_block_mask",
+    "select_topk_blocks",
     "topk_indices_from_scores",
     "causal_clip_topk",
     "check_topk_indices",
@@ -318,24 +319,46 @@ def topk_block_mask(
         allowed = _block_causal_grid(T, S, bm, bn, device)
     else:
         allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    kcol = torch.arange(nk, device=device)
-    forced = (kcol < num_sink_blocks)[None, :].expand(nq, nk)
+    grid = select_topk_blocks(
+        block_scores, topk, allowed, num_sink_blocks=num_sink_blocks, num_local_blocks=num_local_blocks
+    )
+    return BlockMask.from_dense(grid, (bm, bn), (T, S))
+
+
+def select_topk_blocks(
+    block_scores: torch.Tensor,
+    topk: int,
+    allowed: torch.Tensor,
+    *,
+    num_sink_blocks: int = 1,
+    num_local_blocks: int = 1,
+) -> torch.Tensor:
+    """The block choice behind ``topk_block_mask``, for any query layout.
+
+    Args:
+        block_scores: float ``[..., R, nK]`` scores of each query row (or query block) for each key block.
+        topk: blocks chosen by score per row beyond the forced ones (``min(topk, available)``).
+        allowed: bool, broadcastable to ``block_scores``: candidate key blocks (e.g. causally visible).
+        num_sink_blocks: leading blocks kept (if allowed). num_local_blocks: blocks ending at the last
+            allowed block of the row (its diagonal), kept.
+
+    Returns:
+        bool ``[..., R, nK]`` grid (ties in score go to the lower block index).
+    """
+    nk = block_scores.shape[-1]
+    allowed = allowed.expand_as(block_scores)
+    kcol = torch.arange(nk, device=block_scores.device)
+    forced = allowed & (kcol < num_sink_blocks)
     if num_local_blocks > 0:
-        # The diagonal block is the last allowed block of the row (the last block if not causal).
-        last = torch.where(
-            allowed.any(-1), (allowed * (kcol + 1)[None, :]).amax(-1) - 1, torch.full((nq,), -1, device=device)
-        )
-        forced = forced | ((kcol[None, :] <= last[:, None]) & (kcol[None, :] > last[:, None] - num_local_blocks))
-    forced = forced & allowed
+        last = torch.where(allowed.any(-1), (allowed * (kcol + 1)).amax(-1) - 1, -1)[..., None]
+        forced = forced | (allowed & (kcol <= last) & (kcol > last - num_local_blocks))
     scores = block_scores.float().masked_fill(~allowed | forced, float("-inf"))
-    grid = forced.expand_as(scores).clone()
+    grid = forced.clone()
     k_eff = min(int(topk), nk)
     if k_eff > 0:
         vals, idx = _stable_topk(scores, k_eff)
-        pick = torch.zeros_like(grid)
-        pick.scatter_(-1, idx, torch.isfinite(vals))
-        grid |= pick
-    return BlockMask.from_dense(grid, (bm, bn), (T, S))
+        grid.scatter_(-1, idx, torch.isfinite(vals) | torch.gather(grid, -1, idx))
+    return grid
 
 
 def topk_indices_from_scores(

@@ -161,7 +161,9 @@ def test_sparse_block_mode_all_blocks_equals_dense():
     b, st = sparse(x)
     assert rel_err(b, a) < 1e-10
     assert st.density == pytest.approx(causal_density(15, 15))
-    assert st.visited_blocks == 2 * sum(i + 1 for i in range(4))
+    # per query token: all blocks up to its own (tokens 0-3: 1, 4-7: 2, 8-11: 3, 12-14: 4)
+    assert st.visited_blocks == 2 * (4 * 1 + 4 * 2 + 4 * 3 + 3 * 4)
+    assert st.visited_tokens == 2 * 120
 
 
 def test_sparse_block_mode_selects_subset():
@@ -170,11 +172,27 @@ def test_sparse_block_mode_selects_subset():
     sparse = LatentSparseAttention(cfg, mode="block", backend="reference").double()
     x = torch.randn(1, 32, 48, dtype=torch.float64)
     out, st, probs = sparse(x, need_weights=True)
-    # each query block keeps <= 3 of its visible key blocks
-    assert st.visited_blocks <= 3 * 8 and st.density < causal_density(32, 32)
+    # each query token keeps <= 3 of its visible key blocks: sink, own block, one chosen
+    assert st.visited_blocks <= 3 * 32 and st.density < causal_density(32, 32)
     assert torch.isfinite(out).all()
     nz = (probs[0, 0] > 0).float().view(32, 8, 4).amax(-1)  # key blocks with weight per query
-    assert (nz.sum(-1) <= 3).all()
+    assert (nz.sum(-1) <= 3).all() and (nz.sum(-1)[8:] == 3).all()
+    assert (nz[:, 0] == 1).all()  # the sink block
+    assert all(nz[t, t // 4] == 1 for t in range(32))  # the own block
+
+
+@pytest.mark.parametrize("mode", ["block", "topk"])
+def test_sparse_incremental_equals_full_when_selection_matters(mode):
+    torch.manual_seed(15)
+    cfg = small_config(topk_blocks=1, index_topk=6, q_lora_rank=16)
+    m = LatentSparseAttention(cfg, mode=mode, backend="reference").double()
+    x = torch.randn(2, 30, 48, dtype=torch.float64)
+    full, st = m(x)
+    assert st.density < 0.6 * causal_density(30, 30)
+    cache = LatentCache(1)
+    parts = [m(x[:, :13], cache=cache)[0], m(x[:, 13:17], cache=cache)[0]]
+    parts += [m(x[:, t:t + 1], cache=cache)[0] for t in range(17, 30)]
+    assert rel_err(torch.cat(parts, 1), full) < 1e-10
 
 
 def test_sparse_topk_mode_large_k_equals_dense_and_cache():
@@ -187,13 +205,7 @@ def test_sparse_topk_mode_large_k_equals_dense_and_cache():
     a, _ = dense(x)
     b, st = sparse(x)
     assert rel_err(b, a) < 1e-10
-    assert st.visited_tokens == 2 * 55
-    # incremental with the cache (indexer keys cached too), small k
-    sparse.config = cfg.replace(index_topk=3)
-    full, _ = sparse(x)
-    cache = LatentCache(1)
-    parts = [sparse(x[:, :6], cache=cache)[0]] + [sparse(x[:, t:t + 1], cache=cache)[0] for t in range(6, 10)]
-    assert rel_err(torch.cat(parts, 1), full) < 1e-10
+    assert st.visited_tokens == 2 * 55 and st.density == pytest.approx(55 / 100)
 
 
 def test_indexer_formula_and_kl():
@@ -239,11 +251,11 @@ def test_lm_generate_greedy_matches_full_forward(attention, mode):
     torch.manual_seed(8)
     cfg = small_config(index_topk=6, topk_blocks=1)
     model = MLACausalLM(cfg, attention=attention, sparse_mode=mode).double().eval()
-    prompt = torch.randint(0, 64, (2, 5))
-    out = model.generate(prompt, 6, temperature=0)
-    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    prompt = torch.randint(0, 64, (2, 9))
+    out = model.generate(prompt, 16, temperature=0)
+    assert out.shape == (2, 25) and torch.equal(out[:, :9], prompt)
     seq = prompt
-    for _ in range(6):
+    for _ in range(16):
         nxt = model(seq).logits[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], 1)
     assert torch.equal(out, seq)
@@ -283,3 +295,28 @@ def test_registry_presets():
         registry.register("tiny", lambda: small_config())
     with pytest.raises(ValueError, match="qk_rope_head_dim"):
         small_config(qk_rope_head_dim=5)
+
+
+def test_generate_batched_different_prompt_lengths():
+    torch.manual_seed(9)
+    cfg = small_config()
+    model = MLACausalLM(cfg).double().eval()
+    a = torch.randint(0, 64, (7,))
+    b = torch.randint(0, 64, (4,))
+    ga = model.generate(a[None], 8, temperature=0)[0, 7:]
+    gb = model.generate(b[None], 8, temperature=0)[0, 4:]
+    # left padding (HF style) and right padding both work
+    left = torch.stack([a, torch.cat([torch.zeros(3, dtype=a.dtype), b])])
+    lmask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
+    out = model.generate(left, 8, attention_mask=lmask, temperature=0, page_size=4)
+    assert torch.equal(out[0, 7:], ga) and torch.equal(out[1, 7:], gb)
+    right = torch.stack([a, torch.cat([b, torch.zeros(3, dtype=b.dtype)])])
+    out = model.generate(right, 8, attention_mask=lmask.flip(1), temperature=0, page_size=3)
+    assert torch.equal(out[0, 7:], ga) and torch.equal(out[1, 7:], gb)
+    # sampling is reproducible with a generator; eos stops a sequence
+    g1 = model.generate(left, 5, attention_mask=lmask, generator=torch.Generator().manual_seed(0), top_k=5)
+    g2 = model.generate(left, 5, attention_mask=lmask, generator=torch.Generator().manual_seed(0), top_k=5)
+    assert torch.equal(g1, g2)
+    eos = int(ga[0])
+    out = model.generate(a[None], 8, temperature=0, eos_token_id=eos)
+    assert out.shape[1] == 8 and out[0, -1] == eos

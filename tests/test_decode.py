@@ -1,0 +1,218 @@
+"""mla_decode over a PagedLatentCache: reference and kernel against latent_attention on the gathered cache."""
+
+import math
+
+import pytest
+import torch
+from helpers import rel_err
+
+from mla import latent_attention
+from mla.cache import PagedLatentCache
+from mla.functional import mla_decode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backends():
+    out = ["reference"]
+    try:
+        import kernels.decode  # noqa: F401
+        from kernels._config import HAS_TRITON, INTERPRET
+
+        if HAS_TRITON and (DEVICE == "cuda" or INTERPRET):
+            out.append("triton")
+    except ImportError:
+        pass
+    return out
+
+
+BACKENDS = _backends()
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+
+
+def make_paged(seqlens, Dk, page_size, dtype, scatter=True, seed=0, extra_pages=3, poison=True):
+    """Random rows per sequence placed into pages (scattered or in order); unused slots/pages hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(seqlens)
+    n_pages = [math.ceil(L / page_size) for L in seqlens]
+    total = sum(n_pages) + extra_pages
+    perm = torch.randperm(total, generator=g)  # drawn either way so that the rows are the same
+    order = perm if scatter else torch.arange(total)
+    pool = torch.full((total, page_size, 1, Dk), float("nan") if poison else 0.0, dtype=torch.float64)
+    width = max(n_pages + [1]) + 2
+    table = torch.full((B, width), -1, dtype=torch.int32)
+    rows = []
+    nxt = 0
+    for b, L in enumerate(seqlens):
+        r = torch.randn(L, Dk, generator=g, dtype=torch.float64)
+        rows.append(r)
+        for p in range(n_pages[b]):
+            pid = int(order[nxt])
+            nxt += 1
+            table[b, p] = pid
+            chunk = r[p * page_size:(p + 1) * page_size]
+            pool[pid, : chunk.shape[0], 0] = chunk
+        table[b, n_pages[b]:] = 10**6 if b % 2 else -1  # garbage past the length: never read
+    return pool.to(DEVICE, dtype), table.to(DEVICE), torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), rows
+
+
+def expected(q, rows, seqlens, Dv, scale, causal, topk=None):
+    """latent_attention (reference, float64) per sequence over its gathered contiguous rows."""
+    B, Tq, H, Dk = q.shape
+    outs, lses = [], []
+    for b, L in enumerate(seqlens):
+        if L == 0:
+            outs.append(torch.zeros(Tq, H, Dv, dtype=torch.float64))
+            lses.append(torch.full((H, Tq), math.inf, dtype=torch.float64))
+            continue
+        k = rows[b][None, :, None, :]
+        idx = None
+        if topk is not None:
+            t = topk[b].clone().long()
+            t = torch.where(t >= L, -1, t)
+            idx = t[None, :, None, :].to(torch.int32)
+            # drop duplicates of -1 only (indices are unique by construction)
+        o, lse = latent_attention(q[b:b + 1].double().cpu(), k, k[..., :Dv], causal=causal, softmax_scale=scale,
+                                  topk_indices=idx, return_lse=True, backend="reference")
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _check(out, lse, ref, ref_lse, dtype):
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref) < _tol(dtype)
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.cpu().double()[fin], ref_lse[fin], atol=1e-3 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_row_scattered_pages_nan_slots(backend, dtype):
+    L = 37
+    seqlens = [L, L, L, 0]
+    Dk, Dv, H, ps = 48, 32, 4, 16
+    pool, table, sl, rows = make_paged(seqlens, Dk, ps, dtype)
+    q = torch.randn(4, 1, H, Dk, dtype=torch.float64).to(DEVICE, dtype)
+    out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.2, head_dim_v=Dv, backend=backend)
+    ref, ref_lse = expected(q, rows, seqlens, Dv, 0.2, False)
+    _check(out, lse, ref, ref_lse, dtype)
+    assert (out[3] == 0).all() and torch.isinf(lse[3]).all()
+    # the same data laid out contiguously gives the same result
+    pool2, table2, sl2, _ = make_paged(seqlens, Dk, ps, dtype, scatter=False)
+    out2, _ = mla_decode(q, pool2, table2, sl2, softmax_scale=0.2, head_dim_v=Dv, backend=backend)
+    assert rel_err(out2.cpu(), out.cpu()) < _tol(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seqlens,ps,Tq,causal", [
+    ([1, 5], 4, 1, False),
+    ([19, 7, 33], 8, 3, True),
+    ([26, 3], 5, 2, False),
+], ids=["S1", "tq3-causal", "odd-page-tq2"])
+def test_lengths_pages_causal(backend, seqlens, ps, Tq, causal):
+    dtype = torch.float32
+    Dk, Dv, H = 40, 32, 3
+    pool, table, sl, rows = make_paged(seqlens, Dk, ps, dtype, seed=1)
+    q = torch.randn(len(seqlens), Tq, H, Dk, dtype=torch.float64).to(DEVICE, dtype)
+    out, lse = mla_decode(q, pool, table, sl, softmax_scale=Dk**-0.5, head_dim_v=Dv, causal=causal, backend=backend)
+    ref, ref_lse = expected(q, rows, seqlens, Dv, Dk**-0.5, causal)
+    _check(out, lse, ref, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+def test_num_splits(num_splits):
+    backend = BACKENDS[-1]
+    seqlens = [45, 12]
+    pool, table, sl, rows = make_paged(seqlens, 48, 16, torch.float32, seed=2)
+    q = torch.randn(2, 1, 4, 48, dtype=torch.float64).to(DEVICE, torch.float32)
+    out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.15, head_dim_v=32, num_splits=num_splits,
+                          backend=backend)
+    ref, ref_lse = expected(q, rows, seqlens, 32, 0.15, False)
+    _check(out, lse, ref, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_decode(backend):
+    seqlens = [30, 9, 20]
+    Dk, Dv, H, Tq, K = 48, 32, 4, 2, 8
+    pool, table, sl, rows = make_paged(seqlens, Dk, 8, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    topk = torch.stack([torch.stack([torch.randperm(40, generator=g)[:K] for _ in range(Tq)]) for _ in seqlens])
+    topk = topk.to(torch.int32)
+    topk[0, 0, :3] = -1  # leading -1 lanes
+    topk[1, 1, -2:] = -1  # trailing
+    topk[2, 0] = -1  # all
+    topk = topk.to(DEVICE)
+    q = torch.randn(3, Tq, H, Dk, dtype=torch.float64).to(DEVICE, torch.float32)
+    for causal in (False, True):
+        out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.2, head_dim_v=Dv, topk_indices=topk,
+                              causal=causal, backend=backend)
+        ref, ref_lse = expected(q, rows, seqlens, Dv, 0.2, causal, topk.cpu())
+        _check(out, lse, ref, ref_lse, torch.float32)
+        assert (out[2, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_absorbed_shape(backend):
+    seqlens = [70, 3]
+    pool, table, sl, rows = make_paged(seqlens, 576, 64, torch.float16, seed=5)
+    q = (torch.randn(2, 1, 16, 576, dtype=torch.float64) * 0.3).to(DEVICE, torch.float16)
+    out, lse = mla_decode(q, pool, table, sl, softmax_scale=192**-0.5, head_dim_v=512, backend=backend)
+    ref, ref_lse = expected(q, rows, seqlens, 512, 192**-0.5, False)
+    _check(out, lse, ref, ref_lse, torch.float16)
+
+
+def test_bad_inputs():
+    pool, table, sl, _ = make_paged([10, 4], 48, 4, torch.float32)
+    q = torch.randn(2, 1, 4, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table: .* hold"):
+        mla_decode(q, pool, table[:, :2], sl, head_dim_v=32)
+    with pytest.raises(ValueError, match="kv_cache: row width 48 does not match q's head dim Dk=40"):
+        mla_decode(q[..., :40], pool, table, sl)
+    with pytest.raises(TypeError, match="kv_cache: dtype"):
+        mla_decode(q.half(), pool, table, sl)
+    with pytest.raises(TypeError, match="block_table: expected dtype int32"):
+        mla_decode(q, pool, table.long(), sl)
+    with pytest.raises(TypeError, match="cache_seqlens: expected dtype int32"):
+        mla_decode(q, pool, table, sl.float())
+    with pytest.raises(ValueError, match="head_dim_v"):
+        mla_decode(q, pool, table, sl, head_dim_v=49)
+    bad = table.clone()
+    bad[0, 0] = 999
+    with pytest.raises(ValueError, match="block_table: page ids"):
+        mla_decode(q, pool, bad, sl)
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode(q, pool, table, sl, num_splits=0)
+
+
+# -- PagedLatentCache --------------------------------------------------------------------------------
+def test_paged_cache_allocation_write_gather_release():
+    cache = PagedLatentCache(2, 6, num_pages=6, page_size=4)
+    a, b = cache.add_sequences(2)
+    cache.begin_step([a, b], [5, 2])
+    assert cache.cache_seqlens.tolist() == [5, 2] and cache.step_start.tolist() == [0, 0]
+    assert cache.num_free_pages == 3 and cache.step_is_prefill
+    rows = torch.randn(2, 5, 6)
+    for layer in range(2):
+        cache.write(layer, rows + layer)
+    g = cache.gather(1)
+    assert torch.equal(g[0], rows[0] + 1) and torch.equal(g[1, :2], rows[1, :2] + 1) and (g[1, 2:] == 0).all()
+    cache.begin_step([a, b], 1)
+    assert cache.step_start.tolist() == [5, 2] and not cache.step_is_prefill and cache.step_uniform_len == 1
+    new = torch.randn(2, 1, 6)
+    cache.write(0, new)
+    g = cache.gather(0)
+    assert torch.equal(g[0, 5], new[0, 0]) and torch.equal(g[1, 2], new[1, 0])
+    cache.release([a])
+    assert cache.num_free_pages == 5  # a held 2 pages (6 tokens), b keeps 1
+    with pytest.raises(RuntimeError, match="more pages needed"):
+        (c,) = cache.add_sequences(1)
+        cache.begin_step([c], 100)
+    assert cache.bytes_per_token() == 2 * 6 * 4
+    contig = PagedLatentCache.contiguous(1, 6, batch_size=2, max_seqlen=32)
+    assert contig.page_size == 32 and contig.num_pages == 2
