@@ -411,7 +411,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.project_kv_latent(hidden_states)
         q_rope, k_rope = self.rope(q_rope, k_rope, position_ids)
-        latent = torch.cat([c_kv, k_rope], dim=-1)
+        # Under autocast RMSNorm's fp32 weight promotes c_kv to fp32: attend in the queries' dtype.
+        latent = torch.cat([c_kv, k_rope], dim=-1).to(q.dtype)
         if paged:
             cache.write(self.layer_idx, latent)
         elif cache is not None:

@@ -1,0 +1,47 @@
+"""Training scaffolding: byte-level language modelling of real text with ``MLACausalLM``.
+
+* ``ByteDataset``: one token per byte over a corpus (default: CPython's bundled ``pydoc_data.topics``
+  documentation, nothing downloaded), the last ``val_fraction`` of the bytes held out, random windows
+  from a seeded ``torch.Generator``.
+* ``TrainConfig`` + ``train(cfg) -> list[dict]`` (or ``Trainer(cfg).fit()`` to keep the model): AdamW with
+  warmup + cosine decay, gradient clipping, tqdm progress, periodic validation loss and bits per byte,
+  tokens/s, safetensors checkpoints that resume bit-for-bit.
+* ``evaluate``, ``bits_per_byte``, ``lr_at``, ``save_checkpoint`` / ``load_checkpoint`` /
+  ``latest_checkpoint``.
+* CLI: ``python -m mla.train --help``.
+
+>>> from mla.train import TrainConfig, Trainer
+>>> trainer = Trainer(TrainConfig(steps=200, max_time=60))    # doctest: +SKIP
+>>> metrics = trainer.fit(); metrics[-1]["val_bpb"]            # doctest: +SKIP
+"""
+
+from mla.train.data import DEFAULT_DATA, ByteDataset, default_corpus, load_bytes
+from mla.train.loop import (
+    METRIC_KEYS,
+    TrainConfig,
+    Trainer,
+    bits_per_byte,
+    evaluate,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    train,
+)
+
+__all__ = [
+    "ByteDataset",
+    "DEFAULT_DATA",
+    "default_corpus",
+    "load_bytes",
+    "METRIC_KEYS",
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "evaluate",
+    "bits_per_byte",
+    "lr_at",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+]

@@ -1,0 +1,185 @@
+"""``python -m mla.train``: train a byte-level ``MLACausalLM`` on a text file (default: CPython's bundled
+``pydoc_data.topics`` documentation).
+
+Examples::
+
+    python -m mla.train --steps 300 --max-time 120 --metrics-out runs/tiny.jsonl --out runs/tiny
+    python -m mla.train --steps 300 --out runs/tiny --resume            # continue from runs/tiny's newest
+    python -m mla.train --data README.md --layers 2 --hidden 128 --seq-len 64 --steps 50
+    python -m mla.train --attention sparse --sparse-mode topk --seq-len 256
+
+One JSON line per evaluation goes to ``--metrics-out`` (keys: step, train_loss, val_loss, val_bpb, lr,
+tokens_per_s, tokens, elapsed_s, max_logit; losses in nats per byte, ``val_bpb`` in bits per byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mla import registry
+from mla.train.data import DEFAULT_DATA
+from mla.train.loop import TrainConfig, Trainer
+
+# CLI flag -> MLAConfig field
+_OVERRIDES = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+    "kv_lora_rank": "kv_lora_rank",
+}
+
+
+_FIELD_FLAGS = {
+    "out_dir": "--out", "keep_checkpoints": "--keep", "verbose": "--quiet", "progress": "--no-progress",
+}
+
+
+def _flag_message(msg: str) -> str:
+    """Rewrite a ``TrainConfig`` message ``"field: ..."`` as ``"--flag: ..."``."""
+    head, sep, rest = str(msg).partition(": ")
+    if sep and head.isidentifier() and head in TrainConfig.__dataclass_fields__:
+        return f"{_FIELD_FLAGS.get(head, '--' + head.replace('_', '-'))}: {rest}"
+    if sep and head.startswith("MLAConfig."):
+        flags = {field: flag for flag, field in _OVERRIDES.items()}
+        flag = flags.get(head[len("MLAConfig."):])
+        if flag:
+            return f"--{flag.replace('_', '-')} ({head}): {rest}"
+    return str(msg)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` only where there is a meaningful default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of ``python -m mla.train`` (defaults are ``TrainConfig``'s)."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m mla.train",
+        usage="python -m mla.train [options]   (--help lists them)",
+        description="Train a byte-level MLA language model (one token per byte) and report validation "
+        "loss and bits per byte.",
+        formatter_class=_HelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default=d.preset, help=f"registry config name ({', '.join(registry.names())})")
+    m.add_argument("--attention", choices=("mla", "sparse"), default=d.attention,
+                   help="MultiHeadLatentAttention or LatentSparseAttention")
+    m.add_argument("--sparse-mode", choices=("block", "topk"), default=d.sparse_mode,
+                   help="key selection of --attention sparse")
+    m.add_argument("--layers", type=int, help="override num_hidden_layers")
+    m.add_argument("--hidden", type=int, help="override hidden_size")
+    m.add_argument("--heads", type=int, help="override num_attention_heads")
+    m.add_argument("--intermediate", type=int, help="override intermediate_size (SwiGLU width)")
+    m.add_argument("--kv-lora-rank", type=int, help="override kv_lora_rank (latent cache width)")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=d.steps, help="optimizer updates in total")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per update")
+    o.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per window")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    o.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
+    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm (0 = off)")
+    o.add_argument("--seed", type=int, default=d.seed, help="seeds the weights and the batch generator")
+
+    e = p.add_argument_group("data and evaluation")
+    e.add_argument("--data", default=None, metavar="PATH",
+                   help=f"text file to train on (raw bytes; default: CPython's {DEFAULT_DATA})")
+    e.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="last fraction of bytes held out")
+    e.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between evaluations")
+    e.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                   help="validation batches per evaluation")
+    e.add_argument("--no-eval-at-start", dest="eval_at_start", action="store_false",
+                   help="skip the evaluation at step 0")
+    e.add_argument("--metrics-out", metavar="PATH", help="write one JSON line per evaluation here")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--out", metavar="DIR", help="checkpoint directory (step_NNNNNNN/ subdirectories)")
+    r.add_argument("--save-interval", type=int, default=None,
+                   help="steps between checkpoints (default: every evaluation; 0 = only at the end)")
+    r.add_argument("--keep", type=int, default=d.keep_checkpoints, help="checkpoints kept in --out (0 = all)")
+    r.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                   help="continue from a checkpoint directory, or (no value) from the newest in --out")
+    r.add_argument("--max-time", type=float, metavar="SECONDS",
+                   help="stop after this many seconds of wall time")
+    r.add_argument("--threads", type=int, help="torch.set_num_threads")
+    r.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                   help="autocast dtype of the forward pass (weights stay float32; checked at start)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    r.add_argument("--quiet", action="store_true", help="no per-evaluation lines")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Turn parsed arguments into a validated ``TrainConfig``.
+
+    Raises:
+        ValueError / KeyError: see ``TrainConfig.validate``.
+    """
+    overrides = {
+        field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None
+    }
+    cfg = TrainConfig(
+        preset=args.preset, overrides=overrides, attention=args.attention, sparse_mode=args.sparse_mode,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        eval_interval=args.eval_interval, eval_batches=args.eval_batches, eval_at_start=args.eval_at_start,
+        seed=args.seed, data=args.data, val_fraction=args.val_fraction, out_dir=args.out,
+        save_interval=args.save_interval, keep_checkpoints=args.keep, resume=args.resume,
+        metrics_out=args.metrics_out, max_time=args.max_time, threads=args.threads, device=args.device,
+        dtype=args.dtype, progress=args.progress, verbose=not args.quiet,
+    )
+    return cfg.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 done; argparse exits with 2 on bad input, with a message
+    naming the flag)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if cfg.data is not None:
+            from pathlib import Path
+
+            if not Path(cfg.data).is_file():
+                what = "is a directory, not a file" if Path(cfg.data).is_dir() else "no such file"
+                raise FileNotFoundError(f"--data: {what}: {cfg.data!r}")
+        trainer = Trainer(cfg)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
+        parser.error(_flag_message(exc.args[0] if exc.args else str(exc)))
+    m = trainer.model
+    info = (
+        f"model: preset {cfg.preset!r}{' ' + str(cfg.overrides) if cfg.overrides else ''}, "
+        f"attention {trainer.attention}{'/' + trainer.sparse_mode if trainer.attention == 'sparse' else ''}, "
+        f"{m.num_parameters() / 1e6:.2f} M parameters | data: {trainer.dataset.name} "
+        f"({trainer.dataset.train.numel()} train + {trainer.dataset.val.numel()} val bytes) "
+        f"| device {trainer.device}"
+    )
+    if not args.quiet:
+        print(info, flush=True)
+    metrics = trainer.fit()
+    if metrics and not args.quiet:
+        last = metrics[-1]
+        print(
+            f"done: step {last['step']}, val loss {last['val_loss']:.4f} nats/byte = {last['val_bpb']:.3f} "
+            f"bits/byte, {last['elapsed_s']:.1f} s"
+            + (f", checkpoint {trainer.last_checkpoint}" if trainer.last_checkpoint else ""),
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
