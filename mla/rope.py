@@ -198,11 +198,15 @@ class RotaryEmbedding(nn.Module):
         if dim % 2:
             raise ValueError(f"dim: rotary dimension must be even, got {dim}")
         inv_freq, self.attention_scaling = rope_parameters_inv_freq(dim, rope_parameters, max_position_embeddings)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain attribute, not a buffer: ``model.to(torch.bfloat16)`` must not round the frequencies
+        # (angles at long positions would drift); it follows the positions' device instead.
+        self.inv_freq = inv_freq
         self.dim = dim
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
