@@ -287,6 +287,10 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     absorb_max_q = 64
+    # Head (tensor) parallelism, set by ``mla.parallel.parallelize_mla``: identity in the forward pass, sums
+    # the gradient over the tensor-parallel ranks in backward. Applied to the latent rows that this rank's
+    # heads consume directly (shared by all heads, so each rank's gradient is a partial sum).
+    _shared_latent_grad_hook = None
 
     def __init__(self, config: MLAConfig, layer_idx: int | None = None, *, form: str = "auto", backend: str = "auto"):
         super().__init__()
@@ -322,12 +326,14 @@ class MultiHeadLatentAttention(nn.Module):
 
     # -- pieces shared with LatentSparseAttention and the transformers integration -------------
     def project_q(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Queries ``[B, T, H, dn + dr]`` (before RoPE) and the normed query latent (None without q_lora)."""
+        """Queries ``[B, T, H, dn + dr]`` (before RoPE) and the normed query latent (None without q_lora).
+
+        ``H`` is this rank's head count (``num_heads / tp`` when sharded by ``mla.parallel``)."""
         B, T, _ = hidden_states.shape
         if self.q_lora_rank is None:
-            return self.q_proj(hidden_states).view(B, T, self.num_heads, self.qk_head_dim), None
+            return self.q_proj(hidden_states).view(B, T, -1, self.qk_head_dim), None
         q_lat = self.q_a_layernorm(self.q_a_proj(hidden_states))
-        return self.q_b_proj(q_lat).view(B, T, self.num_heads, self.qk_head_dim), q_lat
+        return self.q_b_proj(q_lat).view(B, T, -1, self.qk_head_dim), q_lat
 
     def project_kv_latent(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_kv [B, T, dc] normed, k_rope [B, T, dr] before RoPE)``."""
@@ -336,9 +342,18 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_a_layernorm(c_kv), k_rope
 
     def _weights_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of ``kv_b_proj.weight``: ``W_UK [H, dn, dc]`` and ``W_UV [H, dv, dc]``."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        """Views of ``kv_b_proj.weight``: ``W_UK [H, dn, dc]`` and ``W_UV [H, dv, dc]`` (this rank's heads
+        when the weight is a tensor-parallel ``DTensor`` shard)."""
+        w = self.kv_b_proj.weight
+        if hasattr(w, "to_local"):  # DTensor (head-parallel): the local rows are this rank's heads
+            w = w.to_local()
+        w = w.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _shared_latent(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (latent rows used by every head); under head parallelism its gradient is summed over ranks."""
+        hook = self._shared_latent_grad_hook
+        return t if hook is None else hook(t)
 
     def rope(self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_ids: torch.Tensor):
         """Rotate ``q_rope [B,T,H,dr]`` and ``k_rope [B,T,dr]`` at ``position_ids [B|1, T]``."""
@@ -359,15 +374,17 @@ class MultiHeadLatentAttention(nn.Module):
     def build_qkv(self, q_nope, q_rope, latent, form: str):
         """Attention inputs for ``form``: ``(q, k, v)`` with ``latent [B, S, dc+dr]`` rows ``[c_kv | k_rope]``."""
         B, S, _ = latent.shape
-        H, dn, dr, dc = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if form == "absorbed":
             q = self.absorb_q(q_nope, q_rope)
-            k = latent[:, :, None, :]
+            k = self._shared_latent(latent)[:, :, None, :]
             v = k[..., :dc]  # a prefix view of k: the kernels load the latent tile once
             return q, k, v
-        kv = self.kv_b_proj(latent[..., :dc]).view(B, S, H, dn + self.v_head_dim)
+        kv = self.kv_b_proj(latent[..., :dc]).view(B, S, -1, dn + self.v_head_dim)
+        H = kv.shape[2]
         k_nope, v = torch.split(kv, [dn, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, latent[:, :, None, dc:].expand(B, S, H, dr)], dim=-1)
+        k_rope = self._shared_latent(latent[..., dc:])
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, dr)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         return q, k, v
 
@@ -377,7 +394,7 @@ class MultiHeadLatentAttention(nn.Module):
         if form == "absorbed":
             _, w_uv = self._weights_uk_uv()
             out = torch.einsum("bthc,hvc->bthv", out, w_uv.to(out.dtype))
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
+        return self.o_proj(out.reshape(B, T, -1))
 
     def absorb_q(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """Absorbed query ``[B, T, H, dc + dr]``: ``cat(q_nope · W_UK, q_rope)``."""

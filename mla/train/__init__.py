@@ -8,6 +8,10 @@
   tokens/s, safetensors checkpoints that resume bit-for-bit.
 * ``evaluate``, ``bits_per_byte``, ``lr_at``, ``save_checkpoint`` / ``load_checkpoint`` /
   ``latest_checkpoint``.
+* Data parallelism under ``torchrun``: ``TrainConfig(distributed="ddp" | "fsdp")`` / ``--distributed``
+  (``DistributedDataParallel`` or FSDP2 ``fully_shard`` per block; ``batch_size`` per rank, the global batch
+  drawn once and split by rank, losses averaged over ranks, rank-0 logging, checkpoints of full tensors that
+  load on any world size); see ``mla.train.distributed``.
 * CLI: ``python -m mla.train --help``.
 
 >>> from mla.train import TrainConfig, Trainer
@@ -16,6 +20,7 @@
 """
 
 from mla.train.data import DEFAULT_DATA, ByteDataset, default_corpus, load_bytes
+from mla.train.distributed import DistContext, init_distributed
 from mla.train.loop import (
     METRIC_KEYS,
     TrainConfig,
@@ -44,4 +49,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "DistContext",
+    "init_distributed",
 ]

@@ -8,6 +8,14 @@ Examples::
     python -m mla.train --data README.md --layers 2 --hidden 128 --seq-len 64 --steps 50
     python -m mla.train --attention sparse --sparse-mode topk --seq-len 256
 
+    # data parallel on 2 processes (CPU: gloo; with --device cuda: one GPU per process, nccl):
+    torchrun --nproc_per_node 2 -m mla.train --distributed ddp --batch-size 8 --steps 300 --out runs/ddp
+    torchrun --nproc_per_node 2 -m mla.train --distributed fsdp --batch-size 8 --steps 300 --out runs/fsdp
+
+``--batch-size`` is per process: 2 processes with ``--batch-size 8`` train on the same global batches of 16
+windows as one process with ``--batch-size 16`` (and reach the same losses up to float rounding).
+Checkpoints hold full tensors, so ``--resume`` works with any number of processes.
+
 One JSON line per evaluation goes to ``--metrics-out`` (keys: step, train_loss, val_loss, val_bpb, lr,
 tokens_per_s, tokens, elapsed_s, max_logit; losses in nats per byte, ``val_bpb`` in bits per byte).
 """
@@ -116,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
                    help="autocast dtype of the forward pass (weights stay float32; checked at start)")
+    r.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp"), default=d.distributed,
+                   help="data parallelism under torchrun: DistributedDataParallel or FSDP2 fully_shard per "
+                   "block (auto: ddp when WORLD_SIZE > 1, else none); --batch-size is per process")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     r.add_argument("--quiet", action="store_true", help="no per-evaluation lines")
     return p
@@ -138,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed, data=args.data, val_fraction=args.val_fraction, out_dir=args.out,
         save_interval=args.save_interval, keep_checkpoints=args.keep, resume=args.resume,
         metrics_out=args.metrics_out, max_time=args.max_time, threads=args.threads, device=args.device,
-        dtype=args.dtype, progress=args.progress, verbose=not args.quiet,
+        dtype=args.dtype, progress=args.progress, verbose=not args.quiet, distributed=args.distributed,
     )
     return cfg.validate()
 
@@ -159,18 +170,30 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
         parser.error(_flag_message(exc.args[0] if exc.args else str(exc)))
-    m = trainer.model
+    try:
+        return _run(trainer, args)
+    finally:
+        trainer.close()
+
+
+def _run(trainer: Trainer, args: argparse.Namespace) -> int:
+    cfg, m, main_rank = trainer.cfg, trainer.model, trainer.dist.is_main
+    dist_info = (
+        f" | {trainer.dist.mode} on {trainer.dist.world_size} process{'es' if trainer.dist.world_size != 1 else ''} "
+        f"(global batch {cfg.batch_size * trainer.dist.world_size})"
+        if trainer.dist.enabled else ""
+    )
     info = (
         f"model: preset {cfg.preset!r}{' ' + str(cfg.overrides) if cfg.overrides else ''}, "
         f"attention {trainer.attention}{'/' + trainer.sparse_mode if trainer.attention == 'sparse' else ''}, "
         f"{m.num_parameters() / 1e6:.2f} M parameters | data: {trainer.dataset.name} "
         f"({trainer.dataset.train.numel()} train + {trainer.dataset.val.numel()} val bytes) "
-        f"| device {trainer.device}"
+        f"| device {trainer.device}{dist_info}"
     )
-    if not args.quiet:
+    if not args.quiet and main_rank:
         print(info, flush=True)
     metrics = trainer.fit()
-    if metrics and not args.quiet:
+    if metrics and not args.quiet and main_rank:
         last = metrics[-1]
         print(
             f"done: step {last['step']}, val loss {last['val_loss']:.4f} nats/byte = {last['val_bpb']:.3f} "

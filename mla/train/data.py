@@ -143,25 +143,38 @@ class ByteDataset:
         seq_len: int,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows of one split.
+        """Random windows of one split; with ``world_size > 1``, this rank's shard of a global batch.
 
-        Start offsets are drawn uniformly from ``[0, len(split) - seq_len - 1]`` with ``generator`` (a CPU
-        ``torch.Generator``; the same generator state gives the same batch on every device).
+        ``batch_size · world_size`` start offsets (the global batch) are drawn uniformly from
+        ``[0, len(split) - seq_len - 1]`` with ``generator`` (a CPU ``torch.Generator``; the same generator
+        state gives the same batch on every device), and rows ``[rank · batch_size, (rank + 1) · batch_size)``
+        are returned. Ranks that share the generator state therefore read disjoint rows of one global batch,
+        which is exactly the batch a single process draws with ``batch_size · world_size``; every rank's
+        generator advances by the same amount, so they stay in step.
 
         Returns:
             ``(x, y)``, both ``int64 [batch_size, seq_len]`` on ``device``, ``y[:, t] = x[:, t+1]`` for
             ``t < seq_len - 1`` and ``y[:, -1]`` the byte after the window.
 
         Raises:
-            ValueError: bad split name, ``batch_size < 1``, or a ``seq_len`` the split cannot hold.
+            ValueError: bad split name, ``batch_size < 1``, a ``seq_len`` the split cannot hold, or
+                ``rank`` outside ``[0, world_size)``.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank!r}")
         data = self.split(split)
         self.check_seq_len(seq_len)
         high = data.numel() - seq_len  # starts in [0, high)
-        starts = torch.randint(0, high, (batch_size,), generator=generator)
+        starts = torch.randint(0, high, (batch_size * world_size,), generator=generator)
+        starts = starts[rank * batch_size : (rank + 1) * batch_size]
         idx = starts[:, None] + torch.arange(seq_len + 1)
         chunk = data[idx].long()
         x, y = chunk[:, :-1], chunk[:, 1:]
