@@ -3,5 +3,7 @@
 Modules: ``common`` (rows, FLOP/byte formulas, timers, guards), ``providers`` (attention
 implementations under test), ``bench_kernels`` (dense / block-sparse / top-k), ``bench_decode``
 (paged decode, generation), ``bench_modules`` (MLA modules), ``bench_memory`` (peak memory, KV-cache
-bytes), ``report`` (CSV, Markdown, PNG), ``run`` (the entry point), ``gpu_check.sh`` (one-shot GPU check).
+bytes), ``report`` (CSV, Markdown, PNG), ``run`` (the entry point), ``gpu_check.sh`` (one-shot GPU check),
+``compile_report`` (``python -m bench.compile_report``: registers, spills, shared memory and wgmma use of
+every kernel configuration for sm80/sm90, compiled without a GPU).
 """

@@ -1,0 +1,89 @@
+"""Compile report: every kernel configuration the autotuners may pick, compiled for sm80 and sm90.
+
+    python -m bench.compile_report                      # table on stdout
+    python -m bench.compile_report --json rows.json     # the same rows as a JSON list
+    python -m bench.compile_report --kernels attention_fwd,decode --arch 90 --jobs 2
+
+No GPU needed: each configuration is compiled with ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)``; registers and spill bytes come from the ptxas bundled with
+Triton, shared bytes from the kernel metadata, ``wgmma`` from the PTX (see
+``kernels/_compile.py``). Kernel modules are listed in ``kernels._config.KERNEL_MODULES``; a module
+that does not import yet is reported as skipped. Exit status 1 when a configuration fails to
+compile, spills, or exceeds the architecture's shared memory (``--no-fail`` to always exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _format_table(rows: list[dict]) -> str:
+    cols = [
+        ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("head_dims", "dk/dv"), ("group", "G"),
+        ("tile", "tile"), ("warps", "warps"), ("stages", "stages"), ("registers", "regs"),
+        ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("wgmma", "wgmma"), ("status", "status"),
+    ]
+    cells = [[h for _, h in cols]]
+    for r in rows:
+        cells.append([("yes" if r.get(k) else "no") if k == "wgmma" else str(r.get(k, "")) for k, _ in cols])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (see module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
+    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
+    ap.add_argument("--quick", action="store_true",
+                    help="fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
+    ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a configuration is not clean")
+    args = ap.parse_args(argv)
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("triton is not installed: nothing to compile", file=sys.stderr)
+        return 0
+    from kernels._config import INTERPRET
+
+    if INTERPRET:
+        print("TRITON_INTERPRET is set: kernels are interpreter wrappers and cannot be compiled; "
+              "run with TRITON_INTERPRET=0", file=sys.stderr)
+        return 2
+    from kernels._compile import compile_all, find_ptxas, quick_selection
+
+    if not find_ptxas():
+        print("no ptxas bundled with triton: cannot measure registers", file=sys.stderr)
+        return 0
+    archs = tuple(int(a) for a in args.arch.split(",") if a)
+    kernels = tuple(k for k in args.kernels.split(",") if k) or None
+    dtypes = tuple(d for d in args.dtypes.split(",") if d) or None
+
+    t0 = time.perf_counter()
+    rows, skipped = compile_all(archs=archs, kernels=kernels, dtypes=dtypes, jobs=args.jobs or None,
+                                select=quick_selection if args.quick else None)
+    print(_format_table(rows))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} configurations, {len(bad)} not clean, {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad and not args.no_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

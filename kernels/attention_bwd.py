@@ -1,0 +1,713 @@
+"""Dense fused attention backward: ``delta`` preprocessing, a dK/dV kernel and a dQ kernel.
+
+Same layout, packing and head-dim plan as :mod:`kernels.attention_fwd` (read its docstring):
+
+* ``_bwd_preprocess``: ``delta[b, h, t] = sum_d dO * O`` in fp32.
+* ``_attn_bwd_dkdv_kernel``: one program per (key block, batch, kv head, split). K/V tiles of the
+  block stay resident; the program walks the packed ``[T*G]`` query rows (all heads of the group,
+  so GQA needs no atomics) and accumulates ``dV = Pᵀ·dO`` and ``dK = dSᵀ·Q``. All products are
+  formed transposed (``[BLOCK_N, BLOCK_M]``) so the key block is the M side of every dot.
+  With ``NSPLIT > 1`` split ``s`` owns dV columns ``[s*BV, +BV)`` and dK columns ``[s*BK, +BK)``
+  (the last split also the dK tail); every split recomputes P and dP. The absorbed shape needs
+  ``NSPLIT = 4`` to stay spill-free (a 2-way split would hold 2 x 256 + 64 fp32 accumulator
+  columns), so its scores are computed 4 times: about 2.6x the minimal tensor-core work.
+* ``_attn_bwd_dq_kernel``: one program per packed row block (and split), walking the same key
+  blocks as the forward (:func:`kernels.attention_fwd._fwd_block_range`), ``dQ = dS·K``.
+
+``RESIDENT`` / ``STREAM`` (per config) choose whether the fixed side's tiles (dkdv: K/V, dq: q/dO)
+are loaded once or re-read every step; see :func:`_dkdv_block` for why re-reads need ``hide``.
+
+Each output element is written by exactly one program: no atomics, bitwise deterministic.
+When ``v`` is a prefix view of ``k`` the shared tile is loaded once and feeds both the score and
+the ``dP`` contraction; ``dk`` still holds only the score-path gradient and ``dv`` the value path.
+Rows without visible keys have ``lse = +inf``, so ``P = exp2(s - lse) = 0`` and their gradients vanish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, smem_limit
+from kernels.attention_fwd import (
+    LOG2E,
+    _device_arch,
+    arch_family,
+    dtype_name,
+    head_class,
+    head_plan,
+    is_prefix_alias,
+    next_pow2,
+)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.attention_fwd import (
+        _fwd_block_range,
+        _fwd_block_start,
+        _load_tile,
+        _other_col,
+        _packed_rows,
+        _store_tile,
+    )
+
+__all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tile configuration of one backward kernel (dkdv or dq)."""
+
+    block_m: int
+    block_n: int
+    nsplit: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    resident: bool = True  # own tiles of the fixed side (dkdv: K/V, dq: q/dO) loaded once
+    stream: bool = False  # other splits' pieces of the fixed side re-read every step (no LICM hoist)
+    bc: int = 64
+
+    @property
+    def tile(self) -> str:
+        """Report label: ``BLOCK_MxBLOCK_N``, ``/vN`` splits, ``/r`` own tiles re-read, ``/s`` streamed."""
+        return (f"{self.block_m}x{self.block_n}" + (f"/v{self.nsplit}" if self.nsplit > 1 else "")
+                + ("" if self.resident else "/r") + ("/s" if self.stream else ""))
+
+
+# dkdv: BLOCK_N keys fixed per program, BLOCK_M packed query rows per step; dq: the other way
+# round. Chosen from the compile report like the forward tables (kernels/attention_fwd.py) and
+# compiled by the compile check. The absorbed shape (d576) splits dK/dV (dQ) columns over 4
+# programs of 128 columns: two 256-column accumulators plus the rope tail do not fit the registers.
+_DKDV_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
+    90: {
+        "d64": [BwdConfig(64, 128, num_warps=8, num_stages=2)],
+        "d128": [BwdConfig(32, 128, num_warps=8, num_stages=2), BwdConfig(32, 64, num_warps=8, num_stages=2)],
+        "d256": [BwdConfig(32, 64, num_warps=8, num_stages=2), BwdConfig(16, 64, num_warps=8, num_stages=2)],
+        "d576": [BwdConfig(16, 64, nsplit=4, num_warps=8, num_stages=2)],
+    },
+    80: {
+        "d64": [BwdConfig(32, 128, num_warps=8, num_stages=2)],
+        "d128": [BwdConfig(32, 64, num_warps=8, num_stages=2), BwdConfig(16, 128, num_warps=8, num_stages=2)],
+        "d256": [BwdConfig(16, 32, num_warps=4, num_stages=2)],
+        "d576": [BwdConfig(16, 32, nsplit=4, num_warps=8, num_stages=2)],
+    },
+}
+_DQ_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
+    90: {
+        "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [BwdConfig(128, 64, num_warps=8, num_stages=2), BwdConfig(128, 32, num_warps=8, num_stages=2)],
+        "d256": [BwdConfig(128, 32, num_warps=8, num_stages=2), BwdConfig(64, 16, num_warps=4, num_stages=2)],
+        "d576": [BwdConfig(64, 32, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+    },
+    80: {
+        "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [BwdConfig(32, 64, num_warps=4, num_stages=3), BwdConfig(64, 32, num_warps=4, num_stages=2)],
+        "d256": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
+        "d576": [BwdConfig(64, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
+    },
+}
+
+# fp32 inputs (tf32 dots): one conservative config per class (fp32 on a GPU is for checks, not
+# speed); no wgmma needed, so small M tiles are fine.
+_DKDV_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
+    fam: {
+        "d64": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
+        "d128": [BwdConfig(16, 32, num_warps=4, num_stages=2)],
+        "d256": [BwdConfig(16, 32, num_warps=8, num_stages=2)],
+        "d576": [BwdConfig(16, 32, nsplit=8, num_warps=4, num_stages=2, stream=True)],
+    }
+    for fam in (80, 90)
+}
+_DQ_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
+    fam: {
+        "d64": [BwdConfig(64, 16, num_warps=4, num_stages=2)],
+        "d128": [BwdConfig(32, 32, num_warps=8, num_stages=2) if fam == 90 else BwdConfig(64, 32, num_warps=8)],
+        "d256": [BwdConfig(32, 32, num_warps=8, num_stages=2)],
+        "d576": [BwdConfig(32, 16, nsplit=8, num_warps=8, num_stages=1, stream=True)],
+    }
+    for fam in (80, 90)
+}
+
+_PRE_BLOCK_T = 64
+_PRE_WARPS = 4
+
+
+def _pre_block_d(dv: int) -> int:
+    return min(128, max(16, next_pow2(dv)))
+
+
+def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[BwdConfig]:
+    """Autotune candidates of backward kernel ``kind`` ("dkdv" or "dq") for ``arch``, (Dk, Dv) and
+    ``dtype`` ("fp16"/"bf16", or "fp32" with its own smaller table)."""
+    fam, cls = arch_family(arch), head_class(dk, dv)
+    small = {"dkdv": _DKDV_TABLE_FP32, "dq": _DQ_TABLE_FP32}[kind]
+    table = small if dtype == "fp32" else {"dkdv": _DKDV_TABLE, "dq": _DQ_TABLE}[kind]
+    configs = list(table[fam][cls])
+    if smem_limit(arch) < smem_limit(fam) and dtype != "fp32":  # sm86/sm89 fallback, as in the forward
+        configs += small[fam][cls]
+    return configs
+
+
+def interp_config(dk: int, dv: int) -> BwdConfig:
+    """The single interpreter configuration (value split in two above 256 to exercise that path)."""
+    return BwdConfig(32, 32, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    _LOG2E = tl.constexpr(LOG2E)
+
+    @triton.jit
+    def _bwd_preprocess(
+        O, DO, DELTA,
+        sob, sot, soh, sod, sdob, sdot, sdoh, sdod,
+        T, Hq,
+        HEAD_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """``DELTA[b, h, t] = sum_d O * dO`` (fp32); grid ``(cdiv(T, BLOCK_T) * B*Hq,)``."""
+        n_t = tl.cdiv(T, BLOCK_T)  # axis 0 flattened (batch*head, token block): no 65535 limit
+        pid_t = tl.program_id(0) % n_t
+        pid_bh = tl.program_id(0) // n_t
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = tok < T
+        o_row = tok.to(tl.int64) * sot
+        do_row = tok.to(tl.int64) * sdot
+        acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for c in tl.static_range(0, HEAD_DV, BLOCK_D):
+            o = _load_tile(O + b * sob + h * soh, o_row, ok, c, sod, HEAD_DV, BLOCK_D, True, c + BLOCK_D > HEAD_DV)
+            do = _load_tile(DO + b * sdob + h * sdoh, do_row, ok, c, sdod, HEAD_DV, BLOCK_D, True,
+                            c + BLOCK_D > HEAD_DV)
+            acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + (b * Hq + h) * T + tok, acc, mask=ok)
+
+    @triton.jit
+    def _bwd_q_range(n_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+        """Packed row blocks that see key block ``[n_start, +BLOCK_N)``: ``[m_lo, m_full)`` need the
+        causal mask, ``[m_full, m_end)`` see every key of the block."""
+        m_end = tl.cdiv(T * G, BLOCK_M)
+        if CAUSAL:
+            t_first = tl.maximum(n_start - S + T, 0)
+            t_all = tl.maximum(tl.minimum(n_start + BLOCK_N, S) - 1 - S + T, 0)
+            m_full = tl.minimum(tl.cdiv(t_all * G, BLOCK_M), m_end)
+            m_lo = tl.minimum((t_first * G) // BLOCK_M, m_full)
+        else:
+            m_lo = 0
+            m_full = 0
+        return m_lo, m_full, m_end
+
+    @triton.jit
+    def _dkdv_block(
+        dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start,
+        q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+        sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod,
+        T, S, qk_scale, split, hide,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr,
+        V_IS_K: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+        BV: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr,
+        RESIDENT: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
+
+        ``hide`` is 0, but opaque to the compiler. Added to the base of the loop-invariant K/V
+        re-loads (own tiles without ``RESIDENT``, the other splits' pieces with ``STREAM``) it stops
+        Triton's LICM from hoisting them: they stream through the pipeline instead of staying live
+        in registers for the whole loop.
+        """
+        hide_other = 0
+        if STREAM:
+            hide_other = hide
+        MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
+        MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
+        MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
+        if not RESIDENT:
+            # Re-read the key block's tiles (cache hits) instead of holding them for the whole loop.
+            k_own = _load_tile(k_base + hide, k_row, key_ok, split * BK, skd, HEAD_DK, BK, True, MASK_K)
+            if BT > 0:
+                k_tail = _load_tile(k_base + hide, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, True, MASK_T)
+            if V_IS_K:
+                v_own = k_own
+            else:
+                v_own = _load_tile(v_base + hide, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV,
+                                   True, MASK_V)
+        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
+        q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
+        do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
+        q_own = _load_tile(q_base, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
+        do_own = _load_tile(do_base, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
+        st = tl.dot(k_own, tl.trans(q_own))
+        dpt = tl.dot(v_own, tl.trans(do_own))
+        # Other splits' columns, re-loaded in BC-wide pieces (alias: one k piece feeds both sums).
+        N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
+        for c in tl.static_range(N_OTHER):
+            col = _other_col(c, split, BK, BC)
+            q_c = _load_tile(q_base, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
+            k_c = _load_tile(k_base + hide_other, k_row, key_ok, col, skd, HEAD_DK, BC, True, MASK_K)
+            st = tl.dot(k_c, tl.trans(q_c), st)
+            if V_IS_K:
+                do_c = _load_tile(do_base, do_row, row_ok, col, sdod, HEAD_DV, BC, True, True)
+                dpt = tl.dot(k_c, tl.trans(do_c), dpt)
+        if not V_IS_K:
+            N_OTHER_V: tl.constexpr = (NSPLIT - 1) * (BV // BC)
+            for c in tl.static_range(N_OTHER_V):
+                col = _other_col(c, split, BV, BC)
+                do_c = _load_tile(do_base, do_row, row_ok, col, sdod, HEAD_DV, BC, True, MASK_V)
+                v_c = _load_tile(v_base + hide_other, keys.to(tl.int64) * svs, key_ok, col, svd, HEAD_DV, BC, True,
+                                 MASK_V)
+                dpt = tl.dot(v_c, tl.trans(do_c), dpt)
+        q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=q_own.dtype)
+        if BT > 0:
+            q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
+            st = tl.dot(k_tail, tl.trans(q_tail), st)
+        # Padding rows read lse = +inf: P = 0 there.
+        lse = tl.load(LSE_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=0.0)
+        st = st * qk_scale
+        if MASKED:
+            if CAUSAL:
+                st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
+        pt = tl.exp2(st - lse[None, :])
+        dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc)
+        dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
+        dk_acc = tl.dot(dst, q_own, dk_acc)
+        if BT > 0:
+            dk_tail = tl.dot(dst, q_tail, dk_tail)
+        return dk_acc, dk_tail, dv_acc
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdob, sdot, sdoh, sdod,
+        sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
+        T, S, Hkv, qk_scale, sm_scale, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+        CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
+        STREAM: tl.constexpr,
+    ):
+        """Grid ``(cdiv(S, BLOCK_N) * B*Hkv, NSPLIT)``: dK/dV of one key block of one kv head."""
+        n_n = tl.cdiv(S, BLOCK_N)  # axis 0 flattened (batch*kv head, key block), as in the forward
+        pid_n = tl.program_id(0) % n_n
+        pid_bh = tl.program_id(0) // n_n
+        if NSPLIT > 1:
+            split = tl.program_id(1)
+        else:
+            split = 0
+        b = (pid_bh // Hkv).to(tl.int64)
+        hkv = (pid_bh % Hkv).to(tl.int64)
+        Hq = Hkv * G
+        MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
+        MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
+        MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
+
+        n_start = pid_n * BLOCK_N
+        keys = n_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < S
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        k_row = keys.to(tl.int64) * sks
+        k_own = tl.zeros([BLOCK_N, BK], dtype=K.dtype.element_ty)
+        k_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=K.dtype.element_ty)
+        v_own = tl.zeros([BLOCK_N, BV], dtype=V.dtype.element_ty)
+        if RESIDENT:
+            k_own = _load_tile(k_base, k_row, key_ok, split * BK, skd, HEAD_DK, BK, True, MASK_K)
+            if BT > 0:
+                k_tail = _load_tile(k_base, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, True, MASK_T)
+            if V_IS_K:
+                v_own = k_own  # the shared latent tile, loaded once
+            else:
+                v_own = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, True,
+                                   MASK_V)
+
+        q_base = Q + b * sqb + hkv * G * sqh
+        do_base = DO + b * sdob + hkv * G * sdoh
+        LSE_BH = LSE + (b * Hq + hkv * G) * T
+        DELTA_BH = DELTA + (b * Hq + hkv * G) * T
+        dk_acc = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
+        dk_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=tl.float32)
+        dv_acc = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
+
+        m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+        if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
+            m_full = m_end
+        for m in range(m_lo, m_full):
+            dk_acc, dk_tail, dv_acc = _dkdv_block(
+                dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M,
+                q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+                sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
+                G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
+            )
+        if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
+            for m in range(m_full, m_end):
+                dk_acc, dk_tail, dv_acc = _dkdv_block(
+                    dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M,
+                    q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+                    sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
+                    G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                )
+
+        dk_base = DK + b * sdkb + hkv * sdkh
+        dk_row = keys.to(tl.int64) * sdks
+        _store_tile(dk_base, dk_row, key_ok, split * BK, sdkd, HEAD_DK, BK, MASK_K,
+                    (dk_acc * sm_scale).to(DK.dtype.element_ty))
+        if BT > 0:
+            if split == NSPLIT - 1:
+                _store_tile(dk_base, dk_row, key_ok, NSPLIT * BK, sdkd, HEAD_DK, BT, MASK_T,
+                            (dk_tail * sm_scale).to(DK.dtype.element_ty))
+        _store_tile(DV + b * sdvb + hkv * sdvh, keys.to(tl.int64) * sdvs, key_ok, split * BV, sdvd, HEAD_DV, BV,
+                    MASK_V, dv_acc.to(DV.dtype.element_ty))
+
+    @triton.jit
+    def _dq_block(
+        dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row, start_n,
+        q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
+        T, S, qk_scale, split, hide,
+        HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr, RESIDENT: tl.constexpr,
+        STREAM: tl.constexpr,
+    ):
+        """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
+        here for the q/dO re-loads)."""
+        hide_other = 0
+        if STREAM:
+            hide_other = hide
+        MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
+        MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
+        MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
+        if not RESIDENT:
+            # Re-read the row block's q/dO tiles (cache hits) instead of holding them for the whole loop.
+            q_own = _load_tile(q_base + hide, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
+            if BT > 0:
+                q_tail = _load_tile(q_base + hide, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
+            do_own = _load_tile(do_base + hide, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < S
+        k_row = keys.to(tl.int64) * sks
+        k_own = _load_tile(k_base, k_row, key_ok, split * BK, skd, HEAD_DK, BK, MASKED, MASK_K)
+        if V_IS_K:
+            v_own = k_own
+        else:
+            v_own = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, MASKED,
+                               MASK_V)
+        s = tl.dot(q_own, tl.trans(k_own))
+        dp = tl.dot(do_own, tl.trans(v_own))
+        N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
+        for c in tl.static_range(N_OTHER):
+            col = _other_col(c, split, BK, BC)
+            q_c = _load_tile(q_base + hide_other, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
+            k_c = _load_tile(k_base, k_row, key_ok, col, skd, HEAD_DK, BC, MASKED, MASK_K)
+            s = tl.dot(q_c, tl.trans(k_c), s)
+            if V_IS_K:
+                do_c = _load_tile(do_base + hide_other, do_row, row_ok, col, sdod, HEAD_DV, BC, True, True)
+                dp = tl.dot(do_c, tl.trans(k_c), dp)
+        if not V_IS_K:
+            N_OTHER_V: tl.constexpr = (NSPLIT - 1) * (BV // BC)
+            for c in tl.static_range(N_OTHER_V):
+                col = _other_col(c, split, BV, BC)
+                do_c = _load_tile(do_base + hide_other, do_row, row_ok, col, sdod, HEAD_DV, BC, True, MASK_V)
+                v_c = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, col, svd, HEAD_DV, BC, MASKED, MASK_V)
+                dp = tl.dot(do_c, tl.trans(v_c), dp)
+        k_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=k_own.dtype)
+        if BT > 0:
+            k_tail = _load_tile(k_base, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, MASKED, MASK_T)
+            s = tl.dot(q_tail, tl.trans(k_tail), s)
+        s = s * qk_scale
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        ds = (p * (dp - delta[:, None])).to(k_own.dtype)
+        dq_acc = tl.dot(ds, k_own, dq_acc)
+        if BT > 0:
+            dq_tail = tl.dot(ds, k_tail, dq_tail)
+        return dq_acc, dq_tail
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdob, sdot, sdoh, sdod,
+        sdqb, sdqt, sdqh, sdqd,
+        T, S, Hkv, qk_scale, sm_scale, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+        CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
+        STREAM: tl.constexpr,
+    ):
+        """Grid ``(cdiv(T*G, BLOCK_M) * B*Hkv, NSPLIT)``: dQ of one packed row block of one kv head."""
+        n_m = tl.cdiv(T * G, BLOCK_M)  # axis 0 flattened (batch*kv head, row block), as in the forward
+        pid_m = tl.program_id(0) % n_m
+        pid_bh = tl.program_id(0) // n_m
+        if NSPLIT > 1:
+            split = tl.program_id(1)
+        else:
+            split = 0
+        b = (pid_bh // Hkv).to(tl.int64)
+        hkv = (pid_bh % Hkv).to(tl.int64)
+        Hq = Hkv * G
+        MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
+        MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
+        MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
+
+        m_start = pid_m * BLOCK_M
+        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
+        q_base = Q + b * sqb + hkv * G * sqh
+        do_base = DO + b * sdob + hkv * G * sdoh
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
+        do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
+        q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
+        q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=Q.dtype.element_ty)
+        do_own = tl.zeros([BLOCK_M, BV], dtype=DO.dtype.element_ty)
+        if RESIDENT:
+            q_own = _load_tile(q_base, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
+            if BT > 0:
+                q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
+            do_own = _load_tile(do_base, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
+        head = (b * Hq + hkv * G + grp.to(tl.int64)) * T + tok
+        # lse = +inf (no visible key) makes P = 0 on the whole row.
+        lse = tl.load(LSE + head, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA + head, mask=row_ok, other=0.0)
+
+        dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
+        dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=tl.float32)
+        n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+        if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            for i in range(0, n_full):
+                dq_acc, dq_tail = _dq_block(
+                    dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
+                    _fwd_block_start(i, BLOCK_N), q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
+                        T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT, BV,
+                    BC, NSPLIT, False, RESIDENT, STREAM,
+                )
+            n_lo = n_full
+        else:  # large (split) bodies: one masked loop halves code size and compile time
+            n_lo = 0
+        for i in range(n_lo, n_end):
+            dq_acc, dq_tail = _dq_block(
+                dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
+                _fwd_block_start(i, BLOCK_N), q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
+                T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT, BV,
+                BC, NSPLIT, True, RESIDENT, STREAM,
+            )
+
+        dq_base = DQ + b * sdqb + hkv * G * sdqh
+        dq_row = tok.to(tl.int64) * sdqt + grp.to(tl.int64) * sdqh
+        _store_tile(dq_base, dq_row, row_ok, split * BK, sdqd, HEAD_DK, BK, MASK_K,
+                    (dq_acc * sm_scale).to(DQ.dtype.element_ty))
+        if BT > 0:
+            if split == NSPLIT - 1:
+                _store_tile(dq_base, dq_row, row_ok, NSPLIT * BK, sdqd, HEAD_DK, BT, MASK_T,
+                            (dq_tail * sm_scale).to(DQ.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_constexprs(cfg: BwdConfig, dk: int, dv: int, v_is_k: bool) -> dict:
+    plan = head_plan(dk, dv, v_is_k, cfg.nsplit, cfg.bc)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NSPLIT=plan.nsplit, BK=plan.bk, BT=plan.bt,
+                BV=plan.bv, BC=plan.bc, RESIDENT=cfg.resident, STREAM=cfg.stream)
+
+
+def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
+                  dlse=None, dq=None, dk=None, dv=None, delta=None,
+                  dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None):
+    """Fused attention backward.
+
+    Args:
+        do: ``[B, T, Hq, Dv]`` upstream gradient; q, k, v, out: as given to / returned by
+            :func:`kernels.attention_fwd.attention_fwd` (same dtype and device, any strides);
+            lse: fp32 ``[B, Hq, T]`` from the forward.
+        softmax_scale, causal: as in the forward.
+        dlse: optional fp32 ``[B, Hq, T]`` gradient of ``lse`` (for losses that use it); it enters
+            as ``delta - dlse`` because ``d lse / dS = P``.
+        dq, dk, dv: optional preallocated outputs (shapes of q, k, v; q.dtype; any strides), for
+            tests that poison them with NaN. delta: optional fp32 ``[B, Hq, T]`` scratch.
+        dkdv_config, dq_config: force tile configurations (tests/benchmarks); default: autotune on
+            GPU, a single small config under the interpreter.
+
+    Returns:
+        ``(dq like q, dk like k, dv like v)`` in the input dtype. When ``v`` is a prefix view of
+        ``k`` the kernel loads the shared tile once, but ``dk`` holds only the score-path
+        gradient and ``dv`` only the value-path gradient (autograd sums them through the view).
+
+    Raises:
+        RuntimeError: Triton is not installed.
+    """
+    import torch
+
+    if not HAS_TRITON:
+        raise RuntimeError("attention_bwd needs triton")
+    B, T, Hq = q.shape[:3]
+    S = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if B == 0 or Hq == 0:
+        return dq, dk, dv
+    if T == 0:
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    if S == 0:
+        dq.zero_()
+        return dq, dk, dv
+    v_is_k = is_prefix_alias(k, v)
+    lse = lse.contiguous()  # offsets below assume [B, Hq, T] contiguous
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
+    compiled = q.device.type == "cuda" and not INTERPRET
+    with torch.cuda.device(q.device) if compiled else contextlib.nullcontext():  # launch on q's device
+        _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
+                    dkdv_config, dq_config, dlse)
+    return dq, dk, dv
+
+
+def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
+                dkdv_config, dq_config, dlse=None):
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK_T) * B * Hq,)](
+        out, do, delta, *out.stride(), *do.stride(), T, Hq,
+        HEAD_DV=Dv, BLOCK_T=_PRE_BLOCK_T, BLOCK_D=_pre_block_d(Dv), num_warps=_PRE_WARPS,
+    )
+    if dlse is not None:
+        # d lse / dS = P, so an upstream lse gradient enters as dS = P * (dP - (delta - dlse)).
+        delta.sub_(dlse.float())
+
+    common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+
+    if compiled and dkdv_config is None:
+        kern = _autotuned("dkdv", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
+        kern[grid](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts)
+    else:
+        cfg = dkdv_config or interp_config(Dk, Dv)
+        pc = _plan_constexprs(cfg, Dk, Dv, v_is_k)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n) * B * Hkv, pc["NSPLIT"])](
+            q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts, **pc,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if compiled and dq_config is None:
+        kern = _autotuned("dq", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
+        grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
+        kern[grid](q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts)
+    else:
+        cfg = dq_config or interp_config(Dk, Dv)
+        pc = _plan_constexprs(cfg, Dk, Dv, v_is_k)
+        _attn_bwd_dq_kernel[(triton.cdiv(T * G, cfg.block_m) * B * Hkv, pc["NSPLIT"])](
+            q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts, **pc,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
+    """``triton.autotune`` over :func:`bwd_configs` for kernel ``kind`` and these head dims, keyed on
+    the group size and causality (the dtype is part of Triton's key). Every output element is
+    overwritten on each trial run, so tuning needs no reset."""
+    key = (kind, arch, dk, dv, v_is_k, dtype == "fp32")
+    if key not in _AUTOTUNERS:
+        fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+        configs = [
+            triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in bwd_configs(kind, arch, dk, dv, dtype)
+        ]
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL"])(fn)
+    return _AUTOTUNERS[key]
+
+
+def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal: bool) -> dict:
+    """Argument values of a representative contiguous launch (for :func:`kernels._compile.spec_args`)."""
+    from kernels._compile import Pointer
+
+    hq, hkv, T, S = group * 2, 2, 1024, 1024
+    dvs = dk if v_is_k else dv  # v's row strides are k's when it is a view of k
+    ptr = Pointer(dtype)
+    return dict(
+        Q=ptr, K=ptr, V=ptr, DO=ptr, DQ=ptr, DK=ptr, DV=ptr, LSE=Pointer("fp32"), DELTA=Pointer("fp32"),
+        sqb=T * hq * dk, sqt=hq * dk, sqh=dk, sqd=1,
+        skb=S * hkv * dk, sks=hkv * dk, skh=dk, skd=1,
+        svb=S * hkv * dvs, svs=hkv * dvs, svh=dvs, svd=1,
+        sdob=T * hq * dv, sdot=hq * dv, sdoh=dv, sdod=1,
+        sdqb=T * hq * dk, sdqt=hq * dk, sdqh=dk, sdqd=1,
+        sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdkd=1,
+        sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
+        T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
+        G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
+    )
+
+
+def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
+             causal: bool = True) -> CompileSpec:
+    """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config."""
+    from kernels._compile import spec_args
+
+    fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    values = _spec_values(dtype, dk, dv, group, v_is_k, causal)
+    values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
+    sig, consts, divisible = spec_args(fn, values)
+    return CompileSpec(
+        kernel=f"attention_bwd_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg},
+    )
+
+
+def preprocess_spec(arch: int, dtype: str, dk: int, dv: int) -> CompileSpec:
+    """CompileSpec of the delta preprocessing kernel (one configuration per Dv)."""
+    from kernels._compile import Pointer, spec_args
+
+    values = _spec_values(dtype, dk, dv, 1, False, False)
+    bd = _pre_block_d(dv)
+    values.update(
+        O=Pointer(dtype), sob=values["sdob"], sot=values["sdot"], soh=values["sdoh"], sod=1, Hq=3,
+        BLOCK_T=_PRE_BLOCK_T, BLOCK_D=bd,
+    )
+    sig, consts, divisible = spec_args(_bwd_preprocess, values)
+    return CompileSpec(
+        kernel="attention_bwd_preprocess", fn=_bwd_preprocess, signature=sig, constexprs=consts,
+        num_warps=_PRE_WARPS, num_stages=1, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=f"{_PRE_BLOCK_T}x{bd}", extra={"divisible": divisible},
+    )
+
+
+#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k).
+SPEC_SHAPES = ((32, 32, 1, False), (64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False),
+               (576, 512, 128, True))
+SPEC_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every backward configuration the autotuner may pick on ``arch`` (80 or 90): preprocess, dkdv
+    and dq kernels, for fp16 and bf16, on the representative head dims of :data:`SPEC_SHAPES`."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dk, dv, group, v_is_k in SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            specs.append(preprocess_spec(arch, dtype, dk, dv))
+            for kind in ("dkdv", "dq"):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype):
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+    return specs

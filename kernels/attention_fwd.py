@@ -1,0 +1,661 @@
+"""Dense fused attention forward (online softmax), with GQA/MQA head packing and absorbed-MLA support.
+
+Layout (DESIGN §3): ``q [B, T, Hq, Dk]``, ``k [B, S, Hkv, Dk]``, ``v [B, S, Hkv, Dv]``, any strides.
+
+How the work is cut:
+
+* **Packed rows.** One program owns ``BLOCK_M`` rows of the packed ``[T * G]`` axis of one
+  ``(batch, kv head)``, ``G = Hq // Hkv``: row ``r`` is token ``r // G``, head ``r % G`` of the
+  group. The K/V tile of a key block is therefore loaded once for all the heads of the group
+  (with ``Hkv = 1`` and 128 heads this is what makes absorbed MLA compute-bound).
+* **Head-dim plan** (:class:`HeadPlan`). Tiles must be powers of two, so ``Dk`` is covered by
+  ``NSPLIT`` main chunks of ``BK`` columns plus an optional tail chunk of ``BT`` columns, and ``Dv``
+  by ``NSPLIT`` chunks of ``BV`` columns. Program ``split`` of a row block accumulates value
+  columns ``[split*BV, split*BV + BV)``: with ``NSPLIT > 1`` the value dimension is split across
+  programs (each recomputes the scores) because a ``[64, 512]`` fp32 accumulator plus the score
+  operands does not fit the register file (see ``shared/notes/triton-without-gpu.md``).
+  The score contraction uses the program's *own* chunk (``[split*BK, +BK)``, q held for the whole
+  loop when ``Q_RESIDENT``), the other splits' chunks in ``BC``-wide pieces and the tail. The q
+  pieces are loop-invariant: Triton may hoist them (q stays on chip), or with ``STREAM`` they are
+  re-read every key block through the load pipeline (fewer registers, more shared memory); the
+  autotuner picks. Split (large) bodies use one masked key loop instead of two, which halves
+  their code size and compile time.
+* **v aliasing k** (absorbed MLA: ``v = k[..., :Dv]``). The launcher detects it and sets
+  ``V_IS_K``; the plan then uses ``BK == BV`` so the own score chunk *is* the value tile: it is
+  loaded once and used by both dots.
+* **Key-block visiting** lives in :func:`_fwd_block_range` (which blocks, which need masking) and
+  :func:`_fwd_block_start` (block number -> first key). A block-sparse variant swaps these two
+  for a ``kv_indices`` walk behind a constexpr switch; the block body is :func:`_fwd_block`.
+
+Causal masking is bottom-right aligned (key ``j`` visible to query ``i`` iff ``j <= i + S - T``);
+a row with no visible key gets output 0 and ``lse = +inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, smem_limit
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = [
+    "FwdConfig",
+    "HeadPlan",
+    "attention_fwd",
+    "compile_specs",
+    "fwd_configs",
+    "head_plan",
+    "is_prefix_alias",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side planning (pure Python; shared with the backward module)
+# --------------------------------------------------------------------------------------------
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def prev_pow2(x: int) -> int:
+    """Largest power of two <= ``x`` (x >= 1)."""
+    return 1 << (x.bit_length() - 1)
+
+
+#: Smallest tile extent along a contraction: mma/wgmma need K >= 16 for 16-bit inputs.
+MIN_TILE = 16
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """How the head dims are cut into power-of-two tiles (see module docstring).
+
+    ``Dk`` is covered by ``nsplit`` chunks of ``bk`` columns plus a tail of ``bt`` columns
+    (``bt == 0``: no tail); ``Dv`` by ``nsplit`` chunks of ``bv`` columns. ``bc`` is the width of
+    the pieces in which the other splits' score chunks are contracted.
+    """
+
+    nsplit: int
+    bk: int
+    bt: int
+    bv: int
+    bc: int
+
+    @property
+    def n_other(self) -> int:
+        """Number of ``bc``-wide score pieces outside the program's own chunk and the tail."""
+        return (self.nsplit - 1) * (self.bk // self.bc)
+
+
+def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> HeadPlan:
+    """Cut ``Dk``/``Dv`` for ``nsplit`` value splits; ``v_is_k`` forces ``bk == bv`` (shared tile).
+
+    Raises ``ValueError`` for non-positive dims or ``nsplit < 1``.
+    """
+    if dk < 1 or dv < 1 or nsplit < 1:
+        raise ValueError(f"head_plan: need dk, dv, nsplit >= 1, got dk={dk}, dv={dv}, nsplit={nsplit}")
+    bv = max(MIN_TILE, next_pow2(-(-dv // nsplit)))
+    nsplit = -(-dv // bv)  # never a split without value columns
+    if v_is_k:
+        bk = bv
+    elif nsplit == 1:
+        lo = max(MIN_TILE, prev_pow2(dk))
+        rest = dk - lo
+        bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
+        # One padded tile beats two dots when the padding is no larger (24 -> 32, not 16 + 16).
+        bk = next_pow2(dk) if rest > 0 and lo + bt >= next_pow2(dk) else lo
+    else:
+        bk = max(MIN_TILE, prev_pow2(max(1, dk // nsplit)))
+    rest = dk - nsplit * bk
+    bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
+    return HeadPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv, bc=min(bc, bk, bv))
+
+
+def is_prefix_alias(k, v) -> bool:
+    """True when ``v`` is ``k[..., :Dv]``: same storage start and same B/S/H/D strides."""
+    return (
+        v.data_ptr() == k.data_ptr()
+        and v.shape[:3] == k.shape[:3]
+        and v.stride() == k.stride()
+        and v.shape[3] <= k.shape[3]
+    )
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """One forward tile configuration: rows per program, keys per step, value splits, launch knobs."""
+
+    block_m: int
+    block_n: int
+    nsplit: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    q_resident: bool = True  # own q chunk (and tail) loaded once, before the key loop
+    stream: bool = False  # other splits' q pieces re-read every key block (else LICM may hoist them)
+    bc: int = 64
+
+    @property
+    def tile(self) -> str:
+        """Report label: ``BLOCK_MxBLOCK_N``, ``/vN`` value splits, ``/r`` q re-read, ``/s`` streamed."""
+        return (f"{self.block_m}x{self.block_n}" + (f"/v{self.nsplit}" if self.nsplit > 1 else "")
+                + ("" if self.q_resident else "/r") + ("/s" if self.stream else ""))
+
+
+def head_class(dk: int, dv: int) -> str:
+    """Bucket of the head dims that selects a config table: d64, d128, d256 or d576."""
+    d = max(dk, dv)
+    if d <= 64:
+        return "d64"
+    if d <= 128:
+        return "d128"
+    if d <= 256:
+        return "d256"
+    return "d576"
+
+
+# Tables per architecture family and head class, chosen from the compile report (registers,
+# spills, shared memory of every candidate; bench/compile_report.py) and kept small: every entry
+# is compiled by the compile check (tests/test_compile_check.py) for sm80 and sm90. Triton/ptxas
+# register allocation is erratic near 255 registers, so entries keep a margin where one exists.
+# d576 (absorbed MLA) splits the value dim in two: one program per 256 value columns.
+_FWD_TABLE: dict[int, dict[str, list[FwdConfig]]] = {
+    90: {
+        "d64": [FwdConfig(128, 64, num_warps=8, num_stages=3), FwdConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [FwdConfig(128, 64, num_warps=8, num_stages=2), FwdConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [FwdConfig(128, 64, num_warps=8, num_stages=2), FwdConfig(128, 32, num_warps=8, num_stages=3)],
+        "d576": [
+            FwdConfig(64, 32, nsplit=2, num_warps=8, num_stages=2),  # other half of q may stay on chip
+            FwdConfig(64, 32, nsplit=2, num_warps=8, num_stages=2, stream=True),  # ... or stream from L2
+        ],
+    },
+    80: {
+        "d64": [FwdConfig(128, 64, num_warps=8, num_stages=3), FwdConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [FwdConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [FwdConfig(128, 32, num_warps=8, num_stages=3)],
+        "d576": [
+            FwdConfig(64, 32, nsplit=2, num_warps=8, num_stages=2),
+            FwdConfig(64, 64, nsplit=2, num_warps=8, num_stages=2),
+        ],
+    },
+}
+
+# fp32 inputs (tf32 dots): twice the bytes per operand; one conservative config per class, the
+# same on both architectures (fp32 attention on a GPU is for checks, not speed).
+_FWD_TABLE_FP32: dict[int, dict[str, list[FwdConfig]]] = {
+    fam: {
+        "d64": [FwdConfig(64, 32, num_warps=4, num_stages=2)],
+        "d128": [FwdConfig(64, 32, num_warps=8, num_stages=2)],
+        "d256": [FwdConfig(64, 32, num_warps=8, num_stages=1)],
+        "d576": [FwdConfig(32, 16, nsplit=4, num_warps=4, num_stages=2, stream=True)],
+    }
+    for fam in (80, 90)
+}
+
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+#: The one configuration used under the interpreter (autotuning there would run every config).
+_INTERP_CONFIG = FwdConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
+
+
+def arch_family(arch: int) -> int:
+    """Config table used for compute capability ``arch`` (sm90 for Hopper+, sm80 otherwise)."""
+    return 90 if arch >= 90 else 80
+
+
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[FwdConfig]:
+    """Autotune candidates for ``arch`` and head dims (Dk, Dv); ``dtype`` "fp16"/"bf16" or "fp32"
+    (tf32 dots, twice the shared memory and operand registers: its own, smaller table).
+
+    GPUs with less shared memory than their family's table assumes (sm86/sm89: 99 KiB) also get
+    the small fp32 configuration as a fallback; Triton's autotuner skips candidates that do not fit.
+    """
+    fam, cls = arch_family(arch), head_class(dk, dv)
+    table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
+    configs = list(table[fam][cls])
+    if smem_limit(arch) < smem_limit(fam) and dtype != "fp32":
+        configs += _FWD_TABLE_FP32[fam][cls]
+    return configs
+
+
+def dtype_name(dtype) -> str:
+    """Triton element type name ("fp16", "bf16", "fp32") of a torch dtype."""
+    return _TRITON_DTYPES[str(dtype).replace("torch.", "")]
+
+
+def interp_config(dk: int, dv: int) -> FwdConfig:
+    """The single interpreter configuration (value dim split in two above 256 to exercise that path)."""
+    return FwdConfig(
+        _INTERP_CONFIG.block_m, _INTERP_CONFIG.block_n, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    _LN2 = tl.constexpr(LN2)
+
+    @triton.jit
+    def _packed_rows(m_start, T, G: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Rows ``m_start + [0, BLOCK_M)`` of the packed [T*G] axis -> (token, head in group, valid)."""
+        rows = m_start + tl.arange(0, BLOCK_M)
+        return rows // G, rows % G, rows < T * G
+
+    @triton.jit
+    def _load_tile(base, row_off, row_ok, col0, col_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
+        """[R, BLOCK_D] tile: rows at int64 offsets ``row_off``, columns ``col0 + [0, BLOCK_D)``.
+
+        Masks only where the caller cannot rule out overhang (statically known full tiles keep
+        vectorized, unpredicated loads); masked elements read 0.
+        """
+        cols = col0 + tl.arange(0, BLOCK_D)
+        ptrs = base + row_off[:, None] + cols.to(tl.int64)[None, :] * col_stride
+        if ROW_MASK and COL_MASK:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+        elif ROW_MASK:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        elif COL_MASK:
+            x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def _store_tile(base, row_off, row_ok, col0, col_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    COL_MASK: tl.constexpr, x):
+        cols = col0 + tl.arange(0, BLOCK_D)
+        ptrs = base + row_off[:, None] + cols.to(tl.int64)[None, :] * col_stride
+        if COL_MASK:
+            tl.store(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < D))
+        else:
+            tl.store(ptrs, x, mask=row_ok[:, None])
+
+    @triton.jit
+    def _other_col(c, split, BK: tl.constexpr, BC: tl.constexpr):
+        """First column of score piece ``c`` outside the own chunk ``split`` (chunks skip ``split``)."""
+        PER: tl.constexpr = BK // BC
+        j = c // PER
+        j = j + (j >= split).to(tl.int32)
+        return j * BK + (c % PER) * BC
+
+    @triton.jit
+    def _fwd_block_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr):
+        """Key blocks visited by a packed row tile: ``[0, n_full)`` need no mask, ``[n_full, n_end)`` do.
+
+        Bottom-right causal: token t sees keys ``j <= t + S - T``. The tile's first token bounds the
+        unmasked range, its last token the visited range (rows past the end see up to T-1's range).
+        """
+        if CAUSAL:
+            t_lo = m_start // G
+            t_hi = tl.minimum((m_start + BLOCK_M - 1) // G, T - 1)
+            full_keys = tl.minimum(tl.maximum(t_lo + S - T + 1, 0), S)
+            end_keys = tl.minimum(tl.maximum(t_hi + S - T + 1, 0), S)
+            n_full = full_keys // BLOCK_N
+            n_end = tl.cdiv(end_keys, BLOCK_N)
+        else:
+            n_full = S // BLOCK_N
+            n_end = tl.cdiv(S, BLOCK_N)
+        return n_full, n_end
+
+    @triton.jit
+    def _fwd_block_start(i, BLOCK_N: tl.constexpr):
+        """First key of the i-th visited block (dense: block i; block-sparse would read kv_indices)."""
+        return i * BLOCK_N
+
+    @triton.jit
+    def _fwd_block(
+        acc, m_i, l_i, q_own, q_tail, start_n,
+        q_base, q_row, row_ok, tok, k_base, v_base,
+        sqd, sks, skd, svs, svd, T, S, qk_scale, split, hide,
+        HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+        BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
+        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        """Online-softmax update of one row tile with the key block starting at ``start_n``.
+
+        ``hide`` is 0, but the compiler cannot prove it. The q re-loads (own chunk without
+        ``Q_RESIDENT``, the other splits' pieces with ``STREAM``) are loop-invariant; added to their
+        base it stops Triton's LICM from hoisting them, so they stream through the pipeline (shared
+        memory, L2 traffic) instead of staying live in registers for the whole loop.
+        """
+        hide_other = 0
+        if STREAM:
+            hide_other = hide
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < S
+        k_row = keys.to(tl.int64) * sks
+        # Own score chunk; when v aliases k it is also the value tile (loaded once).
+        # Static facts about overhang: which tiles need column masks.
+        MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
+        MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
+        MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
+        k_own = _load_tile(k_base, k_row, key_ok, split * BK, skd, HEAD_DK, BK, MASKED, MASK_K)
+        if not Q_RESIDENT:
+            q_own = _load_tile(q_base + hide, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
+        qk = tl.dot(q_own, tl.trans(k_own))
+        for c in tl.static_range(N_OTHER):
+            col = _other_col(c, split, BK, BC)
+            q_c = _load_tile(q_base + hide_other, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
+            k_c = _load_tile(k_base, k_row, key_ok, col, skd, HEAD_DK, BC, MASKED, MASK_K)
+            qk = tl.dot(q_c, tl.trans(k_c), qk)
+        if BT > 0:
+            k_tail = _load_tile(k_base, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, MASKED, MASK_T)
+            qk = tl.dot(q_tail, tl.trans(k_tail), qk)
+        qk = qk * qk_scale
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # A row that has seen nothing yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(qk - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v_t = k_own
+        else:
+            v_t = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, MASKED, MASK_V)
+        acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None])
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, MAXL,
+        sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sot, soh, sod,
+        T, S, Hkv, qk_scale, n_mblocks, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+        G_P: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr, WRITE_MAXL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Grid ``(cdiv(T*G, BLOCK_M) * B*Hkv, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
+        ``opaque_zero`` is 0 (see :func:`_fwd_block`)."""
+        # Axis 0 is (batch*kv head, row block) flattened, row blocks fastest (programs that share
+        # K/V run together); axes 1 and 2 of a CUDA grid stop at 65535.
+        n_m = tl.cdiv(T * G, BLOCK_M)
+        pid_m = tl.program_id(0) % n_m
+        pid_bh = tl.program_id(0) // n_m
+        if NSPLIT > 1:
+            split = tl.program_id(1)
+        else:
+            split = 0  # static: column offsets fold away
+        b = (pid_bh // Hkv).to(tl.int64)
+        hkv = (pid_bh % Hkv).to(tl.int64)
+        m_start = pid_m * BLOCK_M
+        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
+        q_base = Q + b * sqb + hkv * G * sqh
+        q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
+
+        q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
+        if Q_RESIDENT:
+            q_own = _load_tile(q_base, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, HEAD_DK < NSPLIT * BK)
+        q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=Q.dtype.element_ty)
+        if BT > 0:
+            q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True,
+                                HEAD_DK < NSPLIT * BK + BT)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
+
+        n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+        if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            for i in range(0, n_full):
+                acc, m_i, l_i = _fwd_block(
+                    acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N),
+                    q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale, split,
+                i * opaque_zero,
+                    HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
+                    Q_RESIDENT, STREAM, False,
+                )
+            n_lo = n_full
+        else:  # large (split) bodies: one masked loop halves code size and compile time
+            n_lo = 0
+        for i in range(n_lo, n_end):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N),
+                q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale, split,
+                i * opaque_zero,
+                HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
+                Q_RESIDENT, STREAM, True,
+            )
+
+        # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
+        l_div = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_div[:, None]
+        o_base = O + b * sob + hkv * G * soh
+        o_row = tok.to(tl.int64) * sot + grp.to(tl.int64) * soh
+        _store_tile(o_base, o_row, row_ok, split * BV, sod, HEAD_DV, BV, HEAD_DV < NSPLIT * BV,
+                    out.to(O.dtype.element_ty))
+
+        # Statistics are identical in every split: split 0 writes them.
+        if split == 0:
+            lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_div)) * _LN2)
+            Hq = Hkv * G
+            head = hkv * G + grp.to(tl.int64)
+            tl.store(LSE + (b * Hq + head) * T + tok, lse, mask=row_ok)
+            if WRITE_MAXL:
+                # Per-head max of the running maxima (m is in log2 units) over this tile's rows.
+                heads = tl.arange(0, G_P)
+                sel = (grp[:, None] == heads[None, :]) & row_ok[:, None]
+                mh = tl.max(tl.where(sel, m_i[:, None], float("-inf")), 0) * _LN2
+                dst = MAXL + ((b * Hq + hkv * G + heads.to(tl.int64)) * n_mblocks + pid_m)
+                tl.store(dst, mh, mask=heads < G)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+
+def _device_arch(device) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks):
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    args = (
+        q, k, v, out, lse, maxl if maxl is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
+    )
+    consts = dict(
+        G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
+        WRITE_MAXL=maxl is not None,
+    )
+    return args, consts
+
+
+def _plan_constexprs(cfg: FwdConfig, dk: int, dv: int, v_is_k: bool) -> dict:
+    plan = head_plan(dk, dv, v_is_k, cfg.nsplit, cfg.bc)
+    return dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NSPLIT=plan.nsplit, BK=plan.bk, BT=plan.bt,
+        BV=plan.bv, BC=plan.bc, Q_RESIDENT=cfg.q_resident, STREAM=cfg.stream,
+    )
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
+    """``triton.autotune`` over :func:`fwd_configs` for these head dims and dtype family (one tuner
+    each), keyed on the group size, causality and max-logit switch (and the dtype, Triton adds it)."""
+    key = (arch, dk, dv, v_is_k, dtype == "fp32")
+    if key not in _AUTOTUNERS:
+        configs = [
+            triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in fwd_configs(arch, dk, dv, dtype)
+        ]
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL"])(_attn_fwd_kernel)
+    return _AUTOTUNERS[key]
+
+
+def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
+                  out=None, lse=None, config: FwdConfig | None = None):
+    """Fused attention forward.
+
+    Args:
+        q: ``[B, T, Hq, Dk]``; k: ``[B, S, Hkv, Dk]``; v: ``[B, S, Hkv, Dv]``; fp16/bf16/fp32, same
+            dtype and device (CUDA, or CPU under ``TRITON_INTERPRET=1``), any strides,
+            ``Hq % Hkv == 0``. ``v`` may be a prefix view of ``k`` (``k[..., :Dv]``): detected,
+            the shared tile is loaded once. Inputs are assumed validated by the caller.
+        softmax_scale: multiplies ``q·kᵀ``.
+        causal: bottom-right aligned (query i sees key j iff ``j <= i + S - T``).
+        return_max_logit: also return the per-(batch, head) maximum visible scaled score.
+        out, lse: optional preallocated outputs (``[B, T, Hq, Dv]`` in q.dtype, any strides;
+            contiguous fp32 ``[B, Hq, T]``); tests pass NaN-filled buffers.
+        config: force one :class:`FwdConfig` (tests/benchmarks); default: autotune on GPU, a
+            single small config under the interpreter.
+
+    Returns:
+        ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log (+inf for rows without
+        keys), max_logit fp32 [B, Hq] (-inf for heads without visible keys) or None)``.
+
+    Raises:
+        RuntimeError: Triton is not installed.
+    """
+    import torch
+
+    if not HAS_TRITON:
+        raise RuntimeError("attention_fwd needs triton")
+    B, T, Hq, Dk = q.shape
+    Dv = v.shape[3]
+    if out is None:
+        out = torch.empty((B, T, Hq, Dv), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    if B == 0 or T == 0 or Hq == 0:
+        maxl = torch.full((B, Hq), float("-inf"), device=q.device) if return_max_logit else None
+        return out, lse, maxl
+    v_is_k = is_prefix_alias(k, v)
+
+    if q.device.type != "cuda" or INTERPRET:
+        cfg = config or interp_config(Dk, Dv)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg)
+    with torch.cuda.device(q.device):  # launch on q's device, not the current one
+        if config is not None:
+            return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config)
+        return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit)
+
+
+def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig):
+    import torch
+
+    B, T, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    n_mblocks = triton.cdiv(T * G, cfg.block_m)
+    # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
+    maxl = (
+        torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
+        if return_max_logit else None
+    )
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks)
+    consts.update(_plan_constexprs(cfg, Dk, Dv, v_is_k))
+    grid = (n_mblocks * B * Hkv, consts["NSPLIT"])
+    _attn_fwd_kernel[grid](
+        *args, **consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
+
+
+def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit):
+    import torch
+
+    B, T, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    arch = _device_arch(q.device)
+    # The tuner picks BLOCK_M: size the per-row-block max buffer for the smallest candidate; the
+    # blocks a larger BLOCK_M does not write stay -inf.
+    dtype = dtype_name(q.dtype)
+    n_mblocks = triton.cdiv(T * G, min(c.block_m for c in fwd_configs(arch, Dk, Dv, dtype)))
+    maxl = (
+        torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
+        if return_max_logit else None
+    )
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks)
+    grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
+    _autotuned(arch, Dk, Dv, v_is_k, dtype)[grid](*args, **consts)
+    return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Compile specs
+# --------------------------------------------------------------------------------------------
+
+
+#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k).
+SPEC_SHAPES = ((32, 32, 1, False), (64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False),
+               (576, 512, 128, True))
+SPEC_DTYPES = ("fp16", "bf16", "fp32")
+_SPEC_MAXL = True
+
+
+def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
+             causal: bool = True) -> CompileSpec:
+    """CompileSpec of the forward kernel for contiguous inputs of the given shape and config."""
+    from kernels._compile import Pointer, spec_args
+
+    hq, hkv, T, S = group * 2, 2, 1024, 1024
+    ptr = Pointer(dtype)
+    values = dict(
+        Q=ptr, K=ptr, V=ptr, O=ptr, LSE=Pointer("fp32"), MAXL=Pointer("fp32"),
+        sqb=T * hq * dk, sqt=hq * dk, sqh=dk, sqd=1,
+        skb=S * hkv * dk, sks=hkv * dk, skh=dk, skd=1,
+        svb=S * hkv * (dk if v_is_k else dv), svs=hkv * (dk if v_is_k else dv), svh=dk if v_is_k else dv, svd=1,
+        sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1,
+        T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, n_mblocks=7, opaque_zero=0,
+        G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
+        WRITE_MAXL=_SPEC_MAXL, **_plan_constexprs(cfg, dk, dv, v_is_k),
+    )
+    sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
+    return CompileSpec(
+        kernel="attention_fwd", fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=cfg.tile,
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg},
+    )
+
+
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every forward configuration the autotuner may pick on ``arch`` (80 or 90), for fp16 and bf16,
+    on the representative head dims of :data:`SPEC_SHAPES`."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dk, dv, group, v_is_k in SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            for cfg in fwd_configs(arch, dk, dv, dtype):
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+    return specs
