@@ -1,73 +1,274 @@
-"""``torch.autograd.Function`` wrappers over the Triton kernels (one per op).
+"""The Triton kernels as ``torch.library`` custom ops, and the ``torch.autograd.Function`` wrappers.
+
+Every kernel launcher is registered as an opaque operator in the ``mla`` namespace with a fake (meta)
+implementation, so ``torch.compile`` traces through it without graph breaks and without looking
+inside Triton; forward ops also carry a registered autograd formula, so ``torch.library.opcheck``
+passes for them. The modules call the ``torch.autograd.Function`` classes below (one per op), whose
+forward and backward run the same ops.
 
 Each forward saves ``q, k, v, out, lse``; each backward recomputes the probabilities from ``lse``
-(FlashAttention-2, Dao 2023, arXiv 2307.08691). ``lse`` is differentiable too: its gradient
-``dlse`` enters the backward as ``delta - dlse`` (``∂lse/∂S = P``). The per-head max logit is a
-statistic and carries no gradient.
+(FlashAttention-2, Dao 2023, arXiv 2307.08691). ``lse`` is differentiable: its gradient ``dlse``
+enters the backward as ``delta - dlse`` (``∂lse/∂S = P``). The per-head max logit is a statistic and
+carries no gradient.
 
-Importing this module imports the kernels (and therefore Triton); ``mla.functional`` imports it
-only when the Triton backend is used, so ``import mla`` works without Triton.
+Importing this module imports the kernels (and therefore Triton); ``mla.functional`` imports it only
+when the Triton backend is used, so ``import mla`` works without Triton.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from kernels.attention_bwd import attention_bwd
 from kernels.attention_fwd import attention_fwd
+from kernels.decode import mla_decode_fwd
+from kernels.topk_sparse import topk_attention_bwd, topk_attention_fwd
 
-__all__ = ["LatentAttentionFunction", "triton_attention", "kernel_supports"]
+__all__ = [
+    "LatentAttentionFunction",
+    "TopkAttentionFunction",
+    "triton_attention",
+    "triton_decode",
+    "kernel_supports",
+    "OPS",
+]
+
+
+def _no_max(lse: Tensor) -> Tensor:
+    # Custom ops cannot return None: an empty tensor stands for "max logit not requested".
+    return lse.new_empty(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# dense
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``."""
+    out, lse, max_logit = attention_fwd(q, k, v, softmax_scale, causal, return_max_logit=return_max_logit)
+    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+
+
+def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
+    """Meta outputs of every attention forward op: out [B,T,Hq,Dv], lse [B,Hq,T], max_logit [B,Hq] or [0]."""
+    B, T, Hq, _ = q.shape
+    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
+    ml = q.new_empty((B, Hq) if return_max_logit else (0,), dtype=torch.float32)
+    return q.new_empty(B, T, Hq, v.shape[-1]), lse, ml
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, softmax_scale, causal, return_max_logit):
+    return _fake_attention_outputs(q, v, return_max_logit)
+
+
+@torch.library.custom_op("mla::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+    softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense fused backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (contiguous)."""
+    return attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _dense_setup(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, _ = inputs
+    out, lse, max_logit = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.mark_non_differentiable(max_logit)
+
+
+def _dense_backward(ctx, dout, dlse, _dmax):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
 class LatentAttentionFunction(torch.autograd.Function):
-    """Dense fused attention: ``forward(q, k, v, softmax_scale, causal, return_max_logit)``.
+    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit)``.
 
-    Shapes as ``mla.functional.latent_attention``; returns ``(out, lse, max_logit | None)``.
+    Shapes as ``mla.functional.latent_attention``; returns ``(out, lse, max_logit)`` where
+    ``max_logit`` is ``[B, Hq]`` or an empty tensor when not requested. Forward and backward run
+    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool):
-        out, lse, max_logit = attention_fwd(q, k, v, softmax_scale, causal, return_max_logit=return_max_logit)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale, ctx.causal = softmax_scale, causal
-        if max_logit is not None:
-            ctx.mark_non_differentiable(max_logit)
-        return out, lse, max_logit
+    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool):
+        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse, _dmax):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, dlse=dlse)
-        return dq, dk, dv, None, None, None
+    def setup_context(ctx, inputs, output):
+        _dense_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmax):
+        return _dense_backward(ctx, dout, dlse, dmax)
+
+
+# ------------------------------------------------------------------------------------------------
+# top-k sparse
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::topk_attention_fwd", mutates_args=())
+def topk_attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, softmax_scale: float, causal: bool,
+    return_max_logit: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``."""
+    out, lse, max_logit = topk_attention_fwd(
+        q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit
+    )
+    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+
+
+@topk_attention_fwd_op.register_fake
+def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit):
+    return _fake_attention_outputs(q, v, return_max_logit)
+
+
+@torch.library.custom_op("mla::topk_attention_bwd", mutates_args=())
+def topk_attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, topk_indices: Tensor,
+    dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k sparse backward: ``(dq, dk, dv)``; ``deterministic`` uses the key-major index (no atomics)."""
+    return topk_attention_bwd(
+        dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic
+    )
+
+
+@topk_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _topk_setup(ctx, inputs, output):
+    q, k, v, topk_indices, softmax_scale, causal, _ = inputs[:7]
+    out, lse, max_logit = output
+    ctx.save_for_backward(q, k, v, out, lse, topk_indices)
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.deterministic = inputs[7] if len(inputs) > 7 else True
+    ctx.mark_non_differentiable(max_logit)
+
+
+def _topk_backward(ctx, dout, dlse, _dmax):
+    q, k, v, out, lse, topk_indices = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = topk_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic
+    )
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+topk_attention_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+class TopkAttentionFunction(torch.autograd.Function):
+    """Top-k sparse attention: ``apply(q, k, v, topk_indices, softmax_scale, causal, return_max_logit,
+    deterministic)`` -> ``(out, lse, max_logit)``.
+
+    ``deterministic=True`` (the default of ``latent_attention``) computes dK/dV from a key-major
+    transposed index built with a sort: bitwise reproducible, no atomics; ``False`` uses fp32 atomics.
+    """
+
+    @staticmethod
+    def forward(q, k, v, topk_indices, softmax_scale: float, causal: bool, return_max_logit: bool,
+                deterministic: bool):
+        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _topk_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmax):
+        return _topk_backward(ctx, dout, dlse, dmax)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode (inference only)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::decode", mutates_args=())
+def decode_op(
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
+    head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Split-KV decode over a paged latent cache: ``(out [B,Tq,H,Dv], lse fp32 [B,H,Tq])``."""
+    return mla_decode_fwd(
+        q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=causal,
+        topk_indices=topk_indices, num_splits=num_splits,
+    )
+
+
+@decode_op.register_fake
+def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits):
+    B, Tq, H, _ = q.shape
+    return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
+                  topk_indices=None, num_splits=None):
+    """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
+    return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
+                     bool(causal), topk_indices, num_splits)
+
+
+#: Every registered op (for ``torch.library.opcheck`` in the tests).
+OPS = {
+    "attention_fwd": attention_fwd_op,
+    "attention_bwd": attention_bwd_op,
+    "decode": decode_op,
+    "topk_attention_fwd": topk_attention_fwd_op,
+    "topk_attention_bwd": topk_attention_bwd_op,
+}
 
 
 def kernel_supports(q, k, v, block_mask=None, topk_indices=None) -> str:
     """Why the kernels cannot run these (validated) inputs, or ``""`` when they can."""
-    if block_mask is not None or topk_indices is not None:
-        return "the sparse Triton kernels are not available yet"
+    if block_mask is not None:
+        return "the block-sparse Triton kernels are not available yet"
     return ""
 
 
 def triton_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     *,
     causal: bool,
     softmax_scale: float,
     block_mask=None,
-    topk_indices: torch.Tensor | None = None,
+    topk_indices: Tensor | None = None,
     return_max_logit: bool = False,
+    deterministic: bool = True,
 ):
     """Run the fused kernels with autograd: ``(out, lse, max_logit | None)``. Inputs must be validated.
 
+    ``deterministic`` applies to the top-k backward (the dense one never uses atomics).
+
     Raises:
-        ValueError: a sparse layout whose kernels are not available.
+        ValueError: a layout the kernels do not support (see ``kernel_supports``).
     """
-    if block_mask is not None or topk_indices is not None:
-        raise ValueError("the sparse Triton kernels are not available: use backend='reference'")
-    return LatentAttentionFunction.apply(q, k, v, float(softmax_scale), bool(causal), bool(return_max_logit))
+    why = kernel_supports(q, k, v, block_mask, topk_indices)
+    if why:
+        raise ValueError(why)
+    scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
+    if topk_indices is not None:
+        out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
+    else:
+        out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)
+    return out, lse, (ml if return_max_logit else None)

@@ -204,6 +204,7 @@ def attention_with_stats(
     return_max_logit: bool = True,
     backend: str = "auto",
     check_indices: bool = True,
+    deterministic: bool = True,
 ) -> AttentionResult:
     """``latent_attention`` that also returns ``lse``, the per-head max logit and the backend used.
 
@@ -218,7 +219,7 @@ def attention_with_stats(
 
         out, lse, max_logit = triton_attention(
             q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
-            topk_indices=topk_indices, return_max_logit=return_max_logit,
+            topk_indices=topk_indices, return_max_logit=return_max_logit, deterministic=deterministic,
         )
     else:
         out, lse, max_logit = _ref.attention_reference(
@@ -241,6 +242,7 @@ def latent_attention(
     backend: str = "auto",
     attn_mask: torch.Tensor | None = None,
     check_indices: bool = True,
+    deterministic: bool = True,
 ):
     """Fused latent attention ``softmax(q·kᵀ·softmax_scale) · v`` (DESIGN §3–4).
 
@@ -262,6 +264,8 @@ def latent_attention(
             ``[B, Hq, T, S]``; arbitrary masks run on the reference path.
         check_indices: validate index values (one device sync): ``topk_indices`` in ``[-1, S)`` without
             duplicates per row, ``block_mask`` indices in range and ascending.
+        deterministic: top-k backward on the kernels: True (default) builds a key-major index with a sort
+            and accumulates dK/dV without atomics (bitwise reproducible); False uses fp32 atomics (faster).
 
     Returns:
         ``out [B, T, Hq, Dv]`` in the input dtype, or ``(out, lse)`` with ``return_lse``. A row that
@@ -276,7 +280,7 @@ def latent_attention(
     res = attention_with_stats(
         q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
         topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,
-        check_indices=check_indices,
+        check_indices=check_indices, deterministic=deterministic,
     )
     return (res.out, res.lse) if return_lse else res.out
 
@@ -464,9 +468,9 @@ def mla_decode(
             raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
     path = resolve_backend(backend, q.device, q.dtype)
     if path == "triton":
-        from kernels.decode import mla_decode_fwd
+        from mla.autograd import triton_decode
 
-        out, lse = mla_decode_fwd(
+        out, lse = triton_decode(
             q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
             num_splits=num_splits,
         )

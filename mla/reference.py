@@ -193,9 +193,11 @@ def attention_reference(
         t.requires_grad for t in (q, k, v) + ((bias,) if bias is not None else ())
     )
 
+    # One chunk needs no Python loop over T: under torch.compile a dynamic T then stays symbolic
+    # (the chunk count is the compile bucket).
+    bounds = [(0, T)] if n_chunks == 1 else [(t0, min(T, t0 + rows)) for t0 in range(0, T, rows)]
     outs, lses, maxes = [], [], []
-    for t0 in range(0, T, rows):
-        t1 = min(T, t0 + rows)
+    for t0, t1 in bounds:
         allowed = _allowed_chunk(
             t0, t1, T, S, Hkv, G, device, causal, block_grid, block_size, topk_indices, bool_mask
         )

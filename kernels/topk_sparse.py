@@ -1,0 +1,1316 @@
+"""Top-k sparse latent attention, forward and backward: every query token attends to its own list of keys.
+
+``topk_indices: int32 [B, T, Hkv, K]`` lists, for each query token and kv head, the key positions its
+``G = Hq // Hkv`` heads attend to (DeepSeek Sparse Attention, DeepSeek-V3.2, 2025; the same layout as
+FlashMLA's sparse kernels, https://github.com/deepseek-ai/FlashMLA). Lanes holding ``-1`` (anywhere:
+leading, trailing, all) are skipped; so are positions ``>= S`` and, with ``causal``, positions the token
+may not see (bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + S - T``). A row that sees
+no key gives output 0, ``lse = +inf`` and zero gradients, never NaN.
+
+Method (our own Triton code; the ideas are published, no code is copied):
+
+* **Query-major kernels** (forward, dQ, atomic dK/dV): one program per (batch, token, kv head, head
+  block, column split). The heads of the kv group are packed into the M rows of the tile (FlashMLA's
+  head packing; NSA, Yuan et al. 2025, arXiv 2502.11089, packs GQA heads the same way) because they
+  share the token's key list; the key rows are gathered ``BLOCK_N`` lanes at a time and every gathered
+  tile feeds all packed heads. Online softmax with fp32 statistics (FlashAttention-2, Dao 2023,
+  arXiv 2307.08691). Masked lanes load a *visible* key instead (key 0, which any row that sees
+  anything also sees) and get a score of ``-inf``: loads need no row masks, and nothing a row may not
+  see is read.
+* **Column plan** (:func:`column_plan`): tiles are powers of two, so ``Dk`` is cut into ``NSPLIT``
+  (1 or 2) chunks of ``BK`` columns plus a tail of ``NSPLIT`` pieces of ``BT`` columns, ``Dv`` into
+  ``NSPLIT`` chunks of ``BV``. Program ``split`` owns chunk ``split`` and tail piece ``split``: output
+  columns ``[split * BV, +BV)`` (forward), dQ columns (dQ) or dK / dV columns (dK/dV), and recomputes
+  the full scores (the other chunk and tail piece are extra products). For the absorbed shape
+  (Dk = 576 = 2 x 256 + 2 x 32, Dv = 512) a ``[64, 512]`` fp32 accumulator next to the score operands
+  does not fit the register file (``shared/notes/triton-without-gpu.md``), so two programs share a
+  (token, head block); splitting the tail keeps both programs' accumulators equal.
+* **v a prefix view of k** (absorbed MLA: ``v = k[..., :Dv]``, detected with
+  :func:`kernels.attention_fwd.is_prefix_alias`): the plan takes ``BK == BV`` and the program's own key
+  chunk is also its value tile, loaded once. ``dk`` still holds only the score-path gradient and ``dv``
+  the value path (autograd adds them through the view).
+* **dK/dV, deterministic mode** (the default): a key-major transposed index is built on the device with
+  a sort (:func:`build_key_major_index`): for each (batch, kv head, key block of ``BLOCK_N`` keys) the
+  sorted list of query tokens that selected at least one of its keys, each with a ``BLOCK_N``-bit mask
+  of which keys (CSR offsets per key block). One program owns a key block (its K/V tile stays resident,
+  as in FlashAttention-2's dK/dV kernel) and walks the packed (token, head) rows of its list; the bit
+  mask selects the (row, key) pairs. A key block selected by many queries (sinks, the recent window:
+  the normal case under causal top-k) is cut into work items of at most ``rows_per_item`` rows; those
+  write fp32 partials that a second kernel sums in a fixed order. No atomics: bitwise reproducible.
+  Cost: the sort (one host sync), ~12 bytes per distinct (key block, token) pair, fp32 partials for
+  the split key blocks, and wasted products on unselected keys of a selected block.
+* **dK/dV, atomic mode**: the query-major program forms ``dK = dSᵀ Q`` and ``dV = Pᵀ dO`` for its
+  gathered lanes and adds them with fp32 atomics into an fp32 scratch (then cast). Exact products only,
+  no index build, not bitwise reproducible (fp32 addition order).
+* ``delta = rowsum(dO * O) - dlse`` (``dlse``: gradient of ``lse``, since ``d lse / dS = P``) comes from
+  a small preprocessing kernel.
+
+Configurations (:func:`topk_config`; every one is listed by :func:`compile_specs`; no autotuning: the
+choice depends on the kind, arch family, head-dim class, group size G = Hq / Hkv and dtype). Tile
+``MxN`` = rows x lanes (query-major) or rows per step x keys (deterministic dK/dV), ``/v2`` two column
+splits, ``/s2`` fixed-side tiles re-read every step, ``/p`` dV and dK in two launches. Measured with
+``triton.compile`` + the bundled ptxas (``python -m bench.compile_report --kernels topk_sparse``), fp16
+(bf16 alike), registers with triton 3.9 / 3.6, spill bytes, shared bytes:
+
+=====================  ===========================================  ==========================================
+kind                   sm90 (227 KiB), all with wgmma               sm80 (164 KiB)
+=====================  ===========================================  ==========================================
+576/512 forward        64x32/v2 4w: 218-237 / 220-232, 0, 147584    G>16: 64x32/v2 8w: 177 / 175, 0, 114816
+                                                                    G<=16: 16x32/v2 4w: 128 / 128, 0, 56448
+576/512 dQ             64x32/v2 4w: 255 / 255, 0 (3.6: 980), 213120 16x32/v2/s2 4w: 168 / 168, 0, 72832
+576/512 dK/dV atomic   64x16/v2/p 4w: dV 166 / 186, dK 255 / 255,   16x16/v2/s2/p 4w: dV 122 / 110,
+                       0, 159808 / 229440                           dK 147 / 164, 0, 61504 / 69696
+576/512 dK/dV determ.  16x64/v2/p 8w: dV 196 / 164, dK 222 / 204,   16x16/v2/s2/p 4w: dV 128 / 128,
+                       0, 127168 / 143616                           dK 162 / 160, 0, 45696 / 53952
+192/128 (G = 1)        fwd 64x64 157 / 172, dQ 64x32 191 / 178,     fwd 16x64 80 / 96, dQ 16x32 96 / 96,
+                       atomic 64x32 170 / 186, determ. 16x64        atomic 16x32 255 / 128, determ. 16x64
+                       250 / 255; 0 spills, <= 131200               255 / 254; 0 spills, <= 51456
+64/64 (G = 4, 32)      fwd 64x64, dQ / atomic 64x32, determ.        G<=16 16-row, G>16 64-row tiles, determ.
+                       16x64, 4w: 86-128 regs, 0, <= 53376          16x64: 56-180 regs, 0, <= 32896
+=====================  ===========================================  ==========================================
+
+The only configuration that is not clean is the sm90 576/512 dQ kernel under triton 3.6: ptxas keeps
+the ~70 loop-invariant 64-bit wgmma descriptors of the resident q / dO tiles live and spills them (they
+are reloaded from L1 every step; triton 3.9 rematerialises them: 255 registers, 0 spills). Notes:
+
+* sm90: every tile has M >= 64 so that wgmma is used; a token with fewer heads than rows (G < 64) pads
+  the rows (these shapes are bound by the gathered key traffic). 4 warps on 64 rows: Triton gives a
+  chained product (scores -> P -> next dot) all warps along M, so 8 warps on a 64-row tile compute the
+  score tile twice. The deterministic dK launch uses 8 warps anyway (its dK accumulators spill on one
+  warpgroup), accepting that duplication.
+* sm80: mma.sync takes its operands from registers, so the absorbed backward uses 16-row tiles and
+  re-reads its fixed-side tiles every step (L1 hits); 64-row variants spill kilobytes.
+* fp32 inputs use IEEE fp32 products on CUDA cores (a correctness path with small tiles, not in the
+  compile check). Under the Triton interpreter one small configuration is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+from kernels.attention_fwd import is_prefix_alias
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = [
+    "ColumnPlan",
+    "KeyMajorIndex",
+    "TopkConfig",
+    "build_key_major_index",
+    "column_plan",
+    "compile_specs",
+    "topk_attention_bwd",
+    "topk_attention_fwd",
+    "topk_config",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+#: Smallest tile extent of a matrix-product operand (mma / wgmma need K >= 16 for 16-bit inputs).
+MIN_TILE = 16
+#: The deterministic dK/dV kernel's key-block bit masks are two int32 words: at most 64 keys per block.
+MAX_DET_BLOCK_N = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _prev_pow2(x: int) -> int:
+    return 1 << (int(x).bit_length() - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# host-side planning
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnPlan:
+    """How the head dims are cut into power-of-two tiles (module docstring, "Column plan").
+
+    ``Dk`` = ``nsplit`` chunks of ``bk`` columns + a tail of ``nsplit`` pieces of ``bt`` columns (0: no
+    tail); ``Dv`` = ``nsplit`` chunks of ``bv`` columns. Split ``s`` owns chunk ``s`` and tail piece
+    ``s``. Chunks may overhang the dims (masked loads).
+    """
+
+    nsplit: int
+    bk: int
+    bt: int
+    bv: int
+
+
+def column_plan(dk: int, dv: int, v_is_k: bool, nsplit: int) -> ColumnPlan:
+    """Cut ``Dk`` / ``Dv`` for ``nsplit`` (1 or 2) column splits (1 when ``Dv`` fits one 16-column tile);
+    ``v_is_k`` forces ``bk == bv`` so that the own key chunk is the value tile.
+
+    Raises ``ValueError`` for non-positive sizes, ``nsplit`` outside {1, 2}, or ``v_is_k`` with ``dv > dk``.
+    """
+    if dk < 1 or dv < 1 or nsplit not in (1, 2):
+        raise ValueError(f"column_plan: need dk, dv >= 1 and nsplit in (1, 2), got dk={dk}, dv={dv}, "
+                         f"nsplit={nsplit}")
+    if v_is_k and dv > dk:
+        raise ValueError(f"column_plan: v aliasing k needs dv <= dk, got dk={dk}, dv={dv}")
+    bv = max(MIN_TILE, _next_pow2(_cdiv(dv, nsplit)))
+    nsplit = _cdiv(dv, bv)  # never a split without value columns
+    if v_is_k:
+        bk = bv
+    elif nsplit == 1:
+        lo = max(MIN_TILE, _prev_pow2(dk))
+        rest = dk - lo
+        # one padded tile beats a tile plus a tail when the padding is no larger (24 -> 32, not 16 + 16)
+        bk = _next_pow2(dk) if rest > 0 and lo + max(MIN_TILE, _next_pow2(rest)) >= _next_pow2(dk) else lo
+        bk = max(MIN_TILE, bk)
+    else:
+        bk = max(MIN_TILE, _prev_pow2(max(1, dk // nsplit)))
+    rest = dk - nsplit * bk  # the tail: one piece of bt columns per split
+    bt = max(MIN_TILE, _next_pow2(_cdiv(rest, nsplit))) if rest > 0 else 0
+    return ColumnPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv)
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    """Tile configuration of one top-k kernel.
+
+    ``block_m``: query-major kernels: packed head rows per program; deterministic dK/dV: packed
+    (token, head) rows per step. ``block_n``: query-major: top-k lanes per step; deterministic dK/dV:
+    keys per program (<= 64). ``nsplit``: column splits (1 or 2; grid axis). ``stream``: how the fixed
+    side of the loop (query-major: the q / dO tiles; deterministic dK/dV: the key block's K / V tiles) is
+    held: 0 = loaded once before the loop, 1 = the other split's chunk re-read every step, 2 = every
+    tile re-read every step (L1 / L2 hits instead of registers or shared memory for the whole loop).
+    ``rows_per_item``: deterministic dK/dV: most packed rows one program walks (longer lists are split
+    over several programs and reduced in a fixed order). ``split_dkdv``: dK/dV kinds: dV and dK in two
+    launches (each holds one accumulator set; the dV launch needs no dP).
+    """
+
+    block_m: int
+    block_n: int
+    nsplit: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    stream: int = 0
+    rows_per_item: int = 4096
+    split_dkdv: bool = False
+
+    @property
+    def tile(self) -> str:
+        """Report label ``MxN`` (``/vN`` column splits, ``/sN`` stream level, ``/p`` dV and dK launched apart)."""
+        return (f"{self.block_m}x{self.block_n}" + (f"/v{self.nsplit}" if self.nsplit > 1 else "")
+                + (f"/s{self.stream}" if self.stream else "") + ("/p" if self.split_dkdv else ""))
+
+
+KINDS = ("fwd", "dq", "dkdv_atomic", "dkdv_det")
+
+# GPU tables for fp16 / bf16: (arch family, kind, head class, group class) -> config. Head class
+# "big" = the absorbed 576/512 class (a head dim > 256), "small" = the rest; group class "g16" =
+# at most 16 heads per kv head. Every entry is compiled by compile_specs (sm80 and sm90, triton 3.9
+# and 3.6): see the module docstring for the measurements.
+_C = TopkConfig
+_GPU_TABLE: dict[tuple[int, str, str, str], TopkConfig] = {}
+for _g in ("g16", "g"):
+    _GPU_TABLE.update({
+        # sm90: every query-major tile has 64 rows (wgmma's M; small groups pad), 4 warps = one
+        # warpgroup: a chained product (scores -> P -> next dot) gets all warps along M from Triton,
+        # so 8 warps on 64 rows would compute the scores twice.
+        (90, "fwd", "big", _g): _C(64, 32, nsplit=2, num_warps=4, num_stages=2),
+        (90, "dq", "big", _g): _C(64, 32, nsplit=2, num_warps=4, num_stages=2),
+        (90, "dkdv_atomic", "big", _g): _C(64, 16, nsplit=2, num_warps=4, num_stages=2, split_dkdv=True),
+        # keys on M (64) with two warpgroups: the score tiles are computed twice, but the dK
+        # accumulators are split over 256 threads (with 4 warps they spill)
+        (90, "dkdv_det", "big", _g): _C(16, 64, nsplit=2, num_warps=8, num_stages=2, split_dkdv=True),
+        (90, "fwd", "small", _g): _C(64, 64, num_warps=4, num_stages=2),
+        (90, "dq", "small", _g): _C(64, 32, num_warps=4, num_stages=2),
+        (90, "dkdv_atomic", "small", _g): _C(64, 32, num_warps=4, num_stages=2),
+        (90, "dkdv_det", "small", _g): _C(16, 64, num_warps=4, num_stages=2),
+        # sm80 (mma.sync takes its operands from registers): 16-row tiles and re-read fixed-side
+        # tiles in the 576/512 backward (64-row variants spill kilobytes)
+        (80, "dq", "big", _g): _C(16, 32, nsplit=2, num_warps=4, num_stages=2, stream=2),
+        (80, "dkdv_atomic", "big", _g): _C(16, 16, nsplit=2, num_warps=4, num_stages=2, stream=2, split_dkdv=True),
+        (80, "dkdv_det", "big", _g): _C(16, 16, nsplit=2, num_warps=4, num_stages=2, stream=2, split_dkdv=True),
+        (80, "dkdv_det", "small", _g): _C(16, 64, num_warps=4, num_stages=2),
+    })
+_GPU_TABLE.update({
+    (80, "fwd", "big", "g"): _C(64, 32, nsplit=2, num_warps=8, num_stages=2),
+    (80, "fwd", "big", "g16"): _C(16, 32, nsplit=2, num_warps=4, num_stages=2),
+    (80, "fwd", "small", "g"): _C(64, 64, num_warps=4, num_stages=2),
+    (80, "fwd", "small", "g16"): _C(16, 64, num_warps=4, num_stages=2),
+    (80, "dq", "small", "g"): _C(64, 32, num_warps=4, num_stages=2),
+    (80, "dq", "small", "g16"): _C(16, 32, num_warps=4, num_stages=2),
+    (80, "dkdv_atomic", "small", "g"): _C(64, 32, num_warps=4, num_stages=2),
+    (80, "dkdv_atomic", "small", "g16"): _C(16, 32, num_warps=4, num_stages=2),
+})
+# fp32 inputs (IEEE products on CUDA cores): a correctness path with small tiles (not in the
+# compile check, like the decode kernel's fp32 path).
+_GPU_TABLE_FP32: dict[tuple[str, str], TopkConfig] = {
+    ("fwd", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1),
+    ("dq", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1),
+    ("dkdv_atomic", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1, split_dkdv=True),
+    ("dkdv_det", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1, split_dkdv=True),
+    ("fwd", "small"): _C(16, 32, num_warps=4, num_stages=1),
+    ("dq", "small"): _C(16, 16, num_warps=4, num_stages=1),
+    ("dkdv_atomic", "small"): _C(16, 16, num_warps=4, num_stages=1),
+    ("dkdv_det", "small"): _C(16, 32, num_warps=4, num_stages=1),
+}
+
+
+def _head_class(dk: int, dv: int) -> str:
+    return "big" if max(dk, dv) > 256 else "small"
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16", *, interpret=None) -> TopkConfig:
+    """The configuration the launchers pick for ``kind`` (one of ``KINDS``: "fwd", "dq", "dkdv_atomic",
+    "dkdv_det") on compute capability ``arch`` with head dims (``dk``, ``dv``), ``group`` = Hq // Hkv heads
+    per kv head, and ``dtype`` (torch dtype or "fp16"/"bf16"/"fp32").
+
+    Under the Triton interpreter (``interpret``, default ``kernels._config.INTERPRET``) one small
+    configuration: 16 x 16 tiles, the value dim split in two above 256 columns (to exercise that path),
+    work items of 64 rows. On a GPU an entry of the per-arch tables (see the module docstring).
+    Raises ``ValueError`` for an unknown kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"topk_config: kind must be one of {KINDS}, got {kind!r}")
+    if INTERPRET if interpret is None else interpret:
+        return TopkConfig(16, 16, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1, rows_per_item=64)
+    cls = _head_class(dk, dv)
+    if _dtype_name(dtype) == "fp32":
+        return _GPU_TABLE_FP32[(kind, cls)]
+    return _GPU_TABLE[(90 if arch >= 90 else 80, kind, cls, "g16" if group <= 16 else "g")]
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    _LOG2E_C = tl.constexpr(LOG2E)
+    _LN2_C = tl.constexpr(LN2)
+    MIN_TILE_C = tl.constexpr(MIN_TILE)
+
+    @triton.jit
+    def _tile(base, rows, col0, D: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
+        """``[R, W]`` tile: rows at element offsets ``rows`` from ``base``, columns ``col0 + [0, W)``
+        (unit stride). Only the column overhang past ``D`` is masked (reads 0)."""
+        cols = col0 + tl.arange(0, W)
+        ptrs = base + rows[:, None] + cols[None, :]
+        if MASK:
+            x = tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def _chunk(base, rows, split, OTHER: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, W: tl.constexpr):
+        """Column chunk ``split`` (or, with ``OTHER``, the other split's chunk) of width ``W``; with one
+        split the "other" chunk is the own one (callers do not use it)."""
+        if OTHER and NSPLIT > 1:
+            col0 = (1 - split) * W
+        else:
+            col0 = split * W
+        return _tile(base, rows, col0, D, W, D < NSPLIT * W)
+
+    @triton.jit
+    def _tail(base, rows, split, OTHER: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BK: tl.constexpr,
+              BT: tl.constexpr):
+        """Tail piece ``split`` (or the other one) of ``BT`` columns after the ``NSPLIT * BK`` chunk columns
+        (``BT == 0``: no tail; a dummy the callers do not use)."""
+        if OTHER and NSPLIT > 1:
+            col0 = NSPLIT * BK + (1 - split) * BT
+        else:
+            col0 = NSPLIT * BK + split * BT
+        W: tl.constexpr = BT if BT > 0 else MIN_TILE_C
+        return _tile(base, rows, col0, D, W, D < NSPLIT * (BK + BT))
+
+    @triton.jit
+    def _idx(x, OFF64: tl.constexpr):
+        """Row index as int64 (``OFF64``) or int32: the launcher sets ``OFF64`` when an offset inside one
+        batch entry of some tensor can pass 2^31; int32 offsets need fewer registers."""
+        if OFF64:
+            y = x.to(tl.int64)
+        else:
+            y = x.to(tl.int32)
+        return y
+
+    @triton.jit
+    def _program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr):
+        """1-D grid of the query-major kernels: pid = (((b * T + t) * Hkv + hkv) * N_HB + hb) * NSPLIT + split.
+        Neighbouring programs share a token's key list (L2 reuse of the gathered rows)."""
+        pid = tl.program_id(0)
+        N_HB: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
+        if NSPLIT > 1:
+            split = pid % NSPLIT
+            pid = pid // NSPLIT
+        else:
+            split = 0
+        if N_HB > 1:
+            hb = pid % N_HB
+            pid = pid // N_HB
+        else:
+            hb = 0
+        hkv = pid % Hkv
+        bt = pid // Hkv
+        return split, hb, hkv.to(tl.int64), (bt // T).to(tl.int64), (bt % T).to(tl.int64)
+
+    @triton.jit
+    def _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N: tl.constexpr):
+        """Lanes ``start + [0, BLOCK_N)`` of a top-k row: (key to load, lane visible). A skipped lane
+        (-1, past K, >= S, causally hidden) loads key 0 instead (visible whenever the row sees anything)."""
+        lanes = start + tl.arange(0, BLOCK_N)
+        pos = tl.load(idx_row + lanes, mask=lanes < KTOP, other=-1)
+        ok = (pos >= 0) & (pos < key_end)
+        return tl.where(ok, pos, 0), ok
+
+    @triton.jit
+    def _gathered_scores(q_own, q_oth, q_tail, q_toth, k_base, k_rows, split,
+                         HEAD_DK: tl.constexpr, NSPLIT: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                         DOT: tl.constexpr):
+        """Unscaled ``q kᵀ`` over all ``Dk`` columns against the gathered key rows: own chunk, other chunk,
+        own and other tail piece. Returns (scores, own key chunk, other key chunk, own key tail)."""
+        k_own = _chunk(k_base, k_rows, split, False, HEAD_DK, NSPLIT, BK)
+        s = tl.dot(q_own, tl.trans(k_own), input_precision=DOT)
+        k_oth = k_own
+        if NSPLIT > 1:
+            k_oth = _chunk(k_base, k_rows, split, True, HEAD_DK, NSPLIT, BK)
+            s = tl.dot(q_oth, tl.trans(k_oth), s, input_precision=DOT)
+        k_tail = k_own
+        if BT > 0:
+            k_tail = _tail(k_base, k_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+            s = tl.dot(q_tail, tl.trans(k_tail), s, input_precision=DOT)
+            if NSPLIT > 1:
+                k_toth = _tail(k_base, k_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+                s = tl.dot(q_toth, tl.trans(k_toth), s, input_precision=DOT)
+        return s, k_own, k_oth, k_tail
+
+    @triton.jit
+    def _topk_fwd_kernel(
+        Q, K, V, IDX, O, LSE, MAXL,
+        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sih, sob, sot, soh, slb, slh, slt,
+        T, S, Hkv, KTOP, qk_scale, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr,
+        V_IS_K: tl.constexpr, WRITE_MAXL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr, OFF64: tl.constexpr,
+    ):
+        """Forward of one (batch, token, kv head, head block, value split); 1-D grid (``_program_coords``).
+
+        ``qk_scale = softmax_scale * log2(e)``. The score uses the own key chunk (columns
+        ``[split * BK, +BK)``; also the value tile when ``V_IS_K``), the other split's chunk and both tail
+        pieces. The q tiles are loaded once (``STREAM == 0``), or re-read every step at
+        ``+ step * opaque_zero`` (``opaque_zero`` is 0, which the compiler cannot see: the re-read stays in
+        the loop): the other chunk (``STREAM >= 1``) and all of them (``STREAM == 2``). Rows past the group
+        re-read its last head (never stored). Writes ``O`` columns ``[split * BV, +BV)``; split 0 writes
+        ``LSE`` (+inf for a row without keys) and, with ``WRITE_MAXL``, the row maximum of the scaled
+        scores (-inf if none) into the contiguous fp32 ``[B, Hq, T]`` buffer ``MAXL``.
+        """
+        split, hb, hkv, b, t = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
+        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = heads < G
+        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
+        q_base = Q + b * sqb + t * sqt
+        q_rows = hq * sqh
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        idx_row = IDX + b * sib + t * sit + hkv * sih
+
+        q_own0 = _chunk(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK)
+        q_oth0 = _chunk(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK)
+        q_tail0 = _tail(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+        q_toth0 = _tail(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+        if CAUSAL:
+            key_end = t + S - T + 1  # keys j < key_end are visible (bottom-right aligned)
+        else:
+            key_end = S + t * 0
+        n_lanes = tl.where(key_end > 0, KTOP, 0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
+        for start in range(0, n_lanes, BLOCK_N):
+            qb = q_base + start * opaque_zero
+            if STREAM >= 2:
+                q_own = _chunk(qb, q_rows, split, False, HEAD_DK, NSPLIT, BK)
+                q_tail = _tail(qb, q_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+            else:
+                q_own = q_own0
+                q_tail = q_tail0
+            if STREAM >= 1:
+                q_oth = _chunk(qb, q_rows, split, True, HEAD_DK, NSPLIT, BK)
+                q_toth = _tail(qb, q_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+            else:
+                q_oth = q_oth0
+                q_toth = q_toth0
+            kpos, ok = _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
+            s, k_own, k_oth, k_tail = _gathered_scores(q_own, q_oth, q_tail, q_toth, k_base,
+                                                       _idx(kpos, OFF64) * sks, split, HEAD_DK, NSPLIT, BK, BT,
+                                                       DOT)
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row without keys yet stays at 0
+            alpha = tl.exp2(m_i - m_base)
+            p = tl.exp2(s - m_base[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if V_IS_K:
+                v_t = k_own
+            else:
+                v_t = _chunk(v_base, _idx(kpos, OFF64) * svs, split, False, HEAD_DV, NSPLIT, BV)
+            acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None], input_precision=DOT)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        l_div = tl.where(empty, 1.0, l_i)
+        out = acc / l_div[:, None]
+        hq_st = _idx(hkv * G, OFF64) + heads
+        cols = split * BV + tl.arange(0, BV)
+        o_ptrs = O + b * sob + t * sot + (hq_st * soh)[:, None] + cols[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (cols < HEAD_DV)[None, :])
+        st_ok = row_ok
+        if NSPLIT > 1:
+            st_ok = st_ok & ((heads * 0 + split) == 0)  # every split holds the same statistics
+        l_ptrs = LSE + b * slb + hq_st * slh + t * slt
+        tl.store(l_ptrs, tl.where(empty, float("inf"), (m_i + tl.log2(l_div)) * _LN2_C), mask=st_ok)
+        if WRITE_MAXL:
+            tl.store(MAXL + (b * (Hkv * G) * T + t) + hq_st.to(tl.int64) * T, m_i * _LN2_C, mask=st_ok)
+
+    @triton.jit
+    def _topk_bwd_pre_kernel(
+        O, DO, DLSE, DELTA,
+        sob, sot, soh, sod, sdob, sdot, sdoh, sdod, sdlb, sdlh, sdlt,
+        T, Hq,
+        HEAD_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """``DELTA[b, h, t] = sum_d O * dO - dLSE`` in fp32 (contiguous ``[B, Hq, T]``);
+        grid ``(B * Hq, cdiv(T, BLOCK_T))``."""
+        pid_bh = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = tok < T
+        tok64 = tok.to(tl.int64)
+        acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for c0 in tl.static_range(0, HEAD_DV, BLOCK_D):
+            cols = (c0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            msk = ok[:, None] & (cols < HEAD_DV)[None, :]
+            o = tl.load(O + b * sob + h * soh + (tok64 * sot)[:, None] + (cols * sod)[None, :], mask=msk, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + (tok64 * sdot)[:, None] + (cols * sdod)[None, :], mask=msk,
+                         other=0.0)
+            acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            acc -= tl.load(DLSE + b * sdlb + h * sdlh + tok64 * sdlt, mask=ok, other=0.0)
+        tl.store(DELTA + (b * Hq + h) * T + tok64, acc, mask=ok)
+
+    @triton.jit
+    def _topk_bwd_q_kernel(
+        Q, K, V, DO, IDX, LSE, DELTA, DQ, DKA, DVA,
+        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, sib, sit, sih, slb, slh, slt,
+        sdqb, sdqt, sdqh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+        T, S, Hkv, KTOP, qk_scale, sm_scale, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr,
+        V_IS_K: tl.constexpr, WRITE_DQ: tl.constexpr, ATOMIC_DKDV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr, OFF64: tl.constexpr,
+    ):
+        """Query-major backward of one (batch, token, kv head, head block, column split); 1-D grid.
+
+        Recomputes ``P = exp2(s - lse)`` and ``dS = P (dP - delta)`` for the gathered lanes (all ``Dk``
+        columns for s, all ``Dv`` for dP; q / dO tiles resident or re-read per ``STREAM`` as in the
+        forward). ``WRITE_DQ``: accumulate ``dQ = dS K * softmax_scale`` for the program's chunk and tail
+        piece and store it. ``ATOMIC_DKDV`` (bit 1: dV, bit 2: dK): add ``Pᵀ dO`` / ``dSᵀ Q * softmax_scale``
+        of the program's columns into the fp32 buffers ``DVA`` / ``DKA`` with atomics (skipped lanes add
+        nothing; dV alone needs no dP). Padding rows read ``lse = +inf``, so their P and dS are 0.
+        """
+        split, hb, hkv, b, t = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
+        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = heads < G
+        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
+        q_base = Q + b * sqb + t * sqt
+        q_rows = hq * sqh
+        do_base = DO + b * sdob + t * sdot
+        do_rows = hq * sdoh
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        idx_row = IDX + b * sib + t * sit + hkv * sih
+
+        q_own0 = _chunk(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK)
+        q_oth0 = _chunk(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK)
+        q_tail0 = _tail(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+        q_toth0 = _tail(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+        do_own0 = _chunk(do_base, do_rows, split, False, HEAD_DV, NSPLIT, BV)
+        do_oth0 = _chunk(do_base, do_rows, split, True, HEAD_DV, NSPLIT, BV)
+        lse = tl.load(LSE + b * slb + hq * slh + t * slt, mask=row_ok, other=float("inf")) * _LOG2E_C
+        delta = tl.load(DELTA + (b * (Hkv * G) * T + t) + hq.to(tl.int64) * T, mask=row_ok, other=0.0)
+        if CAUSAL:
+            key_end = t + S - T + 1
+        else:
+            key_end = S + t * 0
+        n_lanes = tl.where(key_end > 0, KTOP, 0)
+
+        dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
+        dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else MIN_TILE_C], dtype=tl.float32)
+        cols_k = split * BK + tl.arange(0, BK)
+        cols_v = split * BV + tl.arange(0, BV)
+        cols_t = NSPLIT * BK + split * BT + tl.arange(0, BT if BT > 0 else MIN_TILE_C)
+        for start in range(0, n_lanes, BLOCK_N):
+            hide = start * opaque_zero
+            if STREAM >= 2:
+                q_own = _chunk(q_base + hide, q_rows, split, False, HEAD_DK, NSPLIT, BK)
+                q_tail = _tail(q_base + hide, q_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+                do_own = _chunk(do_base + hide, do_rows, split, False, HEAD_DV, NSPLIT, BV)
+            else:
+                q_own = q_own0
+                q_tail = q_tail0
+                do_own = do_own0
+            if STREAM >= 1:
+                q_oth = _chunk(q_base + hide, q_rows, split, True, HEAD_DK, NSPLIT, BK)
+                q_toth = _tail(q_base + hide, q_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+                do_oth = _chunk(do_base + hide, do_rows, split, True, HEAD_DV, NSPLIT, BV)
+            else:
+                q_oth = q_oth0
+                q_toth = q_toth0
+                do_oth = do_oth0
+            kpos, ok = _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
+            kidx = _idx(kpos, OFF64)
+            # scores first (P), then dP: fewer fp32 tiles live at once
+            s, k_own, k_oth, k_tail = _gathered_scores(q_own, q_oth, q_tail, q_toth, k_base, kidx * sks, split,
+                                                       HEAD_DK, NSPLIT, BK, BT, DOT)
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            ds = p
+            if WRITE_DQ or ATOMIC_DKDV >= 2:
+                if V_IS_K:  # value chunks are the key chunks (columns past Dv meet zero dO columns)
+                    v_own = k_own
+                    v_oth = k_oth
+                else:
+                    v_own = _chunk(v_base, kidx * svs, split, False, HEAD_DV, NSPLIT, BV)
+                    v_oth = v_own
+                    if NSPLIT > 1:
+                        v_oth = _chunk(v_base, kidx * svs, split, True, HEAD_DV, NSPLIT, BV)
+                dp = tl.dot(do_own, tl.trans(v_own), input_precision=DOT)
+                if NSPLIT > 1:
+                    dp = tl.dot(do_oth, tl.trans(v_oth), dp, input_precision=DOT)
+                ds = p * (dp - delta[:, None])
+            if WRITE_DQ:
+                dq_acc = tl.dot(ds.to(k_own.dtype), k_own, dq_acc, input_precision=DOT)
+                if BT > 0:
+                    dq_tail = tl.dot(ds.to(k_tail.dtype), k_tail, dq_tail, input_precision=DOT)
+            if ATOMIC_DKDV % 2 == 1:
+                dv_part = tl.dot(tl.trans(p.to(do_own.dtype)), do_own, input_precision=DOT)
+                va = DVA + b * sdvb + hkv * sdvh + (kidx * sdvs)[:, None]
+                tl.atomic_add(va + cols_v[None, :], dv_part, mask=ok[:, None] & (cols_v < HEAD_DV)[None, :])
+            if ATOMIC_DKDV >= 2:
+                dst = tl.trans(ds.to(q_own.dtype))
+                dk_part = tl.dot(dst, q_own, input_precision=DOT) * sm_scale
+                ka = DKA + b * sdkb + hkv * sdkh + (kidx * sdks)[:, None]
+                tl.atomic_add(ka + cols_k[None, :], dk_part, mask=ok[:, None] & (cols_k < HEAD_DK)[None, :])
+                if BT > 0:
+                    dk_tail = tl.dot(dst, q_tail, input_precision=DOT) * sm_scale
+                    tl.atomic_add(ka + cols_t[None, :], dk_tail, mask=ok[:, None] & (cols_t < HEAD_DK)[None, :])
+
+        if WRITE_DQ:
+            hq_st = _idx(hkv * G, OFF64) + heads
+            dq_ptr = DQ + b * sdqb + t * sdqt + (hq_st * sdqh)[:, None]
+            tl.store(dq_ptr + cols_k[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols_k < HEAD_DK)[None, :])
+            if BT > 0:
+                tl.store(dq_ptr + cols_t[None, :], (dq_tail * sm_scale).to(DQ.dtype.element_ty),
+                         mask=row_ok[:, None] & (cols_t < HEAD_DK)[None, :])
+
+    @triton.jit
+    def _topk_bwd_kv_det_kernel(
+        Q, K, V, DO, LSE, DELTA, ENT_T, ENT_LO, ENT_HI, ITEMS, DK, DV, PK, PV,
+        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sdob, sdot, sdoh, slb, slh, slt,
+        sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+        T, S, Hkv, NKB, qk_scale, sm_scale, opaque_zero,
+        G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, V_IS_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+        BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr, OFF64: tl.constexpr, PARTS: tl.constexpr,
+    ):
+        """Deterministic dK/dV of one work item and column split; grid ``(n_items, NSPLIT)``; ``PARTS``:
+        bit 1 dV, bit 2 dK (separate launches keep each accumulator set small; dV alone needs no dP).
+
+        ``ITEMS[i] = (segment, first entry, end entry, slot)`` (int64), segment = (b * Hkv + hkv) * NKB +
+        key block. The item walks the packed rows ``e * G + h`` of entries ``[first, end)`` (entry e: token
+        ``ENT_T[e]``, key bits ``ENT_LO[e]`` / ``ENT_HI[e]`` for keys 0-31 / 32-63 of the block); the key
+        block's K/V tiles (own chunk, other chunk, tail pieces) are loaded once (``STREAM == 0``) or
+        re-read every step (other chunk: ``STREAM >= 1``, all: ``STREAM == 2``; see the forward). All
+        products are transposed (``[BLOCK_N, BLOCK_M]``, keys on M). ``slot < 0``: the item is its block's
+        only one and writes dK/dV (input dtype) directly, zeros for a block nobody selected; else it writes
+        fp32 partials ``PK[slot]`` ``[BLOCK_N, Dk]`` / ``PV[slot]`` ``[BLOCK_N, Dv]`` for
+        ``_topk_reduce_kernel``. No atomics.
+        """
+        pid = tl.program_id(0)
+        if NSPLIT > 1:
+            split = tl.program_id(1)
+        else:
+            split = 0
+        item = ITEMS + pid.to(tl.int64) * 4
+        seg = tl.load(item)
+        e_lo = tl.load(item + 1)
+        e_hi = tl.load(item + 2)
+        slot = tl.load(item + 3)
+        bh = seg // NKB
+        kb = seg % NKB
+        b = bh // Hkv
+        hkv = bh % Hkv
+
+        nn = tl.arange(0, BLOCK_N)
+        keys = _idx(kb * BLOCK_N, OFF64) + nn
+        key_ok = keys < S
+        keys_ld = tl.minimum(keys, S - 1)
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+        k_rows = keys_ld * sks
+        v_rows = keys_ld * svs
+        k_own0 = _chunk(k_base, k_rows, split, False, HEAD_DK, NSPLIT, BK)
+        k_oth0 = _chunk(k_base, k_rows, split, True, HEAD_DK, NSPLIT, BK)
+        k_tail0 = _tail(k_base, k_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+        k_toth0 = _tail(k_base, k_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+        v_own0 = _chunk(v_base, v_rows, split, False, HEAD_DV, NSPLIT, BV)
+        v_oth0 = _chunk(v_base, v_rows, split, True, HEAD_DV, NSPLIT, BV)
+        shift = (nn % 32)[:, None]
+        hi_word = (nn >= 32)[:, None]
+
+        dk_acc = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
+        dk_tail = tl.zeros([BLOCK_N, BT if BT > 0 else MIN_TILE_C], dtype=tl.float32)
+        dv_acc = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
+        q_base = Q + b * sqb
+        do_base = DO + b * sdob
+        r_lo = e_lo * G
+        r_hi = e_hi * G
+        for r0 in range(r_lo, r_hi, BLOCK_M):
+            kb_ = k_base + r0 * opaque_zero
+            vb_ = v_base + r0 * opaque_zero
+            if STREAM >= 2:
+                k_own = _chunk(kb_, k_rows, split, False, HEAD_DK, NSPLIT, BK)
+                k_tail = _tail(kb_, k_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+            else:
+                k_own = k_own0
+                k_tail = k_tail0
+            if STREAM >= 1:
+                k_oth = _chunk(kb_, k_rows, split, True, HEAD_DK, NSPLIT, BK)
+                k_toth = _tail(kb_, k_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+            else:
+                k_oth = k_oth0
+                k_toth = k_toth0
+            if V_IS_K:
+                v_own = k_own
+                v_oth = k_oth
+            else:
+                if STREAM >= 2:
+                    v_own = _chunk(vb_, v_rows, split, False, HEAD_DV, NSPLIT, BV)
+                else:
+                    v_own = v_own0
+                if STREAM >= 1:
+                    v_oth = _chunk(vb_, v_rows, split, True, HEAD_DV, NSPLIT, BV)
+                else:
+                    v_oth = v_oth0
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < r_hi
+            rows = tl.where(row_ok, rows, r_lo)
+            e = rows // G
+            hq = _idx(hkv * G + rows % G, OFF64)
+            t = _idx(tl.load(ENT_T + e), OFF64)
+            q_rows = t * sqt + hq * sqh
+            do_rows = t * sdot + hq * sdoh
+            q_own = _chunk(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK)
+            st = tl.dot(k_own, tl.trans(q_own), input_precision=DOT)
+            if NSPLIT > 1:
+                q_oth = _chunk(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK)
+                st = tl.dot(k_oth, tl.trans(q_oth), st, input_precision=DOT)
+            q_tail = q_own
+            if BT > 0:
+                q_tail = _tail(q_base, q_rows, split, False, HEAD_DK, NSPLIT, BK, BT)
+                st = tl.dot(k_tail, tl.trans(q_tail), st, input_precision=DOT)
+                if NSPLIT > 1:
+                    q_toth = _tail(q_base, q_rows, split, True, HEAD_DK, NSPLIT, BK, BT)
+                    st = tl.dot(k_toth, tl.trans(q_toth), st, input_precision=DOT)
+            lse = tl.load(LSE + b * slb + hq * slh + t * slt, mask=row_ok, other=float("inf")) * _LOG2E_C
+            word = tl.load(ENT_LO + e)
+            if BLOCK_N > 32:
+                word = tl.where(hi_word, tl.load(ENT_HI + e)[None, :], word[None, :])
+            else:
+                word = word[None, :]
+            sel = ((word >> shift) & 1) != 0
+            st = tl.where(sel, st * qk_scale, float("-inf"))
+            pt = tl.exp2(st - lse[None, :])
+            do_own = _chunk(do_base, do_rows, split, False, HEAD_DV, NSPLIT, BV)
+            if PARTS % 2 == 1:
+                dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
+            if PARTS >= 2:
+                dpt = tl.dot(v_own, tl.trans(do_own), input_precision=DOT)
+                if NSPLIT > 1:
+                    do_oth = _chunk(do_base, do_rows, split, True, HEAD_DV, NSPLIT, BV)
+                    dpt = tl.dot(v_oth, tl.trans(do_oth), dpt, input_precision=DOT)
+                delta = tl.load(DELTA + b * (Hkv * G) * T + (hq.to(tl.int64) * T + t), mask=row_ok, other=0.0)
+                dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
+                dk_acc = tl.dot(dst, q_own, dk_acc, input_precision=DOT)
+                if BT > 0:
+                    dk_tail = tl.dot(dst, q_tail, dk_tail, input_precision=DOT)
+
+        cols_k = split * BK + tl.arange(0, BK)
+        cols_v = split * BV + tl.arange(0, BV)
+        cols_t = NSPLIT * BK + split * BT + tl.arange(0, BT if BT > 0 else MIN_TILE_C)
+        kmask = (cols_k < HEAD_DK)[None, :]
+        vmask = (cols_v < HEAD_DV)[None, :]
+        tmask = (cols_t < HEAD_DK)[None, :]
+        dk_acc = dk_acc * sm_scale
+        dk_tail = dk_tail * sm_scale
+        if slot < 0:
+            keys_st = _idx(keys, OFF64)
+            dk_ptr = DK + b * sdkb + hkv * sdkh + (keys_st * sdks)[:, None]
+            dv_ptr = DV + b * sdvb + hkv * sdvh + (keys_st * sdvs)[:, None]
+            if PARTS >= 2:
+                tl.store(dk_ptr + cols_k[None, :], dk_acc.to(DK.dtype.element_ty), mask=key_ok[:, None] & kmask)
+                if BT > 0:
+                    tl.store(dk_ptr + cols_t[None, :], dk_tail.to(DK.dtype.element_ty),
+                             mask=key_ok[:, None] & tmask)
+            if PARTS % 2 == 1:
+                tl.store(dv_ptr + cols_v[None, :], dv_acc.to(DV.dtype.element_ty), mask=key_ok[:, None] & vmask)
+        else:
+            nn64 = nn.to(tl.int64)
+            pk = PK + slot * (BLOCK_N * HEAD_DK) + (nn64 * HEAD_DK)[:, None]
+            pv = PV + slot * (BLOCK_N * HEAD_DV) + (nn64 * HEAD_DV)[:, None]
+            if PARTS >= 2:
+                tl.store(pk + cols_k[None, :], dk_acc, mask=kmask)
+                if BT > 0:
+                    tl.store(pk + cols_t[None, :], dk_tail, mask=tmask)
+            if PARTS % 2 == 1:
+                tl.store(pv + cols_v[None, :], dv_acc, mask=vmask)
+
+    @triton.jit
+    def _topk_reduce_kernel(
+        P, OUT, MULTI, sob, sos, soh, S, Hkv, NKB,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Sum the fp32 partials of one key block in slot order and store them (output dtype);
+        ``MULTI[m] = (segment, first slot, slot count)``; grid ``(n_multi, cdiv(D, BLOCK_D))``."""
+        pid_m = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rec = MULTI + pid_m.to(tl.int64) * 3
+        seg = tl.load(rec)
+        first = tl.load(rec + 1)
+        count = tl.load(rec + 2)
+        bh = seg // NKB
+        kb = seg % NKB
+        b = bh // Hkv
+        hkv = bh % Hkv
+        nn = tl.arange(0, BLOCK_N)
+        keys = kb * BLOCK_N + nn
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = (cols < D)[None, :]
+        off = (nn.to(tl.int64) * D)[:, None] + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for i in range(0, count):
+            acc += tl.load(P + (first + i) * (BLOCK_N * D) + off, mask=cmask, other=0.0)
+        ptrs = OUT + b * sob + hkv * soh + (keys.to(tl.int64) * sos)[:, None] + cols[None, :]
+        tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=(keys < S)[:, None] & cmask)
+
+# --------------------------------------------------------------------------------------------
+# key-major transposed index (deterministic dK/dV)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class KeyMajorIndex:
+    """Transposed top-k index for the deterministic dK/dV kernel (see :func:`build_key_major_index`).
+
+    ``ent_t`` int32 ``[E]``: query token of entry e; ``ent_lo`` / ``ent_hi`` int32 ``[E]``: bits of the
+    selected keys 0-31 / 32-63 of the entry's key block. Entries are sorted by (batch, kv head, key
+    block, token); ``offsets`` int64 ``[B * Hkv * NKB + 1]``: CSR offsets per key block ("segment").
+    ``items`` int64 ``[n_items, 4]``: (segment, first entry, end entry, slot) work items of at most
+    ``chunk`` entries each, every segment at least one (empty ones write zeros); ``slot`` is -1 for a
+    segment's only item, else its partial-buffer slot. ``multi`` int64 ``[n_multi, 3]``: (segment,
+    first slot, slot count) for the segments split over several items. ``n_slots`` = partial slots.
+    """
+
+    block_n: int
+    num_key_blocks: int
+    ent_t: torch.Tensor
+    ent_lo: torch.Tensor
+    ent_hi: torch.Tensor
+    offsets: torch.Tensor
+    items: torch.Tensor
+    multi: torch.Tensor
+    n_slots: int
+    chunk: int
+
+    @property
+    def num_entries(self) -> int:
+        """Distinct (key block, token) pairs."""
+        return int(self.ent_t.numel())
+
+    def nbytes(self) -> int:
+        """Device memory of the index (without the partial buffers)."""
+        return sum(x.numel() * x.element_size()
+                   for x in (self.ent_t, self.ent_lo, self.ent_hi, self.offsets, self.items, self.multi))
+
+
+def _to_int32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same bit pattern."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def build_key_major_index(topk_indices: torch.Tensor, S: int, causal: bool, block_n: int,
+                          group: int = 1, rows_per_item: int = 4096) -> KeyMajorIndex:
+    """Transpose ``topk_indices`` (int32 ``[B, T, Hkv, K]``) into the key-major lists of the
+    deterministic dK/dV kernel, on the indices' device.
+
+    Lanes that select nothing (``-1``, ``< 0``, ``>= S``, causally hidden with ``causal``) are dropped;
+    a key listed twice in one row counts once. Per (batch, kv head, key block of ``block_n`` keys):
+    the tokens that selected at least one of its keys, ascending, each with a bit mask of those keys.
+    Built with one ``torch.unique`` (a sort) of int64 keys ``((bh * NKB + kb) * T + t) * block_n + j %
+    block_n``: the result does not depend on the sort's stability, so it is deterministic. Work items
+    hold at most ``max(1, rows_per_item // group)`` entries (``group`` heads each).
+
+    Memory: during the build about 5 int64 temporaries per lane (``B * T * Hkv * K`` lanes: ~40 bytes each,
+    e.g. 2.7 GB for T = 32k, K = 2048); afterwards 12 bytes per entry and 32 per work item. Synchronises
+    with the host (output sizes). Raises ``ValueError`` for ``block_n`` outside ``[1, 64]``.
+    """
+    if not 1 <= block_n <= MAX_DET_BLOCK_N:
+        raise ValueError(f"build_key_major_index: block_n must be in [1, {MAX_DET_BLOCK_N}], got {block_n}")
+    B, T, Hkv, _ = topk_indices.shape
+    dev = topk_indices.device
+    nkb = max(1, _cdiv(S, block_n))
+    n_seg = B * Hkv * nkb
+    j = topk_indices.long()
+    t = torch.arange(T, device=dev).view(1, T, 1, 1)
+    valid = (j >= 0) & (j < S)
+    if causal:
+        valid &= j <= t + (S - T)
+    bh = (torch.arange(B, device=dev).view(B, 1, 1, 1) * Hkv + torch.arange(Hkv, device=dev).view(1, 1, Hkv, 1))
+    jc = j.clamp(min=0)
+    comp = ((bh * nkb + jc // block_n) * T + t) * block_n + jc % block_n
+    comp = torch.unique(comp[valid])  # sorted; drops duplicate keys of a row
+    grp = comp // block_n
+    bit = comp % block_n
+    g, counts = torch.unique_consecutive(grp, return_counts=True)
+    ends = counts.cumsum(0) - 1
+    one = torch.ones((), dtype=torch.int64, device=dev)
+
+    def seg_sum(vals):  # per-group sums of the bit values (exact: disjoint bits, < 2^32)
+        cs = vals.cumsum(0)[ends]
+        return cs - torch.cat([cs.new_zeros(1), cs[:-1]])
+
+    lo = seg_sum(torch.where(bit < 32, one << bit.clamp(max=31), 0))
+    hi = seg_sum(torch.where(bit >= 32, one << (bit - 32).clamp(min=0), 0))
+    ent_t = (g % T).to(torch.int32)
+    seg = g // T
+    offsets = torch.searchsorted(seg, torch.arange(n_seg + 1, device=dev))
+    n_e = offsets[1:] - offsets[:-1]
+    chunk = max(1, rows_per_item // max(1, group))
+    per = torch.clamp((n_e + chunk - 1) // chunk, min=1)
+    item_seg = torch.repeat_interleave(torch.arange(n_seg, device=dev), per)
+    first_item = per.cumsum(0) - per
+    rank = torch.arange(item_seg.numel(), device=dev) - first_item[item_seg]
+    e_lo = offsets[item_seg] + rank * chunk
+    e_hi = torch.minimum(e_lo + chunk, offsets[item_seg + 1])
+    split_item = (per > 1)[item_seg]
+    slot = torch.where(split_item, split_item.long().cumsum(0) - 1, -1)
+    items = torch.stack([item_seg, e_lo, e_hi, slot], dim=1).contiguous()
+    multi_seg = torch.nonzero(per > 1).flatten()
+    multi = torch.stack([multi_seg, slot[first_item[multi_seg]], per[multi_seg]], dim=1).contiguous()
+    return KeyMajorIndex(
+        block_n=block_n, num_key_blocks=nkb, ent_t=ent_t, ent_lo=_to_int32_bits(lo), ent_hi=_to_int32_bits(hi),
+        offsets=offsets, items=items, multi=multi, n_slots=int(split_item.sum()), chunk=chunk,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _prep_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k, v, v_is_k) with unit last strides; a prefix alias survives the copy."""
+    alias = is_prefix_alias(k, v)
+    if alias and k.stride(-1) != 1:
+        k = k.contiguous()
+        v = k[..., : v.shape[-1]]
+    elif not alias:
+        k, v = _unit_last(k), _unit_last(v)
+    return k, v, alias
+
+
+_I32_LIMIT = 2**31
+
+
+def _extent(x: torch.Tensor, dims) -> int:
+    """Largest element offset + 1 of ``x`` over ``dims`` (its other dims at index 0)."""
+    return 1 + sum((x.shape[d] - 1) * abs(x.stride(d)) for d in dims if x.shape[d] > 0)
+
+
+def _off64(row_tensors, key_tensors, det: bool = False) -> bool:
+    """Whether a kernel needs int64 row offsets: query-side tensors ``[B, T, H, D]`` (query-major kernels
+    address one token, dims 2-3; the deterministic dK/dV kernel gathers tokens, dims 1-3), key-side
+    tensors ``[B, S, H, D]`` and ``[B, H, T]`` statistics (dims 1-2 / 1-3). Batch offsets are always int64."""
+    for x in row_tensors:
+        if _extent(x, range(1 if det else 2, x.dim())) >= _I32_LIMIT:
+            return True
+    return any(_extent(x, range(1, x.dim())) >= _I32_LIMIT for x in key_tensors)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp16/bf16: ignored (tensor cores, fp32 acc)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _check_launch(name: str, q: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs triton")
+    if not INTERPRET and q.device.type != "cuda":
+        raise RuntimeError(f"{name} runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+
+
+def _plan_consts(kind: str, cfg: TopkConfig, dk: int, dv: int, v_is_k: bool) -> dict:
+    plan = column_plan(dk, dv, v_is_k, cfg.nsplit)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NSPLIT=plan.nsplit, BK=plan.bk, BT=plan.bt, BV=plan.bv,
+                STREAM=int(cfg.stream))
+
+
+def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool, *, return_max_logit=False,
+                       out=None, lse=None, config: TopkConfig | None = None):
+    """Top-k sparse attention forward (DeepSeek Sparse Attention layout; see the module docstring).
+
+    Args:
+        q: ``[B, T, Hq, Dk]``; k: ``[B, S, Hkv, Dk]``; v: ``[B, S, Hkv, Dv]``: fp16 / bf16 / fp32, one
+            dtype and device (CUDA, or CPU under ``TRITON_INTERPRET=1``), any strides (a non-unit last
+            stride costs a copy), ``Hq % Hkv == 0``. ``v`` may be a prefix view of ``k``
+            (``k[..., :Dv]``, absorbed MLA): detected with ``kernels.attention_fwd.is_prefix_alias``, the
+            shared tile is loaded once.
+        topk_indices: int32 ``[B, T, Hkv, K]``: per query token and kv head the keys its heads attend to.
+            ``-1`` lanes (anywhere), entries ``< 0`` or ``>= S`` and, with ``causal``, keys past the
+            token's limit are skipped. A key listed twice in a row counts twice (a caller error).
+        softmax_scale: scores are ``q · k * softmax_scale``.
+        causal: bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + S - T``.
+        return_max_logit: also return the per-(batch, head) maximum visible scaled score.
+        out: optional preallocated ``[B, T, Hq, Dv]`` output in q.dtype (any strides; every element
+            is written). lse: optional preallocated fp32 ``[B, Hq, T]`` (any strides).
+        config: force a :class:`TopkConfig` (tests, tuning); default :func:`topk_config`.
+
+    Inputs are assumed validated by the caller (``mla.functional``). fp32 inputs use IEEE fp32 products,
+    fp16 / bf16 tensor-core products with fp32 accumulation; softmax statistics are fp32.
+
+    Returns:
+        ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log, max_logit fp32 [B, Hq] or None)``.
+        A row that sees no key gives out 0 and ``lse = +inf``; a head that sees no key at all gives
+        ``max_logit = -inf``.
+
+    Raises:
+        RuntimeError: Triton is missing, or CPU tensors outside the interpreter.
+    """
+    _check_launch("topk_attention_fwd", q)
+    B, T, Hq, Dk = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    Dv = v.shape[3]
+    KTOP = topk_indices.shape[3]
+    dev = q.device
+    if out is None:
+        out = torch.empty((B, T, Hq, Dv), dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    if B == 0 or T == 0 or Hq == 0:
+        maxl = torch.full((B, Hq), float("-inf"), device=dev) if return_max_logit else None
+        return out, lse, maxl
+    G = Hq // Hkv
+    k, v, v_is_k = _prep_kv(k, v)
+    q = _unit_last(q)
+    idx = _unit_last(topk_indices)
+    o_buf = out if out.stride(-1) == 1 or Dv == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    cfg = config or topk_config("fwd", _arch(dev), Dk, Dv, G, q.dtype)
+    pc = _plan_consts("fwd", cfg, Dk, Dv, v_is_k)
+    maxl = torch.empty((B, Hq, T), dtype=torch.float32, device=dev) if return_max_logit else None
+    grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
+    _topk_fwd_kernel[grid](
+        q, k, v, idx, o_buf, lse, maxl if maxl is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+        o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        T, S, Hkv, KTOP, float(softmax_scale) * LOG2E, 0,
+        G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, WRITE_MAXL=return_max_logit,
+        DOT=_dot_precision(q.dtype), OFF64=_off64((q, o_buf), (k, v, lse)), **pc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if o_buf is not out:
+        out.copy_(o_buf)
+    return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
+
+
+def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float, causal: bool, *, dlse=None,
+                       deterministic=True, dq=None, dk=None, dv=None, configs: dict | None = None,
+                       key_index: KeyMajorIndex | None = None):
+    """Top-k sparse attention backward: ``(dq, dk, dv)`` like ``q, k, v``.
+
+    Args:
+        do: ``[B, T, Hq, Dv]`` gradient of ``out``; q, k, v, topk_indices, softmax_scale, causal: as given
+            to :func:`topk_attention_fwd`; out, lse: its results (``lse`` fp32 ``[B, Hq, T]``, any strides).
+        dlse: optional fp32 ``[B, Hq, T]`` gradient of ``lse`` (enters as ``delta - dlse``, since
+            ``d lse / dS = P``).
+        deterministic: ``True`` (default): dK/dV from the key-major transposed index (a device sort and
+            one host sync; bitwise reproducible, no atomics). ``False``: fp32 atomics from the query-major
+            pass into an fp32 scratch (faster, no index, last-bit differences between runs).
+        dq, dk, dv: optional preallocated outputs (shapes and dtypes of q, k, v, any strides); every
+            element is written (tests poison them with NaN).
+        configs: optional ``{kind: TopkConfig}`` overrides ("dq", "dkdv_atomic", "dkdv_det"; tests).
+        key_index: optional prebuilt :func:`build_key_major_index` result (same indices, ``S``, causal,
+            the dkdv_det config's ``block_n``), e.g. cached across layers that share indices.
+
+    ``dk`` holds only the score-path gradient and ``dv`` the value path, also when ``v`` is a prefix view
+    of ``k`` (autograd adds them through the view). Rows without keys (``lse = +inf``) get zero gradients;
+    keys nobody selected get zero dK/dV. A key listed twice in a row is a caller error (the
+    deterministic mode counts it once, the atomic mode twice).
+
+    Raises:
+        RuntimeError: Triton is missing, or CPU tensors outside the interpreter.
+    """
+    _check_launch("topk_attention_bwd", q)
+    B, T, Hq, Dk = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    Dv = v.shape[3]
+    dev = q.device
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev) if dv is None else dv
+    if B == 0 or Hq == 0:
+        return dq, dk, dv
+    if T == 0 or S == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    G = Hq // Hkv
+    KTOP = topk_indices.shape[3]
+    arch = _arch(dev)
+    configs = configs or {}
+    k, v, v_is_k = _prep_kv(k, v)
+    q, do = _unit_last(q), _unit_last(do)
+    idx = _unit_last(topk_indices)
+    dot = _dot_precision(q.dtype)
+    scale = float(softmax_scale)
+
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    has_dlse = dlse is not None
+    dl = dlse if has_dlse else delta
+    bd = min(128, max(16, _next_pow2(Dv)))
+    _topk_bwd_pre_kernel[(B * Hq, _cdiv(T, 64))](
+        out, do, dl, delta, *out.stride(), *do.stride(), dl.stride(0), dl.stride(1), dl.stride(2), T, Hq,
+        HEAD_DV=Dv, HAS_DLSE=has_dlse, BLOCK_T=64, BLOCK_D=bd, num_warps=4,
+    )
+
+    def unit(x):  # kernel-side output buffer with unit last stride
+        return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else torch.empty(x.shape, dtype=x.dtype, device=dev)
+
+    dq_buf, dk_buf, dv_buf = unit(dq), unit(dk), unit(dv)
+    q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                 idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), lse.stride(2))
+    common = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, DOT=dot)
+
+    def launch_q(cfg, write_dq, atomic, dka, dva):
+        pc = _plan_consts("dq", cfg, Dk, Dv, v_is_k)
+        grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
+        _topk_bwd_q_kernel[grid](
+            q, k, v, do, idx, lse, delta, dq_buf, dka, dva, *q_strides,
+            dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), dka.stride(0), dka.stride(1), dka.stride(2),
+            dva.stride(0), dva.stride(1), dva.stride(2),
+            T, S, Hkv, KTOP, scale * LOG2E, scale, 0,
+            WRITE_DQ=write_dq, ATOMIC_DKDV=atomic, OFF64=_off64((q, do, dq_buf), (k, v, dka, dva, lse)),
+            **common, **pc,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg_dq = configs.get("dq") or topk_config("dq", arch, Dk, Dv, G, q.dtype)
+    launch_q(cfg_dq, True, 0, dk_buf, dv_buf)
+
+    if not deterministic:
+        cfg = configs.get("dkdv_atomic") or topk_config("dkdv_atomic", arch, Dk, Dv, G, q.dtype)
+        if dk_buf.dtype == torch.float32:
+            dka, dva = dk_buf.zero_(), dv_buf.zero_()
+        else:
+            dka = torch.zeros(dk_buf.shape, dtype=torch.float32, device=dev)
+            dva = torch.zeros(dv_buf.shape, dtype=torch.float32, device=dev)
+        for part in ((1, 2) if cfg.split_dkdv else (3,)):
+            launch_q(cfg, False, part, dka, dva)
+        if dka is not dk_buf:
+            dk_buf.copy_(dka)
+            dv_buf.copy_(dva)
+    else:
+        cfg = configs.get("dkdv_det") or topk_config("dkdv_det", arch, Dk, Dv, G, q.dtype)
+        if not 1 <= cfg.block_n <= MAX_DET_BLOCK_N:
+            raise ValueError(f"dkdv_det config: block_n must be in [1, {MAX_DET_BLOCK_N}], got {cfg.block_n}")
+        kmi = key_index
+        if kmi is None:
+            kmi = build_key_major_index(idx, S, bool(causal), cfg.block_n, G, cfg.rows_per_item)
+        elif kmi.block_n != cfg.block_n:
+            raise ValueError(f"key_index.block_n={kmi.block_n} does not match the dkdv_det config's "
+                             f"block_n={cfg.block_n}")
+        pc = _plan_consts("dkdv_det", cfg, Dk, Dv, v_is_k)
+        n_slots = max(1, kmi.n_slots)
+        pk = torch.empty((n_slots, cfg.block_n, Dk), dtype=torch.float32, device=dev)
+        pv = torch.empty((n_slots, cfg.block_n, Dv), dtype=torch.float32, device=dev)
+        ent_t = kmi.ent_t if kmi.ent_t.numel() else torch.zeros(1, dtype=torch.int32, device=dev)
+        ent_lo = kmi.ent_lo if kmi.ent_lo.numel() else ent_t
+        ent_hi = kmi.ent_hi if kmi.ent_hi.numel() else ent_t
+        off64 = _off64((q, do), (k, v, dk_buf, dv_buf, lse), det=True)
+        for part in ((1, 2) if cfg.split_dkdv else (3,)):
+            _topk_bwd_kv_det_kernel[(kmi.items.shape[0], pc["NSPLIT"])](
+                q, k, v, do, lse, delta, ent_t, ent_lo, ent_hi, kmi.items, dk_buf, dv_buf, pk, pv,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                lse.stride(0), lse.stride(1), lse.stride(2),
+                dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2), dv_buf.stride(0), dv_buf.stride(1),
+                dv_buf.stride(2),
+                T, S, Hkv, kmi.num_key_blocks, scale * LOG2E, scale, 0,
+                G=G, HEAD_DK=Dk, HEAD_DV=Dv, V_IS_K=v_is_k, DOT=dot, OFF64=off64, PARTS=part, **pc,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        n_multi = kmi.multi.shape[0]
+        if n_multi:
+            for part, dst, D in ((pk, dk_buf, Dk), (pv, dv_buf, Dv)):
+                bd = min(64, max(16, _next_pow2(D)))
+                _topk_reduce_kernel[(n_multi, _cdiv(D, bd))](
+                    part, dst, kmi.multi, dst.stride(0), dst.stride(1), dst.stride(2), S, Hkv,
+                    kmi.num_key_blocks, D=D, BLOCK_N=cfg.block_n, BLOCK_D=bd, num_warps=4,
+                )
+    for buf, dst in ((dq_buf, dq), (dk_buf, dk), (dv_buf, dv)):
+        if buf is not dst:
+            dst.copy_(buf)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile specifications (DESIGN §6.3)
+# --------------------------------------------------------------------------------------------
+#: Representative shapes of the compile check: (Dk, Dv, Hq, Hkv, v aliases k).
+SPEC_SHAPES = ((576, 512, 128, 1, True), (576, 512, 16, 1, True), (192, 128, 16, 16, False),
+               (64, 64, 8, 2, False), (64, 64, 32, 1, False))
+SPEC_DTYPES = ("fp16", "bf16")
+
+
+def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_is_k: bool, causal: bool,
+                 cfg: TopkConfig, off64: bool = False, part: int = 3) -> dict:
+    """Argument values of a representative contiguous launch (T = S = 4096 + 1, K = 2048)."""
+    from kernels._compile import Pointer
+
+    T = S = 4097
+    KT = 2048
+    ptr, f32, i32 = Pointer(dtype), Pointer("fp32"), Pointer("i32")
+    dvs = dk if v_is_k else dv  # v's row strides are k's when it is a view of k
+    vals = dict(
+        Q=ptr, K=ptr, V=ptr, O=ptr, DO=ptr, DQ=ptr, DK=ptr, DV=ptr, IDX=i32, LSE=f32, MAXL=f32, DELTA=f32,
+        DKA=f32, DVA=f32, PK=f32, PV=f32, ENT_T=i32, ENT_LO=i32, ENT_HI=i32, ITEMS=Pointer("i64"),
+        sqb=T * hq * dk, sqt=hq * dk, sqh=dk, skb=S * hkv * dk, sks=hkv * dk, skh=dk,
+        svb=S * hkv * dvs, svs=hkv * dvs, svh=dvs, sdob=T * hq * dv, sdot=hq * dv, sdoh=dv,
+        sib=T * hkv * KT, sit=hkv * KT, sih=KT, sob=T * hq * dv, sot=hq * dv, soh=dv,
+        slb=hq * T, slh=T, slt=1, sdqb=T * hq * dk, sdqt=hq * dk, sdqh=dk,
+        sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv,
+        T=T, S=S, Hkv=hkv, KTOP=KT, NKB=_cdiv(S, cfg.block_n),
+        qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
+        G=hq // hkv, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, WRITE_MAXL=True,
+        WRITE_DQ=kind == "dq", ATOMIC_DKDV=part if kind == "dkdv_atomic" else 0, PARTS=part, DOT="tf32",
+        OFF64=off64,
+        **_plan_consts(kind, cfg, dk, dv, v_is_k),
+    )
+    return vals
+
+
+class _ParamView:
+    """``fn.params`` / ``fn.__name__`` of a kernel for :func:`kernels._compile.spec_args`, also under the
+    interpreter (whose ``InterpretedFunction`` has no ``params``): constexpr-ness from the annotations."""
+
+    def __init__(self, fn):
+        import inspect
+        from types import SimpleNamespace
+
+        raw = getattr(fn, "fn", fn)
+        self.__name__ = raw.__name__
+        self.params = [SimpleNamespace(name=n, is_constexpr="constexpr" in str(p.annotation))
+                       for n, p in inspect.signature(raw).parameters.items()]
+
+
+def topk_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_is_k: bool,
+              causal: bool = True, cfg: TopkConfig | None = None, off64: bool = False,
+              part: int = 3) -> CompileSpec:
+    """CompileSpec of one top-k kernel (``kind`` in ``KINDS``) for a contiguous launch of that shape;
+    ``off64``: the int64 row-offset variant (tensors with a batch entry of 2^31 elements or more);
+    ``part``: dK/dV kinds: 1 = the dV launch, 2 = the dK launch, 3 = both in one."""
+    from kernels._compile import spec_args
+
+    cfg = cfg or topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
+    fn = {"fwd": _topk_fwd_kernel, "dq": _topk_bwd_q_kernel, "dkdv_atomic": _topk_bwd_q_kernel,
+          "dkdv_det": _topk_bwd_kv_det_kernel}[kind]
+    values = _spec_values(kind, dtype, dk, dv, hq, hkv, v_is_k, causal, cfg, off64, part)
+    sig, consts, divisible = spec_args(fn if hasattr(fn, "params") else _ParamView(fn), values)
+    suffix = {1: "_dv", 2: "_dk", 3: ""}[part if kind.startswith("dkdv") else 3]
+    return CompileSpec(
+        kernel=f"topk_{kind}{suffix}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
+        extra={"divisible": divisible, "group": hq // hkv, "v_is_k": v_is_k, "causal": causal, "config": cfg,
+               "heads": hq, "off64": off64, "kind": kind, "part": part},
+    )
+
+
+def _aux_specs(arch: int, dtype: str, dv: int) -> list[CompileSpec]:
+    from kernels._compile import Pointer, spec_args
+
+    T, hq, S = 4097, 128, 4097
+    out = []
+    bd = min(128, max(16, _next_pow2(dv)))
+    vals = dict(O=Pointer(dtype), DO=Pointer(dtype), DLSE=Pointer("fp32"), DELTA=Pointer("fp32"),
+                sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1, sdob=T * hq * dv, sdot=hq * dv, sdoh=dv, sdod=1,
+                sdlb=hq * T, sdlh=T, sdlt=1, T=T, Hq=hq, HEAD_DV=dv, HAS_DLSE=True, BLOCK_T=64, BLOCK_D=bd)
+    sig, consts, div = spec_args(_ParamView(_topk_bwd_pre_kernel), vals)
+    out.append(CompileSpec(kernel="topk_bwd_pre", fn=_topk_bwd_pre_kernel, signature=sig, constexprs=consts,
+                           num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",
+                           extra={"divisible": div}))
+    bd = min(64, max(16, _next_pow2(dv)))
+    vals = dict(P=Pointer("fp32"), OUT=Pointer(dtype), MULTI=Pointer("i64"), sob=S * dv, sos=dv, soh=dv, S=S,
+                Hkv=1, NKB=_cdiv(S, 64), D=dv, BLOCK_N=64, BLOCK_D=bd)
+    sig, consts, div = spec_args(_ParamView(_topk_reduce_kernel), vals)
+    out.append(CompileSpec(kernel="topk_reduce", fn=_topk_reduce_kernel, signature=sig, constexprs=consts,
+                           num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",
+                           extra={"divisible": div}))
+    return out
+
+
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every configuration the top-k launchers may pick on ``arch`` (80 or 90), for fp16 and bf16:
+    forward, dQ, atomic and deterministic dK/dV kernels on :data:`SPEC_SHAPES` (absorbed 576/512 with
+    128 and 16 heads on one latent kv head, v a prefix of k; 192/128 with one head per kv head; 64/64
+    GQA), causal, plus the delta preprocessing and partial-reduce kernels. Signatures are specialised as
+    a contiguous launch is (``extra["divisible"]``). Empty without Triton."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dtype in SPEC_DTYPES:
+        for dk, dv, hq, hkv, alias in SPEC_SHAPES:
+            for kind in KINDS:
+                cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
+                parts = (1, 2) if kind.startswith("dkdv") and cfg.split_dkdv else (3,)
+                for part in parts:
+                    specs.append(topk_spec(kind, arch, dtype, dk, dv, hq, hkv, alias, cfg=cfg, part=part))
+        for dv in (512, 128):
+            specs.extend(_aux_specs(arch, dtype, dv))
+    return specs
