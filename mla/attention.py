@@ -649,8 +649,9 @@ class LatentSparseAttention(MultiHeadLatentAttention):
     @staticmethod
     def _kept_tokens(grid, pos, bs: int, S: int) -> torch.Tensor:
         """bool ``[B, T, S]``: tokens of the kept blocks that the query may see (``s <= pos``)."""
-        tok = grid.repeat_interleave(bs, dim=-1)[..., :S]
-        return tok & (torch.arange(S, device=grid.device) <= pos[..., None])
+        s = torch.arange(S, device=grid.device)
+        # Index by block rather than repeat-and-slice: no guard on S being a multiple of bs under compile.
+        return grid[..., s // bs] & (s <= pos[..., None])
 
     def _indexer_scores(self, hidden_states, q_latent, position_ids, cache):
         cos, sin = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
