@@ -13,6 +13,10 @@ Same layout, packing and head-dim plan as :mod:`kernels.attention_fwd` (read its
   columns), so its scores are computed 4 times: about 2.6x the minimal tensor-core work.
 * ``_attn_bwd_dq_kernel``: one program per packed row block (and split), walking the same key
   blocks as the forward (:func:`kernels.attention_fwd._fwd_block_range`), ``dQ = dS·K``.
+* Both take the forward's constexpr ``SPARSE`` switch (:mod:`kernels.block_sparse` launches it): dQ
+  walks the ``kv_indices`` sub-tiles like the forward, dK/dV the row tiles of the query blocks listed
+  in the transposed ``q_indices`` (causally masked prefix first), per head of the group when the mask
+  has per-head lists (:func:`_sparse_q_tile`, :func:`_sparse_masked_q_tiles`).
 
 ``RESIDENT`` / ``STREAM`` (per config) choose whether the fixed side's tiles (dkdv: K/V, dq: q/dO)
 are loaded once or re-read every step; see :func:`_dkdv_block` for why re-reads need ``hide``.
@@ -30,9 +34,11 @@ from dataclasses import dataclass
 
 from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, smem_limit
 from kernels.attention_fwd import (
+    DENSE_MASK_ARGS,
     LOG2E,
     _device_arch,
     arch_family,
+    bwd_outputs,
     dtype_name,
     head_class,
     head_plan,
@@ -49,7 +55,10 @@ if HAS_TRITON:
         _fwd_block_start,
         _load_tile,
         _other_col,
-        _packed_rows,
+        _packed_rows_until,
+        _sparse_full_tiles,
+        _sparse_kv_tile,
+        _sparse_row_tile,
         _store_tile,
     )
 
@@ -161,6 +170,7 @@ def interp_config(dk: int, dv: int) -> BwdConfig:
 
 if HAS_TRITON:
     _LOG2E = tl.constexpr(LOG2E)
+    _LANES = tl.constexpr(64)  # q_indices lanes read per step when counting masked row tiles
 
     @triton.jit
     def _bwd_preprocess(
@@ -205,7 +215,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_block(
-        dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start,
+        dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod,
         T, S, qk_scale, split, hide,
@@ -215,6 +225,8 @@ if HAS_TRITON:
         RESIDENT: tl.constexpr, STREAM: tl.constexpr,
     ):
         """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
+        Rows at or past ``row_end`` (``T*G``, or the end of a block-sparse mask query block) read
+        ``lse = +inf`` and contribute nothing.
 
         ``hide`` is 0, but opaque to the compiler. Added to the base of the loop-invariant K/V
         re-loads (own tiles without ``RESIDENT``, the other splits' pieces with ``STREAM``) it stops
@@ -237,7 +249,7 @@ if HAS_TRITON:
             else:
                 v_own = _load_tile(v_base + hide, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV,
                                    True, MASK_V)
-        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
+        tok, grp, row_ok = _packed_rows_until(m_start, row_end, G, BLOCK_M)
         q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
         do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
         q_own = _load_tile(q_base, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
@@ -282,19 +294,55 @@ if HAS_TRITON:
         return dk_acc, dk_tail, dv_acc
 
     @triton.jit
+    def _sparse_q_tile(idx_base, sil, j, NSUB_M, rows_per_block, row_limit, BLOCK_M: tl.constexpr):
+        """Row sub-tile ``j`` of a ``q_indices`` row: the ``j % NSUB_M``-th ``BLOCK_M`` packed rows of
+        the ``j // NSUB_M``-th listed query block. Returns ``(first packed row, end of its valid rows)``."""
+        blk_start = tl.load(idx_base + (j // NSUB_M).to(tl.int64) * sil) * rows_per_block
+        return blk_start + (j % NSUB_M) * BLOCK_M, tl.minimum(blk_start + rows_per_block, row_limit)
+
+    @triton.jit
+    def _sparse_masked_q_tiles(idx_base, sil, n_blk, first_full_row, rows_per_block, NSUB_M,
+                               BLOCK_M: tl.constexpr, LANES: tl.constexpr):
+        """Leading row sub-tiles of an ascending ``q_indices`` row whose first row lies before
+        ``first_full_row`` (its token does not see the whole key tile: causal mask needed). Sub-tiles
+        are ordered by first row, so these are exactly a prefix."""
+        total = n_blk * 0
+        for c in range(0, n_blk, LANES):
+            lanes = c + tl.arange(0, LANES)
+            ok = lanes < n_blk
+            blk_start = tl.load(idx_base + lanes.to(tl.int64) * sil, mask=ok, other=0) * rows_per_block
+            cnt = tl.minimum(tl.cdiv(tl.maximum(first_full_row - blk_start, 0), BLOCK_M), NSUB_M)
+            total += tl.sum(tl.where(ok, cnt, 0), 0)
+        return total
+
+    @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
         sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdob, sdot, sdoh, sdod,
         sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
         T, S, Hkv, qk_scale, sm_scale, opaque_zero,
+        QN, QI, snb, snh, snk, sib, sih, sik, sil, MASK_BM, MASK_BN, KV_REP,
         G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
         CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr,
+        STREAM: tl.constexpr, SPARSE: tl.constexpr,
     ):
-        """Grid ``(cdiv(S, BLOCK_N) * B*Hkv, NSPLIT)``: dK/dV of one key block of one kv head."""
-        n_n = tl.cdiv(S, BLOCK_N)  # axis 0 flattened (batch*kv head, key block), as in the forward
+        """Grid ``(n_n * B*Hkv, NSPLIT)``: dK/dV of one key tile of one kv head.
+
+        Dense: ``n_n = cdiv(S, BLOCK_N)``, every packed query row of the group is walked (block-mask
+        arguments unused, ``KV_REP = 1``). Block-sparse: ``n_n = cdiv(S, MASK_BN) * NSUB_N`` key tiles,
+        each inside one mask key block ``kb``; for each of the ``KV_REP`` head groups ``hg`` of the kv
+        head (one after the other, no atomics) the rows of the query blocks listed in
+        ``QI[b, hg, kb, :QN[b, hg, kb]]`` are walked in ``BLOCK_M`` steps.
+        """
+        if SPARSE:
+            # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
+            NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
+            NSUB_N = tl.cdiv(MASK_BN, BLOCK_N)
+            n_n = tl.cdiv(S, MASK_BN) * NSUB_N
+        else:
+            n_n = tl.cdiv(S, BLOCK_N)  # axis 0 flattened (batch*kv head, key block), as in the forward
         pid_n = tl.program_id(0) % n_n
         pid_bh = tl.program_id(0) // n_n
         if NSPLIT > 1:
@@ -303,14 +351,20 @@ if HAS_TRITON:
             split = 0
         b = (pid_bh // Hkv).to(tl.int64)
         hkv = (pid_bh % Hkv).to(tl.int64)
-        Hq = Hkv * G
+        Hq = Hkv * KV_REP * G
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
         MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
 
-        n_start = pid_n * BLOCK_N
+        if SPARSE:
+            kb = pid_n // NSUB_N
+            n_start = kb * MASK_BN + (pid_n % NSUB_N) * BLOCK_N
+            kend = tl.minimum(kb * MASK_BN + MASK_BN, S)
+        else:
+            n_start = pid_n * BLOCK_N
+            kend = S
         keys = n_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < S
+        key_ok = keys < kend
         k_base = K + b * skb + hkv * skh
         v_base = V + b * svb + hkv * svh
         k_row = keys.to(tl.int64) * sks
@@ -327,32 +381,74 @@ if HAS_TRITON:
                 v_own = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, True,
                                    MASK_V)
 
-        q_base = Q + b * sqb + hkv * G * sqh
-        do_base = DO + b * sdob + hkv * G * sdoh
-        LSE_BH = LSE + (b * Hq + hkv * G) * T
-        DELTA_BH = DELTA + (b * Hq + hkv * G) * T
         dk_acc = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
         dk_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=tl.float32)
         dv_acc = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
 
-        m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-        if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
-            m_full = m_end
-        for m in range(m_lo, m_full):
-            dk_acc, dk_tail, dv_acc = _dkdv_block(
-                dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M,
-                q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
-                sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
-                G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
-            )
-        if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
-            for m in range(m_full, m_end):
+        if SPARSE:
+            rows_per_block = MASK_BM * G
+            # First packed row whose token sees the tile's last valid key (bottom-right causal).
+            first_full_row = (tl.minimum(n_start + BLOCK_N, kend) - 1 - S + T) * G
+            for r in range(0, KV_REP):
+                hg = hkv * KV_REP + r
+                q_base = Q + b * sqb + hg * G * sqh
+                do_base = DO + b * sdob + hg * G * sdoh
+                LSE_BH = LSE + (b * Hq + hg * G) * T
+                DELTA_BH = DELTA + (b * Hq + hg * G) * T
+                n_blk = tl.load(QN + b * snb + hg * snh + kb.to(tl.int64) * snk)
+                idx_base = QI + b * sib + hg * sih + kb.to(tl.int64) * sik
+                n_tiles = n_blk * NSUB_M
+                if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
+                    n_masked = n_tiles
+                elif CAUSAL:
+                    n_masked = _sparse_masked_q_tiles(idx_base, sil, n_blk, first_full_row, rows_per_block,
+                                                      NSUB_M, BLOCK_M, _LANES)
+                else:
+                    n_masked = 0
+                for j in range(0, n_masked):
+                    m_start, row_end = _sparse_q_tile(idx_base, sil, j, NSUB_M, rows_per_block, T * G, BLOCK_M)
+                    dk_acc, dk_tail, dv_acc = _dkdv_block(
+                        dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
+                        q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+                        sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
+                        G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
+                        STREAM,
+                    )
+                if NSPLIT == 1:  # row tiles that see the whole key tile skip the mask
+                    for j in range(n_masked, n_tiles):
+                        m_start, row_end = _sparse_q_tile(idx_base, sil, j, NSUB_M, rows_per_block, T * G,
+                                                          BLOCK_M)
+                        dk_acc, dk_tail, dv_acc = _dkdv_block(
+                            dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
+                            q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+                            sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
+                            G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
+                            STREAM,
+                        )
+        else:
+            q_base = Q + b * sqb + hkv * G * sqh
+            do_base = DO + b * sdob + hkv * G * sdoh
+            LSE_BH = LSE + (b * Hq + hkv * G) * T
+            DELTA_BH = DELTA + (b * Hq + hkv * G) * T
+            m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
+                m_full = m_end
+            for m in range(m_lo, m_full):
                 dk_acc, dk_tail, dv_acc = _dkdv_block(
-                    dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M,
+                    dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M, T * G,
                     q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                     sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
-                    G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                    G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
                 )
+            if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
+                for m in range(m_full, m_end):
+                    dk_acc, dk_tail, dv_acc = _dkdv_block(
+                        dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M, T * G,
+                        q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
+                        sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
+                        G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
+                        STREAM,
+                    )
 
         dk_base = DK + b * sdkb + hkv * sdkh
         dk_row = keys.to(tl.int64) * sdks
@@ -367,7 +463,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_block(
-        dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row, start_n,
+        dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row, start_n, kend,
         q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
         T, S, qk_scale, split, hide,
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
@@ -376,7 +472,7 @@ if HAS_TRITON:
         STREAM: tl.constexpr,
     ):
         """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
-        here for the q/dO re-loads)."""
+        here for the q/dO re-loads); keys at or past ``kend`` are masked out when ``MASKED``."""
         hide_other = 0
         if STREAM:
             hide_other = hide
@@ -390,7 +486,7 @@ if HAS_TRITON:
                 q_tail = _load_tile(q_base + hide, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
             do_own = _load_tile(do_base + hide, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
         keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < S
+        key_ok = keys < kend
         k_row = keys.to(tl.int64) * sks
         k_own = _load_tile(k_base, k_row, key_ok, split * BK, skd, HEAD_DK, BK, MASKED, MASK_K)
         if V_IS_K:
@@ -439,33 +535,46 @@ if HAS_TRITON:
         sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdob, sdot, sdoh, sdod,
         sdqb, sdqt, sdqh, sdqd,
         T, S, Hkv, qk_scale, sm_scale, opaque_zero,
+        KVN, KVI, snb, snh, snq, sib, sih, siq, sil, MASK_BM, MASK_BN, KV_REP,
         G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
         CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr,
+        STREAM: tl.constexpr, SPARSE: tl.constexpr,
     ):
-        """Grid ``(cdiv(T*G, BLOCK_M) * B*Hkv, NSPLIT)``: dQ of one packed row block of one kv head."""
-        n_m = tl.cdiv(T * G, BLOCK_M)  # axis 0 flattened (batch*kv head, row block), as in the forward
+        """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``: dQ of one packed row tile of one head group; row
+        tiles and key walk exactly as in the forward kernel (``kernels.attention_fwd._attn_fwd_kernel``)."""
+        if SPARSE:
+            # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
+            NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
+            NSUB_N = tl.cdiv(MASK_BN, BLOCK_N)
+            n_m = tl.cdiv(T, MASK_BM) * NSUB_M
+        else:
+            n_m = tl.cdiv(T * G, BLOCK_M)  # axis 0 flattened (batch*head group, row block), as in the forward
         pid_m = tl.program_id(0) % n_m
         pid_bh = tl.program_id(0) // n_m
         if NSPLIT > 1:
             split = tl.program_id(1)
         else:
             split = 0
-        b = (pid_bh // Hkv).to(tl.int64)
-        hkv = (pid_bh % Hkv).to(tl.int64)
-        Hq = Hkv * G
+        n_hg = Hkv * KV_REP
+        b = (pid_bh // n_hg).to(tl.int64)
+        hg = (pid_bh % n_hg).to(tl.int64)
+        Hq = n_hg * G
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
         MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
 
-        m_start = pid_m * BLOCK_M
-        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
-        q_base = Q + b * sqb + hkv * G * sqh
-        do_base = DO + b * sdob + hkv * G * sdoh
-        k_base = K + b * skb + hkv * skh
-        v_base = V + b * svb + hkv * svh
+        if SPARSE:
+            qb, m_start, row_end = _sparse_row_tile(pid_m, T, G, MASK_BM, NSUB_M, BLOCK_M)
+        else:
+            m_start = pid_m * BLOCK_M
+            row_end = T * G
+        tok, grp, row_ok = _packed_rows_until(m_start, row_end, G, BLOCK_M)
+        q_base = Q + b * sqb + hg * G * sqh
+        do_base = DO + b * sdob + hg * G * sdoh
+        k_base = K + b * skb + (hg // KV_REP) * skh
+        v_base = V + b * svb + (hg // KV_REP) * svh
         q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
         do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
         q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
@@ -476,34 +585,63 @@ if HAS_TRITON:
             if BT > 0:
                 q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
             do_own = _load_tile(do_base, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
-        head = (b * Hq + hkv * G + grp.to(tl.int64)) * T + tok
+        head = (b * Hq + hg * G + grp.to(tl.int64)) * T + tok
         # lse = +inf (no visible key) makes P = 0 on the whole row.
         lse = tl.load(LSE + head, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA + head, mask=row_ok, other=0.0)
 
         dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
         dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=tl.float32)
-        n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-        if NSPLIT == 1:  # blocks every row sees in full skip the masks
-            for i in range(0, n_full):
+        if SPARSE:
+            n_blk = tl.load(KVN + b * snb + hg * snh + qb.to(tl.int64) * snq)
+            idx_base = KVI + b * sib + hg * sih + qb.to(tl.int64) * siq
+            n_tiles = n_blk * NSUB_N
+            if NSPLIT == 1:  # the prefix of sub-tiles every row sees in full skips the masks
+                if CAUSAL:
+                    limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
+                else:
+                    limit = S
+                n_lo = _sparse_full_tiles(idx_base, sil, n_blk, limit, NSUB_N, MASK_BN, BLOCK_N, _LANES)
+                for j in range(0, n_lo):
+                    start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
+                    dq_acc, dq_tail = _dq_block(
+                        dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
+                        start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
+                        T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
+                        BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                    )
+            else:
+                n_lo = 0
+            for j in range(n_lo, n_tiles):
+                start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
                 dq_acc, dq_tail = _dq_block(
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
-                    _fwd_block_start(i, BLOCK_N), q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
-                        T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT, BV,
-                    BC, NSPLIT, False, RESIDENT, STREAM,
+                    start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
+                    T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
+                    BV, BC, NSPLIT, True, RESIDENT, STREAM,
                 )
-            n_lo = n_full
-        else:  # large (split) bodies: one masked loop halves code size and compile time
-            n_lo = 0
-        for i in range(n_lo, n_end):
-            dq_acc, dq_tail = _dq_block(
-                dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
-                _fwd_block_start(i, BLOCK_N), q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
-                T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT, BV,
-                BC, NSPLIT, True, RESIDENT, STREAM,
-            )
+        else:
+            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+                for i in range(0, n_full):
+                    dq_acc, dq_tail = _dq_block(
+                        dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
+                        _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
+                        sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
+                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                    )
+                n_lo = n_full
+            else:  # large (split) bodies: one masked loop halves code size and compile time
+                n_lo = 0
+            for i in range(n_lo, n_end):
+                dq_acc, dq_tail = _dq_block(
+                    dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
+                    _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
+                    sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
+                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
+                )
 
-        dq_base = DQ + b * sdqb + hkv * G * sdqh
+        dq_base = DQ + b * sdqb + hg * G * sdqh
         dq_row = tok.to(tl.int64) * sdqt + grp.to(tl.int64) * sdqh
         _store_tile(dq_base, dq_row, row_ok, split * BK, sdqd, HEAD_DK, BK, MASK_K,
                     (dq_acc * sm_scale).to(DQ.dtype.element_ty))
@@ -554,18 +692,8 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
     if not HAS_TRITON:
         raise RuntimeError("attention_bwd needs triton")
     B, T, Hq = q.shape[:3]
-    S = k.shape[1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    if B == 0 or Hq == 0:
-        return dq, dk, dv
-    if T == 0:
-        dk.zero_()
-        dv.zero_()
-        return dq, dk, dv
-    if S == 0:
-        dq.zero_()
+    dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    if done:
         return dq, dk, dv
     v_is_k = is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets below assume [B, Hq, T] contiguous
@@ -590,8 +718,8 @@ def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal,
         # d lse / dS = P, so an upstream lse gradient enters as dS = P * (dP - (delta - dlse)).
         delta.sub_(dlse.float())
 
-    common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k)
+    common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0, lse, lse, *DENSE_MASK_ARGS)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     if compiled and dkdv_config is None:
@@ -654,8 +782,21 @@ def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal:
         sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdkd=1,
         sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
         T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
-        G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
+        G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False,
+        **_dense_mask_values(),
     )
+
+
+def _dense_mask_values() -> dict:
+    """Block-mask arguments of a dense launch (unused there; ``KV_REP = 1``), under both kernels' names."""
+    from kernels._compile import Pointer
+
+    vals = dict(zip(("snb", "snh", "snq", "sib", "sih", "siq", "sil", "MASK_BM", "MASK_BN", "KV_REP"),
+                    DENSE_MASK_ARGS))
+    vals.update(snk=vals["snq"], sik=vals["siq"])
+    for name in ("KVN", "KVI", "QN", "QI"):
+        vals[name] = Pointer("fp32")
+    return vals
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,

@@ -24,8 +24,10 @@ How the work is cut:
   ``V_IS_K``; the plan then uses ``BK == BV`` so the own score chunk *is* the value tile: it is
   loaded once and used by both dots.
 * **Key-block visiting** lives in :func:`_fwd_block_range` (which blocks, which need masking) and
-  :func:`_fwd_block_start` (block number -> first key). A block-sparse variant swaps these two
-  for a ``kv_indices`` walk behind a constexpr switch; the block body is :func:`_fwd_block`.
+  :func:`_fwd_block_start` (block number -> first key); the block body is :func:`_fwd_block`.
+  With the constexpr ``SPARSE`` switch the same kernel walks a FlexAttention-style block mask
+  instead (``kv_indices`` sub-tiles, :func:`_sparse_kv_tile` / :func:`_sparse_full_tiles`, row tiles
+  inside one mask query block, optionally one head per tile): :mod:`kernels.block_sparse` launches it.
 
 Causal masking is bottom-right aligned (key ``j`` visible to query ``i`` iff ``j <= i + S - T``);
 a row with no visible key gets output 0 and ``lse = +inf``.
@@ -246,12 +248,56 @@ def interp_config(dk: int, dv: int) -> FwdConfig:
 
 if HAS_TRITON:
     _LN2 = tl.constexpr(LN2)
+    _LANES = tl.constexpr(64)  # kv_indices lanes read per step when counting unmasked sub-tiles
 
     @triton.jit
     def _packed_rows(m_start, T, G: tl.constexpr, BLOCK_M: tl.constexpr):
         """Rows ``m_start + [0, BLOCK_M)`` of the packed [T*G] axis -> (token, head in group, valid)."""
         rows = m_start + tl.arange(0, BLOCK_M)
         return rows // G, rows % G, rows < T * G
+
+    @triton.jit
+    def _packed_rows_until(m_start, row_end, G: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Like :func:`_packed_rows`, but rows at or past ``row_end`` (end of the tile's mask query
+        block, or ``T*G``) are invalid."""
+        rows = m_start + tl.arange(0, BLOCK_M)
+        return rows // G, rows % G, rows < row_end
+
+    @triton.jit
+    def _sparse_row_tile(pid_m, T, G: tl.constexpr, MASK_BM, NSUB_M, BLOCK_M: tl.constexpr):
+        """Block-sparse row tiles: program ``pid_m`` is sub-tile ``pid_m % NSUB_M`` of mask query block
+        ``qb = pid_m // NSUB_M`` (packed rows ``[qb*MASK_BM*G, +MASK_BM*G)``, cut in ``BLOCK_M`` steps).
+        Returns ``(qb, first packed row, end of the block's valid rows)``."""
+        qb = pid_m // NSUB_M
+        rows_per_block = MASK_BM * G
+        m_start = qb * rows_per_block + (pid_m % NSUB_M) * BLOCK_M
+        # Rows of the next query block belong to its own tiles (other block lists).
+        row_end = tl.minimum((qb + 1) * rows_per_block, T * G)
+        return qb, m_start, row_end
+
+    @triton.jit
+    def _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N: tl.constexpr):
+        """Key sub-tile ``j`` of a ``kv_indices`` row: ``j // NSUB_N``-th listed block, its
+        ``j % NSUB_N``-th ``BLOCK_N`` keys. Returns ``(first key, end of the block's valid keys)``."""
+        blk_start = tl.load(idx_base + (j // NSUB_N).to(tl.int64) * sil) * MASK_BN
+        return blk_start + (j % NSUB_N) * BLOCK_N, tl.minimum(blk_start + MASK_BN, S)
+
+    @triton.jit
+    def _sparse_full_tiles(idx_base, sil, n_blk, limit, NSUB_N, MASK_BN, BLOCK_N: tl.constexpr,
+                           LANES: tl.constexpr):
+        """Leading key sub-tiles of an ascending ``kv_indices`` row that lie entirely below ``limit``
+        (keys every row of the tile sees: no mask needed). Sub-tiles are ordered by first key, so
+        these are exactly a prefix. 0 when ``BLOCK_N`` does not divide the mask's key block (then
+        every sub-tile is masked to its block)."""
+        n = tl.where(MASK_BN == NSUB_N * BLOCK_N, n_blk, 0)
+        total = n * 0
+        for c in range(0, n, LANES):
+            lanes = c + tl.arange(0, LANES)
+            ok = lanes < n
+            blk_start = tl.load(idx_base + lanes.to(tl.int64) * sil, mask=ok, other=0) * MASK_BN
+            cnt = tl.minimum(tl.maximum(limit - blk_start, 0) // BLOCK_N, NSUB_N)
+            total += tl.sum(tl.where(ok, cnt, 0), 0)
+        return total
 
     @triton.jit
     def _load_tile(base, row_off, row_ok, col0, col_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -318,7 +364,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_block(
-        acc, m_i, l_i, q_own, q_tail, start_n,
+        acc, m_i, l_i, q_own, q_tail, start_n, kend,
         q_base, q_row, row_ok, tok, k_base, v_base,
         sqd, sks, skd, svs, svd, T, S, qk_scale, split, hide,
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
@@ -326,7 +372,8 @@ if HAS_TRITON:
         BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr,
     ):
-        """Online-softmax update of one row tile with the key block starting at ``start_n``.
+        """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
+        past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``.
 
         ``hide`` is 0, but the compiler cannot prove it. The q re-loads (own chunk without
         ``Q_RESIDENT``, the other splits' pieces with ``STREAM``) are loop-invariant; added to their
@@ -337,7 +384,7 @@ if HAS_TRITON:
         if STREAM:
             hide_other = hide
         keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < S
+        key_ok = keys < kend
         k_row = keys.to(tl.int64) * sks
         # Own score chunk; when v aliases k it is also the value tile (loaded once).
         # Static facts about overhang: which tiles need column masks.
@@ -383,31 +430,52 @@ if HAS_TRITON:
         Q, K, V, O, LSE, MAXL,
         sqb, sqt, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sot, soh, sod,
         T, S, Hkv, qk_scale, n_mblocks, opaque_zero,
+        KVN, KVI, snb, snh, snq, sib, sih, siq, sil, MASK_BM, MASK_BN, KV_REP,
         G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
         G_P: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr, WRITE_MAXL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
-        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr,
+        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr,
     ):
-        """Grid ``(cdiv(T*G, BLOCK_M) * B*Hkv, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
-        ``opaque_zero`` is 0 (see :func:`_fwd_block`)."""
-        # Axis 0 is (batch*kv head, row block) flattened, row blocks fastest (programs that share
+        """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
+        ``opaque_zero`` is 0 (see :func:`_fwd_block`).
+
+        Dense (``SPARSE=False``): ``n_m = cdiv(T*G, BLOCK_M)``; the block-mask arguments are unused
+        and ``KV_REP`` is 1. Block-sparse (``SPARSE=True``): ``n_m = cdiv(T, MASK_BM) * NSUB_M`` row
+        tiles, each inside one mask query block (:func:`_sparse_row_tile`), visiting the ``NSUB_N``
+        key sub-tiles of every block listed in ``KVI[b, h, qb, :KVN[b, h, qb]]`` (mask strides
+        ``sn*``/``si*``, 0 on broadcast dims; ``h`` is the head group). ``G`` heads are packed per
+        row; ``KV_REP`` head groups share one kv head (``KV_REP = Hq/Hkv, G = 1`` when the mask has
+        per-head lists and the group's heads cannot share a tile).
+        """
+        # Axis 0 is (batch*head group, row block) flattened, row blocks fastest (programs that share
         # K/V run together); axes 1 and 2 of a CUDA grid stop at 65535.
-        n_m = tl.cdiv(T * G, BLOCK_M)
+        if SPARSE:
+            # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
+            NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
+            NSUB_N = tl.cdiv(MASK_BN, BLOCK_N)
+            n_m = tl.cdiv(T, MASK_BM) * NSUB_M
+        else:
+            n_m = tl.cdiv(T * G, BLOCK_M)
         pid_m = tl.program_id(0) % n_m
         pid_bh = tl.program_id(0) // n_m
         if NSPLIT > 1:
             split = tl.program_id(1)
         else:
             split = 0  # static: column offsets fold away
-        b = (pid_bh // Hkv).to(tl.int64)
-        hkv = (pid_bh % Hkv).to(tl.int64)
-        m_start = pid_m * BLOCK_M
-        tok, grp, row_ok = _packed_rows(m_start, T, G, BLOCK_M)
-        q_base = Q + b * sqb + hkv * G * sqh
+        n_hg = Hkv * KV_REP
+        b = (pid_bh // n_hg).to(tl.int64)
+        hg = (pid_bh % n_hg).to(tl.int64)
+        if SPARSE:
+            qb, m_start, row_end = _sparse_row_tile(pid_m, T, G, MASK_BM, NSUB_M, BLOCK_M)
+        else:
+            m_start = pid_m * BLOCK_M
+            row_end = T * G
+        tok, grp, row_ok = _packed_rows_until(m_start, row_end, G, BLOCK_M)
+        q_base = Q + b * sqb + hg * G * sqh
         q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
-        k_base = K + b * skb + hkv * skh
-        v_base = V + b * svb + hkv * svh
+        k_base = K + b * skb + (hg // KV_REP) * skh
+        v_base = V + b * svb + (hg // KV_REP) * svh
         N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
 
         q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
@@ -422,32 +490,65 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
 
-        n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-        if NSPLIT == 1:  # blocks every row sees in full skip the masks
-            for i in range(0, n_full):
+        if SPARSE:
+            # FlexAttention-style walk: sub-tiles of the listed key blocks, ascending; the prefix
+            # that every row of the tile sees in full skips the masks.
+            n_blk = tl.load(KVN + b * snb + hg * snh + qb.to(tl.int64) * snq)
+            idx_base = KVI + b * sib + hg * sih + qb.to(tl.int64) * siq
+            n_tiles = n_blk * NSUB_N
+            if NSPLIT == 1:
+                if CAUSAL:
+                    limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
+                else:
+                    limit = S
+                n_lo = _sparse_full_tiles(idx_base, sil, n_blk, limit, NSUB_N, MASK_BN, BLOCK_N, _LANES)
+                for j in range(0, n_lo):
+                    start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
+                    acc, m_i, l_i = _fwd_block(
+                        acc, m_i, l_i, q_own, q_tail, start_n, kend,
+                        q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
+                        split, j * opaque_zero,
+                        HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
+                        Q_RESIDENT, STREAM, False,
+                    )
+            else:
+                n_lo = 0
+            for j in range(n_lo, n_tiles):
+                start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
                 acc, m_i, l_i = _fwd_block(
-                    acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N),
-                    q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale, split,
-                i * opaque_zero,
+                    acc, m_i, l_i, q_own, q_tail, start_n, kend,
+                    q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
+                    split, j * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, False,
+                    Q_RESIDENT, STREAM, True,
                 )
-            n_lo = n_full
-        else:  # large (split) bodies: one masked loop halves code size and compile time
-            n_lo = 0
-        for i in range(n_lo, n_end):
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N),
-                q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale, split,
-                i * opaque_zero,
-                HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                Q_RESIDENT, STREAM, True,
-            )
+        else:
+            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+                for i in range(0, n_full):
+                    acc, m_i, l_i = _fwd_block(
+                        acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
+                        q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
+                        split, i * opaque_zero,
+                        HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
+                        Q_RESIDENT, STREAM, False,
+                    )
+                n_lo = n_full
+            else:  # large (split) bodies: one masked loop halves code size and compile time
+                n_lo = 0
+            for i in range(n_lo, n_end):
+                acc, m_i, l_i = _fwd_block(
+                    acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
+                    q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
+                    split, i * opaque_zero,
+                    HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
+                    Q_RESIDENT, STREAM, True,
+                )
 
         # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
         l_div = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_div[:, None]
-        o_base = O + b * sob + hkv * G * soh
+        o_base = O + b * sob + hg * G * soh
         o_row = tok.to(tl.int64) * sot + grp.to(tl.int64) * soh
         _store_tile(o_base, o_row, row_ok, split * BV, sod, HEAD_DV, BV, HEAD_DV < NSPLIT * BV,
                     out.to(O.dtype.element_ty))
@@ -455,15 +556,15 @@ if HAS_TRITON:
         # Statistics are identical in every split: split 0 writes them.
         if split == 0:
             lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_div)) * _LN2)
-            Hq = Hkv * G
-            head = hkv * G + grp.to(tl.int64)
+            Hq = n_hg * G
+            head = hg * G + grp.to(tl.int64)
             tl.store(LSE + (b * Hq + head) * T + tok, lse, mask=row_ok)
             if WRITE_MAXL:
                 # Per-head max of the running maxima (m is in log2 units) over this tile's rows.
                 heads = tl.arange(0, G_P)
                 sel = (grp[:, None] == heads[None, :]) & row_ok[:, None]
                 mh = tl.max(tl.where(sel, m_i[:, None], float("-inf")), 0) * _LN2
-                dst = MAXL + ((b * Hq + hkv * G + heads.to(tl.int64)) * n_mblocks + pid_m)
+                dst = MAXL + ((b * Hq + hg * G + heads.to(tl.int64)) * n_mblocks + pid_m)
                 tl.store(dst, mh, mask=heads < G)
 
 
@@ -471,6 +572,49 @@ if HAS_TRITON:
 # Launcher
 # --------------------------------------------------------------------------------------------
 
+
+
+#: Block-mask integer arguments of a dense launch: strides snb..sil, MASK_BM, MASK_BN (unused), and
+#: ``KV_REP = 1`` (Triton specializes it to a constant, so the head-group math folds away).
+DENSE_MASK_ARGS = (0,) * 9 + (1,)
+
+
+def fwd_outputs(q, dv: int, out, lse, return_max_logit: bool):
+    """``(out, lse, early)`` for every forward launcher: the given buffers or new ones (``out [B, T, Hq, Dv]``
+    q.dtype, ``lse`` fp32 ``[B, Hq, T]``); ``early`` is the finished result ``(out, lse, max_logit)`` when
+    there is nothing to launch (empty batch, sequence or heads), else None."""
+    import torch
+
+    B, T, Hq = q.shape[:3]
+    if out is None:
+        out = torch.empty((B, T, Hq, dv), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    if B == 0 or T == 0 or Hq == 0:
+        maxl = torch.full((B, Hq), float("-inf"), device=q.device) if return_max_logit else None
+        return out, lse, (out, lse, maxl)
+    return out, lse, None
+
+
+def bwd_outputs(q, k, v, dq, dk, dv) -> tuple:
+    """``(dq, dk, dv, done)`` for every backward launcher: the given buffers or new ones shaped like
+    ``q, k, v``; ``done`` when nothing is left to launch (the empty cases are filled: no query means zero
+    dk/dv, no key zero dq)."""
+    import torch
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    B, T, Hq = q.shape[:3]
+    S = k.shape[1]
+    if B == 0 or Hq == 0:
+        return dq, dk, dv, True
+    if T == 0 or S == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv, True
+    return dq, dk, dv, False
 
 
 def _device_arch(device) -> int:
@@ -487,10 +631,11 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
         q, k, v, out, lse, maxl if maxl is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
+        lse, lse, *DENSE_MASK_ARGS,
     )
     consts = dict(
         G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None,
+        WRITE_MAXL=maxl is not None, SPARSE=False,
     )
     return args, consts
 
@@ -549,13 +694,9 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         raise RuntimeError("attention_fwd needs triton")
     B, T, Hq, Dk = q.shape
     Dv = v.shape[3]
-    if out is None:
-        out = torch.empty((B, T, Hq, Dv), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    if B == 0 or T == 0 or Hq == 0:
-        maxl = torch.full((B, Hq), float("-inf"), device=q.device) if return_max_logit else None
-        return out, lse, maxl
+    out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
+    if early is not None:
+        return early
     v_is_k = is_prefix_alias(k, v)
 
     if q.device.type != "cuda" or INTERPRET:
@@ -636,8 +777,11 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         svb=S * hkv * (dk if v_is_k else dv), svs=hkv * (dk if v_is_k else dv), svh=dk if v_is_k else dv, svd=1,
         sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1,
         T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, n_mblocks=7, opaque_zero=0,
+        KVN=Pointer("fp32"), KVI=Pointer("fp32"),
+        **dict(zip(("snb", "snh", "snq", "sib", "sih", "siq", "sil", "MASK_BM", "MASK_BN", "KV_REP"),
+                   DENSE_MASK_ARGS)),
         G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
-        WRITE_MAXL=_SPEC_MAXL, **_plan_constexprs(cfg, dk, dv, v_is_k),
+        WRITE_MAXL=_SPEC_MAXL, SPARSE=False, **_plan_constexprs(cfg, dk, dv, v_is_k),
     )
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(

@@ -91,7 +91,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
-from kernels.attention_fwd import is_prefix_alias
+from kernels.attention_fwd import bwd_outputs, fwd_outputs, is_prefix_alias
 
 if HAS_TRITON:
     import triton
@@ -1027,13 +1027,9 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
     Dv = v.shape[3]
     KTOP = topk_indices.shape[3]
     dev = q.device
-    if out is None:
-        out = torch.empty((B, T, Hq, Dv), dtype=q.dtype, device=dev)
-    if lse is None:
-        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
-    if B == 0 or T == 0 or Hq == 0:
-        maxl = torch.full((B, Hq), float("-inf"), device=dev) if return_max_logit else None
-        return out, lse, maxl
+    out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
+    if early is not None:
+        return early
     G = Hq // Hkv
     k, v, v_is_k = _prep_kv(k, v)
     q = _unit_last(q)
@@ -1090,15 +1086,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     S, Hkv = k.shape[1], k.shape[2]
     Dv = v.shape[3]
     dev = q.device
-    dq = torch.empty(q.shape, dtype=q.dtype, device=dev) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=dev) if dv is None else dv
-    if B == 0 or Hq == 0:
-        return dq, dk, dv
-    if T == 0 or S == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
+    dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    if done:
         return dq, dk, dv
     G = Hq // Hkv
     KTOP = topk_indices.shape[3]

@@ -22,10 +22,12 @@ from torch import Tensor
 
 from kernels.attention_bwd import attention_bwd
 from kernels.attention_fwd import attention_fwd
+from kernels.block_sparse import block_sparse_attention_bwd, block_sparse_attention_fwd
 from kernels.decode import mla_decode_fwd
 from kernels.topk_sparse import topk_attention_bwd, topk_attention_fwd
 
 __all__ = [
+    "BlockSparseAttentionFunction",
     "LatentAttentionFunction",
     "TopkAttentionFunction",
     "triton_attention",
@@ -200,6 +202,92 @@ class TopkAttentionFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
+# block sparse
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::block_sparse_attention_fwd", mutates_args=())
+def block_sparse_attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
+    q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices`` are carried for
+    the backward only): ``(out, lse, max_logit or [0])``."""
+    out, lse, max_logit = block_sparse_attention_fwd(
+        q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
+        return_max_logit=return_max_logit,
+    )
+    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+
+
+@block_sparse_attention_fwd_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
+      return_max_logit):
+    return _fake_attention_outputs(q, v, return_max_logit)
+
+
+@torch.library.custom_op("mla::block_sparse_attention_bwd", mutates_args=())
+def block_sparse_attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
+    kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
+    softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv)``."""
+    return block_sparse_attention_bwd(
+        dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, (block_m, block_n),
+        softmax_scale, causal, dlse=dlse,
+    )
+
+
+@block_sparse_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
+      softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _block_setup(ctx, inputs, output):
+    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs
+    out, lse, max_logit = output
+    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi)
+    ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
+    ctx.mark_non_differentiable(max_logit)
+
+
+def _block_backward(ctx, dout, dlse, _dmax):
+    q, k, v, out, lse, kvn, kvi, qn, qi = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = block_sparse_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal
+    )
+    return (dq, dk, dv) + (None,) * 9
+
+
+block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """Block-sparse attention: ``apply(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m,
+    block_n, softmax_scale, causal, return_max_logit)`` -> ``(out, lse, max_logit)``.
+
+    The mask tensors are ``mla.sparsity.BlockMask`` fields (int32, batch/head dims 1 or B/Hq); inside a
+    listed block every key is kept unless ``causal`` hides it. The backward is deterministic.
+    """
+
+    @staticmethod
+    def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
+                softmax_scale: float, causal: bool, return_max_logit: bool):
+        return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                                             block_m, block_n, softmax_scale, causal, return_max_logit)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _block_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmax):
+        return _block_backward(ctx, dout, dlse, dmax)
+
+
+# ------------------------------------------------------------------------------------------------
 # decode (inference only)
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mla::decode", mutates_args=())
@@ -231,6 +319,8 @@ def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_d
 OPS = {
     "attention_fwd": attention_fwd_op,
     "attention_bwd": attention_bwd_op,
+    "block_sparse_attention_fwd": block_sparse_attention_fwd_op,
+    "block_sparse_attention_bwd": block_sparse_attention_bwd_op,
     "decode": decode_op,
     "topk_attention_fwd": topk_attention_fwd_op,
     "topk_attention_bwd": topk_attention_bwd_op,
@@ -238,9 +328,8 @@ OPS = {
 
 
 def kernel_supports(q, k, v, block_mask=None, topk_indices=None) -> str:
-    """Why the kernels cannot run these (validated) inputs, or ``""`` when they can."""
-    if block_mask is not None:
-        return "the block-sparse Triton kernels are not available yet"
+    """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
+    dense, block-sparse and top-k layout runs on the kernels)."""
     return ""
 
 
@@ -269,6 +358,12 @@ def triton_attention(
     scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
     if topk_indices is not None:
         out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
+    elif block_mask is not None:
+        bm, bn = block_mask.BLOCK_SIZE
+        out, lse, ml = BlockSparseAttentionFunction.apply(
+            q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+            int(bm), int(bn), scale, causal, want_max,
+        )
     else:
         out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)
     return out, lse, (ml if return_max_logit else None)

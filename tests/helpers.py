@@ -41,7 +41,7 @@ def full_attention(q, k, v, scale, keep=None):
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖x − ref‖ / ‖ref‖`` in float64 (0 when both are 0). Non-finite x gives inf."""
-    x, ref = x.detach().double(), ref.detach().double()
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(x).all():
         return math.inf
     den = ref.norm()
@@ -49,6 +49,29 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if den == 0:
         return float(num)
     return float(num / den)
+
+
+def kernel_tol(dtype, interpret: bool = True) -> float:
+    """DESIGN §6 tolerance of a kernel output against the reference; fp32 on a GPU runs its dots in tf32."""
+    if dtype == torch.float32:
+        return 1e-5 if interpret else 1e-3
+    return {torch.float16: 5e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def assert_stat(x, ref, what: str, tol: float, bad_sign: float | None = None):
+    """A statistic (lse, max logit): finite entries within ``tol``; the ±inf entries (empty rows/heads)
+    exactly where and with the sign expected (``bad_sign``: the sign every infinity must have)."""
+    x, ref = x.detach().cpu(), ref.detach().cpu()
+    assert not torch.isnan(x).any(), f"{what}: NaN (unwritten or invalid)"
+    inf_ref = torch.isinf(ref)
+    assert torch.equal(torch.isinf(x), inf_ref), f"{what}: ±inf pattern differs"
+    assert torch.equal(x[inf_ref].double(), ref[inf_ref].double()), f"{what}: wrong infinity sign"
+    if bad_sign is not None and inf_ref.any():
+        assert (ref[inf_ref] * bad_sign > 0).all()
+    fin = ~inf_ref
+    if fin.any():
+        err = rel_err(x[fin], ref[fin])
+        assert err <= tol, f"{what}: rel err {err:.3g} > {tol}"
 
 
 def random_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype=torch.float64, device="cpu", seed=0, requires_grad=False):

@@ -136,6 +136,21 @@ def _op_args():
         ("topk_attention_bwd", (r(*out_t.shape), qt.detach(), kt.detach(), vt.detach(), out_t.detach(),
                                 lse_t.detach(), idx, None, 0.25, False, False)),
     ]
+    from mla.sparsity import block_mask_from_dense
+
+    # Blocks (2, 3) over T=5, S=7: per-head lists (heads of a kv group differ) and one broadcast list;
+    # query block 1 of head 0 lists nothing.
+    grid = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    per_head = torch.stack([grid, ~grid, grid.roll(1, 0), torch.ones_like(grid)])[None]
+    for hm_grid, causal in ((per_head, True), (grid[None, None], False)):
+        bmask = block_mask_from_dense(hm_grid.to(DEVICE), (2, 3), (5, 7))
+        mt = (bmask.kv_num_blocks, bmask.kv_indices, bmask.q_num_blocks, bmask.q_indices, 2, 3)
+        out_b, lse_b, _ = autograd.OPS["block_sparse_attention_fwd"](q, k, v, *mt, 0.25, causal, False)
+        cases += [
+            ("block_sparse_attention_fwd", (q, k, v, *mt, 0.25, causal, True)),
+            ("block_sparse_attention_bwd", (r(*out_b.shape), q.detach(), k.detach(), v.detach(), out_b.detach(),
+                                            lse_b.detach(), *mt[:4], r(*lse_b.shape), 2, 3, 0.25, causal)),
+        ]
     return cases
 
 

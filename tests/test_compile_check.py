@@ -2,10 +2,10 @@
 sm80 (A100) and sm90 (H100/H200) without a GPU, spills no registers, fits shared memory, and
 uses wgmma on sm90 for fp16/bf16 matrix products.
 
-The kernel modules come from ``kernels._config.KERNEL_MODULES`` (modules not written yet are
-skipped). Each module is compiled by ``python -m bench.compile_report`` in a subprocess: on a
-machine without CUDA, tests/conftest.py sets ``TRITON_INTERPRET=1`` for this process, and kernels
-decorated under the interpreter cannot be compiled. Triton's cache and the ptxas-usage cache
+The kernel modules come from ``kernels._config.KERNEL_MODULES``. Each module is compiled by
+``python -m bench.compile_report`` in a subprocess: on a machine without CUDA, tests/conftest.py
+sets ``TRITON_INTERPRET=1`` for this process, and kernels decorated under the interpreter cannot be
+compiled. Triton's cache and the ptxas-usage cache
 (``$TRITON_CACHE_DIR/ptxas-usage``) make reruns fast.
 
 To keep a cold run within a few minutes on 2 cores the default set is ``--quick``: every fp16
@@ -37,16 +37,9 @@ ARCHS = (80, 90)
 FULL = os.environ.get("MLA_COMPILE_CHECK_FULL", "0") not in ("", "0")
 
 
-def _available_modules() -> list[str]:
-    names = []
-    for mod_name in KERNEL_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception:  # not written yet (or broken: its own tests report that)
-            continue
-        if hasattr(mod, "compile_specs"):
-            names.append(mod_name.rsplit(".", 1)[-1])
-    return names
+def _modules() -> list[str]:
+    """Every kernel module (an import error fails its test: a broken module must not pass silently)."""
+    return [name.rsplit(".", 1)[-1] for name in KERNEL_MODULES]
 
 
 def _compile_report(module: str, tmp_path: Path) -> list[dict]:
@@ -65,8 +58,9 @@ def _compile_report(module: str, tmp_path: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not find_ptxas(), reason="no ptxas bundled with triton")
-@pytest.mark.parametrize("module", _available_modules())
+@pytest.mark.parametrize("module", _modules())
 def test_configs_compile_clean(module, tmp_path):
+    assert hasattr(importlib.import_module(f"kernels.{module}"), "compile_specs"), module
     rows = _compile_report(module, tmp_path)
     assert rows, f"{module}.compile_specs returned nothing"
     assert {r["arch"] for r in rows} == set(ARCHS)

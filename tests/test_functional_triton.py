@@ -101,13 +101,41 @@ def test_modules_through_kernels():
         assert sa.backend == "triton" and rel_err(a, b) < 1e-4
 
 
-def test_sparse_layouts_through_triton_backend():
+@pytest.mark.parametrize(
+    "Hq,Hkv,Dk,Dv,alias,block,per_head,causal",
+    [
+        (4, 2, 32, 16, False, (8, 8), True, True),  # per-head lists, unpacked GQA
+        (4, 1, 40, 32, True, (1, 4), False, True),  # absorbed, per-token mask (the sparse module's)
+        (2, 2, 16, 16, False, (6, 5), True, False),  # uneven blocks, non-causal
+    ],
+    ids=["gqa-per-head", "absorbed-per-token", "uneven"],
+)
+def test_block_mask_through_kernels(Hq, Hkv, Dk, Dv, alias, block, per_head, causal):
+    B, T, S = 2, 19, 23
+    q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, torch.float32, seed=3, alias=alias)
+    g = torch.Generator().manual_seed(6)
+    nq, nk = -(-T // block[0]), -(-S // block[1])
+    grid = torch.rand(B, Hq if per_head else 1, nq, nk, generator=g) < 0.5
+    grid[0, 0, 1] = False  # a query block that lists no key block
+    bm = BlockMask.from_dense(grid.to(DEVICE), block, (T, S))
+    kw = dict(block_mask=bm, return_max_logit=True)
+    ref, ref_g = _run("reference", q, k, v, Dv, causal, True, **kw)
+    out, out_g = _run("triton", q, k, v, Dv, causal, True, **kw)
+    assert out.backend == "triton"
+    assert rel_err(out.out, ref.out) < 1e-5
+    assert torch.equal(torch.isinf(out.lse), torch.isinf(ref.lse))
+    assert (out.out[0, block[0]:2 * block[0], 0] == 0).all()
+    assert torch.allclose(out.max_logit, ref.max_logit, atol=1e-5, rtol=1e-5)
+    for a, b in zip(out_g, ref_g):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_causal_block_mask_through_kernels_equals_dense():
     q, k, v = _inputs(1, 20, 20, 2, 1, 16, 16, torch.float32, seed=3)
     bm = causal_block_mask(20, 20, 8, device=DEVICE)
-    ref = latent_attention(q, k, v, causal=True, block_mask=bm, backend="reference")
-    out = latent_attention(q, k, v, causal=True, block_mask=bm, backend="auto")
-    assert rel_err(out, ref) < 1e-5
-    assert isinstance(bm, BlockMask)
+    dense = latent_attention(q, k, v, causal=True, backend="triton")
+    out = latent_attention(q, k, v, causal=True, block_mask=bm, backend="triton")
+    assert rel_err(out, dense) < 1e-6
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -143,3 +171,20 @@ def test_sparse_module_topk_through_kernels():
     m.backend = "reference"
     b, _ = m(x)
     assert st.backend == "triton" and rel_err(a, b) < 1e-4
+
+
+def test_sparse_module_block_mode_through_kernels():
+    from mla import LatentSparseAttention, registry
+
+    torch.manual_seed(2)
+    cfg = registry.get("tiny", hidden_size=64, num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                       qk_rope_head_dim=16, v_head_dim=16, sparse_block_size=4, num_sink_blocks=1,
+                       num_local_blocks=1, topk_blocks=1)
+    m = LatentSparseAttention(cfg, mode="block", backend="triton").to(DEVICE)
+    x = torch.randn(1, 21, 64, device=DEVICE, requires_grad=True)
+    a, st = m(x)
+    (ga,) = torch.autograd.grad(a.square().sum(), x)
+    m.backend = "reference"
+    b, _ = m(x)
+    (gb,) = torch.autograd.grad(b.square().sum(), x)
+    assert st.backend == "triton" and rel_err(a, b) < 1e-4 and rel_err(ga, gb) < 1e-4

@@ -22,6 +22,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import rel_err as rel  # noqa: E402
+
 from kernels._config import HAS_TRITON, INTERPRET  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,16 +125,6 @@ def oracle(q, k, v, idx, scale, causal, do=None, dlse=None):
         loss.backward()
         grads = (qd.grad, kd.grad, vd.grad)
     return out.detach(), lse.detach(), max_logit, grads
-
-
-def rel(x, ref) -> float:
-    """‖x − ref‖ / ‖ref‖ in float64 (absolute when ref is 0); inf when x has a non-finite value."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(x).all():
-        return math.inf
-    den = ref.norm().item()
-    num = (x - ref).norm().item()
-    return num / den if den > 0 else num
 
 
 def check_close(x, ref, dtype, what):

@@ -1,0 +1,532 @@
+"""Block-sparse fused attention, forward and backward, on the dense kernels' bodies.
+
+A block mask (``mla.sparsity.BlockMask``; the idea and field names are PyTorch FlexAttention's
+BlockMask, https://pytorch.org/blog/flexattention/) lists, for each query block of ``BLOCK_M``
+tokens, the ascending key blocks of ``BLOCK_N`` tokens it visits::
+
+    kv_num_blocks  int32 [Bm, Hm, nQ]            nQ = ceil(T / BLOCK_M)
+    kv_indices     int32 [Bm, Hm, nQ, max_kv]    first kv_num_blocks lanes valid, ascending
+    q_num_blocks   int32 [Bm, Hm, nK]            the transpose, for the dK/dV pass; nK = ceil(S / BLOCK_N)
+    q_indices      int32 [Bm, Hm, nK, max_q]
+
+with ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}`` (size-1 dims broadcast: the kernels read them
+with stride 0). Any strides. Inside a listed block every key is kept unless ``causal`` removes it
+(bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + S - T``).
+
+Method (our own code). The kernels are those of :mod:`kernels.attention_fwd` and
+:mod:`kernels.attention_bwd` with the constexpr ``SPARSE`` switch on, so dense and block-sparse share
+the block bodies (online softmax with fp32 statistics, head-dim chunking up to 576/512, the ``v``
+prefix-of-``k`` alias, the transposed dK/dV products):
+
+* **Forward and dQ** (query-major): a program owns a tile of ``BLOCK_M`` packed rows that lies inside
+  one mask query block (``ceil(BLOCK_M_mask * G / BLOCK_M)`` tiles per block; rows past the block end
+  are masked), and walks the ``BLOCK_N``-key sub-tiles of the listed key blocks in ascending order
+  (``ceil(BLOCK_N_mask / BLOCK_N)`` per block; keys past the block end are masked). The leading
+  sub-tiles that every row of the tile sees in full (counted from the list in a vectorised pre-pass)
+  run without masks, the rest with the key-range and causal masks.
+* **dK/dV** (key-major): a program owns a key tile inside one mask key block and walks the row tiles of
+  the query blocks listed in ``q_indices`` (causally masked prefix first). Each output element is
+  written by one program: no atomics, bitwise deterministic.
+* **Head packing** (:func:`packing`). Row ``r`` of a tile is token ``r // G``, head ``r % G`` of a
+  kv-head group, so one K/V tile feeds all heads of the group (``Hm == 1``: the heads share the block
+  lists). With per-token masks (``BLOCK_M = 1``, absorbed MLA with ``Hkv = 1``) a tile holds the heads
+  of one token. When ``Hm == Hq`` and ``G = Hq / Hkv > 1`` the heads of a group may have different
+  lists, so heads are not packed: one query head per tile (``G = 1`` in the kernel, ``KV_REP = G``
+  head groups per kv head; kv head ``= h // G``), and the dK/dV program of a kv head walks the lists
+  of its ``G`` heads one after the other.
+* Rows whose query block lists no key block (or whose listed keys are all causally hidden) get
+  output 0, ``lse = +inf`` and zero gradients, never NaN. Keys outside listed blocks are never read.
+
+Tiles (:func:`fwd_configs`, :func:`bwd_configs`) are the dense tables' entries fitted to the mask
+(:func:`fit_rows`, :func:`fit_keys`): the key tile divides the mask's key block when it can (else
+sub-tiles are masked to the block), the row tile shrinks to the packed rows of a query block
+(never below 64 rows for fp16/bf16 on sm90, where wgmma needs them: per-token masks with fewer than 64
+heads then pad the tile; never below 16 elsewhere). See :func:`compile_specs` for the compiled set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import replace
+
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+from kernels.attention_bwd import (
+    _PRE_BLOCK_T,
+    _PRE_WARPS,
+    BwdConfig,
+    _pre_block_d,
+)
+from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
+from kernels.attention_bwd import bwd_configs as dense_bwd_configs
+from kernels.attention_bwd import interp_config as bwd_interp_config
+from kernels.attention_fwd import (
+    LOG2E,
+    FwdConfig,
+    _device_arch,
+    arch_family,
+    bwd_outputs,
+    dtype_name,
+    fwd_outputs,
+    head_class,
+    is_prefix_alias,
+    next_pow2,
+)
+from kernels.attention_fwd import _plan_constexprs as _fwd_plan_constexprs
+from kernels.attention_fwd import fwd_configs as dense_fwd_configs
+from kernels.attention_fwd import interp_config as fwd_interp_config
+
+if HAS_TRITON:
+    import triton
+
+    from kernels.attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _bwd_preprocess
+    from kernels.attention_fwd import _attn_fwd_kernel
+
+__all__ = [
+    "block_sparse_attention_bwd",
+    "block_sparse_attention_fwd",
+    "bwd_configs",
+    "compile_specs",
+    "fit_keys",
+    "fit_rows",
+    "fwd_configs",
+    "packing",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side planning
+# --------------------------------------------------------------------------------------------
+
+
+def packing(hq: int, hkv: int, hm: int) -> tuple[int, int]:
+    """``(G, KV_REP)``: heads packed per tile row group and head groups per kv head.
+
+    Packed (``(Hq/Hkv, 1)``) when the mask's head dim is 1 or there is one query head per kv head;
+    otherwise (``Hm == Hq``, ``Hq/Hkv > 1``: the group's heads may have different block lists) one
+    head per tile: ``(1, Hq/Hkv)``.
+    """
+    g = hq // hkv
+    return (1, g) if (hm != 1 and g > 1) else (g, 1)
+
+
+def fit_rows(tile: int, rows: int, min_tile: int) -> int:
+    """Row tile for mask query blocks of ``rows`` packed rows (``BLOCK_M_mask * G``), from a table tile.
+
+    A tile never spans two query blocks. To keep the set of compiled tiles small the result is one of
+    ``tile``, 64 (if between ``min_tile`` and ``tile``) or ``min_tile``: the largest of them dividing
+    ``rows`` when ``rows >= 64``, else the smallest that holds ``rows`` (padding the rest); ``tile``
+    for long blocks that none divides (the last tile of a block is then partly padded).
+    """
+    cands = sorted({c for c in (tile, 64, min_tile) if min_tile <= c <= tile}, reverse=True)
+    for c in cands:
+        if rows >= c and rows % c == 0 and (c >= 64 or c == min_tile):
+            return c
+    if rows >= tile:
+        return tile
+    return min(c for c in cands if c >= rows)
+
+
+def fit_keys(tile: int, block_n: int, min_tile: int) -> int | None:
+    """Key tile for mask key blocks of ``block_n`` tokens, from a table tile: ``tile``, or 64 when
+    ``tile`` is larger and 64 divides ``block_n``; ``None`` when neither divides (the launcher then
+    takes :func:`_odd_config`: ``min_tile`` keys, sub-tiles masked to the block)."""
+    for c in (tile, 64):
+        if min_tile <= c <= tile and block_n % c == 0:
+            return c
+    return None
+
+
+def _min_rows(arch: int, dtype: str) -> int:
+    """Smallest query-side M tile (forward, dQ): 64 for fp16/bf16 on sm90+ (wgmma), 32 for fp32 (16-row
+    fp32 dQ tiles of the absorbed shape spill), 16 otherwise."""
+    if dtype == "fp32":
+        return 32
+    return 64 if arch >= 90 else 16
+
+
+#: Block-sparse deviations from the dense tables, keyed (kind, arch family, head class, dtype class):
+#: the sparse walk needs a few more registers (index loads, row/key bounds), and this entry spills
+#: 28 bytes with 4 warps on sm80 (255 registers; 8 warps: 176).
+_OVERRIDES: dict[tuple[str, int, str, str], dict] = {
+    ("dkdv", 80, "d576", "fp32"): dict(num_warps=8),
+}
+
+
+def _table(kind: str, arch: int, dk: int, dv: int, dtype: str) -> list:
+    """Dense table entries of ``kind`` with the block-sparse overrides applied."""
+    cfgs = dense_fwd_configs(arch, dk, dv, dtype) if kind == "fwd" else dense_bwd_configs(kind, arch, dk, dv, dtype)
+    ov = _OVERRIDES.get((kind, arch_family(arch), head_class(dk, dv), "fp32" if dtype == "fp32" else "16"))
+    return [replace(c, **ov) for c in cfgs] if ov else cfgs
+
+
+def _dedup(items):
+    out = []
+    for c in items:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _fit(cfgs, fit_m, fit_n, odd_m: int, odd_n: int):
+    """Table entries that already fit the mask (no tile spans two mask blocks, none padded) if any;
+    else the first (preferred) entry fitted with ``fit_m(cfg)`` / ``fit_n(cfg)``; when no key tile
+    divides the mask's key block, the first entry with ``odd_m x odd_n`` tiles (keys masked to
+    the block). Keeps the set of compiled tiles small (:func:`compile_specs`)."""
+    exact = [c for c in cfgs if fit_m(c) == c.block_m and fit_n(c) == c.block_n]
+    if exact:
+        return exact
+    c = cfgs[0]
+    n = fit_n(c)
+    if n is None:
+        return [replace(c, block_m=odd_m, block_n=odd_n)]
+    return [replace(c, block_m=fit_m(c), block_n=n)]
+
+
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int) -> list[FwdConfig]:
+    """Forward candidates on ``arch`` for head dims (Dk, Dv), ``dtype`` ("fp16"/"bf16"/"fp32"), mask query
+    blocks of ``rows`` packed rows and key blocks of ``block_n`` tokens (the dense table, fitted)."""
+    mr = _min_rows(arch, dtype)
+    return _fit(_table("fwd", arch, dk, dv, dtype), lambda c: fit_rows(c.block_m, rows, mr),
+                lambda c: fit_keys(c.block_n, block_n, 16), mr, 16)
+
+
+def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int) -> list[BwdConfig]:
+    """Backward candidates of ``kind`` ("dkdv" or "dq"), fitted like :func:`fwd_configs`. dK/dV keeps
+    its key tile (the M side of its transposed products) >= 64 rows for fp16/bf16 on sm90."""
+    mr = _min_rows(arch, dtype)
+    cfgs = _table(kind, arch, dk, dv, dtype)
+    if kind == "dq":
+        return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr), lambda c: fit_keys(c.block_n, block_n, 16),
+                    mr, 16)
+    mn = 64 if arch >= 90 and dtype != "fp32" else 16
+    return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16), lambda c: fit_keys(c.block_n, block_n, mn), 16, mn)
+
+
+def _interp_fwd(dk: int, dv: int, rows: int, block_n: int) -> FwdConfig:
+    c = fwd_interp_config(dk, dv)
+    return replace(c, block_m=fit_rows(c.block_m, rows, 16), block_n=fit_keys(c.block_n, block_n, 16) or 16)
+
+
+def _interp_bwd(dk: int, dv: int, rows: int, block_n: int) -> BwdConfig:
+    c = bwd_interp_config(dk, dv)
+    return replace(c, block_m=fit_rows(c.block_m, rows, 16), block_n=fit_keys(c.block_n, block_n, 16) or 16)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_args(num, idx, name: str, n_blocks: int, B: int, Hq: int, device):
+    """Kernel arguments of one (count, index) pair: tensors and strides (0 on broadcast dims).
+
+    Raises ``ValueError``/``TypeError`` on host-checkable mismatches (shapes, dims, dtype, device).
+    """
+    import torch
+
+    for what, t, rank in ((f"{name}_num_blocks", num, 3), (f"{name}_indices", idx, 4)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            raise ValueError(f"block-sparse attention: {what} must be a {rank}-d int32 tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in (torch.int32, torch.int64, torch.int16):
+            raise TypeError(f"block-sparse attention: {what} must be int32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"block-sparse attention: {what} is on {t.device}, the inputs on {device}")
+    Bm, Hm, nb = num.shape
+    if tuple(idx.shape[:3]) != (Bm, Hm, nb) or nb != n_blocks or Bm not in (1, B) or Hm not in (1, Hq):
+        raise ValueError(
+            f"block-sparse attention: {name}_num_blocks {tuple(num.shape)} / {name}_indices {tuple(idx.shape)} "
+            f"do not fit batch {B}, {Hq} heads and {n_blocks} blocks (expected [1|{B}, 1|{Hq}, {n_blocks}(, w)])"
+        )
+    num = num if num.dtype == torch.int32 else num.to(torch.int32)
+    idx = idx if idx.dtype == torch.int32 else idx.to(torch.int32)
+    if idx.shape[3] == 0:  # no lane is ever read; give the kernel a valid pointer
+        idx = torch.zeros((Bm, Hm, nb, 1), dtype=torch.int32, device=idx.device)
+    sb = lambda t: t.stride(0) if Bm > 1 else 0  # noqa: E731
+    sh = lambda t: t.stride(1) if Hm > 1 else 0  # noqa: E731
+    return (num, idx, sb(num), sh(num), num.stride(2), sb(idx), sh(idx), idx.stride(2), idx.stride(3)), Hm
+
+
+def _block_size(block_size) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    bm, bn = (int(x) for x in block_size)
+    if bm < 1 or bn < 1:
+        raise ValueError(f"block_size: expected positive (BLOCK_M, BLOCK_N), got {block_size!r}")
+    return bm, bn
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotune(q) -> bool:
+    """Compiled launch (autotuned configs) for CUDA tensors; the interpreter runs one small config."""
+    return q.device.type == "cuda" and not INTERPRET
+
+
+def _device_ctx(q):
+    """Launch on q's device, not the current one."""
+    import torch
+
+    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
+    """``triton.autotune`` over fitted ``configs`` of kernel ``kind`` ("fwd", "dkdv", "dq")."""
+    key = (kind, tuple(configs), dk, dv, v_is_k)
+    if key not in _AUTOTUNERS:
+        fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+        plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
+        tconfigs = [triton.Config(plan(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in configs]
+        keys = ["G", "CAUSAL", "KV_REP", "MASK_BM", "MASK_BN"] + (["WRITE_MAXL"] if kind == "fwd" else [])
+        _AUTOTUNERS[key] = triton.autotune(configs=tconfigs, key=keys)(fn)
+    return _AUTOTUNERS[key]
+
+
+def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: tuple[int, int],
+                               softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
+                               out=None, lse=None, config: FwdConfig | None = None):
+    """Block-sparse fused attention forward.
+
+    Args:
+        q: ``[B, T, Hq, Dk]``; k: ``[B, S, Hkv, Dk]``; v: ``[B, S, Hkv, Dv]``; fp16/bf16/fp32, same
+            dtype and device (CUDA, or CPU under ``TRITON_INTERPRET=1``), any strides, ``Hq % Hkv == 0``;
+            ``v`` may be a prefix view of ``k`` (detected, loaded once). Assumed validated.
+        kv_num_blocks: int32 ``[Bm, Hm, ceil(T / BLOCK_M)]``; kv_indices: int32
+            ``[Bm, Hm, ceil(T / BLOCK_M), max_kv]``, ascending in each row, first ``kv_num_blocks``
+            lanes valid, entries in ``[0, ceil(S / BLOCK_N))``; ``Bm`` in {1, B}, ``Hm`` in {1, Hq};
+            any strides (``mla.sparsity.BlockMask`` fields).
+        block_size: the mask's ``(BLOCK_M, BLOCK_N)`` in tokens (any positive ints).
+        softmax_scale: multiplies ``q·kᵀ``. causal: bottom-right aligned, applied inside listed blocks.
+        return_max_logit: also return the per-(batch, head) maximum visible scaled score.
+        out, lse: optional preallocated outputs (``[B, T, Hq, Dv]`` q.dtype any strides; contiguous fp32
+            ``[B, Hq, T]``). config: force one :class:`kernels.attention_fwd.FwdConfig` (used as given);
+            default: autotune over :func:`fwd_configs` on GPU, one small fitted config under the interpreter.
+
+    Returns:
+        ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] (+inf where a row sees no key),
+        max_logit fp32 [B, Hq] (-inf for heads that see nothing) or None)``.
+
+    Raises:
+        RuntimeError: Triton is not installed. ValueError / TypeError: mask tensors that do not fit
+        the inputs (shape, broadcast dims, dtype, device) or a non-positive block size.
+    """
+    import torch
+
+    if not HAS_TRITON:
+        raise RuntimeError("block_sparse_attention_fwd needs triton")
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn = _block_size(block_size)
+    margs, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm), B, Hq, q.device)
+    out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
+    if early is not None:
+        return early
+    G, kv_rep = packing(Hq, Hkv, Hm)
+    rows = bm * G
+    v_is_k = is_prefix_alias(k, v)
+    compiled = _autotune(q)
+    n_qblocks = math.ceil(T / bm)
+
+    def launch_args(maxl, n_mblocks):
+        args = (
+            q, k, v, out, lse, maxl if maxl is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
+            *margs, bm, bn, kv_rep,
+        )
+        consts = dict(G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
+                      WRITE_MAXL=maxl is not None, SPARSE=True)
+        return args, consts
+
+    grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
+    with _device_ctx(q):
+        if compiled and config is None:
+            configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
+            n_mblocks = grid_rows(min(c.block_m for c in configs))
+            # Blocks a larger BLOCK_M does not write stay -inf.
+            maxl = (torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
+                    if return_max_logit else None)
+            args, consts = launch_args(maxl, n_mblocks)
+            grid = lambda meta: (grid_rows(meta["BLOCK_M"]) * B * Hkv * kv_rep, meta["NSPLIT"])  # noqa: E731
+            _autotuned("fwd", configs, Dk, Dv, v_is_k)[grid](*args, **consts)
+        else:
+            cfg = config or _interp_fwd(Dk, Dv, rows, bn)
+            n_mblocks = grid_rows(cfg.block_m)
+            # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
+            maxl = (torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
+                    if return_max_logit else None)
+            args, consts = launch_args(maxl, n_mblocks)
+            consts.update(_fwd_plan_constexprs(cfg, Dk, Dv, v_is_k))
+            _attn_fwd_kernel[(n_mblocks * B * Hkv * kv_rep, consts["NSPLIT"])](
+                *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
+
+
+def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                               block_size: tuple[int, int], softmax_scale: float, causal: bool, *,
+                               dlse=None, dq=None, dk=None, dv=None, delta=None,
+                               dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None):
+    """Block-sparse fused attention backward (deterministic: no atomics).
+
+    Args:
+        do: ``[B, T, Hq, Dv]`` upstream gradient; q, k, v, out, lse: as given to / returned by
+            :func:`block_sparse_attention_fwd` (any strides; lse fp32 ``[B, Hq, T]``).
+        kv_num_blocks, kv_indices: the forward's mask (the dQ pass walks them);
+        q_num_blocks: int32 ``[Bm, Hm, ceil(S / BLOCK_N)]``, q_indices: int32
+            ``[Bm, Hm, ceil(S / BLOCK_N), max_q]``: its transpose, ascending (the dK/dV pass walks them).
+        block_size, softmax_scale, causal: as in the forward.
+        dlse: optional fp32 ``[B, Hq, T]`` gradient of ``lse``; enters as ``delta - dlse``.
+        dq, dk, dv: optional preallocated outputs (shapes of q, k, v; q.dtype; any strides).
+        delta: optional fp32 ``[B, Hq, T]`` scratch. dkdv_config, dq_config: force tile configurations
+            (used as given); default: autotune on GPU, small fitted configs under the interpreter.
+
+    Returns:
+        ``(dq, dk, dv)`` in the input dtype. Keys no query block visits get zero dk/dv; rows that see
+        no key get zero dq. With ``v`` a prefix view of ``k``, ``dk`` holds the score-path gradient
+        and ``dv`` the value path (autograd sums them through the view).
+
+    Raises:
+        RuntimeError: Triton is not installed. ValueError / TypeError: as in the forward.
+    """
+    import torch
+
+    if not HAS_TRITON:
+        raise RuntimeError("block_sparse_attention_bwd needs triton")
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn = _block_size(block_size)
+    kv_args, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm), B, Hq, q.device)
+    q_args, Hm_q = _mask_args(q_num_blocks, q_indices, "q", math.ceil(S / bn), B, Hq, q.device)
+    if Hm_q != Hm:
+        raise ValueError(f"block-sparse attention: q_num_blocks has head dim {Hm_q}, kv_num_blocks {Hm}")
+    dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    if done:
+        return dq, dk, dv
+    G, kv_rep = packing(Hq, Hkv, Hm)
+    rows = bm * G
+    v_is_k = is_prefix_alias(k, v)
+    lse = lse.contiguous()  # offsets assume [B, Hq, T] contiguous
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
+    compiled = _autotune(q)
+    common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=True)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    n_q, n_k = math.ceil(T / bm), math.ceil(S / bn)
+    with _device_ctx(q):
+        _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK_T) * B * Hq,)](
+            out, do, delta, *out.stride(), *do.stride(), T, Hq,
+            HEAD_DV=Dv, BLOCK_T=_PRE_BLOCK_T, BLOCK_D=_pre_block_d(Dv), num_warps=_PRE_WARPS,
+        )
+        if dlse is not None:
+            # d lse / dS = P, so an upstream lse gradient enters as dS = P * (dP - (delta - dlse)).
+            delta.sub_(dlse.float())
+
+        dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common,
+                     *q_args, bm, bn, kv_rep)
+        dkdv_grid = lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv  # noqa: E731
+        if compiled and dkdv_config is None:
+            configs = bwd_configs("dkdv", _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
+            grid = lambda meta: (dkdv_grid(meta["BLOCK_N"]), meta["NSPLIT"])  # noqa: E731
+            _autotuned("dkdv", configs, Dk, Dv, v_is_k)[grid](*dkdv_args, **consts)
+        else:
+            cfg = dkdv_config or _interp_bwd(Dk, Dv, rows, bn)
+            pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
+            _attn_bwd_dkdv_kernel[(dkdv_grid(cfg.block_n), pc["NSPLIT"])](
+                *dkdv_args, **consts, **pc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+        dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
+        dq_grid = lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep  # noqa: E731
+        if compiled and dq_config is None:
+            configs = bwd_configs("dq", _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
+            grid = lambda meta: (dq_grid(meta["BLOCK_M"]), meta["NSPLIT"])  # noqa: E731
+            _autotuned("dq", configs, Dk, Dv, v_is_k)[grid](*dq_args, **consts)
+        else:
+            cfg = dq_config or _interp_bwd(Dk, Dv, rows, bn)
+            pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
+            _attn_bwd_dq_kernel[(dq_grid(cfg.block_m), pc["NSPLIT"])](
+                *dq_args, **consts, **pc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# Compile specs
+# --------------------------------------------------------------------------------------------
+
+#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k), as the dense kernels.
+#: (d32 shares d64's tiles and is left out.)
+SPEC_SHAPES = ((64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False), (576, 512, 128, True))
+SPEC_DTYPES = ("fp16", "bf16", "fp32")
+#: Mask geometries whose fitted configurations are compiled: packed rows per query block
+#: (``BLOCK_M_mask * G``) x key block size. :func:`fit_rows` / :func:`fit_keys` depend only on which of
+#: the candidate tiles divide the block and on a few thresholds, so this grid reaches every tile they
+#: can produce from the tables.
+SPEC_ROWS = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 1024)
+SPEC_BLOCK_N = (8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg) -> CompileSpec:
+    from kernels._compile import Pointer, spec_args
+
+    hq, hkv, T, S = group * 2, 2, 1024, 1024
+    dvs = dk if v_is_k else dv
+    ptr = Pointer(dtype)
+    i32 = Pointer("i32")
+    values = dict(
+        Q=ptr, K=ptr, V=ptr, O=ptr, DO=ptr, DQ=ptr, DK=ptr, DV=ptr,
+        LSE=Pointer("fp32"), MAXL=Pointer("fp32"), DELTA=Pointer("fp32"),
+        sqb=T * hq * dk, sqt=hq * dk, sqh=dk, sqd=1,
+        skb=S * hkv * dk, sks=hkv * dk, skh=dk, skd=1,
+        svb=S * hkv * dvs, svs=hkv * dvs, svh=dvs, svd=1,
+        sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1,
+        sdob=T * hq * dv, sdot=hq * dv, sdoh=dv, sdod=1,
+        sdqb=T * hq * dk, sdqt=hq * dk, sdqh=dk, sdqd=1,
+        sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdkd=1,
+        sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
+        T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, n_mblocks=7, opaque_zero=0,
+        # Mask [1, Hq, n, 40]: batch broadcast (stride 0), per-head lists.
+        KVN=i32, KVI=i32, QN=i32, QI=i32, snb=0, snh=9, snq=1, snk=1, sib=0, sih=9 * 40, siq=40, sik=40, sil=1,
+        MASK_BM=64, MASK_BN=128, KV_REP=1,
+        G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=True, V_IS_K=v_is_k, WRITE_MAXL=True,
+        SPARSE=True,
+    )
+    plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
+    values.update(plan(cfg, dk, dv, v_is_k))
+    fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    sig, consts, divisible = spec_args(fn, values)
+    return CompileSpec(
+        kernel=f"block_sparse_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": True, "config": cfg},
+    )
+
+
+def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int) -> list:
+    """Distinct fitted configurations of ``kind`` over the geometries :data:`SPEC_ROWS` x :data:`SPEC_BLOCK_N`."""
+    out = []
+    for rows, bn in itertools.product(SPEC_ROWS, SPEC_BLOCK_N):
+        if kind == "fwd":
+            out += fwd_configs(arch, dk, dv, dtype, rows, bn)
+        else:
+            out += bwd_configs(kind, arch, dk, dv, dtype, rows, bn)
+    return _dedup(out)
+
+
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every block-sparse configuration the launchers may pick on ``arch`` (80 or 90) for the
+    representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dk, dv, group, v_is_k in SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            for kind in ("fwd", "dkdv", "dq"):
+                for cfg in spec_configs(kind, arch, dk, dv, dtype, group):
+                    specs.append(_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+    return specs
