@@ -147,10 +147,13 @@ def _min_rows(arch: int, dtype: str) -> int:
 
 
 #: Block-sparse deviations from the dense tables, keyed (kind, arch family, head class, dtype class):
-#: the sparse walk needs a few more registers (index loads, row/key bounds), and this entry spills
-#: 28 bytes with 4 warps on sm80 (255 registers; 8 warps: 176).
+#: the sparse walk needs a few more registers (index loads, row/key bounds). fp32 forward entries of
+#: d64-d256 spill 8-40 bytes with 2 stages (triton 3.6 and 3.9) and fit with 1. The sm80 d576 dK/dV
+#: entry spills 28 bytes with 4 warps (255 registers; 8 warps: 176). Known and left: fp32 dQ of
+#: d128/d256 spills 8-24 bytes (sm80 32x16/32x32, sm90 32x16) under every warps/stages choice tried.
 _OVERRIDES: dict[tuple[str, int, str, str], dict] = {
     ("dkdv", 80, "d576", "fp32"): dict(num_warps=8),
+    **{("fwd", arch, hc, "fp32"): dict(num_stages=1) for arch in (80, 90) for hc in ("d64", "d128", "d256")},
 }
 
 
