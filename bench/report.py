@@ -97,7 +97,8 @@ def _usable(r: Row | None) -> bool:
 def _why(r: Row | None, who: str) -> str:
     if r is None:
         return f"{who}: not measured"
-    return f"{who}: {r.status} ({r.note[:120]})"
+    note = r.note if len(r.note) <= 120 else r.note[:117] + "..."
+    return f"{who}: {r.status} — {note}"
 
 
 def target_checks(rows: list[Row]) -> tuple[list[dict], str]:
@@ -409,7 +410,8 @@ def short_summary(rows: list[Row]) -> str:
         out.append("")
         out.append(f"targets ({context}):")
         for c in checks:
-            out.append(f"  {c['name']}: {c['value']} (need {c['target']}) -> {c['verdict'][:150]}")
+            value = c["value"] or "not measured"
+            out.append(f"  {c['name']}: {value} (need {c['target']}) -> {c['verdict']}")
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skip", "error", "mismatch")}
     out.append("")
     out.append("rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -33,13 +33,15 @@ def main() -> None:
     latent = torch.randn(B, S, Hkv, Dk, device=dev, dtype=dtype)
     k, v = latent, latent[..., :Dv]  # v is a prefix view of k: the kernels load the tile once
     scale = 192**-0.5
+    via = "Triton kernel" if dev.type == "cuda" else "reference path"  # backend="auto"
 
     bm = sliding_window_block_mask(T, S, window=64, BLOCK_SIZE=32, device=dev)
     out = latent_attention(q, k, v, causal=True, block_mask=bm, softmax_scale=scale)
     ref = latent_attention(q, k, v, softmax_scale=scale, backend="reference",
                            attn_mask=bm.to_element_mask(causal=True))
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    print(f"block-sparse: {bm}, density {bm.density(causal=True):.3f}, rel. error vs dense+mask {err:.1e}")
+    print(f"block-sparse: {bm}, density {bm.density(causal=True):.3f}, "
+          f"rel. error ({via}) vs dense+element mask {err:.1e}")
 
     scores = torch.randn(B, T, Hkv, S, device=dev)  # e.g. a lightning indexer's scores
     idx = topk_indices_from_scores(scores, 32, causal=True)  # int32 [B, T, Hkv, 32], -1 where fewer keys
@@ -47,7 +49,8 @@ def main() -> None:
     keep = topk_to_dense_mask(idx, S).repeat_interleave(Hq // Hkv, dim=1)
     ref = latent_attention(q, k, v, softmax_scale=scale, backend="reference", attn_mask=keep)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    print(f"top-k: K=32 of S={S}, {int((idx >= 0).sum())} (query, key) pairs, rel. error vs dense+mask {err:.1e}")
+    print(f"top-k: K=32 of S={S}, {int((idx >= 0).sum())} (query, key) pairs, "
+          f"rel. error ({via}) vs dense+element mask {err:.1e}")
 
     # -- 2. the hybrid module ----------------------------------------------------------------------
     cfg = registry.get("tiny", sparse_block_size=16, num_sink_blocks=1, num_local_blocks=1, topk_blocks=2,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla.cache import LatentCache, PagedLatentCache
-from mla.config import MLAConfig
+from mla.config import MLAConfig, require_config
 from mla.functional import attention_probs, attention_with_stats, mla_decode, resolve_backend
 from mla.rope import RotaryEmbedding, apply_rotary, yarn_softmax_scale
 from mla.sparsity import BlockMask, select_topk_blocks, topk_indices_from_scores
@@ -168,6 +168,15 @@ class LatentAttention(nn.Module):
         """nn.MultiheadAttention masks -> one keep-mask (bool) or additive bias [B|1, H|1, T, S], or None."""
         H = self.num_heads
         parts = []
+        for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            # nn.MultiheadAttention semantics: bool True = masked out, float = additive bias. An integer
+            # 0/1 mask (as HF's attention_mask, where 1 = attend) would be read as a +1 bias: refuse it.
+            if t is not None and (not isinstance(t, torch.Tensor) or (t.dtype != torch.bool
+                                                                     and not t.is_floating_point())):
+                raise TypeError(
+                    f"{name}: expected a bool (True = ignore) or float (additive bias) tensor, got "
+                    f"{getattr(t, 'dtype', type(t).__name__)}"
+                )
         if attn_mask is not None:
             m = attn_mask.to(device)
             if m.dim() == 2:
@@ -293,7 +302,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def __init__(self, config: MLAConfig, layer_idx: int | None = None, *, form: str = "auto", backend: str = "auto"):
         super().__init__()
-        config.validate()
+        require_config(config)
         if form not in FORMS:
             raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
         self.config = config

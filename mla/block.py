@@ -15,7 +15,7 @@ from torch import nn
 
 from mla.attention import AttentionStats, LatentSparseAttention, MultiHeadLatentAttention, RMSNorm
 from mla.cache import LatentCache, PagedLatentCache
-from mla.config import MLAConfig
+from mla.config import MLAConfig, require_config
 
 __all__ = ["RMSNorm", "SwiGLU", "TransformerBlock", "MLACausalLM", "CausalLMOutput"]
 
@@ -114,7 +114,7 @@ class MLACausalLM(nn.Module):
         indexer_loss_weight: float = 1.0,
     ):
         super().__init__()
-        config.validate()
+        require_config(config)
         self.config = config
         self.indexer_loss_weight = indexer_loss_weight
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

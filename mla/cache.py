@@ -141,6 +141,8 @@ class PagedLatentCache:
         self.cache_seqlens = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.step_start = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.step_len = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self._step_starts: list[int] = []
+        self._step_lens: list[int] = []
         self._extra: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
 
     @classmethod
@@ -163,7 +165,15 @@ class PagedLatentCache:
         return ids
 
     def release(self, seq_ids) -> None:
-        """Return the pages of finished sequences to the free list and forget them."""
+        """Return the pages of finished sequences to the free list and forget them.
+
+        Raises:
+            KeyError: an unknown (or already released) sequence id; nothing is released then.
+        """
+        seq_ids = list(seq_ids)
+        unknown = [i for i in seq_ids if i not in self._pages]
+        if unknown:
+            raise KeyError(f"seq_ids: unknown or already released sequences {unknown}")
         for i in seq_ids:
             self._free.extend(reversed(self._pages.pop(i)))
             self._lens.pop(i)
@@ -229,8 +239,17 @@ class PagedLatentCache:
         return max((self._lens[i] for i in self.seq_ids), default=0)
 
     # -- data -------------------------------------------------------------------------------------
+    def _check_layer(self, layer_idx: int) -> None:
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self._pools):
+            raise ValueError(f"layer_idx: expected an int in [0, {len(self._pools)}), got {layer_idx!r}")
+
     def kv_cache(self, layer_idx: int) -> torch.Tensor:
-        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]``."""
+        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]``.
+
+        Raises:
+            ValueError: ``layer_idx`` out of range.
+        """
+        self._check_layer(layer_idx)
         return self._pools[layer_idx]
 
     def write(self, layer_idx: int, rows: torch.Tensor) -> None:
@@ -238,12 +257,17 @@ class PagedLatentCache:
         position ``step_start[b] + t`` for ``t < step_len[b]`` (later rows are padding, ignored).
 
         Raises:
-            ValueError: shape does not match the step.
+            ValueError: ``layer_idx`` out of range, or a shape that does not match the step (fewer than
+                ``max(step_len)`` rows would leave reserved positions holding stale data).
         """
+        self._check_layer(layer_idx)
         B = len(self.seq_ids)
         if rows.dim() != 3 or rows.shape[0] != B or rows.shape[2] != self.head_dim:
             raise ValueError(f"rows: expected [B={B}, T, {self.head_dim}], got {tuple(rows.shape)}")
         T = rows.shape[1]
+        need = max(self._step_lens, default=0)
+        if T < need:
+            raise ValueError(f"rows: the step reserved {need} new positions for a sequence, got only {T} rows")
         t = torch.arange(T, device=self.device)[None, :]
         valid = t < self.step_len.long()[:, None]
         pos = self.step_start.long()[:, None] + t

@@ -192,3 +192,17 @@ PRESETS: dict[str, Callable[[], MLAConfig]] = {
     "deepseek-v2-lite": _v2_lite,
     "deepseek-v3": _v3,
 }
+
+
+def require_config(config) -> MLAConfig:
+    """``config`` validated, for module constructors.
+
+    Raises:
+        TypeError: not an ``MLAConfig`` (e.g. a preset name: use ``mla.registry.get(name)``).
+        ValueError: as ``MLAConfig.validate``.
+    """
+    if not isinstance(config, MLAConfig):
+        raise TypeError(
+            f"config: expected an mla.MLAConfig (e.g. mla.registry.get('tiny')), got {type(config).__name__}"
+        )
+    return config.validate()

@@ -110,7 +110,8 @@ def _check_scale(softmax_scale, Dk: int) -> float:
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a positive float or None, got {type(softmax_scale).__name__}")
     s = float(softmax_scale)
-    if not math.isfinite(s) or s <= 0:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) s may be symbolic. NaN fails both.
+    if not (0 < s < math.inf):
         raise ValueError(f"softmax_scale: expected a finite positive float, got {softmax_scale}")
     return s
 
@@ -211,6 +212,9 @@ def attention_with_stats(
     Arguments as for ``latent_attention``. Returns an ``AttentionResult`` (out, lse, max_logit, backend);
     ``max_logit`` is ``[B, Hq]`` float32 (detached) when ``return_max_logit``.
     """
+    for name, flag in (("return_max_logit", return_max_logit), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     scale, path, topk_indices = _validate(
         q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
     )
@@ -277,6 +281,8 @@ def latent_attention(
             ``Hq % Hkv != 0``, bad ``softmax_scale``, both ``block_mask`` and ``topk_indices``, index
             values out of range, or an unavailable backend.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     res = attention_with_stats(
         q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
         topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,

@@ -168,3 +168,15 @@ def test_opcheck(case):
     name, args = _op_args()[case]
     result = torch.library.opcheck(autograd.OPS[name], args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dynamic_true_fullgraph(backend):
+    """``torch.compile(dynamic=True)`` makes float attributes (the softmax scale) symbolic: validation
+    must not call math functions on them."""
+    mod = _module("MultiHeadLatentAttention", backend).to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T in (9, 14):
+        args = _inputs("MultiHeadLatentAttention", T, seed=T)
+        assert rel_err(_call(compiled, args), _call(mod, args)) < 1e-5

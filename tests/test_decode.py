@@ -216,3 +216,24 @@ def test_paged_cache_allocation_write_gather_release():
     assert cache.bytes_per_token() == 2 * 6 * 4
     contig = PagedLatentCache.contiguous(1, 6, batch_size=2, max_seqlen=32)
     assert contig.page_size == 32 and contig.num_pages == 2
+
+
+def test_cache_rejects_short_writes_and_unknown_ids():
+    cache = PagedLatentCache(1, 3, num_pages=4, page_size=4)
+    (a,) = cache.add_sequences(1)
+    cache.begin_step([a], 8)
+    cache.write(0, torch.full((1, 8, 3), 7.0))
+    cache.release([a])
+    (b,) = cache.add_sequences(1)
+    cache.begin_step([b], [8])
+    # Fewer rows than reserved would leave the released sequence's rows visible to decode.
+    with pytest.raises(ValueError, match="reserved 8"):
+        cache.write(0, torch.ones(1, 3, 3))
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.write(1, torch.ones(1, 8, 3))
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.kv_cache(-1)
+    with pytest.raises(KeyError, match="unknown"):
+        cache.release([a])
+    cache.write(0, torch.ones(1, 8, 3))
+    assert torch.equal(cache.gather(0), torch.ones(1, 8, 3))

@@ -320,3 +320,14 @@ def test_generate_batched_different_prompt_lengths():
     eos = int(ga[0])
     out = model.generate(a[None], 8, temperature=0, eos_token_id=eos)
     assert out.shape[1] == 8 and out[0, -1] == eos
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_latent_attention_rejects_integer_masks(which):
+    """nn.MultiheadAttention semantics (bool True = ignore, float = bias): a 0/1 integer mask (HF style,
+    1 = attend) would silently act as a +1 bias, so it is refused."""
+    attn = LatentAttention(32, 2)
+    x = torch.randn(2, 6, 32)
+    mask = torch.zeros(6, 6, dtype=torch.long) if which == "attn_mask" else torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(TypeError, match=which):
+        attn(x, x, x, **{which: mask})

@@ -115,3 +115,16 @@ def test_block_mask_bad_values():
     bm.kv_indices[0, 0, 0, 0] = 7
     bm._dense = None
     _check(ValueError, r"^block_mask: kv_indices has entries outside", q, k, v, block_mask=bm)
+
+
+def test_flags_and_config_types_are_checked():
+    from mla import MultiHeadLatentAttention
+    from mla.functional import attention_with_stats
+
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(TypeError, match="return_lse"):
+        latent_attention(q, q, q, return_lse="no")
+    with pytest.raises(TypeError, match="deterministic"):
+        attention_with_stats(q, q, q, deterministic=1)
+    with pytest.raises(TypeError, match="config"):
+        MultiHeadLatentAttention("tiny")
