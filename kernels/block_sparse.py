@@ -252,13 +252,19 @@ def _mask_args(num, idx, name: str, n_blocks: int, B: int, Hq: int, device):
     return (num, idx, sb(num), sh(num), num.stride(2), sb(idx), sh(idx), idx.stride(2), idx.stride(3)), Hm
 
 
-def _block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    bm, bn = (int(x) for x in block_size)
-    if bm < 1 or bn < 1:
-        raise ValueError(f"block_size: expected positive (BLOCK_M, BLOCK_N), got {block_size!r}")
-    return bm, bn
+def _block_size(block_size, T: int, S: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N)`` as given, and as launched: a block longer than the sequence holds all of it
+    (there is one block then), so it is cut to ``T`` / ``S`` and no tile is spent past the end."""
+    pair = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair):
+        raise ValueError(f"block_size: expected positive ints (BLOCK_M, BLOCK_N), got {block_size!r}")
+    bm, bn = pair
+    return bm, bn, max(1, min(bm, T)), max(1, min(bn, S))
+
+
+def _check_stat(name: str, t, B: int, Hq: int, T: int) -> None:
+    if tuple(t.shape) != (B, Hq, T):
+        raise ValueError(f"block-sparse attention: {name} must be [B, Hq, T] = {[B, Hq, T]}, got {list(t.shape)}")
 
 
 _AUTOTUNERS: dict = {}
@@ -323,8 +329,8 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         raise RuntimeError("block_sparse_attention_fwd needs triton")
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bm, bn = _block_size(block_size)
-    margs, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm), B, Hq, q.device)
+    bm0, _, bm, bn = _block_size(block_size, T, S)
+    margs, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm0), B, Hq, q.device)
     out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
     if early is not None:
         return early
@@ -402,9 +408,12 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         raise RuntimeError("block_sparse_attention_bwd needs triton")
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bm, bn = _block_size(block_size)
-    kv_args, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm), B, Hq, q.device)
-    q_args, Hm_q = _mask_args(q_num_blocks, q_indices, "q", math.ceil(S / bn), B, Hq, q.device)
+    bm0, bn0, bm, bn = _block_size(block_size, T, S)
+    kv_args, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm0), B, Hq, q.device)
+    q_args, Hm_q = _mask_args(q_num_blocks, q_indices, "q", math.ceil(S / bn0), B, Hq, q.device)
+    _check_stat("lse", lse, B, Hq, T)
+    if dlse is not None:
+        _check_stat("dlse", dlse, B, Hq, T)
     if Hm_q != Hm:
         raise ValueError(f"block-sparse attention: q_num_blocks has head dim {Hm_q}, kv_num_blocks {Hm}")
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)

@@ -267,7 +267,8 @@ def latent_attention(
         attn_mask: optional bool keep-mask (True = attend) or float additive bias broadcastable to
             ``[B, Hq, T, S]``; arbitrary masks run on the reference path.
         check_indices: validate index values (one device sync): ``topk_indices`` in ``[-1, S)`` without
-            duplicates per row, ``block_mask`` indices in range and ascending.
+            duplicates per row, ``block_mask`` indices in range and ascending (and a caller-given transpose
+            consistent). Eager only: under ``torch.compile`` the value checks are skipped.
         deterministic: top-k backward on the kernels: True (default) builds a key-major index with a sort
             and accumulates dK/dV without atomics (bitwise reproducible); False uses fp32 atomics (faster).
 

@@ -34,13 +34,20 @@ __all__ = [
 
 
 def _pair(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        bs = (block_size, block_size)
-    else:
-        bs = tuple(int(b) for b in block_size)
-    if len(bs) != 2 or min(bs) < 1:
+    bs = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
+    if len(bs) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bs) or min(bs) < 1:
         raise ValueError(f"BLOCK_SIZE: expected an int or a pair of positive ints, got {block_size!r}")
     return bs
+
+
+def _grid_from_lists(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool grid ``[..., R, n_cols]`` from row lists (``num [..., R]`` valid lanes of ``idx [..., R, W]``)."""
+    lanes = torch.arange(idx.shape[-1], device=idx.device)
+    valid = lanes < num[..., None]
+    cols = torch.where(valid, idx.long(), torch.full_like(idx, n_cols, dtype=torch.long)).clamp(0, n_cols)
+    grid = torch.zeros(*num.shape, n_cols + 1, dtype=torch.bool, device=idx.device)
+    grid.scatter_(-1, cols, True)
+    return grid[..., :n_cols].contiguous()
 
 
 def _stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +109,9 @@ class BlockMask:
                 f"{tuple(kv_num_blocks.shape)}"
             )
         self.BLOCK_SIZE = _pair(BLOCK_SIZE)
-        if len(seq_lengths) != 2:
-            raise ValueError(f"BlockMask.seq_lengths: expected (T, S), got {seq_lengths!r}")
+        if len(seq_lengths) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                             for n in seq_lengths):
+            raise ValueError(f"BlockMask.seq_lengths: expected (T, S) non-negative ints, got {seq_lengths!r}")
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         T, S = self.seq_lengths
         nq = math.ceil(T / self.BLOCK_SIZE[0])
@@ -165,14 +173,7 @@ class BlockMask:
     def to_dense(self) -> torch.Tensor:
         """Bool block grid ``[Bm, Hm, nQ, nK]`` (True where the query block visits the key block)."""
         if self._dense is None:
-            nk = self.num_kv_blocks
-            lanes = torch.arange(self.kv_indices.shape[-1], device=self.device)
-            valid = lanes < self.kv_num_blocks[..., None]
-            idx = torch.where(valid, self.kv_indices.long(), torch.full_like(self.kv_indices, nk, dtype=torch.long))
-            idx = idx.clamp(0, nk)
-            grid = torch.zeros(*self.kv_num_blocks.shape, nk + 1, dtype=torch.bool, device=self.device)
-            grid.scatter_(-1, idx, True)
-            self._dense = grid[..., :nk].contiguous()
+            self._dense = _grid_from_lists(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
         return self._dense
 
     def _transpose(self):
@@ -423,7 +424,8 @@ def check_topk_indices(
     """Validate top-k indices for a ``[B,T,Hkv,·]`` query set over ``S`` keys and return them as int32.
 
     Checked mode (``check_values``) also reads the values (one device sync): every entry must lie in
-    ``[-1, S)`` and no key may appear twice in one row.
+    ``[-1, S)`` and no key may appear twice in one row. Under ``torch.compile`` the value checks are
+    skipped (they would read data the graph does not have).
 
     Raises:
         TypeError: not a tensor, or not an integer dtype.
@@ -440,7 +442,7 @@ def check_topk_indices(
     if device is not None and topk_indices.device != torch.device(device):
         raise ValueError(f"topk_indices: expected device {device}, got {topk_indices.device}")
     idx = topk_indices.to(torch.int32)
-    if check_values and idx.numel() > 0:
+    if check_values and idx.numel() > 0 and not torch.compiler.is_compiling():  # reads values: eager only
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= S:
             raise ValueError(f"topk_indices: entries must be in [-1, S={S}), got min {lo}, max {hi}")
@@ -454,13 +456,33 @@ def check_topk_indices(
     return idx
 
 
+def _check_lists(name: str, num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> None:
+    """Counts in ``[0, min(width, n_cols)]``; valid lanes in ``[0, n_cols)`` and strictly ascending."""
+    if num.numel() == 0:
+        return
+    width = idx.shape[-1]
+    lo, hi = int(num.min()), int(num.max())
+    if lo < 0 or hi > min(width, n_cols):
+        raise ValueError(f"block_mask: {name}_num_blocks must be in [0, {min(width, n_cols)}], got [{lo}, {hi}]")
+    valid = torch.arange(width, device=num.device) < num[..., None]
+    if bool(((idx < 0) | (idx >= n_cols))[valid].any()):
+        raise ValueError(f"block_mask: {name}_indices has entries outside [0, {n_cols})")
+    inc = idx[..., 1:] > idx[..., :-1]
+    if bool((~inc & valid[..., 1:]).any()):
+        raise ValueError(f"block_mask: {name}_indices must be strictly ascending within each block row")
+
+
 def check_block_mask(block_mask, B: int, Hq: int, T: int, S: int, device=None, *, check_values: bool = True):
     """Validate that ``block_mask`` fits an attention of batch ``B``, ``Hq`` heads, ``T`` queries, ``S`` keys.
 
     Raises:
         TypeError: not a ``BlockMask``.
         ValueError: wrong sequence lengths, batch/head dims, device, or (checked mode) block indices
-            outside ``[0, nK)``, counts above the index width, or unsorted/duplicate lanes.
+            outside ``[0, nK)``, counts above the index width, unsorted/duplicate lanes, or a caller-given
+            transpose (``q_num_blocks``/``q_indices``) that does not match the kv lists.
+
+    The value checks read the tensors, so they run in eager mode only; under ``torch.compile`` they are
+    skipped (as if ``check_values=False``: validate the mask once outside the compiled region).
     """
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask: expected mla.sparsity.BlockMask, got {type(block_mask).__name__}")
@@ -473,20 +495,18 @@ def check_block_mask(block_mask, B: int, Hq: int, T: int, S: int, device=None, *
         )
     if device is not None and block_mask.device != torch.device(device):
         raise ValueError(f"block_mask: expected device {device}, got {block_mask.device}")
-    if check_values:
-        nk = block_mask.num_kv_blocks
-        width = block_mask.kv_indices.shape[-1]
-        num = block_mask.kv_num_blocks
-        if int(num.min()) < 0 or int(num.max()) > min(width, nk):
-            raise ValueError(
-                f"block_mask: kv_num_blocks must be in [0, {min(width, nk)}], got [{int(num.min())}, {int(num.max())}]"
-            )
-        lanes = torch.arange(width, device=num.device)
-        valid = lanes < num[..., None]
-        idx = block_mask.kv_indices
-        if bool(((idx < 0) | (idx >= nk))[valid].any()):
-            raise ValueError(f"block_mask: kv_indices has entries outside [0, nK={nk})")
-        inc = idx[..., 1:] > idx[..., :-1]
-        if bool((~inc & valid[..., 1:]).any()):
-            raise ValueError("block_mask: kv_indices must be strictly ascending within each query block")
+    if check_values and not torch.compiler.is_compiling():  # value checks read the data: eager only
+        nq, nk = block_mask.kv_num_blocks.shape[-1], block_mask.num_kv_blocks
+        _check_lists("kv", block_mask.kv_num_blocks, block_mask.kv_indices, nk)
+        if block_mask._q_num_blocks is not None and block_mask._q_indices is not None:
+            # A transpose given by the caller drives the dK/dV pass: it must list the same blocks.
+            qn, qi = block_mask._q_num_blocks, block_mask._q_indices
+            if qn.dim() != 3 or qi.dim() != 4 or tuple(qn.shape) != (Bm, Hm, nk) or tuple(qi.shape[:3]) != (Bm, Hm, nk):
+                raise ValueError(
+                    f"block_mask: q_num_blocks {tuple(qn.shape)} / q_indices {tuple(qi.shape)} must be "
+                    f"[{Bm}, {Hm}, nK={nk}] / [{Bm}, {Hm}, nK={nk}, max_q]"
+                )
+            _check_lists("q", qn, qi, nq)
+            if not torch.equal(_grid_from_lists(qn, qi, nq), block_mask.to_dense().transpose(-1, -2)):
+                raise ValueError("block_mask: q_num_blocks/q_indices are not the transpose of kv_num_blocks/kv_indices")
     return block_mask

@@ -180,3 +180,22 @@ def test_dynamic_true_fullgraph(backend):
     for T in (9, 14):
         args = _inputs("MultiHeadLatentAttention", T, seed=T)
         assert rel_err(_call(compiled, args), _call(mod, args)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["block", "topk"])
+def test_checked_indices_compile_fullgraph(layout):
+    """The default check_indices=True reads index values in eager mode only; a compiled call skips it
+    instead of failing on a data-dependent guard."""
+    from mla import latent_attention
+    from mla.sparsity import causal_block_mask, topk_indices_from_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 12, 2, 16, generator=g).to(DEVICE), torch.randn(1, 12, 1, 16, generator=g).to(DEVICE)
+    if layout == "block":
+        kw = dict(block_mask=causal_block_mask(12, 12, 4, device=DEVICE))
+    else:
+        kw = dict(topk_indices=topk_indices_from_scores(torch.randn(1, 12, 1, 12, generator=g).to(DEVICE), 5,
+                                                        causal=True))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k: latent_attention(q, k, k, causal=True, **kw), fullgraph=True, backend="aot_eager")
+    assert rel_err(fn(q, k), latent_attention(q, k, k, causal=True, **kw)) < 1e-6

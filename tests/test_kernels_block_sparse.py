@@ -322,6 +322,34 @@ def test_mask_mismatch_is_rejected():
                                       (16, 16), 0.2, False)
     with pytest.raises(TypeError, match="int32"):
         bs.block_sparse_attention_fwd(q, k, v, kvn[..., :2].float(), kvi[:, :, :2], (16, 16), 0.2, False)
+    for bad in ((8.5, 8), (8, 8, 8), (0, 8), (True, 8)):
+        with pytest.raises(ValueError, match="block_size"):
+            bs.block_sparse_attention_fwd(q, k, v, kvn[:, :, :2], kvi[:, :, :2], bad, 0.2, False)
+    out, lse, _ = bs.block_sparse_attention_fwd(q, k, v, kvn[:, :, :2], kvi[:, :, :2], (16, 16), 0.2, False)
+    qn, qi = torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    for name, kw in (("lse", dict(lse=lse[:, :1])), ("dlse", dict(dlse=lse[:, :, :3]))):
+        args = dict(lse=lse, dlse=None) | kw
+        with pytest.raises(ValueError, match=name):
+            bs.block_sparse_attention_bwd(out, q, k, v, out, args["lse"], kvn[:, :, :2], kvi[:, :, :2], qn, qi,
+                                          (16, 16), 0.2, False, dlse=args["dlse"])
+
+
+@pytest.mark.interpreter
+def test_blocks_longer_than_the_sequence():
+    """One block holding the whole sequence (BLOCK_SIZE > T, S) equals dense attention; the launch is cut
+    to the sequence, not to the block (no tiles past the end)."""
+    T, S, Hq, Hkv, D = 5, 32, 2, 1, 16
+    q, k, v = (torch.randn(1, n, h, D, device=DEVICE) for n, h in ((T, Hq), (S, Hkv), (S, Hkv)))
+    one = torch.ones(1, 1, 1, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=DEVICE)
+    dense, dlse, _ = fwd_mod.attention_fwd(q, k, v, 0.25, True)
+    out, lse, _ = bs.block_sparse_attention_fwd(q, k, v, one, zero, (2048, 4096), 0.25, True)
+    assert rel(out, dense) < 1e-6 and rel(lse, dlse) < 1e-6
+    do = torch.randn_like(out)
+    ref = bwd_mod.attention_bwd(do, q, k, v, dense, dlse, 0.25, True)
+    got = bs.block_sparse_attention_bwd(do, q, k, v, out, lse, one, zero, one, zero, (2048, 4096), 0.25, True)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

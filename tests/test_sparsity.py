@@ -125,3 +125,26 @@ def test_density_and_repr():
     assert math.isclose(bm.density(causal=True), (64 * 65 / 2) / 64**2)
     assert math.isclose(bm.density(), 10 * 256 / 64**2)
     assert "BlockMask" in repr(bm)
+
+
+def test_block_mask_checks_empty_masks_and_given_transposes():
+    from mla import latent_attention
+    from mla.sparsity import BlockMask, check_block_mask
+
+    q, k = torch.randn(1, 0, 2, 16), torch.randn(1, 16, 1, 16)
+    empty = BlockMask.from_dense(torch.ones(1, 1, 0, 2, dtype=torch.bool), (8, 8), (0, 16))
+    assert latent_attention(q, k, k, block_mask=empty).shape == (1, 0, 2, 16)
+    m = BlockMask.from_dense(torch.tensor([[1, 0], [1, 1]], dtype=torch.bool), (8, 8), (16, 16))
+    good = BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), (16, 16), q_num_blocks=m.q_num_blocks,
+                     q_indices=m.q_indices)
+    check_block_mask(good, 1, 1, 16, 16)
+    bad = BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), (16, 16),
+                    q_num_blocks=torch.tensor([[[0, 1]]], dtype=torch.int32),
+                    q_indices=torch.tensor([[[[0, 0], [1, 0]]]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="transpose"):
+        check_block_mask(bad, 1, 1, 16, 16)
+    for seq in ((16, 16, 1), (-3, 16), (16.0, 16)):
+        with pytest.raises(ValueError, match="seq_lengths"):
+            BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), seq)
+    with pytest.raises(ValueError, match="BLOCK_SIZE"):
+        BlockMask(m.kv_num_blocks, m.kv_indices, (8.5, 8), (16, 16))
