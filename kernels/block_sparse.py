@@ -59,6 +59,7 @@ from kernels.attention_bwd import (
     _pre_block_d,
 )
 from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
+from kernels.attention_bwd import _spec_values as _bwd_spec_values
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
 from kernels.attention_bwd import interp_config as bwd_interp_config
 from kernels.attention_fwd import (
@@ -486,27 +487,17 @@ SPEC_BLOCK_N = (8, 16, 24, 32, 48, 64, 96, 128, 256)
 def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg) -> CompileSpec:
     from kernels._compile import Pointer, spec_args
 
-    hq, hkv, T, S = group * 2, 2, 1024, 1024
-    dvs = dk if v_is_k else dv
-    ptr = Pointer(dtype)
+    # The dense backward's spec values (pointers, strides, sizes of contiguous inputs), plus the
+    # forward-only arguments and a real block mask.
+    values = _bwd_spec_values(dtype, dk, dv, group, v_is_k, True)
+    T, hq = values["T"] - 1, group * 2
     i32 = Pointer("i32")
-    values = dict(
-        Q=ptr, K=ptr, V=ptr, O=ptr, DO=ptr, DQ=ptr, DK=ptr, DV=ptr,
-        LSE=Pointer("fp32"), MAXL=Pointer("fp32"), DELTA=Pointer("fp32"),
-        sqb=T * hq * dk, sqt=hq * dk, sqh=dk, sqd=1,
-        skb=S * hkv * dk, sks=hkv * dk, skh=dk, skd=1,
-        svb=S * hkv * dvs, svs=hkv * dvs, svh=dvs, svd=1,
-        sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1,
-        sdob=T * hq * dv, sdot=hq * dv, sdoh=dv, sdod=1,
-        sdqb=T * hq * dk, sdqt=hq * dk, sdqh=dk, sdqd=1,
-        sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdkd=1,
-        sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
-        T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, n_mblocks=7, opaque_zero=0,
+    values.update(
+        O=Pointer(dtype), MAXL=Pointer("fp32"), sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1, n_mblocks=7,
         # Mask [1, Hq, n, 40]: batch broadcast (stride 0), per-head lists.
         KVN=i32, KVI=i32, QN=i32, QI=i32, snb=0, snh=9, snq=1, snk=1, sib=0, sih=9 * 40, siq=40, sik=40, sil=1,
         MASK_BM=64, MASK_BN=128, KV_REP=1,
-        G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=True, V_IS_K=v_is_k, WRITE_MAXL=True,
-        SPARSE=True,
+        G_P=next_pow2(group), WRITE_MAXL=True, SPARSE=True,
     )
     plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
     values.update(plan(cfg, dk, dv, v_is_k))
