@@ -168,12 +168,12 @@ class PagedLatentCache:
         """Return the pages of finished sequences to the free list and forget them.
 
         Raises:
-            KeyError: an unknown (or already released) sequence id; nothing is released then.
+            KeyError: an unknown, already released or repeated sequence id; nothing is released then.
         """
         seq_ids = list(seq_ids)
         unknown = [i for i in seq_ids if i not in self._pages]
-        if unknown:
-            raise KeyError(f"seq_ids: unknown or already released sequences {unknown}")
+        if unknown or len(set(seq_ids)) != len(seq_ids):
+            raise KeyError(f"seq_ids: unknown, already released or repeated sequences in {seq_ids}")
         for i in seq_ids:
             self._free.extend(reversed(self._pages.pop(i)))
             self._lens.pop(i)

@@ -93,7 +93,12 @@ class BlockMask:
         q_num_blocks: torch.Tensor | None = None,
         q_indices: torch.Tensor | None = None,
     ):
-        for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if (q_num_blocks is None) != (q_indices is None):
+            raise ValueError("BlockMask: pass both q_num_blocks and q_indices (the transpose) or neither")
+        pairs = [("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)]
+        if q_num_blocks is not None:
+            pairs += [("q_num_blocks", q_num_blocks), ("q_indices", q_indices)]
+        for name, t in pairs:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"BlockMask.{name}: expected a torch.Tensor, got {type(t).__name__}")
             if t.dtype not in (torch.int32, torch.int64):
@@ -122,8 +127,8 @@ class BlockMask:
             )
         self.kv_num_blocks = kv_num_blocks.to(torch.int32).contiguous()
         self.kv_indices = kv_indices.to(torch.int32).contiguous()
-        self._q_num_blocks = q_num_blocks
-        self._q_indices = q_indices
+        self._q_num_blocks = q_num_blocks.to(torch.int32).contiguous() if q_num_blocks is not None else None
+        self._q_indices = q_indices.to(torch.int32).contiguous() if q_indices is not None else None
         self._dense: torch.Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------

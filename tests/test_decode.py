@@ -235,5 +235,8 @@ def test_cache_rejects_short_writes_and_unknown_ids():
         cache.kv_cache(-1)
     with pytest.raises(KeyError, match="unknown"):
         cache.release([a])
+    with pytest.raises(KeyError, match="repeated"):
+        cache.release([b, b])
+    assert cache.seq_len(b) == 8  # nothing released
     cache.write(0, torch.ones(1, 8, 3))
     assert torch.equal(cache.gather(0), torch.ones(1, 8, 3))

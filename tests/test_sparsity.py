@@ -148,3 +148,8 @@ def test_block_mask_checks_empty_masks_and_given_transposes():
             BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), seq)
     with pytest.raises(ValueError, match="BLOCK_SIZE"):
         BlockMask(m.kv_num_blocks, m.kv_indices, (8.5, 8), (16, 16))
+    with pytest.raises(ValueError, match="both"):
+        BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), (16, 16), q_indices=m.q_indices)
+    with pytest.raises(TypeError, match="q_num_blocks"):
+        BlockMask(m.kv_num_blocks, m.kv_indices, (8, 8), (16, 16), q_num_blocks=m.q_num_blocks.float(),
+                  q_indices=m.q_indices.float())
