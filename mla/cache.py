@@ -262,6 +262,8 @@ class PagedLatentCache:
         """
         self._check_layer(layer_idx)
         B = len(self.seq_ids)
+        if B == 0:
+            raise ValueError("write: no step is open; call begin_step(seq_ids, num_new) first")
         if rows.dim() != 3 or rows.shape[0] != B or rows.shape[2] != self.head_dim:
             raise ValueError(f"rows: expected [B={B}, T, {self.head_dim}], got {tuple(rows.shape)}")
         T = rows.shape[1]

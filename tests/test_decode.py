@@ -221,6 +221,8 @@ def test_paged_cache_allocation_write_gather_release():
 def test_cache_rejects_short_writes_and_unknown_ids():
     cache = PagedLatentCache(1, 3, num_pages=4, page_size=4)
     (a,) = cache.add_sequences(1)
+    with pytest.raises(ValueError, match="begin_step"):
+        cache.write(0, torch.ones(1, 8, 3))
     cache.begin_step([a], 8)
     cache.write(0, torch.full((1, 8, 3), 7.0))
     cache.release([a])
