@@ -4,7 +4,7 @@
 ``GPUTarget("cuda", arch, 32)`` and reports what the hardware would see: registers and spill
 bytes (from the ``ptxas`` bundled with Triton, run on the PTX), shared memory (from the kernel
 metadata) and whether the PTX uses Hopper's ``wgmma``. Works with Triton 3.6 and 3.9
-(see ``shared/notes/triton-without-gpu.md``).
+(see docs/design.md §9).
 
 ``spec_args`` builds a ``CompileSpec`` signature the way a launch would specialize it: ints
 equal to 1 become constexpr, ints divisible by 16 and 16-byte aligned pointers get the

@@ -13,7 +13,7 @@ How the work is cut:
   by ``NSPLIT`` chunks of ``BV`` columns. Program ``split`` of a row block accumulates value
   columns ``[split*BV, split*BV + BV)``: with ``NSPLIT > 1`` the value dimension is split across
   programs (each recomputes the scores) because a ``[64, 512]`` fp32 accumulator plus the score
-  operands does not fit the register file (see ``shared/notes/triton-without-gpu.md``).
+  operands does not fit the register file (see docs/design.md §9).
   The score contraction uses the program's *own* chunk (``[split*BK, +BK)``, q held for the whole
   loop when ``Q_RESIDENT``), the other splits' chunks in ``BC``-wide pieces and the tail. The q
   pieces are loop-invariant: Triton may hoist them (q stays on chip), or with ``STREAM`` they are

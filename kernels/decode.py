@@ -15,7 +15,7 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   once for all heads of a head group.
 * **V is a prefix of K**: the value of a token is the first ``Dv`` columns of its cache row; a
   program's value columns are a block of the key tile it already loaded for the scores.
-* **Register budget** (see ``/work/shared/notes/triton-without-gpu.md``): a ``[64, 512]`` fp32
+* **Register budget** (docs/design.md §9): a ``[64, 512]`` fp32
   accumulator alone takes 128 registers per thread at 8 warps; with it every variant we compiled
   spilled on sm90. So for Dv = 512 two programs share a (sequence, head group, split), each owning
   256 value columns (``DV_SPLIT = 2``, grid axis 2): each loads the whole key tile once (its own

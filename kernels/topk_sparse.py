@@ -23,7 +23,7 @@ Method (our own Triton code; the ideas are published, no code is copied):
   columns ``[split * BV, +BV)`` (forward), dQ columns (dQ) or dK / dV columns (dK/dV), and recomputes
   the full scores (the other chunk and tail piece are extra products). For the absorbed shape
   (Dk = 576 = 2 x 256 + 2 x 32, Dv = 512) a ``[64, 512]`` fp32 accumulator next to the score operands
-  does not fit the register file (``shared/notes/triton-without-gpu.md``), so two programs share a
+  does not fit the register file (docs/design.md §9), so two programs share a
   (token, head block); splitting the tail keeps both programs' accumulators equal.
 * **v a prefix view of k** (absorbed MLA: ``v = k[..., :Dv]``, detected with
   :func:`kernels.attention_fwd.is_prefix_alias`): the plan takes ``BK == BV`` and the program's own key
