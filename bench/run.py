@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from bench.common import (
     metadata,
     read_rows,
 )
+from mla.threads import auto_threads
 
 GROUPS = ["ceiling", "dense", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
 
@@ -115,17 +115,6 @@ def make_env(args) -> Env:
     elif args.quick or args.smoke:
         env.warmup_ms, env.rep_ms = 10, 40
     return env
-
-
-def auto_threads() -> int:
-    """torch's thread count limited to the cores left idle by other processes (1-minute load average)."""
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n
-    idle = int((os.cpu_count() or 1) - load + 0.5)
-    return max(1, min(n, idle))
 
 
 class _Terminated(BaseException):
