@@ -432,8 +432,14 @@ def mla_decode(
             raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.int32:
             raise TypeError(f"{name}: expected dtype int32, got {t.dtype}")
-        if t.dim() != rank or t.shape[0] != B:
-            raise ValueError(f"{name}: expected a {rank}-D tensor with batch {B} first, got {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor with the batch first, got {tuple(t.shape)}")
+    if block_table.shape[0] != cache_seqlens.shape[0]:
+        raise ValueError(f"cache_seqlens: {cache_seqlens.shape[0]} sequences, but block_table has "
+                         f"{block_table.shape[0]} rows")
+    if block_table.shape[0] != B:
+        raise ValueError(f"q: batch {B} (shape {tuple(q.shape)}), but the cache holds {block_table.shape[0]} "
+                         f"sequences (block_table / cache_seqlens); pass one query row per sequence")
     for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if t.device != q.device:
             raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
