@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
-from bench.common import Row, read_rows
+from bench.common import Row, read_rows, summarize_skips
 
 GROUP_ORDER = ["ceiling", "dense", "sparse", "topk", "decode", "generate", "module", "memory", "kv-cache"]
 GROUP_TITLES = {
@@ -168,6 +169,31 @@ def _ok(rows):
     return [r for r in rows if r.status in ("ok", "mismatch")]
 
 
+def _save(plt, fig, path) -> None:
+    """Save with every label and title inside the image (tight layout, then a tight bounding box)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plain_log_ticks(ax, axis: str = "both") -> None:
+    """Tick labels of log axes as plain numbers ("16", "0.5"; not "1.6×10¹"); minor ticks labelled only when
+    the axis spans less than about a decade and a half (otherwise they crowd)."""
+    import math
+
+    from matplotlib import ticker
+
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for name in ("x", "y") if axis == "both" else (axis,):
+        a = getattr(ax, f"{name}axis")
+        if a.get_scale() != "log":
+            continue
+        lo, hi = sorted(getattr(ax, f"get_{name}lim")())
+        a.set_major_formatter(plain)
+        few = lo > 0 and math.log10(hi / lo) < 1.5
+        a.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}") if few else ticker.NullFormatter())
+
+
 def _plot_dense(plt, rows, path) -> bool:
     rows = [r for r in _ok(rows) if r.group == "dense" and r.tflops]
     if not rows:
@@ -193,9 +219,7 @@ def _plot_dense(plt, rows, path) -> bool:
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"dense {m}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -219,9 +243,7 @@ def _plot_sparse(plt, rows, path) -> bool:
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"block-sparse {m}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -250,9 +272,8 @@ def _plot_topk(plt, rows, path) -> bool:
     ax.set_ylabel("median forward time (ms)")
     ax.set_title("top-k sparse attention vs dense")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plain_log_ticks(ax)
+    _save(plt, fig, path)
     return True
 
 
@@ -260,6 +281,22 @@ def _plot_decode(plt, rows, path) -> bool:
     rows = [r for r in _ok(rows) if r.group == "decode" and r.gbps]
     if not rows:
         return False
+    if len({r.x for r in rows}) <= 1:  # one context length (the quick suite): bars, not single points on a log axis
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        cases = list(OrderedDict.fromkeys(re.sub(r"\s*S=\d+", "", r.case).strip() for r in rows))
+        provs = list(OrderedDict.fromkeys(r.provider for r in rows))
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            pts = [(i + (j - (len(provs) - 1) / 2) * width, r.gbps) for i, c in enumerate(cases) for r in rows
+                   if r.provider == p and re.sub(r"\s*S=\d+", "", r.case).strip() == c]
+            ax.bar(*zip(*pts), width=width, label=p)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, fontsize=7)
+        ax.set_ylabel("GB/s (cache rows + q + out + lse)")
+        ax.set_title(f"decode over a paged latent cache, S={int(rows[0].x) if rows[0].x else '?'} cached tokens")
+        ax.legend(fontsize=7)
+        _save(plt, fig, path)
+        return True
     tqs = sorted({int(re.search(r"Tq=(\d+)", r.case).group(1)) for r in rows if re.search(r"Tq=(\d+)", r.case)})
     fig, axes = plt.subplots(1, max(1, len(tqs)), figsize=(6.5 * max(1, len(tqs)), 4.5), squeeze=False)
     for ax, tq in zip(axes[0], tqs):
@@ -274,9 +311,8 @@ def _plot_decode(plt, rows, path) -> bool:
         ax.set_ylabel("GB/s")
         ax.set_title(f"decode, Tq={tq}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plain_log_ticks(ax)
+    _save(plt, fig, path)
     return True
 
 
@@ -290,7 +326,7 @@ def _plot_memory(plt, rows, path) -> bool:
         axes[0].barh([f"{r.provider[:36]} T={int(r.x) if r.x else '?'}" for r in mem], [r.value for r in mem])
         axes[0].set_xscale("log")
         axes[0].set_xlabel("peak MiB above the inputs (forward + backward)")
-        axes[0].set_title("peak memory, " + mem[0].shape.split(" T=")[0] + " ...")
+        axes[0].set_title(textwrap.fill("peak memory, " + mem[0].shape.split(" T=")[0], 60), fontsize=9)
     if kv:
         labels = [f"{r.case.split(' ')[0]}: {r.provider[:28]}" for r in kv]
         axes[1].barh(labels, [r.value for r in kv])
@@ -299,9 +335,8 @@ def _plot_memory(plt, rows, path) -> bool:
         axes[1].set_title("KV cache per token")
     for ax in axes:
         ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plain_log_ticks(ax, "x")
+    _save(plt, fig, path)
     return True
 
 
@@ -349,10 +384,28 @@ METHODS = """\
 
 def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
     """Write ``results.md``; returns its text."""
-    out_dir = Path(out_dir)
+    text = markdown_text(rows, out_dir, plots)
+    (Path(out_dir) / "results.md").write_text(text)
+    return text
+
+
+def console_text(rows: list[Row], plots: list[str], out_dir: Path | None = None) -> str:
+    """``results.md``'s text for a terminal: ``skip`` rows folded into one line per group (count and the
+    most common reason) instead of one table row each; results.md keeps them all."""
+    kept = [r for r in rows if r.status != "skip"]
+    text = markdown_text(kept, out_dir, plots, counts_of=rows)
+    folded = [f"* {GROUP_TITLES.get(g, g)}: {line}" for g, line in summarize_skips(rows).items()]
+    if folded:
+        text += "\n## Skipped (not run; every row and reason in results.md)\n\n" + "\n".join(folded) + "\n"
+    return text
+
+
+def markdown_text(rows: list[Row], out_dir: Path | None, plots: list[str], counts_of: list[Row] | None = None) -> str:
+    """The text of ``results.md`` (metadata from ``out_dir/metadata.json`` when present); the ``Rows:`` counts
+    come from ``counts_of`` (default ``rows``)."""
     meta = {}
-    mpath = out_dir / "metadata.json"
-    if mpath.exists():
+    mpath = Path(out_dir) / "metadata.json" if out_dir is not None else None
+    if mpath is not None and mpath.exists():
         try:
             meta = json.loads(mpath.read_text())
         except ValueError:
@@ -367,7 +420,8 @@ def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
         for run in meta.get("runs", [])[1:]:
             lines.append(f"| appended | {_cell(run)} |")
         lines.append("")
-    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skip", "error", "mismatch")}
+    counts = {s: sum(r.status == s for r in (rows if counts_of is None else counts_of))
+              for s in ("ok", "skip", "error", "mismatch")}
     lines.append("Rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
     lines.append("")
     tt = targets_table(rows)
@@ -378,9 +432,7 @@ def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Method", "", METHODS]
-    text = "\n".join(lines)
-    (out_dir / "results.md").write_text(text)
-    return text
+    return "\n".join(lines)
 
 
 def short_summary(rows: list[Row]) -> str:

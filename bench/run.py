@@ -80,15 +80,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-print", action="store_true", help="do not print the table")
     p.add_argument("--smoke", action="store_true",
                    help="developer check: the gpu plan with tiny shapes, on whatever device is present")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, names in (("--only", args.only), ("--skip", args.skip)):
+        unknown = [g.strip() for g in names.split(",") if g.strip() and g.strip() not in GROUPS]
+        if unknown:
+            p.error(f"{flag}: unknown group {', '.join(map(repr, unknown))}; groups: {', '.join(GROUPS)}")
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    for flag, value in (("--time-budget", args.time_budget), ("--case-timeout", args.case_timeout)):
+        if value is not None and not value > 0:
+            p.error(f"{flag}: expected seconds > 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected >= 1, got {args.threads}")
+    if args.fill_missing and not args.report_only:
+        p.error("--fill-missing needs --report-only")
+    return args
 
 
 def _groups(args) -> list[str]:
     only = [g.strip() for g in args.only.split(",") if g.strip()]
     skip = {g.strip() for g in args.skip.split(",") if g.strip()}
-    for g in [*only, *skip]:
-        if g not in GROUPS:
-            raise SystemExit(f"unknown group {g!r}; groups: {', '.join(GROUPS)}")
     sel = only or GROUPS
     return [g for g in GROUPS if g in sel and g not in skip]
 
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
         text, plots = report.write_report(out)
         rows = read_rows(out / "results.csv")
         if not args.no_print:
-            print(report.short_summary(rows) if args.short else text)
+            print(report.short_summary(rows) if args.short else report.console_text(rows, plots))
         return 0
     env = make_env(args)
     groups = _groups(args)
@@ -211,6 +222,7 @@ def main(argv=None) -> int:
                 from bench.common import after_error
 
                 rec.add(Row(g, "(group)", "-", status="error", note="group aborted: " + after_error(env, e)))
+            rec.print_skips()
             print(f"bench: group {g} done in {time.monotonic() - tg:.1f} s", flush=True)
     except (_Terminated, KeyboardInterrupt) as e:
         print(f"bench: interrupted ({e or 'SIGINT'}); writing what was measured", flush=True)
@@ -221,12 +233,13 @@ def main(argv=None) -> int:
                 rec.add(Row(g, "(remaining cases)", "-", status="skip",
                             note=f"not run: interrupted ({e or 'SIGINT'}, e.g. the phase timeout) before these cases"))
     finally:
+        rec.print_skips()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         text, plots = report.write_report(out)
         rows = read_rows(out / "results.csv")
         if not args.no_print:
-            print(report.short_summary(rows) if args.short else text)
+            print(report.short_summary(rows) if args.short else report.console_text(rows, plots))
         print(f"bench: {len(rec.rows)} rows in {time.monotonic() - t0:.1f} s -> {out}/results.csv, results.md"
               + (", " + ", ".join(plots) if plots else ""), flush=True)
     return status
