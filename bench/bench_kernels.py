@@ -70,8 +70,34 @@ def dense_cases(env: Env) -> list[AttnCase]:
 
 def run_dense(env: Env, rec: Recorder) -> None:
     """Dense forward / backward / forward+backward of every dense case against all peers."""
+    providers = DENSE_PROVIDERS + ([] if env.is_cuda else ["reference-chunked"])  # the fallback's two CPU paths
     for case in dense_cases(env):
-        run_attention_case(env, rec, case, DENSE_PROVIDERS, ["fwd", "bwd", "fwd+bwd"])
+        run_attention_case(env, rec, case, providers, ["fwd", "bwd", "fwd+bwd"])
+
+
+FALLBACK_LENGTHS = (256, 2048, 8192)
+
+
+def run_fallback(env: Env, rec: Recorder) -> None:
+    """The CPU fallback (``backend="reference"``: torch's fused flash-attention CPU kernel where exact) against
+    the chunked path it replaces and SDPA's math backend: naive MLA shape, causal ``T = S`` in
+    ``FALLBACK_LENGTHS``; fwd and fwd+bwd, forward only at 8k. Timed on at least one run after the
+    warm-up (not three): a chunked 8k forward takes seconds. CPU suite only."""
+    if env.is_cuda:
+        rec.add(Row("fallback", "(whole group)", "-", status="skip",
+                    note="CPU suite only: on CUDA the fused Triton kernels run, not the CPU fallback"))
+        return
+    saved = dict(env.extra)
+    env.extra.update(reference_limit=float("inf"), min_samples=1)
+    try:
+        for T in FALLBACK_LENGTHS:
+            case = AttnCase("fallback", f"naive causal T=S={T}", T=T, S=T, causal=True, x=T, **naive_shape(env))
+            long = T >= 8192  # sdpa-math would hold several [H, T, T] fp32 score tensors (GBs)
+            run_attention_case(env, rec, case, ["reference", "reference-chunked"] + ([] if long else ["sdpa-math"]),
+                               ["fwd"] if long else ["fwd", "fwd+bwd"])
+    finally:
+        env.extra.clear()
+        env.extra.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------------

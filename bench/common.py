@@ -421,7 +421,7 @@ def time_fns(env: Env, fns: Sequence[Callable]) -> Timing:
     """The timer of ``env``'s device: ``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
     if env.is_cuda:
         return time_cuda(fns, env.warmup_ms, env.rep_ms)
-    return time_cpu(fns, env.min_run_time)
+    return time_cpu(fns, env.min_run_time, env.extra.get("min_samples", 3))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Writes ``DIR/results.csv`` (one row per case × provider × pass, appended as ea
 keeps what it measured), ``DIR/results.md`` (metadata, ceilings, targets, tables, method), PNG plots and
 ``DIR/metadata.json``, and prints the Markdown table (``--short``: a compact summary).
 
-Groups, in run order: ceiling, dense, decode, memory, kv-cache, sparse, topk, module, generate.
+Groups, in run order: ceiling, dense, fallback (CPU suite), decode, memory, kv-cache, sparse, topk, module, generate.
 A case that cannot run on a provider becomes a row saying why; nothing is left out silently.
 """
 
@@ -39,17 +39,18 @@ from bench.common import (
 )
 from mla.threads import auto_threads
 
-GROUPS = ["ceiling", "dense", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
+GROUPS = ["ceiling", "dense", "fallback", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
 
 
 def _group_fns():
     from bench.bench_decode import run_decode, run_generate
-    from bench.bench_kernels import run_dense, run_sparse, run_topk
+    from bench.bench_kernels import run_dense, run_fallback, run_sparse, run_topk
     from bench.bench_memory import run_kv_cache, run_memory
     from bench.bench_modules import run_modules
 
-    return {"dense": run_dense, "decode": run_decode, "memory": run_memory, "kv-cache": run_kv_cache,
-            "sparse": run_sparse, "topk": run_topk, "module": run_modules, "generate": run_generate}
+    return {"dense": run_dense, "fallback": run_fallback, "decode": run_decode, "memory": run_memory,
+            "kv-cache": run_kv_cache, "sparse": run_sparse, "topk": run_topk, "module": run_modules,
+            "generate": run_generate}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

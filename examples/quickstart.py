@@ -1,4 +1,4 @@
-"""Quickstart: latent attention in four steps, on a laptop CPU in about two minutes.
+"""Quickstart: latent attention in four steps, on a laptop CPU in about a minute and a half.
 
 1. ``LatentAttention``, a drop-in for ``nn.MultiheadAttention`` (the README example).
 2. Train the ``tiny`` byte-level MLA language model on real text: the English documentation that ships
@@ -9,7 +9,7 @@
 
 Run from the repository root::
 
-    python examples/quickstart.py                   # ~2 minutes on 2 CPU cores
+    python examples/quickstart.py                   # ~1.5 minutes on 2 CPU cores
     python examples/quickstart.py --max-time 30     # shorter (the model learns less)
     python examples/quickstart.py --steps 300 --device cuda
 """

@@ -206,10 +206,13 @@ def attention_with_stats(
     backend: str = "auto",
     check_indices: bool = True,
     deterministic: bool = True,
+    lse_grad: bool = True,
 ) -> AttentionResult:
     """``latent_attention`` that also returns ``lse``, the per-head max logit and the backend used.
 
-    Arguments as for ``latent_attention``. Returns an ``AttentionResult`` (out, lse, max_logit, backend);
+    Arguments as for ``latent_attention``; ``lse_grad=False`` says gradients will not flow through ``lse``
+    (then the CPU reference path may use torch's fused kernel, whose ``lse`` has no gradient).
+    Returns an ``AttentionResult`` (out, lse, max_logit, backend);
     ``max_logit`` is ``[B, Hq]`` float32 (detached) when ``return_max_logit``.
     """
     for name, flag in (("return_max_logit", return_max_logit), ("deterministic", deterministic)):
@@ -229,6 +232,7 @@ def attention_with_stats(
         out, lse, max_logit = _ref.attention_reference(
             q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
             topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=return_max_logit,
+            lse_grad=lse_grad,
         )
     return AttentionResult(out, lse, max_logit, path)
 
@@ -287,7 +291,7 @@ def latent_attention(
     res = attention_with_stats(
         q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
         topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,
-        check_indices=check_indices, deterministic=deterministic,
+        check_indices=check_indices, deterministic=deterministic, lse_grad=return_lse,
     )
     return (res.out, res.lse) if return_lse else res.out
 
