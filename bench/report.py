@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from bench.common import Row, read_rows, summarize_skips
@@ -178,13 +178,13 @@ def _save(plt, fig, path) -> None:
 
 
 def plain_log_ticks(ax, axis: str = "both") -> None:
-    """Tick labels of log axes as plain numbers ("16", "0.5"; not "1.6×10¹"); minor ticks labelled only when
-    the axis spans less than about a decade and a half (otherwise they crowd)."""
+    """Tick labels of log axes as plain numbers ("16", "0.5", "100,000"; not "1.6×10¹" or "1e+05"); minor
+    ticks labelled only when the axis spans less than about a decade and a half (otherwise they crowd)."""
     import math
 
     from matplotlib import ticker
 
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    plain = ticker.FuncFormatter(lambda v, _: f"{int(v):,}" if v >= 1000 and v == int(v) else f"{v:g}")
     for name in ("x", "y") if axis == "both" else (axis,):
         a = getattr(ax, f"{name}axis")
         if a.get_scale() != "log":
@@ -282,19 +282,19 @@ def _plot_decode(plt, rows, path) -> bool:
     rows = [r for r in _ok(rows) if r.group == "decode" and r.gbps]
     if not rows:
         return False
-    if len({r.x for r in rows}) <= 1:  # one context length (the quick suite): bars, not single points on a log axis
+    series = Counter((r.provider, re.sub(r"\s*S=\d+", "", r.case)) for r in rows)
+    if max(series.values()) <= 1:  # one context length per series (the quick suite): bars, not lone points
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        cases = list(OrderedDict.fromkeys(re.sub(r"\s*S=\d+", "", r.case).strip() for r in rows))
+        cases = list(OrderedDict.fromkeys(r.case for r in rows))
         provs = list(OrderedDict.fromkeys(r.provider for r in rows))
         width = 0.8 / len(provs)
         for j, p in enumerate(provs):
-            pts = [(i + (j - (len(provs) - 1) / 2) * width, r.gbps) for i, c in enumerate(cases) for r in rows
-                   if r.provider == p and re.sub(r"\s*S=\d+", "", r.case).strip() == c]
+            pts = [(cases.index(r.case) + (j - (len(provs) - 1) / 2) * width, r.gbps) for r in rows if r.provider == p]
             ax.bar(*zip(*pts), width=width, label=p)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(cases, fontsize=7)
+        ax.set_xticklabels(cases, fontsize=8)
         ax.set_ylabel("GB/s (cache rows + q + out + lse)")
-        ax.set_title(f"decode over a paged latent cache, S={int(rows[0].x) if rows[0].x else '?'} cached tokens")
+        ax.set_title("decode over a paged latent cache (S = cached tokens)")
         ax.legend(fontsize=7)
         _save(plt, fig, path)
         return True
@@ -322,14 +322,15 @@ def _plot_memory(plt, rows, path) -> bool:
     kv = [r for r in _ok(rows) if r.group == "kv-cache" and r.value is not None and "computed" in r.case]
     if not mem and not kv:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.6 * max(len(mem), len(kv), 4)))
     if mem:
-        axes[0].barh([f"{r.provider[:36]} T={int(r.x) if r.x else '?'}" for r in mem], [r.value for r in mem])
+        axes[0].barh([textwrap.fill(f"{r.provider} T={int(r.x) if r.x else '?'}", 34) for r in mem],
+                     [r.value for r in mem])
         axes[0].set_xscale("log")
         axes[0].set_xlabel("peak MiB above the inputs (forward + backward)")
-        axes[0].set_title(textwrap.fill("peak memory, " + mem[0].shape.split(" T=")[0], 60), fontsize=9)
+        axes[0].set_title("peak memory of forward + backward\n" + textwrap.fill(mem[0].shape, 60), fontsize=9)
     if kv:
-        labels = [f"{r.case.split(' ')[0]}: {r.provider[:28]}" for r in kv]
+        labels = [textwrap.fill(f"{r.case.split(' ')[0]}: {r.provider}", 34) for r in kv]
         axes[1].barh(labels, [r.value for r in kv])
         axes[1].set_xscale("log")
         axes[1].set_xlabel("bytes per token (all layers, bf16)")
