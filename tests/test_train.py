@@ -362,3 +362,12 @@ def test_cli_bad_input(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err
+
+
+def test_resume_command_replaces_resume_and_its_value():
+    from mla.train.__main__ import _resume_command
+
+    assert _resume_command(["--out", "runs/a b", "--resume", "runs/a b/step_0000004", "--steps", "9"]) == (
+        "python -m mla.train --out 'runs/a b' --steps 9 --resume")
+    assert _resume_command(["--resume", "--out", "o"]) == "python -m mla.train --out o --resume"
+    assert _resume_command(["--resume=o/step_1", "--out", "o"]) == "python -m mla.train --out o --resume"

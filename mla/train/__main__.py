@@ -177,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args, argv)
+    except KeyboardInterrupt:  # before training started, or the second Ctrl-C
+        print("\ninterrupted; nothing saved", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.sparse_mode is not None and args.attention != "sparse":
         parser.error(f"--sparse-mode {args.sparse_mode} needs --attention sparse (got --attention {args.attention})")
     if args.warmup is not None and args.steps >= 1 and args.warmup >= args.steps:
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _stop_on_sigint(trainer):
             return _run(trainer, args, argv)
-    except KeyboardInterrupt:  # the second Ctrl-C, or one before training started
+    except KeyboardInterrupt:  # the second Ctrl-C
         print(f"\ninterrupted at step {trainer.step}; nothing saved", file=sys.stderr, flush=True)
         return 130
     finally:
@@ -228,11 +236,19 @@ def _stop_on_sigint(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _resume_command(args: argparse.Namespace, argv: list[str] | None) -> str:
-    """The command line that continues this run from ``--out``'s newest checkpoint."""
+def _resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run from ``--out``'s newest checkpoint (``--resume`` and its
+    value, if any, replaced by a bare ``--resume``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    drop = {"--resume"}
-    kept = [a for a in argv if a not in drop and not a.startswith("--resume=")]
+    kept, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        if not a.startswith("--resume="):
+            kept.append(a)
+        i += 1
     prefix = "torchrun ... -m mla.train" if os.environ.get("WORLD_SIZE") else "python -m mla.train"
     return " ".join([prefix, *map(shlex.quote, kept), "--resume"])
 
@@ -258,7 +274,7 @@ def _run(trainer: Trainer, args: argparse.Namespace, argv: list[str] | None = No
         if main_rank:
             if trainer.last_checkpoint is not None and cfg.out_dir:
                 print(f"interrupted at step {trainer.step}/{cfg.steps}; checkpoint {trainer.last_checkpoint}\n"
-                      f"resume with: {_resume_command(args, argv)}", file=sys.stderr, flush=True)
+                      f"resume with: {_resume_command(argv)}", file=sys.stderr, flush=True)
             else:
                 print(f"interrupted at step {trainer.step}/{cfg.steps}; nothing saved (no --out)", file=sys.stderr,
                       flush=True)
