@@ -591,10 +591,16 @@ class Recorder:
 
 def summarize_skips(rows: list[Row]) -> dict[str, str]:
     """``{group: "N cases skipped: reason (xk); reason; M other reasons"}`` over the ``skip`` rows of ``rows``
-    (reasons cut at their first ``;``, the two most common shown)."""
+    (reasons cut before their first ``;`` or parenthesis and shortened to 70 characters at a word; the two most
+    common shown)."""
+    import textwrap
+
+    def reason(note: str) -> str:
+        return textwrap.shorten(note.split(";")[0].split(" (")[0], 70, placeholder=" ...")
+
     out = {}
     for group in dict.fromkeys(r.group for r in rows if r.status == "skip"):
-        notes = collections.Counter(r.note.split(";")[0][:70] for r in rows if r.group == group and r.status == "skip")
+        notes = collections.Counter(reason(r.note) for r in rows if r.group == group and r.status == "skip")
         n = sum(notes.values())
         why = "; ".join(f"{note} (x{k})" if k > 1 else note for note, k in notes.most_common(2))
         more = f"; {len(notes) - 2} other reasons" if len(notes) > 2 else ""
