@@ -70,8 +70,38 @@ def dense_cases(env: Env) -> list[AttnCase]:
 
 def run_dense(env: Env, rec: Recorder) -> None:
     """Dense forward / backward / forward+backward of every dense case against all peers."""
+    providers = DENSE_PROVIDERS + ([] if env.is_cuda else ["reference-chunked"])  # the fallback's two CPU paths
     for case in dense_cases(env):
-        run_attention_case(env, rec, case, DENSE_PROVIDERS, ["fwd", "bwd", "fwd+bwd"])
+        run_attention_case(env, rec, case, providers, ["fwd", "bwd", "fwd+bwd"])
+
+
+FALLBACK_LENGTHS = (256, 2048, 8192)
+
+
+def run_fallback(env: Env, rec: Recorder) -> None:
+    """The CPU fallback (``backend="reference"``: torch's fused flash-attention CPU kernel where exact) against
+    the chunked path it replaces and SDPA's math backend: naive MLA shape, causal ``T = S`` in
+    ``FALLBACK_LENGTHS`` (``--quick``: 256 and 2k); fwd and fwd+bwd up to 256 (``--quick``) or 2k, forward
+    only above. Timed on at least one run after the warm-up (not three), with at least 300 s per
+    measurement: a chunked 8k forward takes 10–20 s on one core. CPU suite only."""
+    if env.is_cuda:
+        rec.add(Row("fallback", "(whole group)", "-", status="skip",
+                    note="CPU suite only: on CUDA the fused Triton kernels run, not the CPU fallback"))
+        return
+    saved, saved_timeout = dict(env.extra), env.case_timeout
+    env.extra.update(reference_limit=float("inf"), min_samples=1)
+    env.case_timeout = max(env.case_timeout or 0, 300.0)
+    try:
+        for T in FALLBACK_LENGTHS[:2] if env.quick else FALLBACK_LENGTHS:
+            case = AttnCase("fallback", f"naive causal T=S={T}", T=T, S=T, causal=True, x=T, **naive_shape(env))
+            long = T >= 8192  # sdpa-math would hold several [H, T, T] fp32 score tensors (GBs)
+            both = T <= (256 if env.quick else 2048)
+            run_attention_case(env, rec, case, ["reference", "reference-chunked"] + ([] if long else ["sdpa-math"]),
+                               ["fwd", "fwd+bwd"] if both else ["fwd"])
+    finally:
+        env.extra.clear()
+        env.extra.update(saved)
+        env.case_timeout = saved_timeout
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ the ceilings measured in the same run (``measure_ceilings``: a large matmul and 
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import datetime as _dt
@@ -420,7 +421,7 @@ def time_fns(env: Env, fns: Sequence[Callable]) -> Timing:
     """The timer of ``env``'s device: ``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
     if env.is_cuda:
         return time_cuda(fns, env.warmup_ms, env.rep_ms)
-    return time_cpu(fns, env.min_run_time)
+    return time_cpu(fns, env.min_run_time, env.extra.get("min_samples", 3))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,7 +541,8 @@ def tolerance(dtype: torch.dtype) -> float:
 # ---------------------------------------------------------------------------------------------------
 class Recorder:
     """Collects rows, appends each one to ``results.csv`` at once (flushed: a killed run keeps its rows)
-    and prints a progress line.
+    and prints a progress line (``skip`` rows are counted instead and printed as one line per group by
+    ``print_skips``).
 
     Args:
         out_dir: output folder. env: the run's ``Env`` (fills suite/device and ceiling fractions).
@@ -554,6 +556,7 @@ class Recorder:
         self.env = env
         self.verbose = verbose
         self.rows: list[Row] = []
+        self._skips: list[Row] = []
         if not append or not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=FIELDS).writeheader()
@@ -572,9 +575,37 @@ class Recorder:
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=FIELDS).writerow(row_to_dict(row))
-        if self.verbose:
+        if self.verbose and row.status == "skip":
+            self._skips.append(row)
+        elif self.verbose:
             print(progress_line(row), flush=True)
         return row
+
+    def print_skips(self) -> None:
+        """Print the ``skip`` rows added since the last call as one line per group: the count and the most
+        common reasons (every row, with its reason, is in results.csv / results.md)."""
+        for group, line in summarize_skips(self._skips).items():
+            print(f"[{group}] {line}", flush=True)
+        self._skips.clear()
+
+
+def summarize_skips(rows: list[Row]) -> dict[str, str]:
+    """``{group: "N cases skipped: reason (xk); reason; M other reasons"}`` over the ``skip`` rows of ``rows``
+    (reasons cut before their first ``;`` or parenthesis and shortened to 70 characters at a word; the two most
+    common shown)."""
+    import textwrap
+
+    def reason(note: str) -> str:
+        return textwrap.shorten(note.split(";")[0].split(" (")[0], 70, placeholder=" ...")
+
+    out = {}
+    for group in dict.fromkeys(r.group for r in rows if r.status == "skip"):
+        notes = collections.Counter(reason(r.note) for r in rows if r.group == group and r.status == "skip")
+        n = sum(notes.values())
+        why = "; ".join(f"{note} (x{k})" if k > 1 else note for note, k in notes.most_common(2))
+        more = f"; {len(notes) - 2} other reasons" if len(notes) > 2 else ""
+        out[group] = f"{n} case{'s' if n != 1 else ''} skipped: {why}{more}"
+    return out
 
 
 def progress_line(row: Row) -> str:

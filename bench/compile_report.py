@@ -50,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a configuration is not clean")
     args = ap.parse_args(argv)
+    from kernels._config import KERNEL_MODULES, SMEM_LIMIT_BYTES
+
+    names = [m.rsplit(".", 1)[-1] for m in KERNEL_MODULES]
+    unknown = [k for k in args.kernels.split(",") if k and k not in names and k not in KERNEL_MODULES]
+    if unknown:
+        ap.error(f"--kernels: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+    bad_arch = [a for a in args.arch.split(",") if a and (not a.isdigit() or int(a) not in SMEM_LIMIT_BYTES)]
+    if bad_arch or not args.arch.strip(","):
+        ap.error(f"--arch: unknown {', '.join(map(repr, bad_arch)) or repr(args.arch)}; valid: "
+                 f"{', '.join(map(str, SMEM_LIMIT_BYTES))}")
 
     try:
         import triton  # noqa: F401
@@ -70,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     archs = tuple(int(a) for a in args.arch.split(",") if a)
     kernels = tuple(k for k in args.kernels.split(",") if k) or None
     dtypes = tuple(d for d in args.dtypes.split(",") if d) or None
+    if dtypes:
+        from kernels._compile import collect_specs
+
+        known = sorted({s.dtype for s in collect_specs(archs, kernels)[0]})
+        if set(dtypes) - set(known):
+            ap.error(f"--dtypes: unknown {', '.join(repr(d) for d in dtypes if d not in known)}; "
+                     f"valid: {', '.join(known)}")
 
     t0 = time.perf_counter()
     rows, skipped = compile_all(archs=archs, kernels=kernels, dtypes=dtypes, jobs=args.jobs or None,

@@ -5,7 +5,10 @@ runs one forward on prepared inputs and returns the output ``[B, T, Hq, Dv]`` (a
 the reason the provider cannot run the case (recorded as a ``skip`` row). Providers:
 
 * ``ours``: ``mla.latent_attention(..., backend="triton")`` — the fused kernels (CUDA only here).
-* ``reference``: ``latent_attention(..., backend="reference")`` — the chunked pure-PyTorch path.
+* ``reference``: ``latent_attention(..., backend="reference")`` — the CPU fallback as users get it: torch's
+  fused flash-attention CPU kernel where it computes our function exactly, else the chunked path.
+* ``reference-chunked``: ``mla.reference.attention_reference(..., fused_cpu=False)`` — always the chunked
+  pure-PyTorch path (the oracle).
 * ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn`` / ``sdpa-math``: ``scaled_dot_product_attention``
   restricted to one backend with ``torch.nn.attention.sdpa_kernel``; a backend that rejects the shape
   is reported with the warning torch gives for it.
@@ -199,6 +202,21 @@ def prov_reference(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
         return latent_attention(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
                                 block_mask=case.block_mask, topk_indices=case.topk, backend="reference",
                                 check_indices=False)
+
+    return run
+
+
+def prov_reference_chunked(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
+    """The chunked pure-PyTorch path with the fused CPU dispatch off (``fused_cpu=False``), same size limit."""
+    from mla.reference import attention_reference
+
+    res = prov_reference(case, inp, mode, env)
+    if isinstance(res, str):
+        return res
+
+    def run():
+        return attention_reference(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
+                                   block_mask=case.block_mask, topk_indices=case.topk, fused_cpu=False)[0]
 
     return run
 
@@ -425,6 +443,7 @@ ATTN_PROVIDERS: dict[str, Callable] = {
     "sdpa-cudnn": make_sdpa_provider("sdpa-cudnn"),
     "sdpa-math": make_sdpa_provider("sdpa-math"),
     "reference": prov_reference,
+    "reference-chunked": prov_reference_chunked,
 }
 
 

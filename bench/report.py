@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
+import textwrap
+from collections import Counter, OrderedDict
 from pathlib import Path
 
-from bench.common import Row, read_rows
+from bench.common import Row, read_rows, summarize_skips
 
-GROUP_ORDER = ["ceiling", "dense", "sparse", "topk", "decode", "generate", "module", "memory", "kv-cache"]
+GROUP_ORDER = ["ceiling", "dense", "fallback", "sparse", "topk", "decode", "generate", "module", "memory", "kv-cache"]
 GROUP_TITLES = {
     "ceiling": "Ceilings (measured in this run)",
     "dense": "Dense attention (causal, T = S)",
+    "fallback": "CPU fallback: fused CPU kernel dispatch vs the chunked path (naive MLA, causal, T = S)",
     "sparse": "Block-sparse attention: time vs density",
     "topk": "Top-k sparse attention: time vs K",
     "decode": "Decode over a paged latent cache",
@@ -168,6 +170,31 @@ def _ok(rows):
     return [r for r in rows if r.status in ("ok", "mismatch")]
 
 
+def _save(plt, fig, path) -> None:
+    """Save with every label and title inside the image (tight layout, then a tight bounding box)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plain_log_ticks(ax, axis: str = "both") -> None:
+    """Tick labels of log axes as plain numbers ("16", "0.5", "100,000"; not "1.6×10¹" or "1e+05"); minor
+    ticks labelled only when the axis spans less than about a decade and a half (otherwise they crowd)."""
+    import math
+
+    from matplotlib import ticker
+
+    plain = ticker.FuncFormatter(lambda v, _: f"{int(v):,}" if v >= 1000 and v == int(v) else f"{v:g}")
+    for name in ("x", "y") if axis == "both" else (axis,):
+        a = getattr(ax, f"{name}axis")
+        if a.get_scale() != "log":
+            continue
+        lo, hi = sorted(getattr(ax, f"get_{name}lim")())
+        a.set_major_formatter(plain)
+        few = lo > 0 and math.log10(hi / lo) < 1.5
+        a.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}") if few else ticker.NullFormatter())
+
+
 def _plot_dense(plt, rows, path) -> bool:
     rows = [r for r in _ok(rows) if r.group == "dense" and r.tflops]
     if not rows:
@@ -193,9 +220,7 @@ def _plot_dense(plt, rows, path) -> bool:
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"dense {m}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -219,9 +244,7 @@ def _plot_sparse(plt, rows, path) -> bool:
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"block-sparse {m}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -250,9 +273,8 @@ def _plot_topk(plt, rows, path) -> bool:
     ax.set_ylabel("median forward time (ms)")
     ax.set_title("top-k sparse attention vs dense")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plain_log_ticks(ax)
+    _save(plt, fig, path)
     return True
 
 
@@ -260,6 +282,22 @@ def _plot_decode(plt, rows, path) -> bool:
     rows = [r for r in _ok(rows) if r.group == "decode" and r.gbps]
     if not rows:
         return False
+    series = Counter((r.provider, re.sub(r"\s*S=\d+", "", r.case)) for r in rows)
+    if max(series.values()) <= 1:  # one context length per series (the quick suite): bars, not lone points
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        cases = list(OrderedDict.fromkeys(r.case for r in rows))
+        provs = list(OrderedDict.fromkeys(r.provider for r in rows))
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            pts = [(cases.index(r.case) + (j - (len(provs) - 1) / 2) * width, r.gbps) for r in rows if r.provider == p]
+            ax.bar(*zip(*pts), width=width, label=p)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, fontsize=8)
+        ax.set_ylabel("GB/s (cache rows + q + out + lse)")
+        ax.set_title("decode over a paged latent cache (S = cached tokens)")
+        ax.legend(fontsize=7)
+        _save(plt, fig, path)
+        return True
     tqs = sorted({int(re.search(r"Tq=(\d+)", r.case).group(1)) for r in rows if re.search(r"Tq=(\d+)", r.case)})
     fig, axes = plt.subplots(1, max(1, len(tqs)), figsize=(6.5 * max(1, len(tqs)), 4.5), squeeze=False)
     for ax, tq in zip(axes[0], tqs):
@@ -274,9 +312,8 @@ def _plot_decode(plt, rows, path) -> bool:
         ax.set_ylabel("GB/s")
         ax.set_title(f"decode, Tq={tq}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plain_log_ticks(ax)
+    _save(plt, fig, path)
     return True
 
 
@@ -285,23 +322,23 @@ def _plot_memory(plt, rows, path) -> bool:
     kv = [r for r in _ok(rows) if r.group == "kv-cache" and r.value is not None and "computed" in r.case]
     if not mem and not kv:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.6 * max(len(mem), len(kv), 4)))
     if mem:
-        axes[0].barh([f"{r.provider[:36]} T={int(r.x) if r.x else '?'}" for r in mem], [r.value for r in mem])
+        axes[0].barh([textwrap.fill(f"{r.provider} T={int(r.x) if r.x else '?'}", 34) for r in mem],
+                     [r.value for r in mem])
         axes[0].set_xscale("log")
         axes[0].set_xlabel("peak MiB above the inputs (forward + backward)")
-        axes[0].set_title("peak memory, " + mem[0].shape.split(" T=")[0] + " ...")
+        axes[0].set_title("peak memory of forward + backward\n" + textwrap.fill(mem[0].shape, 60), fontsize=9)
     if kv:
-        labels = [f"{r.case.split(' ')[0]}: {r.provider[:28]}" for r in kv]
+        labels = [textwrap.fill(f"{r.case.split(' ')[0]}: {r.provider}", 34) for r in kv]
         axes[1].barh(labels, [r.value for r in kv])
         axes[1].set_xscale("log")
         axes[1].set_xlabel("bytes per token (all layers, bf16)")
         axes[1].set_title("KV cache per token")
     for ax in axes:
         ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plain_log_ticks(ax, "x")
+    _save(plt, fig, path)
     return True
 
 
@@ -349,10 +386,28 @@ METHODS = """\
 
 def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
     """Write ``results.md``; returns its text."""
-    out_dir = Path(out_dir)
+    text = markdown_text(rows, out_dir, plots)
+    (Path(out_dir) / "results.md").write_text(text)
+    return text
+
+
+def console_text(rows: list[Row], plots: list[str], out_dir: Path | None = None) -> str:
+    """``results.md``'s text for a terminal: ``skip`` rows folded into one line per group (count and the
+    most common reason) instead of one table row each; results.md keeps them all."""
+    kept = [r for r in rows if r.status != "skip"]
+    text = markdown_text(kept, out_dir, plots, counts_of=rows)
+    folded = [f"* {GROUP_TITLES.get(g, g)}: {line}" for g, line in summarize_skips(rows).items()]
+    if folded:
+        text += "\n## Skipped (not run; every row and reason in results.md)\n\n" + "\n".join(folded) + "\n"
+    return text
+
+
+def markdown_text(rows: list[Row], out_dir: Path | None, plots: list[str], counts_of: list[Row] | None = None) -> str:
+    """The text of ``results.md`` (metadata from ``out_dir/metadata.json`` when present); the ``Rows:`` counts
+    come from ``counts_of`` (default ``rows``)."""
     meta = {}
-    mpath = out_dir / "metadata.json"
-    if mpath.exists():
+    mpath = Path(out_dir) / "metadata.json" if out_dir is not None else None
+    if mpath is not None and mpath.exists():
         try:
             meta = json.loads(mpath.read_text())
         except ValueError:
@@ -367,7 +422,8 @@ def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
         for run in meta.get("runs", [])[1:]:
             lines.append(f"| appended | {_cell(run)} |")
         lines.append("")
-    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "skip", "error", "mismatch")}
+    counts = {s: sum(r.status == s for r in (rows if counts_of is None else counts_of))
+              for s in ("ok", "skip", "error", "mismatch")}
     lines.append("Rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
     lines.append("")
     tt = targets_table(rows)
@@ -378,9 +434,7 @@ def write_markdown(rows: list[Row], out_dir: Path, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Method", "", METHODS]
-    text = "\n".join(lines)
-    (out_dir / "results.md").write_text(text)
-    return text
+    return "\n".join(lines)
 
 
 def short_summary(rows: list[Row]) -> str:

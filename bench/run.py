@@ -10,7 +10,7 @@ Writes ``DIR/results.csv`` (one row per case × provider × pass, appended as ea
 keeps what it measured), ``DIR/results.md`` (metadata, ceilings, targets, tables, method), PNG plots and
 ``DIR/metadata.json``, and prints the Markdown table (``--short``: a compact summary).
 
-Groups, in run order: ceiling, dense, decode, memory, kv-cache, sparse, topk, module, generate.
+Groups, in run order: ceiling, dense, fallback (CPU suite), decode, memory, kv-cache, sparse, topk, module, generate.
 A case that cannot run on a provider becomes a row saying why; nothing is left out silently.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -38,18 +37,20 @@ from bench.common import (
     metadata,
     read_rows,
 )
+from mla.threads import auto_threads
 
-GROUPS = ["ceiling", "dense", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
+GROUPS = ["ceiling", "dense", "fallback", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
 
 
 def _group_fns():
     from bench.bench_decode import run_decode, run_generate
-    from bench.bench_kernels import run_dense, run_sparse, run_topk
+    from bench.bench_kernels import run_dense, run_fallback, run_sparse, run_topk
     from bench.bench_memory import run_kv_cache, run_memory
     from bench.bench_modules import run_modules
 
-    return {"dense": run_dense, "decode": run_decode, "memory": run_memory, "kv-cache": run_kv_cache,
-            "sparse": run_sparse, "topk": run_topk, "module": run_modules, "generate": run_generate}
+    return {"dense": run_dense, "fallback": run_fallback, "decode": run_decode, "memory": run_memory,
+            "kv-cache": run_kv_cache, "sparse": run_sparse, "topk": run_topk, "module": run_modules,
+            "generate": run_generate}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,15 +81,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-print", action="store_true", help="do not print the table")
     p.add_argument("--smoke", action="store_true",
                    help="developer check: the gpu plan with tiny shapes, on whatever device is present")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, names in (("--only", args.only), ("--skip", args.skip)):
+        unknown = [g.strip() for g in names.split(",") if g.strip() and g.strip() not in GROUPS]
+        if unknown:
+            p.error(f"{flag}: unknown group {', '.join(map(repr, unknown))}; groups: {', '.join(GROUPS)}")
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    for flag, value in (("--time-budget", args.time_budget), ("--case-timeout", args.case_timeout)):
+        if value is not None and not value > 0:
+            p.error(f"{flag}: expected seconds > 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected >= 1, got {args.threads}")
+    if args.fill_missing and not args.report_only:
+        p.error("--fill-missing needs --report-only")
+    return args
 
 
 def _groups(args) -> list[str]:
     only = [g.strip() for g in args.only.split(",") if g.strip()]
     skip = {g.strip() for g in args.skip.split(",") if g.strip()}
-    for g in [*only, *skip]:
-        if g not in GROUPS:
-            raise SystemExit(f"unknown group {g!r}; groups: {', '.join(GROUPS)}")
     sel = only or GROUPS
     return [g for g in GROUPS if g in sel and g not in skip]
 
@@ -115,17 +127,6 @@ def make_env(args) -> Env:
     elif args.quick or args.smoke:
         env.warmup_ms, env.rep_ms = 10, 40
     return env
-
-
-def auto_threads() -> int:
-    """torch's thread count limited to the cores left idle by other processes (1-minute load average)."""
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n
-    idle = int((os.cpu_count() or 1) - load + 0.5)
-    return max(1, min(n, idle))
 
 
 class _Terminated(BaseException):
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
         text, plots = report.write_report(out)
         rows = read_rows(out / "results.csv")
         if not args.no_print:
-            print(report.short_summary(rows) if args.short else text)
+            print(report.short_summary(rows) if args.short else report.console_text(rows, plots))
         return 0
     env = make_env(args)
     groups = _groups(args)
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
                 from bench.common import after_error
 
                 rec.add(Row(g, "(group)", "-", status="error", note="group aborted: " + after_error(env, e)))
+            rec.print_skips()
             print(f"bench: group {g} done in {time.monotonic() - tg:.1f} s", flush=True)
     except (_Terminated, KeyboardInterrupt) as e:
         print(f"bench: interrupted ({e or 'SIGINT'}); writing what was measured", flush=True)
@@ -232,12 +234,13 @@ def main(argv=None) -> int:
                 rec.add(Row(g, "(remaining cases)", "-", status="skip",
                             note=f"not run: interrupted ({e or 'SIGINT'}, e.g. the phase timeout) before these cases"))
     finally:
+        rec.print_skips()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         text, plots = report.write_report(out)
         rows = read_rows(out / "results.csv")
         if not args.no_print:
-            print(report.short_summary(rows) if args.short else text)
+            print(report.short_summary(rows) if args.short else report.console_text(rows, plots))
         print(f"bench: {len(rec.rows)} rows in {time.monotonic() - t0:.1f} s -> {out}/results.csv, results.md"
               + (", " + ", ".join(plots) if plots else ""), flush=True)
     return status

@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
+from _deps import requirements
 
-from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
+with requirements():  # needs the [hf] extra: pip install -e ".[hf]"
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
 
 
 def small_config(max_positions: int) -> DeepseekV3Config:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from _deps import requirements
 
-from mla import MLACausalLM, registry
-from mla.cache import PagedLatentCache
-from mla.functional import mla_decode
+with requirements():
+    import torch
+
+    from mla import MLACausalLM, registry
+    from mla.cache import PagedLatentCache
+    from mla.functional import mla_decode
 
 
 def main() -> None:

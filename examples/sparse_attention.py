@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from _deps import requirements
 
-from mla import LatentSparseAttention, latent_attention, registry
-from mla.sparsity import sliding_window_block_mask, topk_indices_from_scores, topk_to_dense_mask
+with requirements():
+    import torch
+
+    from mla import LatentSparseAttention, latent_attention, registry
+    from mla.sparsity import sliding_window_block_mask, topk_indices_from_scores, topk_to_dense_mask
 
 
 def main() -> None:

@@ -439,7 +439,7 @@ class MultiHeadLatentAttention(nn.Module):
         # Under autocast RMSNorm's fp32 weight promotes c_kv to fp32: attend in the queries' dtype.
         latent = torch.cat([c_kv, k_rope], dim=-1).to(q.dtype)
         if paged:
-            cache.write(self.layer_idx, latent)
+            cache.write(self.layer_idx, latent.to(cache.dtype))  # e.g. bf16 autocast rows into an fp32 cache
         elif cache is not None:
             latent = cache.update(self.layer_idx, latent)
         return q_nope, q_rope, q_latent, latent, position_ids

@@ -259,8 +259,12 @@ class PagedLatentCache:
         Raises:
             ValueError: ``layer_idx`` out of range, or a shape that does not match the step (fewer than
                 ``max(step_len)`` rows would leave reserved positions holding stale data).
+            TypeError: ``rows.dtype`` is not the cache's ``dtype`` (no silent rounding: cast explicitly).
         """
         self._check_layer(layer_idx)
+        if rows.dtype != self.dtype:
+            raise TypeError(f"rows: expected the cache's dtype {self.dtype}, got {rows.dtype} "
+                            f"(cast explicitly, e.g. rows.to({self.dtype}), if the rounding is intended)")
         B = len(self.seq_ids)
         if B == 0:
             raise ValueError("write: no step is open; call begin_step(seq_ids, num_new) first")

@@ -206,10 +206,13 @@ def attention_with_stats(
     backend: str = "auto",
     check_indices: bool = True,
     deterministic: bool = True,
+    lse_grad: bool = True,
 ) -> AttentionResult:
     """``latent_attention`` that also returns ``lse``, the per-head max logit and the backend used.
 
-    Arguments as for ``latent_attention``. Returns an ``AttentionResult`` (out, lse, max_logit, backend);
+    Arguments as for ``latent_attention``; ``lse_grad=False`` says gradients will not flow through ``lse``
+    (then the CPU reference path may use torch's fused kernel, whose ``lse`` has no gradient).
+    Returns an ``AttentionResult`` (out, lse, max_logit, backend);
     ``max_logit`` is ``[B, Hq]`` float32 (detached) when ``return_max_logit``.
     """
     for name, flag in (("return_max_logit", return_max_logit), ("deterministic", deterministic)):
@@ -229,6 +232,7 @@ def attention_with_stats(
         out, lse, max_logit = _ref.attention_reference(
             q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
             topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=return_max_logit,
+            lse_grad=lse_grad,
         )
     return AttentionResult(out, lse, max_logit, path)
 
@@ -287,7 +291,7 @@ def latent_attention(
     res = attention_with_stats(
         q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
         topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,
-        check_indices=check_indices, deterministic=deterministic,
+        check_indices=check_indices, deterministic=deterministic, lse_grad=return_lse,
     )
     return (res.out, res.lse) if return_lse else res.out
 
@@ -432,8 +436,14 @@ def mla_decode(
             raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.int32:
             raise TypeError(f"{name}: expected dtype int32, got {t.dtype}")
-        if t.dim() != rank or t.shape[0] != B:
-            raise ValueError(f"{name}: expected a {rank}-D tensor with batch {B} first, got {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor with the batch first, got {tuple(t.shape)}")
+    if block_table.shape[0] != cache_seqlens.shape[0]:
+        raise ValueError(f"cache_seqlens: {cache_seqlens.shape[0]} sequences, but block_table has "
+                         f"{block_table.shape[0]} rows")
+    if block_table.shape[0] != B:
+        raise ValueError(f"q: batch {B} (shape {tuple(q.shape)}), but the cache holds {block_table.shape[0]} "
+                         f"sequences (block_table / cache_seqlens); pass one query row per sequence")
     for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if t.device != q.device:
             raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")

@@ -13,6 +13,11 @@ The math follows DESIGN §3–4 (FlashAttention-2 conventions, Dao 2023, arXiv 2
 Queries are processed in chunks so that at most ``chunk × S`` scores per head exist at once; when
 gradients are needed and there is more than one chunk, each chunk is checkpointed so the backward
 pass has the same bound.
+
+On CPU, float32 dense attention (no masks beyond causal, no max logit, lse not needed as a differentiable
+output) runs on torch's fused flash-attention CPU kernel instead (``_sdpa_cpu``; the kernel behind
+``scaled_dot_product_attention``, also memory-bounded): several times faster at long sequences. The
+chunked path stays the oracle: float64, masks, sparsity and everything else run there.
 """
 
 from __future__ import annotations
@@ -91,6 +96,48 @@ def _allowed_chunk(
     return allowed
 
 
+def _sdpa_cpu(q, k, v, causal: bool, scale: float):
+    """Dense attention on torch's fused flash-attention CPU kernel
+    (``aten._scaled_dot_product_flash_attention_for_cpu``, what ``scaled_dot_product_attention`` runs on CPU),
+    or None where it does not compute exactly our function within a bounded memory.
+
+    q ``[B,T,Hq,Dk]``, k ``[B,S,Hkv,Dk]``, v ``[B,S,Hkv,Dv]`` float32 CPU, ``T, S > 0``. Returns
+    ``(out [B,T,Hq,Dv], lse [B,Hq,T] float32)``; ``lse`` is not differentiable (the kernel's backward ignores
+    it), gradients of ``out`` are exact. Adaptations, each exact:
+
+    * causal is bottom-right aligned here, top-left in the kernel: ``T == S`` uses the kernel's flag, ``T < S``
+      an explicit ``[T, S]`` additive mask (when at most ``DEFAULT_CHUNK_ELEMENTS``); ``T > S`` leaves rows
+      with no key (the kernel cannot give them 0 / +inf): not dispatched.
+    * the kernel needs one head size: the shorter of ``Dk`` / ``Dv`` is zero-padded (zero columns of v add
+      zero outputs, zero columns of q and k add zero to the scores).
+    * GQA: k and v are repeated to ``Hq`` heads (when the copies total at most 4 × DEFAULT_CHUNK_ELEMENTS).
+    """
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    mask = None
+    if causal and T > S:
+        return None
+    if causal and T < S:
+        if T * S > DEFAULT_CHUNK_ELEMENTS:
+            return None
+        keep = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+        mask = torch.zeros(T, S, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+    D = max(Dk, Dv)
+    if Hq != Hkv:
+        if 2 * B * S * Hq * D > 4 * DEFAULT_CHUNK_ELEMENTS:
+            return None
+        k, v = k.repeat_interleave(Hq // Hkv, dim=2), v.repeat_interleave(Hq // Hkv, dim=2)
+    if Dk < D:
+        q, k = torch.nn.functional.pad(q, (0, D - Dk)), torch.nn.functional.pad(k, (0, D - Dk))
+    if Dv < D:
+        v = torch.nn.functional.pad(v, (0, D - Dv))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal and T == S,
+        attn_mask=mask, scale=scale,
+    )
+    return out.transpose(1, 2)[..., :Dv], lse.detach()
+
+
 def _chunk_forward(q, k, v, allowed, bias, scale: float):
     """One query chunk. q [B,c,Hkv,G,Dk], k [B,S,Hkv,Dk], v [B,S,Hkv,Dv] (compute dtype).
 
@@ -127,8 +174,10 @@ def attention_reference(
     attn_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_max_logit: bool = False,
+    lse_grad: bool = True,
+    fused_cpu: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Latent attention in plain PyTorch, chunked over queries.
+    """Latent attention in plain PyTorch, chunked over queries (or torch's fused CPU kernel where exact).
 
     Args:
         q: ``[B, T, Hq, Dk]`` float16/bfloat16/float32/float64.
@@ -143,6 +192,11 @@ def attention_reference(
             ``[B, Hq, T, S]``. A float ``-inf`` entry removes the key like a False entry.
         chunk_size: query rows per chunk (default: so that ``chunk × S × Hq ≤ 2**24`` scores).
         return_max_logit: also return the per-(batch, head) maximum visible scaled score.
+        lse_grad: gradients may flow through the returned ``lse`` (False when the caller discards it).
+        fused_cpu: allow torch's fused flash-attention CPU kernel (``_sdpa_cpu``) for float32 CPU inputs
+            without ``block_mask`` / ``topk_indices`` / ``attn_mask`` / ``chunk_size`` /
+            ``return_max_logit``, when no gradient is needed or ``lse_grad`` is False (its ``lse`` has no
+            gradient), outside ``torch.compile``. Same function up to float32 rounding.
 
     Returns:
         ``(out, lse, max_logit)``: ``out [B, T, Hq, Dv]`` in ``q.dtype``; ``lse [B, Hq, T]`` float32
@@ -166,6 +220,14 @@ def attention_reference(
             # Keep the graph connected so that backward yields zero gradients rather than None.
             out = out + 0 * (q.sum() + k.sum() + v.sum()).to(out.dtype)
         return out, lse, ml
+
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if (fused_cpu and device.type == "cpu" and q.dtype == torch.float32 and block_mask is None
+            and topk_indices is None and attn_mask is None and chunk_size is None and not return_max_logit
+            and not (grads and lse_grad) and not torch.compiler.is_compiling()):
+        fused = _sdpa_cpu(q, k, v, causal, scale)
+        if fused is not None:
+            return fused[0], fused[1], None
 
     block_grid = None
     block_size = None

@@ -213,3 +213,79 @@ def test_cpu_quick_suite_writes_all_outputs(tmp_path):
     md = (out / "results.md").read_text()
     for key in ("| torch |", "| git commit |", "| device |", "## Targets", "## Dense attention", "median ms"):
         assert key in md, key
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "dense,decod"], "--only: unknown group 'decod'; groups: ceiling, dense"),
+        (["--skip", "nope"], "--skip: unknown group 'nope'"),
+        (["--quick", "--full"], "--quick and --full"),
+        (["--time-budget", "0"], "--time-budget: expected seconds > 0"),
+        (["--case-timeout", "-1"], "--case-timeout"),
+        (["--threads", "0"], "--threads"),
+        (["--fill-missing"], "--fill-missing needs --report-only"),
+        (["--dtype", "float8"], "--dtype"),
+    ],
+)
+def test_bench_run_rejects_bad_options(argv, message, capsys):
+    from bench.run import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kernels", "attention_fwdd"], "--kernels: unknown 'attention_fwdd'; valid: attention_fwd, attention_bwd"),
+        (["--arch", "80,91"], "--arch: unknown '91'; valid: 80"),
+        (["--arch", "sm90"], "--arch: unknown 'sm90'"),
+    ],
+)
+def test_compile_report_rejects_unknown_names(argv, message, capsys):
+    from bench.compile_report import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_skip_rows_fold_into_one_line_per_group(tmp_path, capsys):
+    from bench.common import summarize_skips
+    from bench.report import console_text
+
+    rec = common.Recorder(tmp_path, _env())
+    rec.add(Row("dense", "T=64", "ref", "fwd", status="ok", median_ms=1.0))
+    for i in range(30):
+        rec.add(Row("dense", f"T={i}", "ours", "fwd", status="skip", note="CUDA only; the interpreter is not timed"))
+    rec.add(Row("dense", "T=9", "flex", "bwd", status="skip", note="no CPU backward"))
+    rec.print_skips()
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 and "| ok" in out.splitlines()[0]  # the ok row's line, one summary line
+    assert "[dense] 31 cases skipped: CUDA only (x30); no CPU backward" in out
+    assert summarize_skips(rec.rows) == {"dense": "31 cases skipped: CUDA only (x30); no CPU backward"}
+    text = console_text(rec.rows, [])
+    assert "Rows: 1 ok, 31 skip" in text and text.count("| skip |") == 0 and "31 cases skipped" in text
+
+
+def test_plain_log_ticks():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([16, 32, 64], [12.0, 15.0, 19.0])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert labels and not any("times" in s or "^" in s for s in labels), labels
+    assert "16" in labels

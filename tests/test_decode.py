@@ -188,6 +188,10 @@ def test_bad_inputs():
         mla_decode(q, pool, bad, sl)
     with pytest.raises(ValueError, match="num_splits"):
         mla_decode(q, pool, table, sl, num_splits=0)
+    with pytest.raises(ValueError, match=r"q: batch 1 .* the cache holds 2 sequences"):
+        mla_decode(q[:1], pool, table, sl)
+    with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
+        mla_decode(q, pool, table, sl[:1])
 
 
 # -- PagedLatentCache --------------------------------------------------------------------------------
@@ -231,6 +235,8 @@ def test_cache_rejects_short_writes_and_unknown_ids():
     # Fewer rows than reserved would leave the released sequence's rows visible to decode.
     with pytest.raises(ValueError, match="reserved 8"):
         cache.write(0, torch.ones(1, 3, 3))
+    with pytest.raises(TypeError, match="rows: expected the cache's dtype torch.float32, got torch.bfloat16"):
+        cache.write(0, torch.ones(1, 8, 3, dtype=torch.bfloat16))  # no silent rounding into the cache
     with pytest.raises(ValueError, match="layer_idx"):
         cache.write(1, torch.ones(1, 8, 3))
     with pytest.raises(ValueError, match="layer_idx"):

@@ -174,3 +174,78 @@ def test_gradcheck_dense_block_topk():
         return latent_attention(q, k, v, topk_indices=idx, backend="reference")
 
     assert torch.autograd.gradcheck(f_topk, (q, k, v))
+
+
+# ---- CPU dispatch to torch's fused flash-attention kernel (mla.reference._sdpa_cpu) -------------------
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused CPU path that returned a result (not None)."""
+    import mla.reference as ref_mod
+
+    calls = []
+    real = ref_mod._sdpa_cpu
+
+    def spy(*args, **kw):
+        res = real(*args, **kw)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(ref_mod, "_sdpa_cpu", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "B,T,S,Hq,Hkv,Dk,Dv,causal,dispatched",
+    [
+        (2, 33, 33, 4, 4, 24, 16, True, True),     # T == S: the kernel's own causal flag; Dk > Dv (naive MLA)
+        (1, 17, 40, 4, 2, 16, 16, True, True),     # T < S: bottom-right via an explicit mask; GQA
+        (2, 9, 50, 3, 3, 8, 12, False, True),      # not causal; Dk < Dv
+        (1, 40, 17, 2, 2, 16, 16, True, False),    # T > S: rows with no key -> chunked path (0 / +inf)
+        (1, 20, 20, 8, 1, 40, 32, True, True),     # MQA; v = k[..., :Dv] (absorbed MLA)
+    ],
+)
+def test_fused_cpu_dispatch_matches_chunked_path(B, T, S, Hq, Hkv, Dk, Dv, causal, dispatched, fused_calls):
+    q, k, v = random_qkv(B, T, S, Hq, Hkv, Dk, max(Dk, Dv), dtype=torch.float32, seed=3, requires_grad=True)
+    v = k[..., :Dv] if Dv <= Dk and Hq == 8 else v[..., :Dv]
+    kw = dict(causal=causal, softmax_scale=0.37)
+    with torch.no_grad():
+        out, lse, _ = attention_reference(q, k, v, **kw)
+        want, want_lse, _ = attention_reference(q, k, v, fused_cpu=False, **kw)
+        exact, exact_lse = full_attention(q, k, v, 0.37, causal_keep(T, S) if causal else None)
+    assert fused_calls == ([True] if dispatched else [False] if causal and T > S else [])
+    assert rel_err(out, exact) < 1e-5 and rel_err(want, exact) < 1e-5
+    seen = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and (lse[~seen] == math.inf).all()
+    assert rel_err(lse[seen], exact_lse[seen]) < 1e-5
+    assert torch.isfinite(out).all()
+    # gradients of out (lse discarded: lse_grad=False) through the fused kernel's backward
+    fused_calls.clear()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out_f, _, _ = attention_reference(q, k, v, lse_grad=False, **kw)
+    grads = torch.autograd.grad(out_f, (q, k, v) if v.data_ptr() != k.data_ptr() else (q, k), g)
+    out_c, _, _ = attention_reference(q, k, v, fused_cpu=False, **kw)
+    ref_grads = torch.autograd.grad(out_c, (q, k, v) if v.data_ptr() != k.data_ptr() else (q, k), g)
+    assert fused_calls == ([True] if dispatched else [False] if causal and T > S else [])
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_fused_cpu_dispatch_only_where_exact(fused_calls):
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8, 8, dtype=torch.float32, requires_grad=True)
+    # a differentiable lse is needed (latent_attention(return_lse=True) with grads): chunked path
+    out, lse = latent_attention(q, k, v, causal=True, return_lse=True, backend="reference")
+    assert lse.requires_grad and fused_calls == []
+    torch.autograd.grad(lse.sum(), q)  # gradients through lse exist
+    # return_lse=False: the lse is discarded, the fused kernel runs
+    latent_attention(q, k, v, causal=True, backend="reference")
+    assert fused_calls == [True]
+    fused_calls.clear()
+    with torch.no_grad():
+        latent_attention(q.double(), k.double(), v.double(), backend="reference")  # float64 stays our formula
+        attention_reference(q, k, v, return_max_logit=True)
+        attention_reference(q, k, v, chunk_size=4)
+        attention_reference(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+        out, lse = latent_attention(q, k, v, causal=True, return_lse=True, backend="reference")  # no grad: fused
+    assert fused_calls == [True]
+    assert torch.isfinite(lse).all()

@@ -185,6 +185,77 @@ def test_resume_continues_identically(tmp_path, corpus):
     ]
 
 
+def test_request_stop_saves_and_resumes_identically(tmp_path, corpus, monkeypatch):
+    """What Ctrl-C does (``request_stop`` from the CLI's SIGINT handler): stop after the current step, no
+    extra evaluation, a checkpoint a resume continues from as if never interrupted."""
+    full = Trainer(small_cfg(out_dir=str(tmp_path / "a")), dataset=corpus)
+    full_metrics = full.fit()
+    stopped = Trainer(small_cfg(out_dir=str(tmp_path / "b")), dataset=corpus)
+    step = stopped.train_step
+
+    def step_then_interrupt():
+        loss = step()
+        if stopped.step == 3:
+            stopped.request_stop()
+        return loss
+
+    monkeypatch.setattr(stopped, "train_step", step_then_interrupt)
+    metrics = stopped.fit()
+    assert stopped.stopped and stopped.step == 3
+    assert [m["step"] for m in metrics] == [0]  # no evaluation at the interruption
+    assert stopped.last_checkpoint.name == "step_0000003"
+    resumed = Trainer(small_cfg(out_dir=str(tmp_path / "b"), resume="latest"), dataset=corpus)
+    assert resumed.step == 3
+    resumed_metrics = resumed.fit()
+    assert not resumed.stopped
+    assert resumed.step_losses == [(s, loss) for s, loss in full.step_losses if s >= 3]  # bitwise equal
+    strip = ("elapsed_s", "tokens_per_s")
+    assert [{k: v for k, v in m.items() if k not in strip} for m in full_metrics] == [
+        {k: v for k, v in m.items() if k not in strip} for m in resumed_metrics
+    ]
+
+
+def test_cli_ctrl_c_saves_and_prints_resume_command(tmp_path):
+    """SIGINT to a running ``python -m mla.train``: exit 130, a checkpoint, the resume command, no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "mla.train", *SMALL_FLAGS, "--batch-size", "2", "--seq-len", "16",
+           "--steps", "100000", "--eval-interval", "100000", "--eval-batches", "1", "--no-eval-at-start",
+           "--out", str(out), "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # the info line, printed just before training starts
+        assert first.startswith("model:") and "1 torch thread" in first, first
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name[5:]) > 0
+    assert f"checkpoint {ckpt}" in stderr
+    resume = next(line for line in stderr.splitlines() if line.startswith("resume with: "))
+    assert resume.endswith(" --resume") and "--out" in resume and "--resume --resume" not in resume
+
+
+def test_cli_default_threads_in_first_line(tmp_path, capsys):
+    from mla.threads import auto_threads
+
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main([*SMALL_FLAGS, "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--eval-batches", "1",
+                         "--no-progress"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert "torch thread" in first and "auto:" in first
+        assert 1 <= torch.get_num_threads() <= max(1, threads) and auto_threads(processes=10**6) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_checkpoint_roundtrip_tied_weights(tmp_path):
     from mla import registry
 
@@ -280,6 +351,8 @@ def test_cli_resume_in_process(tmp_path, capsys):
         (["--seq-len", "10000000"], "--seq-len"),
         (["--layers", "0"], "--layers"),
         (["--resume"], "--resume"),
+        (["--sparse-mode", "topk"], "--sparse-mode"),
+        (["--steps", "10", "--warmup", "10"], "--warmup"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--lr", "-1"], "--"),
     ],
 )
@@ -289,3 +362,12 @@ def test_cli_bad_input(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err
+
+
+def test_resume_command_replaces_resume_and_its_value():
+    from mla.train.__main__ import _resume_command
+
+    assert _resume_command(["--out", "runs/a b", "--resume", "runs/a b/step_0000004", "--steps", "9"]) == (
+        "python -m mla.train --out 'runs/a b' --steps 9 --resume")
+    assert _resume_command(["--resume", "--out", "o"]) == "python -m mla.train --out o --resume"
+    assert _resume_command(["--resume=o/step_1", "--out", "o"]) == "python -m mla.train --out o --resume"

@@ -23,9 +23,16 @@ tokens_per_s, tokens, elapsed_s, max_logit; losses in nats per byte, ``val_bpb``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shlex
+import signal
 import sys
+import threading
+import warnings
 
 from mla import registry
+from mla.threads import auto_threads, describe_threads
 from mla.train.data import DEFAULT_DATA
 from mla.train.loop import TrainConfig, Trainer
 
@@ -80,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default=d.preset, help=f"registry config name ({', '.join(registry.names())})")
     m.add_argument("--attention", choices=("mla", "sparse"), default=d.attention,
                    help="MultiHeadLatentAttention or LatentSparseAttention")
-    m.add_argument("--sparse-mode", choices=("block", "topk"), default=d.sparse_mode,
-                   help="key selection of --attention sparse")
+    m.add_argument("--sparse-mode", choices=("block", "topk"), default=None,
+                   help=f"key selection of --attention sparse (default: {d.sparse_mode})")
     m.add_argument("--layers", type=int, help="override num_hidden_layers")
     m.add_argument("--hidden", type=int, help="override hidden_size")
     m.add_argument("--heads", type=int, help="override num_attention_heads")
@@ -94,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per window")
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
-    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    o.add_argument("--warmup", type=int, default=None,
+                   help=f"linear warmup steps, fewer than --steps (default: min({d.warmup}, steps // 10))")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm (0 = off)")
     o.add_argument("--seed", type=int, default=d.seed, help="seeds the weights and the batch generator")
@@ -120,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint directory, or (no value) from the newest in --out")
     r.add_argument("--max-time", type=float, metavar="SECONDS",
                    help="stop after this many seconds of wall time")
-    r.add_argument("--threads", type=int, help="torch.set_num_threads")
+    r.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's count limited to the cores other processes leave "
+                   "idle, split between torchrun's local processes; oversubscribed threads slow CPU training "
+                   "several-fold)")
     r.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
                    help="autocast dtype of the forward pass (weights stay float32; checked at start)")
@@ -142,23 +153,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None
     }
     cfg = TrainConfig(
-        preset=args.preset, overrides=overrides, attention=args.attention, sparse_mode=args.sparse_mode,
+        preset=args.preset, overrides=overrides, attention=args.attention,
+        sparse_mode=args.sparse_mode or TrainConfig.sparse_mode,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        warmup=args.warmup if args.warmup is not None else min(TrainConfig.warmup, max(args.steps, 0) // 10),
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_interval=args.eval_interval, eval_batches=args.eval_batches, eval_at_start=args.eval_at_start,
         seed=args.seed, data=args.data, val_fraction=args.val_fraction, out_dir=args.out,
         save_interval=args.save_interval, keep_checkpoints=args.keep, resume=args.resume,
-        metrics_out=args.metrics_out, max_time=args.max_time, threads=args.threads, device=args.device,
+        metrics_out=args.metrics_out, max_time=args.max_time,
+        threads=args.threads if args.threads is not None else auto_threads(), device=args.device,
         dtype=args.dtype, progress=args.progress, verbose=not args.quiet, distributed=args.distributed,
     )
     return cfg.validate()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 done; argparse exits with 2 on bad input, with a message
-    naming the flag)."""
+    """Entry point; returns the exit status (0 done; 130 interrupted by Ctrl-C / SIGINT; argparse exits
+    with 2 on bad input, with a message naming the flag).
+
+    Ctrl-C stops training after the current step, saves a checkpoint when ``--out`` is set and prints the
+    command that resumes it; a second Ctrl-C stops at once without saving. No traceback either way.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args, argv)
+    except KeyboardInterrupt:  # before training started, or the second Ctrl-C
+        print("\ninterrupted; nothing saved", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.sparse_mode is not None and args.attention != "sparse":
+        parser.error(f"--sparse-mode {args.sparse_mode} needs --attention sparse (got --attention {args.attention})")
+    if args.warmup is not None and args.steps >= 1 and args.warmup >= args.steps:
+        parser.error(f"--warmup: expected fewer warmup steps than --steps ({args.steps}), got {args.warmup}")
     try:
         cfg = config_from_args(args)
         if cfg.data is not None:
@@ -167,16 +197,63 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(cfg.data).is_file():
                 what = "is a directory, not a file" if Path(cfg.data).is_dir() else "no such file"
                 raise FileNotFoundError(f"--data: {what}: {cfg.data!r}")
-        trainer = Trainer(cfg)
+        with warnings.catch_warnings(record=True) as caught:  # resume warnings: the message, not a source line
+            warnings.simplefilter("always")
+            trainer = Trainer(cfg)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
         parser.error(_flag_message(exc.args[0] if exc.args else str(exc)))
     try:
-        return _run(trainer, args)
+        with _stop_on_sigint(trainer):
+            return _run(trainer, args, argv)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print(f"\ninterrupted at step {trainer.step}; nothing saved", file=sys.stderr, flush=True)
+        return 130
     finally:
         trainer.close()
 
 
-def _run(trainer: Trainer, args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """While active, the first SIGINT asks ``trainer`` to stop after its current step (``request_stop``),
+    the next ones raise ``KeyboardInterrupt`` as usual. No-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if trainer.dist.is_main:
+            print("\nCtrl-C: stopping after this step (press again to quit without saving)", file=sys.stderr,
+                  flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run from ``--out``'s newest checkpoint (``--resume`` and its
+    value, if any, replaced by a bare ``--resume``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        if not a.startswith("--resume="):
+            kept.append(a)
+        i += 1
+    prefix = "torchrun ... -m mla.train" if os.environ.get("WORLD_SIZE") else "python -m mla.train"
+    return " ".join([prefix, *map(shlex.quote, kept), "--resume"])
+
+
+def _run(trainer: Trainer, args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cfg, m, main_rank = trainer.cfg, trainer.model, trainer.dist.is_main
     dist_info = (
         f" | {trainer.dist.mode} on {trainer.dist.world_size} process{'es' if trainer.dist.world_size != 1 else ''} "
@@ -188,11 +265,20 @@ def _run(trainer: Trainer, args: argparse.Namespace) -> int:
         f"attention {trainer.attention}{'/' + trainer.sparse_mode if trainer.attention == 'sparse' else ''}, "
         f"{m.num_parameters() / 1e6:.2f} M parameters | data: {trainer.dataset.name} "
         f"({trainer.dataset.train.numel()} train + {trainer.dataset.val.numel()} val bytes) "
-        f"| device {trainer.device}{dist_info}"
+        f"| device {trainer.device}, {describe_threads(args.threads)}{dist_info}"
     )
     if not args.quiet and main_rank:
         print(info, flush=True)
     metrics = trainer.fit()
+    if trainer.stopped:
+        if main_rank:
+            if trainer.last_checkpoint is not None and cfg.out_dir:
+                print(f"interrupted at step {trainer.step}/{cfg.steps}; checkpoint {trainer.last_checkpoint}\n"
+                      f"resume with: {_resume_command(argv)}", file=sys.stderr, flush=True)
+            else:
+                print(f"interrupted at step {trainer.step}/{cfg.steps}; nothing saved (no --out)", file=sys.stderr,
+                      flush=True)
+        return 130
     if metrics and not args.quiet and main_rank:
         last = metrics[-1]
         print(

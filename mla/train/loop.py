@@ -719,10 +719,19 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.step_losses: list[tuple[int, float]] = []
         self.last_checkpoint: Path | None = None
+        self.stopped = False  # fit() ended early on request_stop()
+        self._stop_requested = False
         self._acc_loss, self._acc_steps, self._acc_tokens, self._acc_time = 0.0, 0, 0, 0.0
         self._last_max_logit: float | None = None
         if resume_dir is not None:
             self._load(resume_dir)
+
+    def request_stop(self) -> None:
+        """Ask a running ``fit`` to stop after the current step (safe from a signal handler). ``fit`` then
+        skips its final evaluation, saves a checkpoint when ``out_dir`` is set (a resume continues exactly
+        as the uninterrupted run would), sets ``self.stopped`` and returns. Distributed: ranks stop together
+        at the same step when any rank asked."""
+        self._stop_requested = True
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (no-op otherwise; idempotent). The model
@@ -830,7 +839,7 @@ class Trainer:
             warnings.warn(
                 f"resume: the data differs from the checkpoint's ({meta['data']['name']!r}); "
                 "the run will not match an uninterrupted one",
-                stacklevel=3,
+                stacklevel=4,  # the caller of Trainer(...)
             )
         saved = meta["train_config"]
         changed = [f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in _TRAJECTORY_FIELDS
@@ -846,7 +855,7 @@ class Trainer:
             warnings.warn(
                 "resume: these settings differ from the checkpoint's, so the run will not match an "
                 "uninterrupted one: " + ", ".join(changed),
-                stacklevel=3,
+                stacklevel=4,  # the caller of Trainer(...)
             )
         self.step = int(meta["step"])
         self.tokens = int(meta["tokens"])
@@ -994,6 +1003,10 @@ class Trainer:
             last_recorded = self.metrics[-1]["step"] if self.metrics else -1
             last_saved = self.step
             while self.step < cfg.steps:
+                if d.any(self._stop_requested):
+                    self.stopped = True
+                    self._log(f"stopping at step {self.step} on request")
+                    break
                 if cfg.max_time is not None and d.any(time.perf_counter() - t_start >= cfg.max_time):
                     self._log(f"time budget of {cfg.max_time:.0f} s reached at step {self.step}")
                     break
@@ -1014,7 +1027,7 @@ class Trainer:
                     self.elapsed = now()
                     self.save()
                     last_saved = self.step
-            if last_recorded != self.step:
+            if last_recorded != self.step and not self.stopped:
                 record()
             self.elapsed = now()
             if cfg.out_dir and (last_saved != self.step or self.last_checkpoint is None):
