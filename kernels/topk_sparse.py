@@ -39,8 +39,8 @@ Method (our own Triton code; the ideas are published, no code is copied):
   write fp32 partials that a second kernel sums in a fixed order. No atomics: bitwise reproducible.
   The index has sizes bounded by the shapes (padding items are skipped), so the backward has no host
   sync and can be captured in a CUDA graph. Cost: the sort, ~12 bytes per bound (key block, token)
-  pair, fp32 partials for the split key blocks (bounded; work items grow rather than exceed ~4x an
-  fp32 dK/dV), and wasted products on unselected keys of a selected block.
+  pair, fp32 partials for the split key blocks (bounded: work items grow rather than exceed max(256 MiB,
+  4x an fp32 dK/dV)), and wasted products on unselected keys of a selected block.
 * **dK/dV, atomic mode**: the query-major program forms ``dK = dSᵀ Q`` and ``dV = Pᵀ dO`` for its
   gathered lanes and adds them with fp32 atomics into an fp32 scratch (then cast). Exact products only,
   no index build, not bitwise reproducible (fp32 addition order).
@@ -1207,8 +1207,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
             raise ValueError(f"dkdv_det config: block_n must be in [1, {MAX_DET_BLOCK_N}], got {cfg.block_n}")
         kmi = key_index
         if kmi is None:
-            # fp32 partials bounded by ~4x an fp32 dK/dV (or 64 MiB): longer work items instead of more memory
-            budget = max(64 << 20, 4 * B * S * Hkv * (Dk + Dv) * 4)
+            # fp32 partials bounded by max(256 MiB, 4x an fp32 dK/dV): longer work items, not more memory
+            budget = max(256 << 20, 4 * B * S * Hkv * (Dk + Dv) * 4)
             kmi = build_key_major_index(idx, S, bool(causal), cfg.block_n, G, cfg.rows_per_item,
                                         max_slots=budget // (cfg.block_n * (Dk + Dv) * 4))
         elif kmi.block_n != cfg.block_n:

@@ -261,6 +261,23 @@ def test_topk_forward_backward_triton_compiles_without_syncs():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("mode", ["block", "topk"])
+def test_sparse_module_training_step_is_sync_free(mode):
+    """LatentSparseAttention forward + backward (selection, block mask / top-k indices, the Triton ops,
+    tensor stats) is one graph with no data-dependent value."""
+    pytest.importorskip("triton")
+    from mla import LatentSparseAttention
+
+    torch.manual_seed(0)
+    mod = LatentSparseAttention(_cfg(1), mode=mode, backend="triton").to(DEVICE)
+    x = torch.randn(2, 13, 32, device=DEVICE)
+    out, st = _compile(mod)(x)
+    out.square().mean().backward()
+    ref, ref_st = mod(x)
+    assert rel_err(out, ref) < 1e-6 and st.visited_tokens == ref_st.visited_tokens
+    assert all(p.grad is not None for n, p in mod.named_parameters() if not n.startswith("indexer."))
+
+
 def test_topk_backward_launcher_makes_no_host_sync(monkeypatch):
     """The deterministic top-k backward launcher (index build included) never turns a tensor into a
     Python value: every such conversion raises while it runs."""
