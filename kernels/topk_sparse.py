@@ -191,7 +191,8 @@ class TopkConfig:
     held: 0 = loaded once before the loop, 1 = the other split's chunk re-read every step, 2 = every
     tile re-read every step (L1 / L2 hits instead of registers or shared memory for the whole loop).
     ``rows_per_item``: deterministic dK/dV: most packed rows one program walks (longer lists are split
-    over several programs and reduced in a fixed order). ``split_dkdv``: dK/dV kinds: dV and dK in two
+    over several programs and reduced in a fixed order; doubled while the shape-derived bound on the fp32
+    partials exceeds the launcher's budget). ``split_dkdv``: dK/dV kinds: dV and dK in two
     launches (each holds one accumulator set; the dV launch needs no dP).
     """
 

@@ -440,7 +440,6 @@ class PagedLatentCache:
 
     # -- side stores (LatentSparseAttention) ------------------------------------------------------
     def _new_store(self, layer_idx: int, name: str, kind: str):
-        self._check_layer(layer_idx)
         stepping = set(self.seq_ids)
         others = any(self._lens[i] for i in self._pages if i not in stepping)
         if not self._step_prefill or others:
@@ -457,12 +456,13 @@ class PagedLatentCache:
             ValueError: a shape that does not match the step or the store. RuntimeError: a store created
             while sequences already hold tokens.
         """
-        store = self._tokens[layer_idx].get(name) if 0 <= layer_idx < self.num_layers else None
+        self._check_layer(layer_idx)
+        store = self._tokens[layer_idx].get(name)
+        T = self._check_rows("values", values, None if store is None else store.width)
         if store is None:
             self._new_store(layer_idx, name, "write_tokens")
             store = PagedTokenStore(self.num_pages, self.page_size, values.shape[-1], values.dtype, self.device)
             self._tokens[layer_idx][name] = store
-        T = self._check_rows("values", values, store.width)
         store.write(self.step_slots(T, store.pool.device)[2], values)
 
     def gather_tokens(self, layer_idx: int, name: str) -> torch.Tensor:
@@ -478,7 +478,11 @@ class PagedLatentCache:
             ValueError: a shape or ``block_size`` that does not match the step or the store. RuntimeError:
             a store created while sequences already hold tokens.
         """
-        store = self._blocks[layer_idx].get(name) if 0 <= layer_idx < self.num_layers else None
+        self._check_layer(layer_idx)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        store = self._blocks[layer_idx].get(name)
+        T = self._check_rows("values", values, None if store is None else store.width)
         if store is None:
             self._new_store(layer_idx, name, "add_block_sums")
             store = PooledKeyStore(self.num_pages, self.page_size, block_size, values.shape[-1], self.dtype,
@@ -486,7 +490,6 @@ class PagedLatentCache:
             self._blocks[layer_idx][name] = store
         if store.block_size != block_size:
             raise ValueError(f"block_size: store {name!r} sums blocks of {store.block_size}, got {block_size}")
-        T = self._check_rows("values", values, store.width)
         pages, pos, _ = self.step_slots(T, store.sums.device)
         store.add(pages, pos, values)
 

@@ -185,6 +185,14 @@ def test_paged_cache_block_sums_any_page_size():
             cache.add_block_sums(0, "late", torch.ones(1, 2, 6, dtype=torch.float64), bs)
         cache.add_block_sums(0, "k", torch.ones(1, 2, 6, dtype=torch.float64), bs)
         assert torch.equal(cache.block_sums(0, "k")[0, 0, 0], torch.tensor(2.0, dtype=torch.float64))
+        with pytest.raises(ValueError, match="block_size"):
+            cache.add_block_sums(0, "k", torch.ones(1, 2, 6, dtype=torch.float64), bs + 1)
+        with pytest.raises(ValueError, match="values: expected"):
+            cache.add_block_sums(0, "k", torch.ones(1, 2, 5, dtype=torch.float64), bs)
+        with pytest.raises(ValueError, match="reserved 2"):
+            cache.write_tokens(0, "t", torch.ones(1, 1, 3))
+    with pytest.raises(ValueError, match="no step is open"):
+        PagedLatentCache(1, 6, num_pages=2, page_size=4).write_tokens(0, "t", torch.ones(1, 1, 3))
 
 
 def test_paged_cache_fixed_width_updates_in_place():
