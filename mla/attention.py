@@ -627,6 +627,9 @@ class LatentSparseAttention(MultiHeadLatentAttention):
 
     Selection only looks at complete past blocks / past keys, so incremental decoding (``LatentCache`` or
     ``PagedLatentCache``; decode steps use ``mla_decode`` with top-k token indices) equals the full forward.
+    Over a ``PagedLatentCache`` the layer keeps its pooled block keys (running ``c_kv`` sums per block,
+    ``add_block_sums``) and its indexer keys (``write_tokens``) in the cache as tokens are written, so a
+    decode step selects without re-reading the cached rows, with fixed shapes and no host sync.
     Weights as ``MultiHeadLatentAttention`` (+ ``indexer.*`` in topk mode). Selection is not
     differentiable; gradients flow through the attention over the kept keys (and the indexer's KL loss).
     Returns ``(out, stats)`` like its parent, with ``density`` and ``visited_blocks``/``visited_tokens``.
