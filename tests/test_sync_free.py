@@ -64,9 +64,9 @@ def _cfg(layers=2):
     )
 
 
-def _model(attention, mode, dtype=torch.float32):
+def _model(attention, mode, dtype=torch.float32, backend="reference"):
     torch.manual_seed(0)
-    model = MLACausalLM(_cfg(), attention=attention, sparse_mode=mode, backend="reference")
+    model = MLACausalLM(_cfg(), attention=attention, sparse_mode=mode, backend=backend)
     return model.to(DEVICE, dtype).eval()
 
 
@@ -88,12 +88,15 @@ def _prefill(model, prompts, page_size, max_tokens):
 ATTENTIONS = [("mla", "block"), ("sparse", "block"), ("sparse", "topk")]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("attention,mode", ATTENTIONS, ids=["dense", "sparse-block", "sparse-topk"])
-def test_paged_decode_step_is_one_sync_free_graph(attention, mode):
-    """One whole decode step (all layers, cache writes, sparse selection, attention over the pages)
-    compiles with fullgraph and no data-dependent value; later steps reuse the graph (fixed shapes, as
-    CUDA-graph replay needs) and match eager decoding."""
-    model = _model(attention, mode)
+def test_paged_decode_step_is_one_sync_free_graph(attention, mode, backend):
+    """One whole decode step (all layers, cache writes, sparse selection, attention over the pages:
+    the reference, or the decode kernel's op) compiles with fullgraph and no data-dependent value; later
+    steps reuse the graph (fixed shapes, as CUDA-graph replay needs) and match eager decoding."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = _model(attention, mode, backend=backend)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 64, (n,), generator=g).to(DEVICE) for n in (6, 11, 2)]
     eager_cache, seqs = _prefill(model, prompts, page_size=4, max_tokens=20)
