@@ -54,16 +54,36 @@ class AttentionStats:
     QK-clip style stability tools watch; None when not computed. form: MLA execution form or None.
     visited_blocks / visited_tokens: sparse modules only (key blocks listed / keys selected, summed).
     indexer_loss: ``LatentSparseAttention(mode="topk")`` KL loss of the indexer when requested.
+
+    ``density``, ``visited_blocks`` and ``visited_tokens`` are computed on the device and kept as
+    tensors (a forward or decode step never waits for the GPU to report them); they become Python
+    numbers when read, which syncs once. The raw values are ``density_raw``, ``visited_blocks_raw``,
+    ``visited_tokens_raw`` (float / int or 0-dim tensors).
     """
 
     backend: str
     latent_dim: int
-    density: float
+    density_raw: float | torch.Tensor
     max_logit: torch.Tensor | None = None
     form: str | None = None
-    visited_blocks: int | None = None
-    visited_tokens: int | None = None
+    visited_blocks_raw: int | torch.Tensor | None = None
+    visited_tokens_raw: int | torch.Tensor | None = None
     indexer_loss: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        d = self.density_raw
+        return float(d) if isinstance(d, torch.Tensor) else d
+
+    @property
+    def visited_blocks(self) -> int | None:
+        v = self.visited_blocks_raw
+        return int(v) if isinstance(v, torch.Tensor) else v
+
+    @property
+    def visited_tokens(self) -> int | None:
+        v = self.visited_tokens_raw
+        return int(v) if isinstance(v, torch.Tensor) else v
 
 
 def causal_density(T: int, S: int) -> float:
@@ -73,6 +93,13 @@ def causal_density(T: int, S: int) -> float:
     # Row i sees max(0, i + S - T + 1) keys (never more than S): closed form, no loop over T.
     total = T * (S - T + 1) + T * (T - 1) // 2 if S >= T else S * (S + 1) // 2
     return total / (T * S)
+
+
+def _causal_density_t(T: int, S: torch.Tensor) -> torch.Tensor:
+    """``causal_density(T, S)`` for a 0-dim integer tensor ``S`` (float64 0-dim tensor, no host sync)."""
+    S = S.double()
+    total = torch.where(S >= T, T * (S - T + 1) + T * (T - 1) // 2, S * (S + 1) / 2)
+    return torch.where(S > 0, total / (T * S).clamp(min=1), torch.zeros_like(S))
 
 
 def _head_max(max_logit: torch.Tensor | None) -> torch.Tensor | None:
@@ -492,9 +519,9 @@ class MultiHeadLatentAttention(nn.Module):
             if not causal:
                 raise ValueError("causal=False is not supported when decoding over a PagedLatentCache")
             out, backend = self._decode(self.absorb_q(q_nope, q_rope), cache)
-            S = cache.max_seqlen()
+            density = _causal_density_t(T, cache.cache_seqlens.max())  # over the longest sequence, lazily
             return self.finish(out, "absorbed"), AttentionStats(
-                backend, self.kv_lora_rank + self.qk_rope_head_dim, causal_density(T, S), None, "absorbed"
+                backend, self.kv_lora_rank + self.qk_rope_head_dim, density, None, "absorbed"
             )
         S = latent.shape[1]
         form = self.resolve_form(form, T, cache is not None)
@@ -600,6 +627,9 @@ class LatentSparseAttention(MultiHeadLatentAttention):
 
     Selection only looks at complete past blocks / past keys, so incremental decoding (``LatentCache`` or
     ``PagedLatentCache``; decode steps use ``mla_decode`` with top-k token indices) equals the full forward.
+    Over a ``PagedLatentCache`` the layer keeps its pooled block keys (running ``c_kv`` sums per block,
+    ``add_block_sums``) and its indexer keys (``write_tokens``) in the cache as tokens are written, so a
+    decode step selects without re-reading the cached rows, with fixed shapes and no host sync.
     Weights as ``MultiHeadLatentAttention`` (+ ``indexer.*`` in topk mode). Selection is not
     differentiable; gradients flow through the attention over the kept keys (and the indexer's KL loss).
     Returns ``(out, stats)`` like its parent, with ``density`` and ``visited_blocks``/``visited_tokens``.
@@ -633,27 +663,47 @@ class LatentSparseAttention(MultiHeadLatentAttention):
                 config.index_head_dim, config.qk_rope_head_dim,
             )
 
-    def _block_grid(self, q_abs, rows, key_len, pos):
+    def _block_grid(self, q_abs, block_sums, key_len, pos):
         """bool ``[B, T, nK]`` key blocks kept per query token.
 
-        q_abs ``[B, T, H, dc+dr]``; rows ``[B, S, dc+dr]`` key rows (zeros past ``key_len``); key_len
-        ``[B]``; pos ``[B|1, T]`` key-aligned position of each query.
+        q_abs ``[B, T, H, dc+dr]``; block_sums ``[B, nK, dc]`` sums of the compressed keys ``c_kv`` per
+        block (0 past ``key_len``); key_len ``[B]``; pos ``[B|1, T]`` key-aligned position of each query.
         """
         cfg, dc = self.config, self.kv_lora_rank
         bs = cfg.sparse_block_size
-        B, S = rows.shape[:2]
-        nk = math.ceil(S / bs)
+        nk = block_sums.shape[1]
+        dev = block_sums.device
         with torch.no_grad():
             qm = q_abs[..., :dc].float().mean(dim=2)
-            c = F.pad(rows[..., :dc].float(), (0, 0, 0, nk * bs - S)).view(B, nk, bs, dc).sum(2)
-            start = torch.arange(nk, device=rows.device) * bs
-            cnt = (key_len.to(rows.device).long()[:, None] - start[None, :]).clamp(1, bs)
-            scores = torch.einsum("btc,bkc->btk", qm, c / cnt[..., None].to(c.dtype))
+            start = torch.arange(nk, device=dev) * bs
+            cnt = (key_len.to(dev).long()[:, None] - start[None, :]).clamp(1, bs)
+            scores = torch.einsum("btc,bkc->btk", qm, (block_sums / cnt[..., None].to(block_sums.dtype)).float())
             allowed = start[None, None, :] <= pos[..., None]
             return select_topk_blocks(
                 scores, cfg.topk_blocks, allowed, num_sink_blocks=cfg.num_sink_blocks,
                 num_local_blocks=cfg.num_local_blocks,
             )
+
+    def _block_sums(self, rows):
+        """``[B, ceil(S / block), dc]`` fp32 sums of ``c_kv`` per key block of ``rows [B, S, dc+dr]``."""
+        bs, dc = self.config.sparse_block_size, self.kv_lora_rank
+        B, S = rows.shape[:2]
+        nk = math.ceil(S / bs)
+        return F.pad(rows[..., :dc].detach().float(), (0, 0, 0, nk * bs - S)).view(B, nk, bs, dc).sum(2)
+
+    def _block_tokens(self, grid, pos):
+        """int32 ``[B, T, n·bs]`` token positions of the kept blocks (``n = min(nK, sinks + local + topk)``,
+        a bound on the kept blocks: fixed shapes), ``-1`` for positions past ``pos`` and unused lanes."""
+        cfg, bs = self.config, self.config.sparse_block_size
+        nk = grid.shape[-1]
+        n = min(nk, cfg.num_sink_blocks + cfg.num_local_blocks + cfg.topk_blocks)
+        kcol = torch.arange(nk, device=grid.device)
+        # Kept blocks in ascending order: the largest keys nk - k of the kept columns.
+        key = torch.where(grid, nk - kcol, torch.zeros((), dtype=kcol.dtype, device=grid.device))
+        blk = nk - torch.topk(key, n, dim=-1).values
+        tok = blk[..., None] * bs + torch.arange(bs, device=grid.device)
+        ok = (blk[..., None] < nk) & (tok <= pos[..., None, None])
+        return torch.where(ok, tok, -1).flatten(-2).to(torch.int32)
 
     @staticmethod
     def _kept_tokens(grid, pos, bs: int, S: int) -> torch.Tensor:
@@ -663,12 +713,19 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         return grid[..., s // bs] & (s <= pos[..., None])
 
     def _indexer_scores(self, hidden_states, q_latent, position_ids, cache):
+        """Indexer scores ``[B, T, S]`` over the keys: the new tokens' own (no cache, paged prefill), all
+        cached ones (``LatentCache``), or a paged decode step's ``[B, capacity]`` pages."""
         cos, sin = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
         # The indexer trains on its own loss: its inputs are detached from the main model (DeepSeek-V3.2).
         x_idx = hidden_states.detach()
         q_in = x_idx if q_latent is None else q_latent.detach()
         keys = None
-        if cache is not None:
+        if isinstance(cache, PagedLatentCache):
+            keys = self.indexer.keys(x_idx, cos, sin)
+            cache.write_tokens(self.layer_idx, "index_keys", keys)
+            if not cache.step_is_prefill:
+                keys = cache.gather_tokens(self.layer_idx, "index_keys")
+        elif cache is not None:
             keys = cache.update_extra(self.layer_idx, "index_keys", self.indexer.keys(x_idx, cos, sin))
         return self.indexer(x_idx, q_in, cos, sin, keys)
 
@@ -688,30 +745,33 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         q_nope, q_rope, q_latent, latent, position_ids = self._prepare(hidden_states, position_ids, cache)
         B, T = q_nope.shape[:2]
         device = q_nope.device
+        bs = self.config.sparse_block_size
         q_abs = self.absorb_q(q_nope, q_rope)
+        paged = isinstance(cache, PagedLatentCache)
+        if paged and self.mode == "block":  # pooled block keys, kept up to date as tokens are written
+            cache.add_block_sums(self.layer_idx, "block_keys", latent[..., : self.kv_lora_rank], bs)
         decoding = self._paged_decode_step(cache, T, need_weights, attention_mask)
         if decoding:
-            rows, key_len = cache.gather(self.layer_idx), cache.cache_seqlens
+            # Only device tensors and the table's fixed capacity: no read of the cached rows, no host sync.
+            key_len = cache.cache_seqlens.to(device)
             pos = cache.step_start.to(device).long()[:, None] + torch.arange(T, device=device)
+            S = cache.capacity
+            s_max = key_len.max()
         else:
-            rows = latent
             key_len = torch.full((B,), latent.shape[1], dtype=torch.long, device=device)
             pos = (latent.shape[1] - T + torch.arange(T, device=device))[None]
-        S = rows.shape[1]
+            S = s_max = latent.shape[1]
         keep = None if decoding else self._key_mask(attention_mask, B, S, device)
-        bs = self.config.sparse_block_size
         block_mask = topk = kl = None
         if self.mode == "block":
-            grid = self._block_grid(q_abs, rows, key_len, pos)
-            kept = self._kept_tokens(grid, pos, bs, S)
-            visited_blocks = int(grid.sum())
+            sums = cache.block_sums(self.layer_idx, "block_keys") if decoding else self._block_sums(latent)
+            grid = self._block_grid(q_abs, sums, key_len, pos)
+            visited_blocks = grid.sum()
             if decoding:
-                cfg = self.config
-                k_max = min(S, (cfg.num_sink_blocks + cfg.num_local_blocks + cfg.topk_blocks) * bs)
-                topk = topk_indices_from_scores(
-                    torch.zeros(kept.shape, device=device).masked_fill(~kept, float("-inf"))[:, :, None], k_max
-                )
+                topk = self._block_tokens(grid, pos)[:, :, None]
+                visited_tokens = (topk >= 0).sum()
             else:
+                visited_tokens = self._kept_tokens(grid, pos, bs, S).sum()
                 block_mask = BlockMask.from_dense(grid[:, None], (1, bs), (T, S))
         else:
             visited_blocks = None
@@ -723,9 +783,7 @@ class LatentSparseAttention(MultiHeadLatentAttention):
                 allowed = allowed & keep[:, 0]
             scores = scores.masked_fill(~allowed, float("-inf"))
             topk = topk_indices_from_scores(scores.detach()[:, :, None], self.config.index_topk)
-            kept = torch.zeros(B, T, S + 1, dtype=torch.bool, device=device)
-            kept.scatter_(-1, torch.where(topk[:, :, 0] < 0, S, topk[:, :, 0]).long(), True)
-            kept = kept[..., :S]
+            visited_tokens = (topk >= 0).sum()  # the lanes are distinct keys
             if self.indexer_loss and not decoding:
                 q, k, v = q_abs, latent[:, :, None], latent[:, :, None, : self.kv_lora_rank]
                 with torch.no_grad():
@@ -737,8 +795,8 @@ class LatentSparseAttention(MultiHeadLatentAttention):
                         q, k, ref.lse, softmax_scale=self.softmax_scale, causal=True, attn_mask=keep
                     )
                 kl = indexer_kl_loss(scores, dense)
-        visited_tokens = int(kept.sum())
-        density = visited_tokens / max(1, B * T * S)
+        # Kept on the device (read lazily through AttentionStats): over the longest sequence's keys.
+        density = visited_tokens / (B * T * s_max if decoding else max(1, B * T * S))
         if decoding:
             out, backend = self._decode(q_abs, cache, topk[:, :, 0])
             stats = AttentionStats(

@@ -169,12 +169,16 @@ class MLACausalLM(nn.Module):
         return CausalLMOutput(logits, loss, stats)
 
     def new_paged_cache(self, batch_size: int, max_tokens: int, *, page_size: int = 64, dtype=None, device=None):
-        """A ``PagedLatentCache`` with room for ``batch_size`` sequences of ``max_tokens`` tokens."""
-        pages = batch_size * -(-max_tokens // page_size)
+        """A ``PagedLatentCache`` with room for ``batch_size`` sequences of ``max_tokens`` tokens.
+
+        Its block table has the fixed width ``ceil(max_tokens / page_size)``, so every decode step of a
+        batch has the same shapes (one compiled graph / CUDA graph serves all steps)."""
+        per_seq = max(1, -(-max_tokens // page_size))
         p = self.embed_tokens.weight
         return PagedLatentCache(
-            self.config.num_hidden_layers, self.config.cache_values_per_token, num_pages=max(1, pages),
-            page_size=page_size, dtype=dtype or p.dtype, device=device or p.device,
+            self.config.num_hidden_layers, self.config.cache_values_per_token,
+            num_pages=max(1, batch_size * per_seq), page_size=page_size, dtype=dtype or p.dtype,
+            device=device or p.device, max_pages_per_seq=per_seq,
         )
 
     @torch.no_grad()

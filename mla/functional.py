@@ -492,7 +492,9 @@ def mla_decode(
             num_splits=num_splits,
         )
     else:
-        S = int(cache_seqlens.max()) if B > 0 else 0
+        # Every position the table addresses (masked past each length): a shape, not a value, so the
+        # reference decode has no host sync either (torch.compile / CUDA graphs).
+        S = capacity
         rows = _gather_pages(kv_cache, block_table, cache_seqlens, S)
         k = rows[:, :, None, :]
         keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices)

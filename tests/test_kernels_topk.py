@@ -406,7 +406,20 @@ def test_key_major_index_matches_brute_force():
             assert its.shape[0] >= 1 and its[0, 1] == off[seg] and its[-1, 2] == off[seg + 1]
             assert torch.equal(its[1:, 1], its[:-1, 2])
             assert (its[:, 3] < 0).all() if its.shape[0] == 1 else (its[:, 3] >= 0).all()
-        assert kmi.n_slots == int((items[:, 3] >= 0).sum()) and kmi.nbytes() > 0
+        # Sizes are bounds from the shapes (no host sync): real items first, then padding (segment -1);
+        # the used slots are 0..n-1 within the bound, and the split list names each split block once.
+        real = items[:, 0] >= 0
+        n_real = int(real.sum())
+        assert real[:n_real].all() and not real[n_real:].any() and (items[n_real:, 1:3] == 0).all()
+        used = items[:, 3][items[:, 3] >= 0]
+        assert torch.equal(used, torch.arange(used.numel())) and used.numel() <= kmi.n_slots
+        multi = kmi.multi.cpu()
+        mreal = multi[multi[:, 0] >= 0]
+        split = [s for s in range(B * Hkv * nkb) if int((items[:, 0] == s).sum()) > 1]
+        assert mreal[:, 0].tolist() == split and (multi[len(split):] == -1).all()
+        for s, first, count in mreal.tolist():
+            assert items[items[:, 0] == s][:, 3].tolist() == list(range(first, first + count))
+        assert kmi.num_entries == int(off[-1]) and kmi.nbytes() > 0
     with pytest.raises(ValueError):
         build_key_major_index(idx, S, False, 65)
 
