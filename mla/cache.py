@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes, quantize_fp8_ds_mla
+
 __all__ = ["LatentCache"]
 
 
@@ -112,26 +114,48 @@ class PagedLatentCache:
     attends with ``kv_cache(layer_idx)``, ``block_table`` and ``cache_seqlens`` (``mla.functional.mla_decode``).
     A contiguous cache is the special case ``contiguous(...)``: one page per sequence.
 
+    FP8 cache (``kv_format="fp8_ds_mla"``, DeepSeek-V3.2's layout, ``mla.quant``): each row is stored as
+    ``row_bytes`` uint8 (656 instead of 1,152 bf16 bytes for DeepSeek-V3): the ``kv_lora_rank`` latent values
+    as e4m3 with one power-of-two fp32 scale per 128, the RoPE values as bf16. ``write`` quantizes
+    (fp16/bf16/fp32 rows), ``kv_cache`` returns the byte pool ``[num_pages, page_size, 1, row_bytes]``
+    that ``mla_decode(..., kv_format="fp8_ds_mla")`` dequantizes in registers, and ``dequantize(layer)``
+    / ``gather`` return rows in ``dtype`` (for the reference path and tests).
+
     Args:
         num_layers: attention layers sharing the block table.
         head_dim: values per cached row (``kv_lora_rank + qk_rope_head_dim``).
         num_pages: pages in the pool (per layer). page_size: tokens per page (default 64).
-        dtype, device: of the storage.
+        dtype, device: of the storage (FP8: ``dtype`` is that of ``dequantize`` / ``gather``).
+        kv_format: ``None`` (rows stored in ``dtype``) or ``"fp8_ds_mla"``.
+        kv_lora_rank: latent width ``dc`` (FP8 only, required there: a multiple of 128, ``<= head_dim``).
 
     Raises:
-        ValueError: bad sizes; ``RuntimeError`` when the pool runs out of pages.
+        ValueError: bad sizes or ``kv_format``; ``RuntimeError`` when the pool runs out of pages.
     """
 
     def __init__(self, num_layers: int, head_dim: int, *, num_pages: int, page_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, kv_format: str | None = None,
+                 kv_lora_rank: int | None = None):
         for name, val in (("num_layers", num_layers), ("head_dim", head_dim), ("num_pages", num_pages),
                           ("page_size", page_size)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        if kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format: expected one of {KV_FORMATS}, got {kv_format!r}")
         self.num_layers, self.head_dim, self.num_pages, self.page_size = num_layers, head_dim, num_pages, page_size
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
-        self._pools = [torch.empty(num_pages, page_size, 1, head_dim, dtype=dtype, device=self.device)
-                       for _ in range(num_layers)]
+        self.kv_format, self.kv_lora_rank = kv_format, kv_lora_rank
+        if kv_format == FP8_DS_MLA:
+            if not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank <= head_dim:
+                raise ValueError(f"kv_lora_rank: kv_format={FP8_DS_MLA!r} needs the latent width in "
+                                 f"[1, head_dim={head_dim}], got {kv_lora_rank!r}")
+            #: Bytes of one stored row (one token, one layer).
+            self.row_bytes = fp8_ds_mla_row_bytes(kv_lora_rank, head_dim - kv_lora_rank)
+            shape, store = (num_pages, page_size, 1, self.row_bytes), torch.uint8
+        else:
+            self.row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+            shape, store = (num_pages, page_size, 1, head_dim), dtype
+        self._pools = [torch.empty(shape, dtype=store, device=self.device) for _ in range(num_layers)]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
@@ -244,7 +268,7 @@ class PagedLatentCache:
             raise ValueError(f"layer_idx: expected an int in [0, {len(self._pools)}), got {layer_idx!r}")
 
     def kv_cache(self, layer_idx: int) -> torch.Tensor:
-        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]``.
+        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]`` (FP8: uint8 ``row_bytes``).
 
         Raises:
             ValueError: ``layer_idx`` out of range.
@@ -256,9 +280,12 @@ class PagedLatentCache:
         """Store the current step's new rows: ``rows [B, T, head_dim]``; row ``t`` of sequence ``b`` goes to
         position ``step_start[b] + t`` for ``t < step_len[b]`` (later rows are padding, ignored).
 
+        An FP8 cache quantizes the rows (``mla.quant.quantize_fp8_ds_mla``; fp16 / bf16 / fp32 rows).
+
         Raises:
             ValueError: ``layer_idx`` out of range, or a shape that does not match the step (fewer than
                 ``max(step_len)`` rows would leave reserved positions holding stale data).
+            TypeError: non-floating rows for an FP8 cache.
         """
         self._check_layer(layer_idx)
         B = len(self.seq_ids)
@@ -277,13 +304,36 @@ class PagedLatentCache:
         pages = torch.gather(self.block_table.long(), 1, page_col)
         slots = pos % self.page_size
         pool = self._pools[layer_idx]
-        pool[pages[valid], slots[valid], 0] = rows.detach()[valid].to(pool.dtype)
+        new = rows.detach()[valid]
+        if self.kv_format == FP8_DS_MLA:
+            if new.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise TypeError(f"rows: an {FP8_DS_MLA} cache quantizes fp16/bf16/fp32 rows, got {rows.dtype}")
+            new = quantize_fp8_ds_mla(new, self.kv_lora_rank)
+        pool[pages[valid], slots[valid], 0] = new.to(pool.dtype)
+
+    def dequantize(self, layer_idx: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Page pool of ``layer_idx`` as rows ``[num_pages, page_size, 1, head_dim]`` in ``dtype`` (default
+        the cache's): decoded FP8 rows (a new tensor), or the pool itself cast for an unquantized cache.
+
+        Raises:
+            ValueError: ``layer_idx`` out of range.
+        """
+        self._check_layer(layer_idx)
+        dtype = dtype or self.dtype
+        if self.kv_format == FP8_DS_MLA:
+            return dequantize_fp8_ds_mla(self._pools[layer_idx], self.kv_lora_rank,
+                                         self.head_dim - self.kv_lora_rank, dtype)
+        return self._pools[layer_idx].to(dtype)
 
     def gather(self, layer_idx: int) -> torch.Tensor:
-        """Contiguous rows ``[B, max_seqlen, head_dim]`` of the current step's sequences (zeros past each length)."""
+        """Contiguous rows ``[B, max_seqlen, head_dim]`` of the current step's sequences (zeros past each length;
+        an FP8 cache's rows are dequantized to ``dtype``)."""
         from mla.functional import _gather_pages
 
-        return _gather_pages(self._pools[layer_idx], self.block_table, self.cache_seqlens, self.max_seqlen())
+        rows = _gather_pages(self._pools[layer_idx], self.block_table, self.cache_seqlens, self.max_seqlen())
+        if self.kv_format == FP8_DS_MLA:
+            rows = dequantize_fp8_ds_mla(rows, self.kv_lora_rank, self.head_dim - self.kv_lora_rank, self.dtype)
+        return rows
 
     def update_extra(self, layer_idx: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """Per-layer side tensors ``[B, max_seqlen, ...]`` for the current batch (e.g. indexer keys).
@@ -307,5 +357,6 @@ class PagedLatentCache:
         return buf
 
     def bytes_per_token(self) -> int:
-        """Bytes stored per cached token, summed over layers: ``num_layers · head_dim · element size``."""
-        return self.num_layers * self.head_dim * self._pools[0].element_size()
+        """Bytes stored per cached token, summed over layers: ``num_layers · row_bytes`` (``row_bytes``:
+        ``head_dim · element size``, or 656 for a DeepSeek-V3 row in ``fp8_ds_mla`` vs 1,152 in bf16)."""
+        return self.num_layers * self.row_bytes
