@@ -117,7 +117,7 @@ class PagedLatentCache:
     FP8 cache (``kv_format="fp8_ds_mla"``, DeepSeek-V3.2's layout, ``mla.quant``): each row is stored as
     ``row_bytes`` uint8 (656 instead of 1,152 bf16 bytes for DeepSeek-V3): the ``kv_lora_rank`` latent values
     as e4m3 with one power-of-two fp32 scale per 128, the RoPE values as bf16. ``write`` quantizes
-    (fp16/bf16/fp32 rows), ``kv_cache`` returns the byte pool ``[num_pages, page_size, 1, row_bytes]``
+    (rows of any float dtype), ``kv_cache`` returns the byte pool ``[num_pages, page_size, 1, row_bytes]``
     that ``mla_decode(..., kv_format="fp8_ds_mla")`` dequantizes in registers, and ``dequantize(layer)``
     / ``gather`` return rows in ``dtype`` (for the reference path and tests).
 
@@ -280,7 +280,7 @@ class PagedLatentCache:
         """Store the current step's new rows: ``rows [B, T, head_dim]``; row ``t`` of sequence ``b`` goes to
         position ``step_start[b] + t`` for ``t < step_len[b]`` (later rows are padding, ignored).
 
-        An FP8 cache quantizes the rows (``mla.quant.quantize_fp8_ds_mla``; fp16 / bf16 / fp32 rows).
+        An FP8 cache quantizes the rows (``mla.quant.quantize_fp8_ds_mla``; any floating dtype).
 
         Raises:
             ValueError: ``layer_idx`` out of range, or a shape that does not match the step (fewer than
@@ -306,8 +306,8 @@ class PagedLatentCache:
         pool = self._pools[layer_idx]
         new = rows.detach()[valid]
         if self.kv_format == FP8_DS_MLA:
-            if new.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise TypeError(f"rows: an {FP8_DS_MLA} cache quantizes fp16/bf16/fp32 rows, got {rows.dtype}")
+            if not new.is_floating_point():
+                raise TypeError(f"rows: an {FP8_DS_MLA} cache quantizes floating-point rows, got {rows.dtype}")
             new = quantize_fp8_ds_mla(new, self.kv_lora_rank)
         pool[pages[valid], slots[valid], 0] = new.to(pool.dtype)
 

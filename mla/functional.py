@@ -434,9 +434,9 @@ def mla_decode(
         if kv_cache.dim() != 4:
             raise ValueError(f"kv_cache: expected [num_pages, page_size, 1, row_bytes], got {tuple(kv_cache.shape)}")
     else:
-        _check_tensor("kv_cache", kv_cache, 4, "[num_pages, page_size, 1, Dk]")
-        if kv_cache.dtype == torch.uint8:
+        if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.uint8:
             raise TypeError(f"kv_cache: a uint8 cache needs kv_format={FP8_DS_MLA!r} (the byte layout of mla.quant)")
+        _check_tensor("kv_cache", kv_cache, 4, "[num_pages, page_size, 1, Dk]")
         if kv_cache.dtype != q.dtype:
             raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
     B, Tq, H, Dk = q.shape
