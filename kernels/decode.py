@@ -42,6 +42,14 @@ spec                                   sm80 (A100, 164 KiB)     sm90 (H100, 227 
 combine Dv 512 (Dv 64), 4 warps        40/40 (31/32), 0, 0      40/40 (30/30), 0, 0
 =====================================  =======================  =======================
 
+FP8 cache (``KV_FP8``, ``fp8_ds_mla`` bytes, bf16 queries, 576/512 H128: Tq1 dense partials / Tq2 causal
+direct / Tq1 top-k), triton 3.9: sm90 64 rows x 16 keys, 255 regs, 0 spills, 102656-102720 shared bytes,
+wgmma, e4m3 converted with ``cvt.rn.f16x2.e4m3x2``; sm89 32 rows x 32 keys (mma.sync), 246-255 regs, 0
+spills, 90624-90752 bytes, ``cvt.rn.f16x2.e4m3x2``; sm80 the same tile, 248-255 regs, 0 spills, no e4m3
+instruction (Triton has no e4m3 type below sm89): the kernel decodes the bytes with integer shifts / masks
+and one fp32 multiply (``_fp8_latent``). The dequantized tiles sit in registers before the products, hence
+the smaller tiles (``_GPU_FP8_TILES``).
+
 All sm90 split specs use wgmma. Rejected on sm90: a [64, 512] accumulator per program (no value
 split; no choice of 16 / 32 keys per step and 2-4 stages was spill-free in all launch modes, up to
 236 bytes), and 64 keys per step with the value split (44-76 bytes in the top-k variant).
