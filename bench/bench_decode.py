@@ -55,8 +55,8 @@ DK, DV, PAGE = 576, 512, 64
 MLA_SCALE = 192**-0.5
 #: Output error allowed for the FP8 cache against the unquantized one: e4m3 keeps 3 mantissa bits (~2.5 %
 #: RMS rounding error per value); bench/fp8_cache_accuracy.py measured 3.2e-2 mean, 3.6e-2 worst per row on
-#: random N(0, 1) rows at this shape (512 keys).
-FP8_TOL = 0.06
+#: random N(0, 1) rows at this shape (512 keys), 4.5e-2 over whole outputs in the --smoke run.
+FP8_TOL = 0.08
 
 
 def decode_grid(env: Env) -> list[tuple[int, int, int]]:

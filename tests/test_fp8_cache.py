@@ -280,3 +280,47 @@ def test_lm_decode_over_fp8_cache(attention, mode, tol):
     assert 0 < err <= tol
     out = model.generate(prompt, 6, temperature=0, kv_format=FP8_DS_MLA, page_size=4)
     assert out.shape == (2, 13) and torch.equal(out[:, :7], prompt)
+
+
+# -- transformers drop-in --------------------------------------------------------------------------
+def test_hf_fp8_latent_cache_decode_equals_dequantized_rows():
+    """A patched DeepseekV3 model decoding over FP8LatentCache equals the same model over a transformers cache
+    holding the quantize-dequantized rows (same values, naive bookkeeping); generate() runs with it."""
+    transformers = pytest.importorskip("transformers")
+    from test_hf_integration import DEFAULT, MOE_OFF, SIZES, batch, randomize
+
+    from mla.integrations.transformers import FP8LatentCache, patch_model
+
+    class QDQCache(transformers.DynamicCache):  # stores [c_kv | k_rope] rounded through fp8_ds_mla
+        def update(self, c_kv, k_rope, layer_idx, *args, **kwargs):
+            rows = torch.cat([c_kv, k_rope], dim=-1)
+            rows = dequantize_fp8_ds_mla(quantize_fp8_ds_mla(rows, 128), 128, k_rope.shape[-1], rows.dtype)
+            return super().update(rows[..., :128], rows[..., 128:], layer_idx, *args, **kwargs)
+
+    cfg = transformers.DeepseekV3Config(**{**SIZES, "kv_lora_rank": 128}, **MOE_OFF, q_lora_rank=None,
+                                        rope_parameters=dict(DEFAULT), rope_interleave=True)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = patch_model(randomize(transformers.DeepseekV3ForCausalLM(cfg), 0))
+    for pad in (0, 3):  # no padding: mla_decode over the bytes; left padding: the dequantized fallback
+        ids, am = batch(T=9, pad=pad)
+        fp8, ref = FP8LatentCache(), QDQCache()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, cache=fp8, use_cache=True)
+            for layer, data in fp8._fp8.items():  # the reference starts from the same (dequantized) rows
+                rows = dequantize_fp8_ds_mla(data[:, :9, 0], 128, 8)
+                ref.update(rows[:, None, :, :128], rows[:, None, :, 128:], layer)
+            for step in range(3):
+                nxt = ids[:, step:step + 1]
+                am = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], dim=1)
+                p = am.sum(-1, keepdim=True) - 1
+                a = model(input_ids=nxt, attention_mask=am, cache=fp8, position_ids=p, use_cache=True).logits
+                b = model(input_ids=nxt, attention_mask=am, cache=ref, position_ids=p, use_cache=True).logits
+                assert rel_err(a, b) <= 1e-5, (pad, step)
+        assert fp8.get_seq_length() == ids.shape[1] + 3 and fp8.bytes_per_token() == 2 * (160 + 2)
+        assert fp8._fp8[0].dtype == torch.uint8 and fp8._fp8[0].shape[-1] == 160
+    ids, am = batch(T=9, pad=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False,
+                             cache=FP8LatentCache())
+    assert out.shape == (2, 13) and torch.equal(out[:, :9], ids)
