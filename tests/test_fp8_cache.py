@@ -324,3 +324,29 @@ def test_hf_fp8_latent_cache_decode_equals_dequantized_rows():
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False,
                              cache=FP8LatentCache())
     assert out.shape == (2, 13) and torch.equal(out[:, :9], ids)
+
+
+# -- accuracy script -------------------------------------------------------------------------------
+def test_accuracy_script_cached_bpb_equals_full_forward():
+    """bench/fp8_cache_accuracy.py scores bytes one decode step at a time; over the fp32 cache that must equal
+    the full forward's loss (so its fp8 / bf16 differences measure the cache, nothing else)."""
+    from bench.fp8_cache_accuracy import cached_bits_per_byte
+    from mla.train.loop import bits_per_byte
+
+    model = _tiny_fp8_model()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 64, (2, 12), generator=g), torch.randint(0, 64, (2, 12), generator=g)
+    with torch.no_grad():
+        full = bits_per_byte(float(model(x, targets=y).loss))
+    assert abs(cached_bits_per_byte(model, x, y, "fp32") - full) <= 1e-5 * full
+    fp8 = cached_bits_per_byte(model, x, y, "fp8")
+    assert fp8 != full and abs(fp8 - full) <= 0.05 * full
+
+
+@pytest.mark.slow
+def test_accuracy_script_smoke(capsys):
+    from bench import fp8_cache_accuracy
+
+    fp8_cache_accuracy.main(["--max-time", "2", "--windows", "2"])
+    out = capsys.readouterr().out
+    assert "fp8 - fp32" in out and out.count("greedy 64 bytes") == 4 and out.count("trained tiny, layer") == 4
