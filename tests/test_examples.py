@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("sparse_attention.py", ["--device", "cpu"]),
         ("serve_paged.py", ["--device", "cpu"]),
+        ("serve_paged.py", ["--device", "cpu", "--fp8"]),
         ("quickstart.py", ["--steps", "3", "--new-tokens", "8", "--no-progress"]),
     ],
 )
