@@ -4,6 +4,10 @@ Decode (absorbed MLA shape: ``H`` query heads over one latent row per token, ``D
 page size 64, causal, every sequence ``S`` tokens long, pages scattered by a random permutation):
 
 * ``ours``: ``mla_decode(..., backend="triton")`` — the split-KV kernel (CUDA only);
+* ``ours fp8 cache``: the same kernel over the FP8 cache (``kv_format="fp8_ds_mla"``: 656 bytes per token
+  instead of 1,152; the rows quantized from the same pool), dequantized in registers. Its GB/s count the
+  bytes it moves (656 per cache row); its error is against the reference on the unquantized rows, with
+  the FP8 tolerance ``FP8_TOL``;
 * ``reference``: ``mla_decode(..., backend="reference")`` (gathers the pages; small grids only);
 * ``dense latent_attention``: ``latent_attention(q, k, k[..., :512], causal=True)`` on the same rows copied
   into a contiguous ``[B, S, 1, 576]`` cache (``backend="auto"``: the dense kernel on CUDA).
@@ -45,9 +49,14 @@ from bench.common import (
     tolerance,
 )
 from bench.providers import CPU_TRITON_REASON, interpreter_allowed
+from mla.quant import fp8_ds_mla_row_bytes
 
 DK, DV, PAGE = 576, 512, 64
 MLA_SCALE = 192**-0.5
+#: Output error allowed for the FP8 cache against the unquantized one: e4m3 keeps 3 mantissa bits (~2.5 %
+#: RMS rounding error per value); bench/fp8_cache_accuracy.py measured 3.2e-2 mean, 3.6e-2 worst per row on
+#: random N(0, 1) rows at this shape (512 keys), 4.5e-2 over whole outputs in the --smoke run.
+FP8_TOL = 0.08
 
 
 def decode_grid(env: Env) -> list[tuple[int, int, int]]:
@@ -76,6 +85,14 @@ class DecodeInputs:
     pool: torch.Tensor
     block_table: torch.Tensor
     seqlens: torch.Tensor
+    pool_fp8: torch.Tensor | None = None  # the pool in the fp8_ds_mla layout, made on first use
+
+    def fp8(self) -> torch.Tensor:
+        if self.pool_fp8 is None:
+            from mla.quant import quantize_fp8_ds_mla
+
+            self.pool_fp8 = quantize_fp8_ds_mla(self.pool, DV)
+        return self.pool_fp8
 
     def contiguous_cache(self) -> torch.Tensor:
         """The rows of every sequence copied into ``[B, S, 1, Dk]`` (for the dense comparison)."""
@@ -120,6 +137,18 @@ def dec_provider(name: str, env: Env, d: DecodeInputs, B: int, S: int):
                                   causal=True, return_lse=False, backend="triton", check_inputs=False)
 
         return run
+    if name == "ours fp8 cache":
+        if not env.is_cuda and not interpreter_allowed(env):
+            return CPU_TRITON_REASON
+        pool = d.fp8()
+
+        def run():
+            with torch.no_grad():
+                return mla_decode(d.q, pool, d.block_table, d.seqlens, softmax_scale=MLA_SCALE, head_dim_v=DV,
+                                  causal=True, return_lse=False, backend="triton", check_inputs=False,
+                                  kv_format="fp8_ds_mla")
+
+        return run, f"fp8_ds_mla cache, {FP8_ROW} B/token (bf16: {DK * 2})"
     if name == "reference":
         why = _reference_ok(env, B, S)
         if why:
@@ -143,7 +172,8 @@ def dec_provider(name: str, env: Env, d: DecodeInputs, B: int, S: int):
     raise ValueError(name)
 
 
-DECODE_PROVIDERS = ["ours", "dense latent_attention", "reference"]
+DECODE_PROVIDERS = ["ours", "ours fp8 cache", "dense latent_attention", "reference"]
+FP8_ROW = fp8_ds_mla_row_bytes(DV, DK - DV)  # 656
 
 
 def run_decode(env: Env, rec: Recorder) -> None:
@@ -156,6 +186,7 @@ def run_decode(env: Env, rec: Recorder) -> None:
         seqlens = [S] * B
         flops = 2.0 * decode_pairs(seqlens, Tq, H, True) * (DK + DV)
         nbytes = decode_bytes(seqlens, Tq, H, DK, DV, env.elt)
+        nbytes_fp8 = nbytes - sum(seqlens) * (DK * env.elt - FP8_ROW)  # the cache rows in 656 bytes
         reason = env.skip_reason()
         set_bytes = int(nbytes)
         n_sets = rotation_sets(env, set_bytes, max_sets=64)
@@ -204,14 +235,15 @@ def run_decode(env: Env, rec: Recorder) -> None:
                                 baseline, baseline_name = out, p
                             elif p != baseline_name:
                                 err = rel_err(out, baseline)
-                                check = ("MISMATCH " if err > tolerance(env.dtype) else "") + \
+                                tol = FP8_TOL if p == "ours fp8 cache" else tolerance(env.dtype)
+                                check = ("MISMATCH " if err > tol else "") + \
                                     f"rel.err {err:.1e} vs {baseline_name}"
                         fns.append(fn)
                     if not fns:
                         rec.add(dataclasses.replace(row, status="skip", note=note))
                         continue
                     t = time_fns(env, fns)
-                r = timed_row(row, t, flops, nbytes)
+                r = timed_row(row, t, flops, nbytes_fp8 if p == "ours fp8 cache" else nbytes)
                 r.status = "mismatch" if check.startswith("MISMATCH") else "ok"
                 r.note = "; ".join(s for s in (note, check, rot if p != "dense latent_attention" else "") if s)
                 rec.add(r)

@@ -24,7 +24,8 @@ def _format_table(rows: list[dict]) -> str:
     cols = [
         ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("head_dims", "dk/dv"), ("group", "G"),
         ("tile", "tile"), ("warps", "warps"), ("stages", "stages"), ("registers", "regs"),
-        ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("wgmma", "wgmma"), ("status", "status"),
+        ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("wgmma", "wgmma"), ("fp8_cvt", "fp8 cvt"),
+        ("status", "status"),
     ]
     cells = [[h for _, h in cols]]
     for r in rows:

@@ -108,6 +108,9 @@ class CompileResult:
     wgmma: bool
     has_dot: bool
     seconds: float
+    #: FP8-cache specs (``KV_FP8``): "e4m3x2" when the PTX converts with ``cvt.rn.f16x2.e4m3x2`` (sm89+),
+    #: "software" when it decodes e4m3 with integer bit operations (sm80); "" for other specs.
+    fp8_cvt: str = ""
 
     @property
     def spills(self) -> int:
@@ -132,6 +135,8 @@ class CompileResult:
             bad.append("smem")
         if self.needs_wgmma and not self.wgmma:
             bad.append("no-wgmma")
+        if self.fp8_cvt and self.spec.arch >= 89 and self.fp8_cvt != "e4m3x2":
+            bad.append("no-e4m3-cvt")
         return ",".join(bad) or "ok"
 
     def row(self) -> dict:
@@ -152,6 +157,7 @@ class CompileResult:
             "shared_bytes": self.shared,
             "smem_limit": smem_limit(s.arch),
             "wgmma": self.wgmma,
+            "fp8_cvt": self.fp8_cvt,
             "status": self.status,
             "compile_s": round(self.seconds, 2),
         }
@@ -267,6 +273,7 @@ def compile_spec(spec: CompileSpec) -> CompileResult:
     return CompileResult(
         spec=spec, registers=regs, spill_stores=st, spill_loads=ld, shared=int(k.metadata.shared),
         wgmma="wgmma" in ptx, has_dot="tt.dot" in k.asm["ttir"], seconds=seconds,
+        fp8_cvt=("e4m3x2" if "cvt.rn.f16x2.e4m3x2" in ptx else "software") if spec.constexprs.get("KV_FP8") else "",
     )
 
 
@@ -326,7 +333,7 @@ def _compile_row(spec: CompileSpec) -> dict:
             "head_dims": f"{spec.head_dims[0]}/{spec.head_dims[1]}", "group": spec.extra.get("group", 1),
             "alias": bool(spec.extra.get("v_is_k", False)), "tile": spec.tile, "warps": spec.num_warps,
             "stages": spec.num_stages, "registers": None, "spill_bytes": None, "shared_bytes": None,
-            "smem_limit": smem_limit(spec.arch), "wgmma": None,
+            "smem_limit": smem_limit(spec.arch), "wgmma": None, "fp8_cvt": None,
             "status": f"error: {type(e).__name__}: {msg}", "compile_s": None,
         }
 

@@ -42,6 +42,14 @@ spec                                   sm80 (A100, 164 KiB)     sm90 (H100, 227 
 combine Dv 512 (Dv 64), 4 warps        40/40 (31/32), 0, 0      40/40 (30/30), 0, 0
 =====================================  =======================  =======================
 
+FP8 cache (``KV_FP8``, ``fp8_ds_mla`` bytes, bf16 queries, 576/512 H128: Tq1 dense partials / Tq2 causal
+direct / Tq1 top-k), triton 3.9: sm90 64 rows x 16 keys, 255 regs, 0 spills, 102656-102720 shared bytes,
+wgmma, e4m3 converted with ``cvt.rn.f16x2.e4m3x2``; sm89 32 rows x 32 keys (mma.sync), 246-255 regs, 0
+spills, 90624-90752 bytes, ``cvt.rn.f16x2.e4m3x2``; sm80 the same tile, 248-255 regs, 0 spills, no e4m3
+instruction (Triton has no e4m3 type below sm89): the kernel decodes the bytes with integer shifts / masks
+and one fp32 multiply (``_fp8_latent``). The dequantized tiles sit in registers before the products, hence
+the smaller tiles (``_GPU_FP8_TILES``).
+
 All sm90 split specs use wgmma. Rejected on sm90: a [64, 512] accumulator per program (no value
 split; no choice of 16 / 32 keys per step and 2-4 stages was spill-free in all launch modes, up to
 236 bytes), and 64 keys per step with the value split (44-76 bytes in the top-k variant).
@@ -85,6 +93,42 @@ def _next_pow2(x: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _fp8_latent(KV, kv_off, col0, offs, ok, DV: tl.constexpr, MASKED: tl.constexpr, NB: tl.constexpr,
+                    OUT_TY: tl.constexpr, FP8_NATIVE: tl.constexpr):
+        """``code * scale`` [BLOCK_N, len(offs)] in ``OUT_TY`` of the fp8_ds_mla rows at byte offsets ``kv_off``:
+        e4m3 codes at bytes ``offs = col0 + arange`` (``NB`` whole 128-blocks, ``col0 % 128 == 0``), their fp32
+        scales (one per 128 values) at byte ``DV + 4 * (offs // 128)``. The scales are loaded once per key
+        and block ([BLOCK_N] vectors, selected per column), not gathered per element (registers). The
+        product is exact in fp32 and bf16 (3-bit mantissa times a power of two), so bf16 / fp32 compute it
+        in their own dtype (fewer registers than fp32 for bf16); fp16 (5 exponent bits) goes via fp32.
+        FP8_NATIVE (sm89+): Triton's e4m3 conversion (``cvt.rn.f16x2.e4m3x2``). Otherwise (sm80, where
+        Triton has no e4m3 type) integer ops: the 7 magnitude bits shifted into an fp32's exponent and
+        mantissa fields give the value times 2^-120 (exponent bias 127 vs 7; e4m3 subnormals land on fp32
+        subnormals), exact after the multiply by 2^120; code 0x7f / 0xff is NaN as in e4m3fn."""
+        if MASKED:
+            codes = tl.load(KV + kv_off[:, None] + offs[None, :], mask=ok[None, :], other=0)
+        else:
+            codes = tl.load(KV + kv_off[:, None] + offs[None, :])
+        sc_ptr = (KV + kv_off + DV).to(tl.pointer_type(tl.float32))
+        blk0 = col0 // 128
+        col_blk = offs // 128 - blk0
+        CT: tl.constexpr = tl.float32 if OUT_TY == tl.float16 else OUT_TY
+        sc = tl.load(sc_ptr + blk0).to(CT)[:, None] + tl.zeros([1, NB * 128], dtype=CT)
+        for j in tl.static_range(1, NB):
+            if MASKED:  # a block past DV: its codes load as 0, any finite scale of the row will do
+                sj = tl.load(sc_ptr + tl.minimum(blk0 + j, DV // 128 - 1))
+            else:
+                sj = tl.load(sc_ptr + blk0 + j)
+            sc = tl.where((col_blk == j)[None, :], sj.to(CT)[:, None], sc)
+        if FP8_NATIVE:
+            x = codes.to(tl.float8e4nv, bitcast=True).to(CT)
+        else:
+            u = codes.to(tl.uint32)
+            x = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True) * 1.329227995784916e36
+            x = tl.where((u & 0x7F) == 0x7F, float("nan"), x).to(CT)
+        return (x * sc).to(OUT_TY)
+
+    @triton.jit
     def _mla_decode_split_kernel(
         Q, KV, BLOCK_TABLE, SEQLENS, TOPK, OUT, LSE,
         sm_scale_log2,
@@ -98,7 +142,8 @@ if HAS_TRITON:
         DK: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
         IS_CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, DV_SPLIT: tl.constexpr,
-        BLOCK_DR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_DR: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
+        FP8_NATIVE: tl.constexpr = True,
     ):
         """One (sequence, head group[, query token], key split, value-column half) per program.
 
@@ -115,6 +160,10 @@ if HAS_TRITON:
         DIRECT (one split): write the final output (input dtype) and lse ([B, H, TQ], +inf for an
         empty row). Otherwise write fp32 partial outputs normalised by their own sum and their lse
         (-inf for an empty split) for the combine kernel.
+        KV_FP8: KV is the uint8 ``fp8_ds_mla`` pool (strides in bytes; ``mla.quant``): latent tiles are
+        dequantized in registers (e4m3 -> fp32, times the block scale, rounded to Q's dtype) and the rope
+        part is read as bf16; the rest of the kernel is unchanged. FP8_NATIVE: e4m3 conversion instructions
+        (sm89+); otherwise integer bit operations (see ``_fp8_latent``).
         """
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -199,19 +248,30 @@ if HAS_TRITON:
                 pos_ld = tl.minimum(pos, hi - 1)
             page = tl.load(bt_row + pos_ld // PAGE_SIZE)  # per key: a tile may span pages
             kv_off = page.to(tl.int64) * stride_kvp + (pos_ld % PAGE_SIZE).to(tl.int64) * stride_kvs
-            if DV_SPLIT * BLOCK_DV == DV:
+            if KV_FP8:
+                kv = _fp8_latent(KV, kv_off, pid_v * BLOCK_DV, offs_v, v_ok, DV, DV_SPLIT * BLOCK_DV != DV,
+                                 BLOCK_DV // 128, q_lat.dtype, FP8_NATIVE)
+            elif DV_SPLIT * BLOCK_DV == DV:
                 kv = tl.load(KV + kv_off[:, None] + offs_v[None, :])
             else:
                 kv = tl.load(KV + kv_off[:, None] + offs_v[None, :], mask=v_ok[None, :], other=0.0)
             s = tl.dot(q_lat, tl.trans(kv), input_precision=DOT_PRECISION)
             if DV_SPLIT == 2:
-                if DV_SPLIT * BLOCK_DV == DV:
+                if KV_FP8:
+                    kw = _fp8_latent(KV, kv_off, (1 - pid_v) * BLOCK_DV, offs_w, w_ok, DV,
+                                     DV_SPLIT * BLOCK_DV != DV, BLOCK_DV // 128, q_lat.dtype, FP8_NATIVE)
+                elif DV_SPLIT * BLOCK_DV == DV:
                     kw = tl.load(KV + kv_off[:, None] + offs_w[None, :])
                 else:
                     kw = tl.load(KV + kv_off[:, None] + offs_w[None, :], mask=w_ok[None, :], other=0.0)
                 s = tl.dot(q_oth, tl.trans(kw), s, input_precision=DOT_PRECISION)
             if BLOCK_DR > 0:
-                kr = tl.load(KV + kv_off[:, None] + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+                if KV_FP8:  # bf16 rope values after the latent codes and the DV / 128 fp32 scales
+                    r_ptr = (KV + kv_off + DV + DV // 32).to(tl.pointer_type(tl.bfloat16))
+                    kr = tl.load(r_ptr[:, None] + (offs_r - DV)[None, :], mask=r_ok[None, :], other=0.0)
+                    kr = kr.to(q_rope.dtype)
+                else:
+                    kr = tl.load(KV + kv_off[:, None] + offs_r[None, :], mask=r_ok[None, :], other=0.0)
                 s = tl.dot(q_rope, tl.trans(kr), s, input_precision=DOT_PRECISION)
             if IS_CAUSAL and not HAS_TOPK:
                 vis = key_ok[None, :] & (pos[None, :] < row_end[:, None])
@@ -326,6 +386,11 @@ _GPU_BLOCK_H = 64
 _GPU_WARPS = 8
 _GPU_MAX_BLOCK_DV = 256
 _GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=32, num_stages=2)}
+#: FP8 (fp8_ds_mla) cache tiles, measured with ptxas like the above (bf16 queries, 576/512, the three
+#: launch modes of ``compile_specs``): the dequantized tiles live in registers before the products, so
+#: sm90 takes 16 keys per step (32: 255 registers and 28 spilled bytes in the causal direct mode) and
+#: sm80/sm89 (mma.sync, no wgmma) 32 rows per program (64 rows: 600-3,200 spilled bytes for 16 or 32 keys).
+_GPU_FP8_TILES = {80: dict(BLOCK_H=32, BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=16, num_stages=2)}
 #: Minimum number of key tiles a split should own before splitting further pays for the combine.
 _MIN_TILES_PER_SPLIT = 2
 
@@ -348,7 +413,8 @@ def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dty
                 num_warps=_GPU_WARPS, **tiles)
 
 
-def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = None, arch: int = 90) -> dict:
+def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = None, arch: int = 90,
+                  kv_fp8: bool = False) -> dict:
     """Tile configuration of the split kernel for head dims (``head_dim`` = Dk, ``head_dim_v`` = Dv).
 
     Returns a dict with ``BLOCK_H`` (query rows per program), ``BLOCK_N`` (keys per step),
@@ -358,14 +424,17 @@ def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = No
     and ``num_stages``. ``arch`` is the compute capability (80: A100-class shared memory; >= 90:
     Hopper). fp16 and bf16 share the tiles; fp32 (IEEE products, a correctness path) gets small
     ones. Under the Triton interpreter (``kernels._config.INTERPRET``) one small configuration is
-    used.
+    used. ``kv_fp8``: tiles for the ``fp8_ds_mla`` cache (``_GPU_FP8_TILES``).
     Raises ``ValueError`` unless ``1 <= head_dim_v <= head_dim``.
     """
     if head_dim < 1 or head_dim_v < 1 or head_dim_v > head_dim:
         raise ValueError(f"need 1 <= head_dim_v <= head_dim, got head_dim={head_dim}, head_dim_v={head_dim_v}")
     if INTERPRET:
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, 1024), num_warps=4, num_stages=1)
-    return _gpu_config(head_dim, head_dim_v, arch, dtype)
+    cfg = _gpu_config(head_dim, head_dim_v, arch, dtype)
+    if kv_fp8 and dtype != torch.float32:
+        cfg.update(_GPU_FP8_TILES[90 if arch >= 90 else 80])
+    return cfg
 
 
 def _combine_config(head_dim_v: int, num_splits: int) -> dict:
@@ -437,7 +506,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
                    cache_seqlens: torch.Tensor, softmax_scale: float, head_dim_v: int,
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
                    num_splits: int | None = None, *, out: torch.Tensor | None = None,
-                   lse: torch.Tensor | None = None, config: dict | None = None):
+                   lse: torch.Tensor | None = None, config: dict | None = None, kv_fp8: bool = False):
     """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
 
     Args:
@@ -468,6 +537,11 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             ``stride(1) == H * stride(2)``); every element is written.
         lse: optional preallocated fp32 ``[B, H, Tq]`` log-sum-exp output (any strides).
         config: optional tile override (keys of ``decode_config``), for tests and tuning.
+        kv_fp8: ``kv_cache`` is the uint8 ``fp8_ds_mla`` pool ``[num_pages, page_size, 1, row_bytes]``
+            (DeepSeek-V3.2's FP8 cache: per row ``Dv`` e4m3 codes, ``Dv / 128`` fp32 power-of-two scales,
+            ``Dk - Dv`` bf16 rope values, zero padding to a multiple of 16 bytes: 656 bytes for 576/512);
+            ``Dv`` must be a multiple of 128. Tiles are dequantized in registers (``code * scale`` in fp32,
+            rounded to ``q``'s dtype for the products); no dequantized copy of the cache is made.
 
     fp32 inputs use IEEE fp32 products (``input_precision="ieee"``), fp16 / bf16 inputs tensor-core
     products with fp32 accumulation; the softmax statistics and the split merge are fp32.
@@ -492,10 +566,23 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     B, Tq, H, Dk = q.shape
     page_size = kv_cache.shape[1]
     _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
-    _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}", TypeError)
-    _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
-    _check(page_size >= 1, f"page_size must be >= 1, got {page_size}")
     _check(0 < int(head_dim_v) <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {head_dim_v}")
+    if kv_fp8:
+        dv = int(head_dim_v)
+        _check(dv % 128 == 0, f"kv_fp8 needs head_dim_v a multiple of 128 (one scale per 128), got {dv}")
+        row_bytes = -(-(dv + dv // 32 + 2 * (Dk - dv)) // 16) * 16
+        _check(kv_cache.dtype == torch.uint8, f"kv_fp8: kv_cache must be the uint8 byte pool, got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == row_bytes, f"kv_fp8: kv_cache rows must be {row_bytes} bytes for Dk={Dk}, "
+                                               f"Dv={dv}, got {kv_cache.shape[3]}")
+        _check(kv_cache.stride(1) % 16 == 0 and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0,
+               f"kv_fp8: kv_cache must be 16-byte aligned with page/slot strides multiples of 16 bytes "
+               f"(fp32 scales), got strides {kv_cache.stride()}")
+    else:
+        _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
+    _check(page_size >= 1, f"page_size must be >= 1, got {page_size}")
     _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
     _check(block_table.dim() == 2 and block_table.shape[0] == B,
            f"block_table must be [B={B}, max_pages], got shape {tuple(block_table.shape)}")
@@ -551,7 +638,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         arch, num_sms = props.major * 10 + props.minor, props.multi_processor_count
     else:  # interpreter
         arch, num_sms = 90, 8
-    cfg = decode_config(Dk, Dv, q.dtype, arch)
+    cfg = decode_config(Dk, Dv, q.dtype, arch, kv_fp8=kv_fp8)
     if config:
         cfg.update(config)
     _check(cfg["DV_SPLIT"] in (1, 2) and cfg["DV_SPLIT"] * cfg["BLOCK_DV"] >= Dv,
@@ -595,6 +682,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         IS_CAUSAL=bool(causal), HAS_TOPK=has_topk, DIRECT=direct,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
         BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=bool(kv_fp8), FP8_NATIVE=bool(cfg.get("FP8_NATIVE", arch >= 89)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -645,16 +733,20 @@ def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple
 
 def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int, causal: bool,
                 topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
-                max_pages: int = 33) -> CompileSpec:
+                max_pages: int = 33, kv_fp8: bool = False) -> CompileSpec:
     fn = _mla_decode_split_kernel
     cfg = _gpu_config(dk, dv, arch)
+    if kv_fp8:
+        cfg.update(_GPU_FP8_TILES[90 if arch >= 90 else 80])
     ty = _TL_DTYPE[dtype]
     H, T = num_heads, q_len
     S = 1 if direct else num_splits
-    pointers = {"Q": f"*{ty}", "KV": f"*{ty}", "BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "TOPK": "*i32",
-                "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32"}
+    # row of the cache in elements of KV: dk values, or the fp8_ds_mla bytes (656 for 576/512)
+    row = -(-(dv + dv // 32 + 2 * (dk - dv)) // 16) * 16 if kv_fp8 else dk
+    pointers = {"Q": f"*{ty}", "KV": "*u8" if kv_fp8 else f"*{ty}", "BLOCK_TABLE": "*i32", "SEQLENS": "*i32",
+                "TOPK": "*i32", "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32"}
     # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
-    ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * dk, stride_kvs=dk,
+    ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * row, stride_kvs=row,
                 stride_btb=max_pages, stride_tkb=T * topk_k, stride_tkt=topk_k,
                 H=H, TQ=T, TOPK_K=topk_k if topk else 0)
     if direct:  # out [B, T, H, dv], lse [B, H, T]
@@ -665,9 +757,11 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                     stride_lb=T * H * S, stride_lt=H * S, stride_lh=S, stride_ls=1)
     constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
                       BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
-                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="tf32")
+                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="tf32", KV_FP8=kv_fp8,
+                      FP8_NATIVE=arch >= 89)
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
+    mode += "-fp8kv" if kv_fp8 else ""
     return CompileSpec(
         kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
@@ -719,4 +813,8 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
         specs.append(_combine_spec(arch, dtype, 512))
         specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
+    # FP8 (fp8_ds_mla) cache, bf16 queries: DeepSeek-V3.2's serving format, in the three 576/512 launch modes
+    for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
+        specs.append(_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,
+                                 direct=direct, kv_fp8=True))
     return specs

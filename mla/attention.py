@@ -498,7 +498,7 @@ class MultiHeadLatentAttention(nn.Module):
         out, lse = mla_decode(
             q_abs, cache.kv_cache(self.layer_idx), cache.block_table, cache.cache_seqlens,
             softmax_scale=self.softmax_scale, head_dim_v=self.kv_lora_rank, causal=True,
-            topk_indices=topk_indices, backend=self.backend, check_inputs=False,
+            topk_indices=topk_indices, backend=self.backend, check_inputs=False, kv_format=cache.kv_format,
         )
         return out, resolve_backend(self.backend, q_abs.device, q_abs.dtype)
 

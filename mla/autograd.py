@@ -293,26 +293,28 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("mla::decode", mutates_args=())
 def decode_op(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
-    head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None,
+    head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None, kv_fp8: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Split-KV decode over a paged latent cache: ``(out [B,Tq,H,Dv], lse fp32 [B,H,Tq])``."""
+    """Split-KV decode over a paged latent cache: ``(out [B,Tq,H,Dv], lse fp32 [B,H,Tq])``; ``kv_fp8``: the
+    cache is the uint8 ``fp8_ds_mla`` pool."""
     return mla_decode_fwd(
         q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=causal,
-        topk_indices=topk_indices, num_splits=num_splits,
+        topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8,
     )
 
 
 @decode_op.register_fake
-def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits):
+def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits,
+      kv_fp8=False):
     B, Tq, H, _ = q.shape
     return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
-                  topk_indices=None, num_splits=None):
+                  topk_indices=None, num_splits=None, kv_fp8=False):
     """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
     return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
-                     bool(causal), topk_indices, num_splits)
+                     bool(causal), topk_indices, num_splits, bool(kv_fp8))
 
 
 #: Every registered op (for ``torch.library.opcheck`` in the tests).

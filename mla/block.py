@@ -168,8 +168,10 @@ class MLACausalLM(nn.Module):
                 loss = loss + self.indexer_loss_weight * torch.stack(extra).sum()
         return CausalLMOutput(logits, loss, stats)
 
-    def new_paged_cache(self, batch_size: int, max_tokens: int, *, page_size: int = 64, dtype=None, device=None):
-        """A ``PagedLatentCache`` with room for ``batch_size`` sequences of ``max_tokens`` tokens.
+    def new_paged_cache(self, batch_size: int, max_tokens: int, *, page_size: int = 64, dtype=None, device=None,
+                        kv_format: str | None = None):
+        """A ``PagedLatentCache`` with room for ``batch_size`` sequences of ``max_tokens`` tokens
+        (``kv_format="fp8_ds_mla"``: the FP8 cache of ``mla.quant``, ``kv_lora_rank`` a multiple of 128).
 
         Its block table has the fixed width ``ceil(max_tokens / page_size)``, so every decode step of a
         batch has the same shapes (one compiled graph / CUDA graph serves all steps)."""
@@ -178,7 +180,8 @@ class MLACausalLM(nn.Module):
         return PagedLatentCache(
             self.config.num_hidden_layers, self.config.cache_values_per_token,
             num_pages=max(1, batch_size * per_seq), page_size=page_size, dtype=dtype or p.dtype,
-            device=device or p.device, max_pages_per_seq=per_seq,
+            device=device or p.device, max_pages_per_seq=per_seq, kv_format=kv_format,
+            kv_lora_rank=self.config.kv_lora_rank,
         )
 
     @torch.no_grad()
@@ -193,6 +196,7 @@ class MLACausalLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         page_size: int = 64,
+        kv_format: str | None = None,
     ) -> torch.Tensor:
         """Autoregressive decoding through a paged latent cache (``PagedLatentCache`` + ``mla_decode``).
 
@@ -207,12 +211,16 @@ class MLACausalLM(nn.Module):
                 ``top_k`` most likely tokens when given.
             eos_token_id: a sequence that produced it keeps producing it; generation stops once all have.
             generator: ``torch.Generator`` for sampling. page_size: tokens per cache page.
+            kv_format: ``None`` (cache in the model's dtype) or ``"fp8_ds_mla"``: the FP8 latent cache of
+                DeepSeek-V3.2 (``mla.quant``; ``kv_lora_rank`` a multiple of 128). The prompt attends over its
+                own unquantized rows; every generated token attends over the quantized cache.
 
         Returns:
             ``[B, T + n]`` int64: ``input_ids`` followed by the ``n <= max_new_tokens`` new tokens.
 
         Raises:
-            ValueError: empty prompt, negative ``max_new_tokens``/``temperature``, a bad ``attention_mask``.
+            ValueError: empty prompt, negative ``max_new_tokens``/``temperature``, a bad ``attention_mask``
+                or ``kv_format``.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected a non-empty [B, T] prompt, got {tuple(input_ids.shape)}")
@@ -234,7 +242,8 @@ class MLACausalLM(nn.Module):
             prompt = torch.gather(input_ids, 1, order)
         was_training = self.training
         self.eval()
-        cache = self.new_paged_cache(B, max(lengths) + max_new_tokens, page_size=page_size, device=device)
+        cache = self.new_paged_cache(B, max(lengths) + max_new_tokens, page_size=page_size, device=device,
+                                     kv_format=kv_format)
         seqs = cache.add_sequences(B)
         try:
             cache.begin_step(seqs, lengths)

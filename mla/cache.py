@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes, quantize_fp8_ds_mla
+
 __all__ = ["LatentCache", "PagedLatentCache", "PagedTokenStore", "PooledKeyStore"]
 
 
@@ -205,32 +207,54 @@ class PagedLatentCache:
     ``gather_tokens``, e.g. indexer keys) and per-block running sums (``add_block_sums`` /
     ``block_sums``, the pooled block keys), updated as tokens are written.
 
+    FP8 cache (``kv_format="fp8_ds_mla"``, DeepSeek-V3.2's layout, ``mla.quant``): each row is stored as
+    ``row_bytes`` uint8 (656 instead of 1,152 bf16 bytes for DeepSeek-V3): the ``kv_lora_rank`` latent values
+    as e4m3 with one power-of-two fp32 scale per 128, the RoPE values as bf16. ``write`` quantizes
+    (rows of any float dtype), ``kv_cache`` returns the byte pool ``[num_pages, page_size, 1, row_bytes]``
+    that ``mla_decode(..., kv_format="fp8_ds_mla")`` dequantizes in registers, and ``dequantize(layer)``
+    / ``gather`` return rows in ``dtype`` (for the reference path and tests).
+
     Args:
         num_layers: attention layers sharing the block table.
         head_dim: values per cached row (``kv_lora_rank + qk_rope_head_dim``).
         num_pages: pages in the pool (per layer). page_size: tokens per page (default 64).
-        dtype, device: of the storage.
+        dtype, device: of the storage (FP8: ``dtype`` is that of ``dequantize`` / ``gather``).
         max_pages_per_seq: fixed block-table width (None: the widest sequence of the step).
+        kv_format: ``None`` (rows stored in ``dtype``) or ``"fp8_ds_mla"``.
+        kv_lora_rank: latent width ``dc`` (FP8 only, required there: a multiple of 128, ``<= head_dim``).
 
     Raises:
-        ValueError: bad sizes; ``RuntimeError`` when the pool runs out of pages (or a sequence would
-        outgrow ``max_pages_per_seq``).
+        ValueError: bad sizes or ``kv_format``; ``RuntimeError`` when the pool runs out of pages (or a
+        sequence would outgrow ``max_pages_per_seq``).
     """
 
     def __init__(self, num_layers: int, head_dim: int, *, num_pages: int, page_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device=None, max_pages_per_seq: int | None = None):
+                 dtype: torch.dtype = torch.float32, device=None, max_pages_per_seq: int | None = None,
+                 kv_format: str | None = None, kv_lora_rank: int | None = None):
         for name, val in (("num_layers", num_layers), ("head_dim", head_dim), ("num_pages", num_pages),
                           ("page_size", page_size)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
         if max_pages_per_seq is not None and (not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1):
             raise ValueError(f"max_pages_per_seq: expected None or a positive int, got {max_pages_per_seq!r}")
+        if kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format: expected one of {KV_FORMATS}, got {kv_format!r}")
         self.num_layers, self.head_dim, self.num_pages, self.page_size = num_layers, head_dim, num_pages, page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        self.kv_format, self.kv_lora_rank = kv_format, kv_lora_rank
+        if kv_format == FP8_DS_MLA:
+            if not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank <= head_dim:
+                raise ValueError(f"kv_lora_rank: kv_format={FP8_DS_MLA!r} needs the latent width in "
+                                 f"[1, head_dim={head_dim}], got {kv_lora_rank!r}")
+            #: Bytes of one stored row (one token, one layer).
+            self.row_bytes = fp8_ds_mla_row_bytes(kv_lora_rank, head_dim - kv_lora_rank)
+            shape, store = (num_pages + 1, page_size, 1, self.row_bytes), torch.uint8
+        else:
+            self.row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+            shape, store = (num_pages + 1, page_size, 1, head_dim), dtype
         # One extra scratch page at the end receives the padding rows of a step (fixed-shape writes).
-        self._pools = [torch.empty(num_pages + 1, page_size, 1, head_dim, dtype=dtype, device=self.device)
-                       for _ in range(num_layers)]
+        self._pools = [torch.empty(shape, dtype=store, device=self.device) for _ in range(num_layers)]
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
@@ -376,7 +400,7 @@ class PagedLatentCache:
             raise ValueError(f"layer_idx: expected an int in [0, {len(self._pools)}), got {layer_idx!r}")
 
     def kv_cache(self, layer_idx: int) -> torch.Tensor:
-        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]``.
+        """Page pool of ``layer_idx``: ``[num_pages, page_size, 1, head_dim]`` (FP8: uint8 ``row_bytes``).
 
         Raises:
             ValueError: ``layer_idx`` out of range.
@@ -419,28 +443,53 @@ class PagedLatentCache:
         position ``step_start[b] + t`` for ``t < step_len[b]`` (later rows are padding, ignored).
 
         One fixed-shape index write (padding rows land in a scratch page): no host sync.
+        An FP8 cache quantizes the rows (``mla.quant.quantize_fp8_ds_mla``; any floating dtype).
 
         Raises:
             ValueError: ``layer_idx`` out of range, or a shape that does not match the step (fewer than
                 ``max(step_len)`` rows would leave reserved positions holding stale data).
-            TypeError: ``rows.dtype`` is not the cache's ``dtype`` (no silent rounding: cast explicitly).
+            TypeError: ``rows.dtype`` is not the cache's ``dtype`` (no silent rounding: cast explicitly);
+                non-floating rows for an FP8 cache.
         """
         self._check_layer(layer_idx)
-        if rows.dtype != self.dtype:
+        if self.kv_format == FP8_DS_MLA:
+            if not rows.is_floating_point():
+                raise TypeError(f"rows: an {FP8_DS_MLA} cache quantizes floating-point rows, got {rows.dtype}")
+        elif rows.dtype != self.dtype:
             raise TypeError(f"rows: expected the cache's dtype {self.dtype}, got {rows.dtype} "
                             f"(cast explicitly, e.g. rows.to({self.dtype}), if the rounding is intended)")
         T = self._check_rows("rows", rows, self.head_dim)
         pool = self._pools[layer_idx]
         _, _, slots = self.step_slots(T, pool.device)
-        pool.view(-1, self.head_dim)[slots.reshape(-1)] = rows.detach().reshape(-1, self.head_dim)
+        new = rows.detach().reshape(-1, self.head_dim)
+        if self.kv_format == FP8_DS_MLA:
+            new = quantize_fp8_ds_mla(new, self.kv_lora_rank)
+        pool.view(-1, pool.shape[-1])[slots.reshape(-1)] = new
+
+    def dequantize(self, layer_idx: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Page pool of ``layer_idx`` as rows ``[num_pages, page_size, 1, head_dim]`` in ``dtype`` (default
+        the cache's): decoded FP8 rows (a new tensor), or the pool itself cast for an unquantized cache.
+
+        Raises:
+            ValueError: ``layer_idx`` out of range.
+        """
+        dtype = dtype or self.dtype
+        pool = self.kv_cache(layer_idx)
+        if self.kv_format == FP8_DS_MLA:
+            return dequantize_fp8_ds_mla(pool, self.kv_lora_rank, self.head_dim - self.kv_lora_rank, dtype)
+        return pool.to(dtype)
 
     def gather(self, layer_idx: int) -> torch.Tensor:
-        """Contiguous rows ``[B, max_seqlen, head_dim]`` of the current step's sequences (zeros past each length).
+        """Contiguous rows ``[B, max_seqlen, head_dim]`` of the current step's sequences (zeros past each length;
+        an FP8 cache's rows are dequantized to ``dtype``).
 
         Reads every cached row and syncs (``max_seqlen``): for inspection and tests, not for decode."""
         from mla.functional import _gather_pages
 
-        return _gather_pages(self.kv_cache(layer_idx), self.block_table, self.cache_seqlens, self.max_seqlen())
+        rows = _gather_pages(self.kv_cache(layer_idx), self.block_table, self.cache_seqlens, self.max_seqlen())
+        if self.kv_format == FP8_DS_MLA:
+            rows = dequantize_fp8_ds_mla(rows, self.kv_lora_rank, self.head_dim - self.kv_lora_rank, self.dtype)
+        return rows
 
     # -- side stores (LatentSparseAttention) ------------------------------------------------------
     def _new_store(self, layer_idx: int, name: str, kind: str):
@@ -503,7 +552,8 @@ class PagedLatentCache:
         return self._blocks[layer_idx][name].block_sums(self.block_table)
 
     def bytes_per_token(self) -> int:
-        """Bytes stored per cached token, summed over layers: ``num_layers · head_dim · element size``
-        plus the per-token side stores."""
+        """Bytes stored per cached token, summed over layers: ``num_layers · row_bytes`` (``row_bytes``:
+        ``head_dim · element size``, or 656 for a DeepSeek-V3 row in ``fp8_ds_mla`` vs 1,152 in bf16), plus
+        the per-token side stores."""
         side = sum(s.width * s.pool.element_size() for stores in self._tokens for s in stores.values())
-        return self.num_layers * self.head_dim * self._pools[0].element_size() + side
+        return self.num_layers * self.row_bytes + side

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from mla import reference as _ref
+from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
 from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_to_dense_mask
 
 __all__ = [
@@ -388,6 +389,7 @@ def mla_decode(
     return_lse: bool = True,
     backend: str = "auto",
     check_inputs: bool = True,
+    kv_format: str | None = None,
 ):
     """MLA decode: a few query tokens per sequence attend over a paged latent cache (DESIGN §4 "Decode").
 
@@ -398,7 +400,9 @@ def mla_decode(
     Args:
         q: ``[B, Tq, H, Dk]`` fp16 / bf16 / fp32 (fp64 on the reference), ``Tq`` small (1, or 2–8 for
             multi-token prediction / speculative decoding). In MLA ``Dk = kv_lora_rank + qk_rope_head_dim``.
-        kv_cache: ``[num_pages, page_size, 1, Dk]``, same dtype and device.
+        kv_cache: ``[num_pages, page_size, 1, Dk]``, same dtype and device; with ``kv_format="fp8_ds_mla"``
+            the uint8 pool ``[num_pages, page_size, 1, row_bytes]`` of ``mla.quant`` (656 bytes per row for
+            Dk = 576, Dv = 512), read by the kernel and dequantized in registers.
         block_table: int32 ``[B, max_pages]`` page ids; entries past a sequence's length are never read.
         cache_seqlens: int32 ``[B]`` tokens cached per sequence (0 allowed: output 0, ``lse = +inf``).
         softmax_scale: default ``Dk ** -0.5``; MLA passes ``(qk_nope + qk_rope) ** -0.5`` (· YaRN mscale²).
@@ -410,26 +414,50 @@ def mla_decode(
         return_lse: also return ``lse [B, H, Tq]`` fp32.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
+        kv_format: ``None`` (rows in ``q``'s dtype) or ``"fp8_ds_mla"`` (needs ``head_dim_v``, a multiple
+            of 128; ``PagedLatentCache(kv_format="fp8_ds_mla")`` writes it). The reference dequantizes the
+            gathered rows to ``q``'s dtype (exact ``code · scale`` in fp32, as the kernel computes it).
 
     Returns:
         ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
 
     Raises:
-        TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables.
+        TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
+            ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
         ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
             ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``.
     """
     _check_tensor("q", q, 4, "[B, Tq, H, Dk]")
-    _check_tensor("kv_cache", kv_cache, 4, "[num_pages, page_size, 1, Dk]")
-    if kv_cache.dtype != q.dtype:
-        raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format: expected one of {KV_FORMATS}, got {kv_format!r}")
+    fp8 = kv_format == FP8_DS_MLA
+    if fp8:
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dtype != torch.uint8:
+            got = getattr(kv_cache, "dtype", type(kv_cache).__name__)
+            raise TypeError(f"kv_cache: kv_format={FP8_DS_MLA!r} expects the uint8 byte pool, got {got}")
+        if kv_cache.dim() != 4:
+            raise ValueError(f"kv_cache: expected [num_pages, page_size, 1, row_bytes], got {tuple(kv_cache.shape)}")
+    else:
+        if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.uint8:
+            raise TypeError(f"kv_cache: a uint8 cache needs kv_format={FP8_DS_MLA!r} (the byte layout of mla.quant)")
+        _check_tensor("kv_cache", kv_cache, 4, "[num_pages, page_size, 1, Dk]")
+        if kv_cache.dtype != q.dtype:
+            raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
     B, Tq, H, Dk = q.shape
     num_pages, page_size = kv_cache.shape[0], kv_cache.shape[1]
     if kv_cache.shape[2] != 1:
         raise ValueError(
             f"kv_cache: expected one latent head [num_pages, page_size, 1, Dk], got {tuple(kv_cache.shape)}"
         )
-    if kv_cache.shape[3] != Dk:
+    if fp8:
+        if head_dim_v is None or isinstance(head_dim_v, bool) or int(head_dim_v) % 128 or not 0 < int(head_dim_v) <= Dk:
+            raise ValueError(f"head_dim_v: kv_format={FP8_DS_MLA!r} needs the latent width, a multiple of 128 "
+                             f"in [128, Dk={Dk}], got {head_dim_v!r}")
+        row_bytes = fp8_ds_mla_row_bytes(int(head_dim_v), Dk - int(head_dim_v))
+        if kv_cache.shape[3] != row_bytes:
+            raise ValueError(f"kv_cache: {FP8_DS_MLA} rows for Dk={Dk}, head_dim_v={head_dim_v} are {row_bytes} "
+                             f"bytes, got {kv_cache.shape[3]}")
+    elif kv_cache.shape[3] != Dk:
         raise ValueError(f"kv_cache: row width {kv_cache.shape[3]} does not match q's head dim Dk={Dk}")
     for name, t, rank in (("block_table", block_table, 2), ("cache_seqlens", cache_seqlens, 1)):
         if not isinstance(t, torch.Tensor):
@@ -489,13 +517,15 @@ def mla_decode(
 
         out, lse = triton_decode(
             q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
-            num_splits=num_splits,
+            num_splits=num_splits, kv_fp8=fp8,
         )
     else:
         # Every position the table addresses (masked past each length): a shape, not a value, so the
         # reference decode has no host sync either (torch.compile / CUDA graphs).
         S = capacity
         rows = _gather_pages(kv_cache, block_table, cache_seqlens, S)
+        if fp8:  # code · scale exactly in fp32, then q's dtype (what the kernel computes in registers)
+            rows = dequantize_fp8_ds_mla(rows, Dv, Dk - Dv, torch.float32).to(q.dtype)
         k = rows[:, :, None, :]
         keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices)
         out, lse, _ = _ref.attention_reference(q, k, k[..., :Dv], softmax_scale=scale, attn_mask=keep)

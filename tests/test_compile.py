@@ -13,6 +13,7 @@ from helpers import rel_err
 from torch._dynamo.utils import counters
 
 from mla import LatentAttention, LatentSparseAttention, MLACausalLM, MultiHeadLatentAttention, registry
+from mla.quant import quantize_fp8_ds_mla
 
 pytest.importorskip("triton")
 
@@ -124,6 +125,9 @@ def _op_args():
                            r(*lse.shape), 0.25, True)),
         ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 16, False, None, None)),
+        ("decode", (r(2, 1, 4, 160), quantize_fp8_ds_mla(r(4, 8, 1, 160), 128),  # FP8 (fp8_ds_mla) cache
+                    torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
+                    torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 128, True, None, None, True)),
     ]
     idx = torch.tensor([[[0, 3, -1]], [[5, -1, 1]], [[-1, -1, -1]], [[2, 4, 6]], [[1, -1, 0]]], dtype=torch.int32)
     idx = idx[None].to(DEVICE)  # [B=1, T=5, Hkv=1, K=3]

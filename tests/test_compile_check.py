@@ -73,6 +73,8 @@ def test_configs_compile_clean(module, tmp_path):
     assert not bad, f"{len(bad)} of {len(rows)} configurations not clean:\n{report}"
     for r in rows:
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= smem_limit(r["arch"])
+    if module == "decode":  # FP8-cache specs: Triton's e4m3 conversion on sm90, the integer path on sm80
+        assert {(r["arch"], r["fp8_cvt"]) for r in rows if r["fp8_cvt"]} == {(80, "software"), (90, "e4m3x2")}
 
 
 def test_attention_specs_cover_autotune_sets():

@@ -32,6 +32,7 @@ def _env(**extra) -> dict:
     [
         ("sparse_attention.py", ["--device", "cpu"]),
         ("serve_paged.py", ["--device", "cpu"]),
+        ("serve_paged.py", ["--device", "cpu", "--fp8"]),
         ("quickstart.py", ["--steps", "3", "--new-tokens", "8", "--no-progress"]),
     ],
 )

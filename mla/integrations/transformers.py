@@ -15,6 +15,12 @@ cache objects, but
 The cache holds exactly what transformers' own module would store, so a patched model can continue a cache
 an unpatched one started and vice versa.
 
+FP8 cache: pass ``cache=FP8LatentCache()`` to ``generate`` or to the forward of a patched model to
+keep the latent rows in DeepSeek-V3.2's ``fp8_ds_mla`` bytes (``mla.quant``; 656 instead of 1,152 bytes per
+token and layer for DeepSeek-V3) instead of transformers' bf16 tensors. Decode steps read the bytes with
+``mla_decode(..., kv_format="fp8_ds_mla")`` (dequantized in the kernel's registers); the prefill attends over
+its own unquantized rows. Only patched modules understand it (an unpatched one would find no rows).
+
 ``register_attention_implementation`` (run at import under the name ``"mla_latent"``) also adds our
 attention function to transformers' ``AttentionInterface`` (naive form: it receives per-head
 ``query/key/value`` like every other implementation), so ``attn_implementation="mla_latent"`` works without
@@ -41,7 +47,8 @@ import torch
 from torch import nn
 
 from mla.attention import FORMS, MultiHeadLatentAttention
-from mla.functional import BACKENDS, attention_with_stats
+from mla.functional import BACKENDS, attention_with_stats, mla_decode
+from mla.quant import FP8_DS_MLA, dequantize_fp8_ds_mla, quantize_fp8_ds_mla
 from mla.rope import apply_rotary
 
 try:
@@ -53,6 +60,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "FP8LatentCache",
     "SUPPORTED_ATTENTION_CLASSES",
     "LatentAttentionForHF",
     "patch_model",
@@ -301,6 +309,8 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         q_nope, q_rope = torch.split(q, [dn, dr], dim=-1)
         c_kv, k_rope = self.project_kv_latent(hidden_states)
         q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        if isinstance(cache, FP8LatentCache):
+            return self._forward_fp8(cache, q_nope, q_rope, c_kv, k_rope, attention_mask, kwargs)
         if cache is not None:
             c_all, kr_all = cache.update(
                 c_kv.reshape(B, 1, T, dc), k_rope.reshape(B, 1, T, dr), self.layer_idx, kwargs=kwargs
@@ -320,8 +330,104 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         )
         return self.finish(res.out, form), None
 
+    def _forward_fp8(self, cache, q_nope, q_rope, c_kv, k_rope, attention_mask, kwargs):
+        """Attention with an ``FP8LatentCache``: store the new rows as bytes; a decode step (causal, no padding)
+        runs ``mla_decode`` over them, a prefill attends over its own rows, anything else (a padding mask in a
+        decode step) over the dequantized rows."""
+        B, T = c_kv.shape[:2]
+        new = torch.cat([c_kv, k_rope], dim=-1)
+        past = cache.get_seq_length(self.layer_idx)
+        pool = cache.append_latent(self.layer_idx, new, self.kv_lora_rank, kwargs)
+        S = past + T
+        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, new.device, causal=True)
+        form = self.resolve_form(None, T, past > 0)
+        if past > 0 and form == "absorbed" and keep is None and causal and S_eff == S:
+            q = self.absorb_q(q_nope, q_rope)
+            table = torch.arange(B, dtype=torch.int32, device=q.device)[:, None]
+            lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+            out = mla_decode(q, pool, table, lens, softmax_scale=self.softmax_scale, head_dim_v=self.kv_lora_rank,
+                             causal=True, return_lse=False, backend=self.backend, check_inputs=False,
+                             kv_format=FP8_DS_MLA)
+            return self.finish(out, "absorbed"), None
+        if past > 0:  # as the kernel path: every row, the new ones too, as stored
+            latent = dequantize_fp8_ds_mla(pool[:, :S_eff, 0], self.kv_lora_rank, new.shape[-1] - self.kv_lora_rank,
+                                           new.dtype)
+        else:
+            latent = new[:, :S_eff]
+        q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
+        res = attention_with_stats(
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=keep, return_max_logit=False,
+            backend=self.backend,
+        )
+        return self.finish(res.out, form), None
+
     def extra_repr(self) -> str:
         return f"form={self.form!r}, backend={self.backend!r}, layer_idx={self.layer_idx}, rope={self._hf_rope!r}"
+
+
+class FP8LatentCache(_tf.DynamicCache):
+    """A transformers cache for models patched by ``patch_model`` that stores the latent rows in FP8.
+
+    Per layer one uint8 buffer ``[B, capacity, 1, row_bytes]`` in the ``fp8_ds_mla`` layout of ``mla.quant``
+    (e4m3 latent with one power-of-two fp32 scale per 128 values, bf16 RoPE part; ``kv_lora_rank`` must be a
+    multiple of 128), growing by doubling. transformers' own bookkeeping (sequence length, mask sizes) runs on
+    one-byte placeholder keys / values kept by the parent ``DynamicCache`` (2 bytes per token and layer), so
+    ``generate`` treats it as any dynamic cache. Beam reordering and batch selection apply to the bytes too
+    (after ``crop`` the rows past the new length are overwritten by the next writes).
+
+    Use: ``model.generate(ids, cache=FP8LatentCache(), ...)`` on a patched model.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fp8: dict[int, torch.Tensor] = {}
+
+    def append_latent(self, layer_idx: int, rows: torch.Tensor, kv_lora_rank: int, kwargs: dict) -> torch.Tensor:
+        """Quantize and append ``rows [B, T, dc + dr]``; returns the layer's byte buffer (first ``S`` rows valid).
+
+        Raises:
+            ValueError: a batch size that does not continue the cached one, or ``dc`` not a multiple of 128.
+        """
+        B, T, width = rows.shape
+        past = self.get_seq_length(layer_idx)
+        # transformers' length / mask bookkeeping: one byte per token (an empty tensor would count as no tokens)
+        stub = torch.zeros(B, 1, T, 1, dtype=torch.uint8, device=rows.device)
+        self.update(stub, stub, layer_idx, kwargs=kwargs)
+        data = quantize_fp8_ds_mla(rows.detach(), kv_lora_rank)[:, :, None]
+        buf = self._fp8.get(layer_idx)
+        if buf is not None and buf.shape[0] != B:
+            raise ValueError(f"rows: batch {B} does not continue the cached batch {buf.shape[0]} of layer {layer_idx}")
+        if buf is None or buf.shape[1] < past + T:
+            cap = max(past + T, 16 if buf is None else 2 * buf.shape[1])
+            new = data.new_zeros(B, cap, 1, data.shape[-1])
+            if buf is not None:
+                new[:, :past] = buf[:, :past]
+            self._fp8[layer_idx] = buf = new
+        buf[:, past:past + T] = data
+        return buf
+
+    def bytes_per_token(self) -> int:
+        """Bytes stored per cached token, summed over layers (the FP8 rows; plus 2 placeholder bytes per layer)."""
+        return sum(buf.shape[-1] + 2 for buf in self._fp8.values())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        for i, buf in self._fp8.items():
+            self._fp8[i] = buf.index_select(0, beam_idx.to(buf.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        for i, buf in self._fp8.items():
+            self._fp8[i] = buf.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        for i, buf in self._fp8.items():
+            self._fp8[i] = buf[indices]
+
+    def reset(self):
+        super().reset()
+        self._fp8.clear()
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
