@@ -371,3 +371,14 @@ def test_resume_command_replaces_resume_and_its_value():
         "python -m mla.train --out 'runs/a b' --steps 9 --resume")
     assert _resume_command(["--resume", "--out", "o"]) == "python -m mla.train --out o --resume"
     assert _resume_command(["--resume=o/step_1", "--out", "o"]) == "python -m mla.train --out o --resume"
+
+
+def test_cli_first_line_names_threads_also_when_resuming(tmp_path, capsys):
+    common = [*SMALL_FLAGS, "--batch-size", "2", "--seq-len", "16", "--eval-interval", "2", "--eval-batches", "1",
+              "--out", str(tmp_path / "ck"), "--no-progress", "--threads", "1"]
+    assert cli_main([*common, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main([*common, "--steps", "2", "--resume"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("model:") and "1 torch thread (--threads)" in lines[0], lines
+    assert lines[1].startswith("resumed from "), lines

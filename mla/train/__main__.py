@@ -31,6 +31,8 @@ import sys
 import threading
 import warnings
 
+from tqdm import tqdm
+
 from mla import registry
 from mla.threads import auto_threads, describe_threads
 from mla.train.data import DEFAULT_DATA
@@ -199,19 +201,39 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                 raise FileNotFoundError(f"--data: {what}: {cfg.data!r}")
         with warnings.catch_warnings(record=True) as caught:  # resume warnings: the message, not a source line
             warnings.simplefilter("always")
-            trainer = Trainer(cfg)
+            log = _HeldLog() if cfg.verbose else None
+            trainer = Trainer(cfg, log=log)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr, flush=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
         parser.error(_flag_message(exc.args[0] if exc.args else str(exc)))
     try:
         with _stop_on_sigint(trainer):
-            return _run(trainer, args, argv)
+            return _run(trainer, args, argv, log)
     except KeyboardInterrupt:  # the second Ctrl-C
         print(f"\ninterrupted at step {trainer.step}; nothing saved", file=sys.stderr, flush=True)
         return 130
     finally:
         trainer.close()
+
+
+class _HeldLog:
+    """The trainer's log (``tqdm.write``, which keeps the progress bar intact), holding the lines written
+    before ``release()`` so that the CLI's first line is the one naming the model, device and threads."""
+
+    def __init__(self):
+        self.held: list[str] | None = []
+
+    def __call__(self, msg: str) -> None:
+        if self.held is None:
+            tqdm.write(msg)
+        else:
+            self.held.append(msg)
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for msg in held:
+            self(msg)
 
 
 @contextlib.contextmanager
@@ -253,7 +275,7 @@ def _resume_command(argv: list[str] | None) -> str:
     return " ".join([prefix, *map(shlex.quote, kept), "--resume"])
 
 
-def _run(trainer: Trainer, args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def _run(trainer: Trainer, args: argparse.Namespace, argv: list[str] | None = None, log: _HeldLog | None = None) -> int:
     cfg, m, main_rank = trainer.cfg, trainer.model, trainer.dist.is_main
     dist_info = (
         f" | {trainer.dist.mode} on {trainer.dist.world_size} process{'es' if trainer.dist.world_size != 1 else ''} "
@@ -269,6 +291,8 @@ def _run(trainer: Trainer, args: argparse.Namespace, argv: list[str] | None = No
     )
     if not args.quiet and main_rank:
         print(info, flush=True)
+    if log is not None:
+        log.release()  # e.g. "resumed from ...", after the line naming the device and threads
     metrics = trainer.fit()
     if trainer.stopped:
         if main_rank:
