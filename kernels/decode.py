@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
+from kernels._launch import dot_precision, launch
 
 if HAS_TRITON:
     import triton
@@ -325,7 +326,10 @@ if HAS_TRITON:
 _GPU_BLOCK_H = 64
 _GPU_WARPS = 8
 _GPU_MAX_BLOCK_DV = 256
-_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=32, num_stages=2)}
+#: Keyed by kernels._config.arch_family. 99 KiB parts (sm86, sm89, sm120) step 16 keys at a time:
+#: 92 KiB of shared memory for 576/512 on sm86 (32 keys: 112 KiB, over their limit).
+_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 86: dict(BLOCK_N=16, num_stages=2),
+                   90: dict(BLOCK_N=32, num_stages=2)}
 #: Minimum number of key tiles a split should own before splitting further pays for the combine.
 _MIN_TILES_PER_SPLIT = 2
 
@@ -343,7 +347,7 @@ def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dty
         # so that shared memory fits (576/512: 69632 bytes on sm80/sm90); it spills (~3.7 KiB).
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
                     num_warps=4, num_stages=1)
-    tiles = _GPU_ARCH_TILES[90 if arch >= 90 else 80]
+    tiles = _GPU_ARCH_TILES[arch_family(arch)]
     return dict(BLOCK_H=_GPU_BLOCK_H, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
                 num_warps=_GPU_WARPS, **tiles)
 
@@ -437,7 +441,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
                    cache_seqlens: torch.Tensor, softmax_scale: float, head_dim_v: int,
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
                    num_splits: int | None = None, *, out: torch.Tensor | None = None,
-                   lse: torch.Tensor | None = None, config: dict | None = None):
+                   lse: torch.Tensor | None = None, config: dict | None = None,
+                   allow_tf32: bool | None = None):
     """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
 
     Args:
@@ -468,9 +473,12 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             ``stride(1) == H * stride(2)``); every element is written.
         lse: optional preallocated fp32 ``[B, H, Tq]`` log-sum-exp output (any strides).
         config: optional tile override (keys of ``decode_config``), for tests and tuning.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
 
-    fp32 inputs use IEEE fp32 products (``input_precision="ieee"``), fp16 / bf16 inputs tensor-core
-    products with fp32 accumulation; the softmax statistics and the split merge are fp32.
+    fp32 inputs use IEEE fp32 products (``input_precision="ieee"``) unless TF32 is allowed, fp16 /
+    bf16 inputs tensor-core products with fp32 accumulation; the softmax statistics and the split
+    merge are fp32.
 
     Returns:
         ``(out, lse)``: ``out [B, Tq, H, Dv]`` in ``q.dtype``; ``lse`` fp32 ``[B, H, Tq]``, natural
@@ -582,7 +590,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         o_strides = (o_buf.stride(0), o_buf.stride(2), o_buf.stride(3))
         l_strides = l_buf.stride()
     grid = (groups, num_splits, cfg["DV_SPLIT"])
-    _mla_decode_split_kernel[grid](
+    launch(
+        _mla_decode_split_kernel, grid,
         q, kv_cache, block_table, cache_seqlens, tk, o_buf, l_buf,
         float(softmax_scale) * _LOG2E,
         q.stride(0), _row_stride(q),
@@ -594,13 +603,14 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         DK=Dk, DV=Dv, PAGE_SIZE=page_size,
         IS_CAUSAL=bool(causal), HAS_TOPK=has_topk, DIRECT=direct,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
-        BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         ccfg = _combine_config(Dv, num_splits)
         rows = B * Tq * H
-        _mla_decode_combine_kernel[(rows, _cdiv(Dv, ccfg["BLOCK_DV"]))](
+        launch(
+            _mla_decode_combine_kernel, (rows, _cdiv(Dv, ccfg["BLOCK_DV"])),
             o_buf, l_buf, out, lse,
             num_splits, H, Tq,
             num_splits * Dv, Dv,
@@ -647,7 +657,7 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                 topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
                 max_pages: int = 33) -> CompileSpec:
     fn = _mla_decode_split_kernel
-    cfg = _gpu_config(dk, dv, arch)
+    cfg = _gpu_config(dk, dv, arch, dtype)
     ty = _TL_DTYPE[dtype]
     H, T = num_heads, q_len
     S = 1 if direct else num_splits
@@ -665,7 +675,8 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                     stride_lb=T * H * S, stride_lt=H * S, stride_lh=S, stride_ls=1)
     constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
                       BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
-                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="tf32")
+                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
+                      DOT_PRECISION=dot_precision(dtype, False))
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
     return CompileSpec(
@@ -698,15 +709,17 @@ def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every configuration the decode launcher may pick on a GPU, for ahead-of-time compile checks.
 
-    ``arch`` is the compute capability (80 or 90). For fp16 and bf16: the split kernel for the
-    absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
+    ``arch`` is the compute capability (80, 86, 89, 90...). For fp16 and bf16: the split kernel for
+    the absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
     with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
-    partials), H = 16 (dense causal Tq = 2, split partials), and a generic shape (80, 64) (dense
-    causal, Tq = 2: masked rope block); the combine kernel for Dv = 512 and 64. The tile does not depend on H or
-    Tq; they only change the launch specialisation. Signatures are specialised as a contiguous
-    launch is (ints equal to 1 constexpr; ``extra["divisible"]`` names the 16-divisible ints and
-    aligned pointers, as ``kernels._compile.compile_spec`` expects); without those hints the loads
-    are not vectorised and the 576/512 kernel spills. Returns an empty list without Triton.
+    partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
+    generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
+    and 64. For fp32 (IEEE products): the absorbed split kernel, dense and top-k, and its combine.
+    The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
+    are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
+    names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
+    expects); without those hints the loads are not vectorised and the 576/512 kernel spills.
+    Returns an empty list without Triton.
     """
     if not HAS_TRITON:
         return []
@@ -716,7 +729,12 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True))
         specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=True, direct=False))
         specs.append(_split_spec(arch, dtype, 576, 512, 16, 2, causal=True, topk=False, direct=False))
+        specs.append(_split_spec(arch, dtype, 576, 512, 1, 1, causal=True, topk=False, direct=False))
         specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
         specs.append(_combine_spec(arch, dtype, 512))
         specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
+    # fp32 (IEEE products): the absorbed shape, dense and top-k, and its combine.
+    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=False, topk=False, direct=False))
+    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=True, topk=True, direct=False))
+    specs.append(_combine_spec(arch, torch.float32, 512))
     return specs
