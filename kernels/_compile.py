@@ -367,9 +367,13 @@ ABSORBED_HEAD_DIMS = (576, 512)
 
 
 def quick_selection(spec: CompileSpec) -> bool:
-    """The compile check's default subset: every fp16 spec (every tile configuration) plus all
-    dtypes of the absorbed MLA shape. bf16 compiles to the same tiles and MMA shapes as fp16."""
-    return spec.dtype == "fp16" or tuple(spec.head_dims) == ABSORBED_HEAD_DIMS
+    """The compile check's default subset: every fp16 spec (every tile configuration, every shape)
+    plus all dtypes of the absorbed MLA shape with 128 heads and ``v`` aliasing ``k`` (bf16 compiles
+    to the same tiles and MMA shapes as fp16; the other absorbed group sizes share fp32's tiles)."""
+    if spec.dtype == "fp16":
+        return True
+    many = 128 in (spec.extra.get("group"), spec.extra.get("num_heads"))  # dense/top-k, decode
+    return tuple(spec.head_dims) == ABSORBED_HEAD_DIMS and many and spec.extra.get("v_is_k", True)
 
 
 def _filter(specs, dtypes, select):
