@@ -1,15 +1,19 @@
-"""Compile report: every kernel configuration the autotuners may pick, compiled for sm80 and sm90.
+"""Compile report: every kernel configuration the launchers may pick, compiled for each GPU architecture.
 
-    python -m bench.compile_report                      # table on stdout
+    python -m bench.compile_report                      # table on stdout (sm80, sm86, sm89, sm90, +100/120)
     python -m bench.compile_report --json rows.json     # the same rows as a JSON list
     python -m bench.compile_report --kernels attention_fwd,decode --arch 90 --jobs 2
 
 No GPU needed: each configuration is compiled with ``triton.compile`` for
 ``GPUTarget("cuda", arch, 32)``; registers and spill bytes come from the ptxas bundled with
-Triton, shared bytes from the kernel metadata, ``wgmma`` from the PTX (see
-``kernels/_compile.py``). Kernel modules are listed in ``kernels._config.KERNEL_MODULES``; a module
-that does not import yet is reported as skipped. Exit status 1 when a configuration fails to
-compile, spills, or exceeds the architecture's shared memory (``--no-fail`` to always exit 0).
+Triton, shared bytes from the kernel metadata (``smem_limit``: the architecture's per-block
+maximum, ``kernels._config.SMEM_LIMIT_BYTES``), ``wgmma``, ``tf32`` (a TF32 tensor-core product)
+and the atomics' memory semantics from the PTX (see ``kernels/_compile.py``). The default
+architectures are ``kernels._compile.target_archs()``: 80, 86, 89, 90, and 100 / 120 when the
+installed Triton can compile for them. Kernel modules are listed in
+``kernels._config.KERNEL_MODULES``; a module that does not import yet is reported as skipped. Exit
+status 1 when a configuration fails to compile, spills, exceeds the architecture's shared memory,
+uses TF32 without the spec allowing it, or has non-relaxed atomics (``--no-fail`` to always exit 0).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ def _format_table(rows: list[dict]) -> str:
     cols = [
         ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("head_dims", "dk/dv"), ("group", "G"),
         ("tile", "tile"), ("warps", "warps"), ("stages", "stages"), ("registers", "regs"),
-        ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("wgmma", "wgmma"), ("fp8_cvt", "fp8 cvt"),
-        ("status", "status"),
+        ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("smem_limit", "limit B"), ("wgmma", "wgmma"),
+        ("tf32", "tf32"), ("fp8_cvt", "fp8 cvt"), ("status", "status"),
     ]
     cells = [[h for _, h in cols]]
     for r in rows:
-        cells.append([("yes" if r.get(k) else "no") if k == "wgmma" else str(r.get(k, "")) for k, _ in cols])
+        cells.append([("yes" if r.get(k) else "no") if k in ("wgmma", "tf32") else str(r.get(k, ""))
+                      for k, _ in cols])
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = []
     for n, c in enumerate(cells):
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
     ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
-    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    ap.add_argument("--arch", default="",
+                    help="comma-separated compute capabilities (default: 80,86,89,90 and 100,120 if targetable)")
     ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
     ap.add_argument("--quick", action="store_true",
                     help="fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--kernels: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
     bad_arch = [a for a in args.arch.split(",") if a and (not a.isdigit() or int(a) not in SMEM_LIMIT_BYTES)]
-    if bad_arch or not args.arch.strip(","):
+    if bad_arch or (args.arch and not args.arch.strip(",")):
         ap.error(f"--arch: unknown {', '.join(map(repr, bad_arch)) or repr(args.arch)}; valid: "
                  f"{', '.join(map(str, SMEM_LIMIT_BYTES))}")
 
@@ -73,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print("TRITON_INTERPRET is set: kernels are interpreter wrappers and cannot be compiled; "
               "run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
-    from kernels._compile import compile_all, find_ptxas, quick_selection
+    from kernels._compile import compile_all, find_ptxas, quick_selection, target_archs
 
     if not find_ptxas():
         print("no ptxas bundled with triton: cannot measure registers", file=sys.stderr)
         return 0
-    archs = tuple(int(a) for a in args.arch.split(",") if a)
+    archs = tuple(int(a) for a in args.arch.split(",") if a) or target_archs()
     kernels = tuple(k for k in args.kernels.split(",") if k) or None
     dtypes = tuple(d for d in args.dtypes.split(",") if d) or None
     if dtypes:

@@ -3,8 +3,10 @@
 ``compile_spec`` runs ``triton.compile`` for a :class:`kernels._config.CompileSpec` on
 ``GPUTarget("cuda", arch, 32)`` and reports what the hardware would see: registers and spill
 bytes (from the ``ptxas`` bundled with Triton, run on the PTX), shared memory (from the kernel
-metadata) and whether the PTX uses Hopper's ``wgmma``. Works with Triton 3.6 and 3.9
-(see docs/design.md §9).
+metadata, checked against the architecture's limit ``kernels._config.smem_limit``), whether the PTX
+uses Hopper's ``wgmma``, whether any matrix product runs in TF32 (``mma``/``wgmma`` with ``tf32``
+operands: allowed only in specs built with ``allow_tf32``), the memory semantics of its atomics, and
+how FP8-cache specs convert e4m3. Works with Triton 3.6 and 3.9 (see docs/design.md §9).
 
 ``spec_args`` builds a ``CompileSpec`` signature the way a launch would specialize it: ints
 equal to 1 become constexpr, ints divisible by 16 and 16-byte aligned pointers get the
@@ -27,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from kernels._config import KERNEL_MODULES, CompileSpec, smem_limit
+from kernels._config import DEFAULT_ARCHS, KERNEL_MODULES, CompileSpec, smem_limit
 
 __all__ = [
     "CompileResult",
@@ -35,10 +37,14 @@ __all__ = [
     "Pointer",
     "collect_specs",
     "compile_all",
+    "compile_ptx",
     "compile_spec",
     "find_ptxas",
+    "ptx_atomic_semantics",
+    "ptx_uses_tf32",
     "quick_selection",
     "spec_args",
+    "target_archs",
 ]
 
 
@@ -108,9 +114,15 @@ class CompileResult:
     wgmma: bool
     has_dot: bool
     seconds: float
-    #: FP8-cache specs (``KV_FP8``): "e4m3x2" when the PTX converts with ``cvt.rn.f16x2.e4m3x2`` (sm89+),
+    #: FP8-cache specs (``KV_FP8``): "e4m3x2" when the PTX converts with ``cvt.rn.{f16x2,bf16x2}.e4m3x2`` (sm89+),
     #: "software" when it decodes e4m3 with integer bit operations (sm80); "" for other specs.
     fp8_cvt: str = ""
+    tf32: bool = False
+    atomics: tuple[str, ...] = ()
+
+    @property
+    def tf32_allowed(self) -> bool:
+        return bool(self.spec.extra.get("allow_tf32", False))
 
     @property
     def spills(self) -> int:
@@ -122,8 +134,8 @@ class CompileResult:
 
     @property
     def needs_wgmma(self) -> bool:
-        """fp16/bf16 matrix products on sm90 should run on Hopper's wgmma."""
-        return self.has_dot and self.spec.arch >= 90 and self.spec.dtype in ("fp16", "bf16")
+        """fp16/bf16 matrix products on sm90 should run on Hopper's wgmma (sm90a only: Blackwell has none)."""
+        return self.has_dot and self.spec.arch == 90 and self.spec.dtype in ("fp16", "bf16")
 
     @property
     def status(self) -> str:
@@ -137,6 +149,10 @@ class CompileResult:
             bad.append("no-wgmma")
         if self.fp8_cvt and self.spec.arch >= 89 and self.fp8_cvt != "e4m3x2":
             bad.append("no-e4m3-cvt")
+        if self.tf32 and not self.tf32_allowed:
+            bad.append("tf32")
+        if any(sem != "relaxed" for sem in self.atomics):
+            bad.append("atomic-sem")
         return ",".join(bad) or "ok"
 
     def row(self) -> dict:
@@ -158,6 +174,8 @@ class CompileResult:
             "smem_limit": smem_limit(s.arch),
             "wgmma": self.wgmma,
             "fp8_cvt": self.fp8_cvt,
+            "tf32": self.tf32,
+            "atomics": ",".join(sorted(set(self.atomics))),
             "status": self.status,
             "compile_s": round(self.seconds, 2),
         }
@@ -186,6 +204,21 @@ def find_ptxas() -> tuple[str, ...]:
 
 
 _RE_REGS = re.compile(r"Used (\d+) registers")
+#: A TF32 matrix product in PTX: ``mma.sync....tf32.tf32...`` (sm80) or ``wgmma.mma_async....tf32`` (sm90).
+_RE_TF32_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:wgmma|mma)\S*\.tf32\b", re.M)
+#: Global atomics / reductions and their memory-order qualifier (Triton always writes one).
+_RE_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(atom|red)\.global\.(?:gpu\.|sys\.|cta\.)?(\w+)", re.M)
+
+
+def ptx_uses_tf32(ptx: str) -> bool:
+    """Whether ``ptx`` has an ``mma`` / ``wgmma`` instruction on TF32 operands."""
+    return _RE_TF32_MMA.search(ptx) is not None
+
+
+def ptx_atomic_semantics(ptx: str) -> tuple[str, ...]:
+    """Memory-order qualifier of every global ``atom`` / ``red`` instruction of ``ptx`` (e.g.
+    ``("relaxed", "relaxed")``; ``"acq_rel"`` is Triton's default for ``tl.atomic_add``)."""
+    return tuple(m.group(2) for m in _RE_ATOMIC.finditer(ptx))
 _RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -249,8 +282,8 @@ def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
     raise PtxasUnavailable("; ".join(errors) or "no ptxas binary found")
 
 
-def compile_spec(spec: CompileSpec) -> CompileResult:
-    """Compile ``spec`` for ``GPUTarget("cuda", spec.arch, 32)`` and measure it (see module doc)."""
+def _triton_compile(spec: CompileSpec):
+    """``triton.compile`` of ``spec`` for ``GPUTarget("cuda", spec.arch, 32)``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -261,20 +294,58 @@ def compile_spec(spec: CompileSpec) -> CompileResult:
     arg_index = {p.name: i for i, p in enumerate(spec.fn.params)}
     attrs = {(arg_index[n],): [["tt.divisibility", 16]] for n in spec.extra.get("divisible", ())}
     src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
-    t0 = time.perf_counter()
-    k = triton.compile(
+    return triton.compile(
         src,
         target=GPUTarget("cuda", spec.arch, 32),
         options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
     )
+
+
+def compile_spec(spec: CompileSpec) -> CompileResult:
+    """Compile ``spec`` for ``GPUTarget("cuda", spec.arch, 32)`` and measure it (see module doc)."""
+    t0 = time.perf_counter()
+    k = _triton_compile(spec)
     seconds = time.perf_counter() - t0
     ptx = k.asm["ptx"]
     regs, st, ld = ptxas_usage(ptx)
     return CompileResult(
         spec=spec, registers=regs, spill_stores=st, spill_loads=ld, shared=int(k.metadata.shared),
         wgmma="wgmma" in ptx, has_dot="tt.dot" in k.asm["ttir"], seconds=seconds,
-        fp8_cvt=("e4m3x2" if "cvt.rn.f16x2.e4m3x2" in ptx else "software") if spec.constexprs.get("KV_FP8") else "",
+        tf32=ptx_uses_tf32(ptx), atomics=ptx_atomic_semantics(ptx),
+        fp8_cvt=(("e4m3x2" if re.search(r"cvt\.rn\.b?f16x2\.e4m3x2", ptx) else "software")
+                 if spec.constexprs.get("KV_FP8") else ""),
     )
+
+
+def compile_ptx(spec: CompileSpec) -> str:
+    """The PTX of ``spec`` (compiled as :func:`compile_spec` does, without running ptxas)."""
+    return _triton_compile(spec).asm["ptx"]
+
+
+@functools.cache
+def target_archs() -> tuple[int, ...]:
+    """:data:`kernels._config.DEFAULT_ARCHS`, plus 100 and 120 when the installed Triton's CUDA backend
+    can compile for them (its ``ptxas`` accepts ``sm_100a`` / ``sm_120a``; checked by compiling a
+    one-line kernel)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def _probe(X):
+        tl.store(X, 1.0)
+
+    out = list(DEFAULT_ARCHS)
+    for arch in (100, 120):
+        try:
+            k = triton.compile(ASTSource(fn=_probe, signature={"X": "*fp32"}, constexprs={}),
+                               target=GPUTarget("cuda", arch, 32))
+            ptxas_usage(k.asm["ptx"])
+        except Exception:  # noqa: BLE001 - any failure means: this Triton cannot target it
+            continue
+        out.append(arch)
+    return tuple(out)
 
 
 def collect_specs(archs=(80, 90), kernels=None) -> tuple[list[CompileSpec], dict[str, str]]:
@@ -304,9 +375,13 @@ ABSORBED_HEAD_DIMS = (576, 512)
 
 
 def quick_selection(spec: CompileSpec) -> bool:
-    """The compile check's default subset: every fp16 spec (every tile configuration) plus all
-    dtypes of the absorbed MLA shape. bf16 compiles to the same tiles and MMA shapes as fp16."""
-    return spec.dtype == "fp16" or tuple(spec.head_dims) == ABSORBED_HEAD_DIMS
+    """The compile check's default subset: every fp16 spec (every tile configuration, every shape)
+    plus all dtypes of the absorbed MLA shape with 128 heads and ``v`` aliasing ``k`` (bf16 compiles
+    to the same tiles and MMA shapes as fp16; the other absorbed group sizes share fp32's tiles)."""
+    if spec.dtype == "fp16":
+        return True
+    many = 128 in (spec.extra.get("group"), spec.extra.get("num_heads"))  # dense/top-k, decode
+    return tuple(spec.head_dims) == ABSORBED_HEAD_DIMS and many and spec.extra.get("v_is_k", True)
 
 
 def _filter(specs, dtypes, select):
@@ -333,7 +408,7 @@ def _compile_row(spec: CompileSpec) -> dict:
             "head_dims": f"{spec.head_dims[0]}/{spec.head_dims[1]}", "group": spec.extra.get("group", 1),
             "alias": bool(spec.extra.get("v_is_k", False)), "tile": spec.tile, "warps": spec.num_warps,
             "stages": spec.num_stages, "registers": None, "spill_bytes": None, "shared_bytes": None,
-            "smem_limit": smem_limit(spec.arch), "wgmma": None, "fp8_cvt": None,
+            "smem_limit": smem_limit(spec.arch), "wgmma": None, "tf32": None, "atomics": None, "fp8_cvt": None,
             "status": f"error: {type(e).__name__}: {msg}", "compile_s": None,
         }
 

@@ -29,16 +29,21 @@ Rows without visible keys have ``lse = +inf``, so ``P = exp2(s - lse) = 0`` and 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, smem_limit
+from kernels import tuning
+from kernels._config import HAS_TRITON, CompileSpec
+from kernels._launch import dot_precision, launch
 from kernels.attention_fwd import (
     DENSE_MASK_ARGS,
     LOG2E,
+    SPEC_DTYPES,
+    SPEC_SHAPES,
+    SPEC_TF32_SHAPES,
     _device_arch,
     arch_family,
     bwd_outputs,
+    compiled_launch,
     dtype_name,
     head_class,
     head_plan,
@@ -103,6 +108,8 @@ _DKDV_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
         "d576": [BwdConfig(16, 32, nsplit=4, num_warps=8, num_stages=2)],
     },
 }
+# 99 KiB parts (sm86, sm89, sm120): every sm80 dK/dV entry fits (at most 72 KiB on sm86).
+_DKDV_TABLE[86] = _DKDV_TABLE[80]
 _DQ_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
     90: {
         "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
@@ -116,10 +123,17 @@ _DQ_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
         "d256": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
         "d576": [BwdConfig(64, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
     },
+    # 99 KiB parts: sm80's entries fit (at most 84 KiB on sm86) except d576 (154 KiB): 32 rows.
+    86: {
+        "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [BwdConfig(32, 64, num_warps=4, num_stages=3), BwdConfig(64, 32, num_warps=4, num_stages=2)],
+        "d256": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
+        "d576": [BwdConfig(32, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
+    },
 }
 
-# fp32 inputs (tf32 dots): one conservative config per class (fp32 on a GPU is for checks, not
-# speed); no wgmma needed, so small M tiles are fine.
+# fp32 inputs (IEEE dots by default, TF32 when allowed): one conservative config per class (fp32
+# on a GPU is for checks, not speed); no wgmma needed, so small M tiles are fine.
 _DKDV_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
     fam: {
         "d64": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
@@ -127,7 +141,7 @@ _DKDV_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
         "d256": [BwdConfig(16, 32, num_warps=8, num_stages=2)],
         "d576": [BwdConfig(16, 32, nsplit=8, num_warps=4, num_stages=2, stream=True)],
     }
-    for fam in (80, 90)
+    for fam in (80, 86, 90)
 }
 _DQ_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
     fam: {
@@ -136,7 +150,7 @@ _DQ_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
         "d256": [BwdConfig(32, 32, num_warps=8, num_stages=2)],
         "d576": [BwdConfig(32, 16, nsplit=8, num_warps=8, num_stages=1, stream=True)],
     }
-    for fam in (80, 90)
+    for fam in (80, 86, 90)
 }
 
 _PRE_BLOCK_T = 64
@@ -149,14 +163,15 @@ def _pre_block_d(dv: int) -> int:
 
 def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[BwdConfig]:
     """Autotune candidates of backward kernel ``kind`` ("dkdv" or "dq") for ``arch``, (Dk, Dv) and
-    ``dtype`` ("fp16"/"bf16", or "fp32" with its own smaller table)."""
+    ``dtype`` ("fp16"/"bf16", or "fp32" with its own smaller table), from the table of
+    :func:`kernels._config.arch_family` (entries fit its shared memory; the first is the preferred
+    one, used in deterministic mode)."""
     fam, cls = arch_family(arch), head_class(dk, dv)
-    small = {"dkdv": _DKDV_TABLE_FP32, "dq": _DQ_TABLE_FP32}[kind]
-    table = small if dtype == "fp32" else {"dkdv": _DKDV_TABLE, "dq": _DQ_TABLE}[kind]
-    configs = list(table[fam][cls])
-    if smem_limit(arch) < smem_limit(fam) and dtype != "fp32":  # sm86/sm89 fallback, as in the forward
-        configs += small[fam][cls]
-    return configs
+    if dtype == "fp32":
+        table = {"dkdv": _DKDV_TABLE_FP32, "dq": _DQ_TABLE_FP32}[kind]
+    else:
+        table = {"dkdv": _DKDV_TABLE, "dq": _DQ_TABLE}[kind]
+    return list(table[fam][cls])
 
 
 def interp_config(dk: int, dv: int) -> BwdConfig:
@@ -222,7 +237,7 @@ if HAS_TRITON:
         G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr,
         V_IS_K: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr,
-        RESIDENT: tl.constexpr, STREAM: tl.constexpr,
+        RESIDENT: tl.constexpr, STREAM: tl.constexpr, DOT: tl.constexpr,
     ):
         """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
         Rows at or past ``row_end`` (``T*G``, or the end of a block-sparse mask query block) read
@@ -254,18 +269,18 @@ if HAS_TRITON:
         do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
         q_own = _load_tile(q_base, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
         do_own = _load_tile(do_base, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
-        st = tl.dot(k_own, tl.trans(q_own))
-        dpt = tl.dot(v_own, tl.trans(do_own))
+        st = tl.dot(k_own, tl.trans(q_own), input_precision=DOT)
+        dpt = tl.dot(v_own, tl.trans(do_own), input_precision=DOT)
         # Other splits' columns, re-loaded in BC-wide pieces (alias: one k piece feeds both sums).
         N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
         for c in tl.static_range(N_OTHER):
             col = _other_col(c, split, BK, BC)
             q_c = _load_tile(q_base, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
             k_c = _load_tile(k_base + hide_other, k_row, key_ok, col, skd, HEAD_DK, BC, True, MASK_K)
-            st = tl.dot(k_c, tl.trans(q_c), st)
+            st = tl.dot(k_c, tl.trans(q_c), st, input_precision=DOT)
             if V_IS_K:
                 do_c = _load_tile(do_base, do_row, row_ok, col, sdod, HEAD_DV, BC, True, True)
-                dpt = tl.dot(k_c, tl.trans(do_c), dpt)
+                dpt = tl.dot(k_c, tl.trans(do_c), dpt, input_precision=DOT)
         if not V_IS_K:
             N_OTHER_V: tl.constexpr = (NSPLIT - 1) * (BV // BC)
             for c in tl.static_range(N_OTHER_V):
@@ -273,11 +288,11 @@ if HAS_TRITON:
                 do_c = _load_tile(do_base, do_row, row_ok, col, sdod, HEAD_DV, BC, True, MASK_V)
                 v_c = _load_tile(v_base + hide_other, keys.to(tl.int64) * svs, key_ok, col, svd, HEAD_DV, BC, True,
                                  MASK_V)
-                dpt = tl.dot(v_c, tl.trans(do_c), dpt)
+                dpt = tl.dot(v_c, tl.trans(do_c), dpt, input_precision=DOT)
         q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=q_own.dtype)
         if BT > 0:
             q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
-            st = tl.dot(k_tail, tl.trans(q_tail), st)
+            st = tl.dot(k_tail, tl.trans(q_tail), st, input_precision=DOT)
         # Padding rows read lse = +inf: P = 0 there.
         lse = tl.load(LSE_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=0.0)
@@ -286,11 +301,11 @@ if HAS_TRITON:
             if CAUSAL:
                 st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
-        dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc)
+        dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
         dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
-        dk_acc = tl.dot(dst, q_own, dk_acc)
+        dk_acc = tl.dot(dst, q_own, dk_acc, input_precision=DOT)
         if BT > 0:
-            dk_tail = tl.dot(dst, q_tail, dk_tail)
+            dk_tail = tl.dot(dst, q_tail, dk_tail, input_precision=DOT)
         return dk_acc, dk_tail, dv_acc
 
     @triton.jit
@@ -326,7 +341,7 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr, SPARSE: tl.constexpr,
+        STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
     ):
         """Grid ``(n_n * B*Hkv, NSPLIT)``: dK/dV of one key tile of one kv head.
 
@@ -412,7 +427,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                        STREAM,
+                        STREAM, DOT,
                     )
                 if NSPLIT == 1:  # row tiles that see the whole key tile skip the mask
                     for j in range(n_masked, n_tiles):
@@ -423,7 +438,7 @@ if HAS_TRITON:
                             q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                             sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                             G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                            STREAM,
+                            STREAM, DOT,
                         )
         else:
             q_base = Q + b * sqb + hkv * G * sqh
@@ -438,7 +453,8 @@ if HAS_TRITON:
                     dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m * BLOCK_M, T * G,
                     q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                     sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
-                    G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
+                    G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
+                    STREAM, DOT,
                 )
             if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
                 for m in range(m_full, m_end):
@@ -447,7 +463,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                        STREAM,
+                        STREAM, DOT,
                     )
 
         dk_base = DK + b * sdkb + hkv * sdkh
@@ -469,7 +485,7 @@ if HAS_TRITON:
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr,
     ):
         """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
         here for the q/dO re-loads); keys at or past ``kend`` are masked out when ``MASKED``."""
@@ -494,28 +510,28 @@ if HAS_TRITON:
         else:
             v_own = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, MASKED,
                                MASK_V)
-        s = tl.dot(q_own, tl.trans(k_own))
-        dp = tl.dot(do_own, tl.trans(v_own))
+        s = tl.dot(q_own, tl.trans(k_own), input_precision=DOT)
+        dp = tl.dot(do_own, tl.trans(v_own), input_precision=DOT)
         N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
         for c in tl.static_range(N_OTHER):
             col = _other_col(c, split, BK, BC)
             q_c = _load_tile(q_base + hide_other, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
             k_c = _load_tile(k_base, k_row, key_ok, col, skd, HEAD_DK, BC, MASKED, MASK_K)
-            s = tl.dot(q_c, tl.trans(k_c), s)
+            s = tl.dot(q_c, tl.trans(k_c), s, input_precision=DOT)
             if V_IS_K:
                 do_c = _load_tile(do_base + hide_other, do_row, row_ok, col, sdod, HEAD_DV, BC, True, True)
-                dp = tl.dot(do_c, tl.trans(k_c), dp)
+                dp = tl.dot(do_c, tl.trans(k_c), dp, input_precision=DOT)
         if not V_IS_K:
             N_OTHER_V: tl.constexpr = (NSPLIT - 1) * (BV // BC)
             for c in tl.static_range(N_OTHER_V):
                 col = _other_col(c, split, BV, BC)
                 do_c = _load_tile(do_base + hide_other, do_row, row_ok, col, sdod, HEAD_DV, BC, True, MASK_V)
                 v_c = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, col, svd, HEAD_DV, BC, MASKED, MASK_V)
-                dp = tl.dot(do_c, tl.trans(v_c), dp)
+                dp = tl.dot(do_c, tl.trans(v_c), dp, input_precision=DOT)
         k_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=k_own.dtype)
         if BT > 0:
             k_tail = _load_tile(k_base, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, MASKED, MASK_T)
-            s = tl.dot(q_tail, tl.trans(k_tail), s)
+            s = tl.dot(q_tail, tl.trans(k_tail), s, input_precision=DOT)
         s = s * qk_scale
         if MASKED:
             visible = key_ok[None, :]
@@ -524,9 +540,9 @@ if HAS_TRITON:
             s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(k_own.dtype)
-        dq_acc = tl.dot(ds, k_own, dq_acc)
+        dq_acc = tl.dot(ds, k_own, dq_acc, input_precision=DOT)
         if BT > 0:
-            dq_tail = tl.dot(ds, k_tail, dq_tail)
+            dq_tail = tl.dot(ds, k_tail, dq_tail, input_precision=DOT)
         return dq_acc, dq_tail
 
     @triton.jit
@@ -540,7 +556,7 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr, SPARSE: tl.constexpr,
+        STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``: dQ of one packed row tile of one head group; row
         tiles and key walk exactly as in the forward kernel (``kernels.attention_fwd._attn_fwd_kernel``)."""
@@ -608,7 +624,7 @@ if HAS_TRITON:
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                         T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                        BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                        BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
                     )
             else:
                 n_lo = 0
@@ -618,7 +634,7 @@ if HAS_TRITON:
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                     T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                    BV, BC, NSPLIT, True, RESIDENT, STREAM,
+                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
                 )
         else:
             n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
@@ -628,7 +644,7 @@ if HAS_TRITON:
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                         sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM,
+                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
                     )
                 n_lo = n_full
             else:  # large (split) bodies: one masked loop halves code size and compile time
@@ -638,7 +654,7 @@ if HAS_TRITON:
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                     sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM,
+                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
                 )
 
         dq_base = DQ + b * sdqb + hg * G * sdqh
@@ -664,7 +680,8 @@ def _plan_constexprs(cfg: BwdConfig, dk: int, dv: int, v_is_k: bool) -> dict:
 
 def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
                   dlse=None, dq=None, dk=None, dv=None, delta=None,
-                  dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None):
+                  dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
+                  allow_tf32: bool | None = None):
     """Fused attention backward.
 
     Args:
@@ -676,8 +693,11 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
             as ``delta - dlse`` because ``d lse / dS = P``.
         dq, dk, dv: optional preallocated outputs (shapes of q, k, v; q.dtype; any strides), for
             tests that poison them with NaN. delta: optional fp32 ``[B, Hq, T]`` scratch.
-        dkdv_config, dq_config: force tile configurations (tests/benchmarks); default: autotune on
-            GPU, a single small config under the interpreter.
+        dkdv_config, dq_config: force tile configurations (tests/benchmarks); default: a pinned or
+            deterministic choice (:mod:`kernels.tuning`), else autotune on GPU; a single small
+            config under the interpreter.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
 
     Returns:
         ``(dq like q, dk like k, dv like v)`` in the input dtype. When ``v`` is a prefix view of
@@ -685,7 +705,7 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
         gradient and ``dv`` only the value-path gradient (autograd sums them through the view).
 
     Raises:
-        RuntimeError: Triton is not installed.
+        RuntimeError: Triton is not installed. ValueError: a pinned config is not a candidate.
     """
     import torch
 
@@ -698,38 +718,52 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
     v_is_k = is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets below assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
-    compiled = q.device.type == "cuda" and not INTERPRET
-    with torch.cuda.device(q.device) if compiled else contextlib.nullcontext():  # launch on q's device
-        _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                    dkdv_config, dq_config, dlse)
+    compiled = compiled_launch(q)
+    if compiled:
+        Dk, Dv = q.shape[3], v.shape[3]
+        arch, dtype, cls = _device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
+        if dkdv_config is None:
+            dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype))
+        if dq_config is None:
+            dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype))
+    _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
+                dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32))
     return dq, dk, dv
 
 
-def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse=None):
-    B, T, Hq, Dk = q.shape
-    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = Hq // Hkv
-    _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK_T) * B * Hq,)](
+def bwd_delta(out, do, delta, dlse=None) -> None:
+    """``delta[b, h, t] = sum_d out * do`` (fp32 ``[B, Hq, T]``, written in place), minus ``dlse`` when
+    given: ``d lse / dS = P``, so an upstream lse gradient enters as ``dS = P * (dP - (delta - dlse))``."""
+    B, T, Hq, Dv = out.shape
+    launch(
+        _bwd_preprocess, (triton.cdiv(T, _PRE_BLOCK_T) * B * Hq,),
         out, do, delta, *out.stride(), *do.stride(), T, Hq,
         HEAD_DV=Dv, BLOCK_T=_PRE_BLOCK_T, BLOCK_D=_pre_block_d(Dv), num_warps=_PRE_WARPS,
     )
     if dlse is not None:
-        # d lse / dS = P, so an upstream lse gradient enters as dS = P * (dP - (delta - dlse)).
         delta.sub_(dlse.float())
 
+
+def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
+                dkdv_config, dq_config, dlse, dot: str):
+    B, T, Hq, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    bwd_delta(out, do, delta, dlse)
+
     common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0, lse, lse, *DENSE_MASK_ARGS)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False, DOT=dot)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     if compiled and dkdv_config is None:
         kern = _autotuned("dkdv", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
-        kern[grid](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts)
+        launch(kern, grid, q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts)
     else:
         cfg = dkdv_config or interp_config(Dk, Dv)
         pc = _plan_constexprs(cfg, Dk, Dv, v_is_k)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n) * B * Hkv, pc["NSPLIT"])](
+        launch(
+            _attn_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_n) * B * Hkv, pc["NSPLIT"]),
             q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts, **pc,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -737,11 +771,12 @@ def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal,
     if compiled and dq_config is None:
         kern = _autotuned("dq", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
         grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
-        kern[grid](q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts)
+        launch(kern, grid, q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts)
     else:
         cfg = dq_config or interp_config(Dk, Dv)
         pc = _plan_constexprs(cfg, Dk, Dv, v_is_k)
-        _attn_bwd_dq_kernel[(triton.cdiv(T * G, cfg.block_m) * B * Hkv, pc["NSPLIT"])](
+        launch(
+            _attn_bwd_dq_kernel, (triton.cdiv(T * G, cfg.block_m) * B * Hkv, pc["NSPLIT"]),
             q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts, **pc,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -765,7 +800,8 @@ def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str)
     return _AUTOTUNERS[key]
 
 
-def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal: bool) -> dict:
+def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal: bool,
+                 allow_tf32: bool = False) -> dict:
     """Argument values of a representative contiguous launch (for :func:`kernels._compile.spec_args`)."""
     from kernels._compile import Pointer
 
@@ -783,7 +819,7 @@ def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal:
         sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
         T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
         G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False,
-        **_dense_mask_values(),
+        DOT=dot_precision(dtype, allow_tf32), **_dense_mask_values(),
     )
 
 
@@ -800,18 +836,20 @@ def _dense_mask_values() -> dict:
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
-             causal: bool = True) -> CompileSpec:
-    """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config."""
+             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+    """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
+    (fp32: IEEE products unless ``allow_tf32``)."""
     from kernels._compile import spec_args
 
     fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    values = _spec_values(dtype, dk, dv, group, v_is_k, causal)
+    values = _spec_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32)
     values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
         kernel=f"attention_bwd_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg},
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
+               "allow_tf32": allow_tf32},
     )
 
 
@@ -833,22 +871,24 @@ def preprocess_spec(arch: int, dtype: str, dk: int, dv: int) -> CompileSpec:
     )
 
 
-#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k).
-SPEC_SHAPES = ((32, 32, 1, False), (64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False),
-               (576, 512, 128, True))
-SPEC_DTYPES = ("fp16", "bf16", "fp32")
-
-
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every backward configuration the autotuner may pick on ``arch`` (80 or 90): preprocess, dkdv
-    and dq kernels, for fp16 and bf16, on the representative head dims of :data:`SPEC_SHAPES`."""
+    """Every backward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...): preprocess
+    (once per Dv and dtype), dkdv and dq kernels, for the dtypes and shapes of the forward's
+    :data:`kernels.attention_fwd.SPEC_SHAPES` (fp32 with IEEE products; TF32 allowed on
+    ``SPEC_TF32_SHAPES``)."""
     if not HAS_TRITON:
         return []
-    specs = []
+    specs, seen = [], set()
     for dk, dv, group, v_is_k in SPEC_SHAPES:
         for dtype in SPEC_DTYPES:
-            specs.append(preprocess_spec(arch, dtype, dk, dv))
+            if (dk, dv, dtype) not in seen:
+                seen.add((dk, dv, dtype))
+                specs.append(preprocess_spec(arch, dtype, dk, dv))
             for kind in ("dkdv", "dq"):
                 for cfg in bwd_configs(kind, arch, dk, dv, dtype):
                     specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+    for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
+        for kind in ("dkdv", "dq"):
+            for cfg in bwd_configs(kind, arch, dk, dv, "fp32"):
+                specs.append(bwd_spec(kind, arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
     return specs

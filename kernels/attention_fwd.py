@@ -37,7 +37,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, smem_limit
+from kernels import tuning
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
+from kernels._launch import dot_precision, launch
 
 if HAS_TRITON:
     import triton
@@ -168,7 +170,8 @@ def head_class(dk: int, dv: int) -> str:
 
 # Tables per architecture family and head class, chosen from the compile report (registers,
 # spills, shared memory of every candidate; bench/compile_report.py) and kept small: every entry
-# is compiled by the compile check (tests/test_compile_check.py) for sm80 and sm90. Triton/ptxas
+# is compiled by the compile check (tests/test_compile_check.py) for sm80, sm86, sm89 and sm90.
+# Keys are kernels._config.arch_family values (90: Hopper+, 80: 163 KiB, 86: 99 KiB parts). Triton/ptxas
 # register allocation is erratic near 255 registers, so entries keep a margin where one exists.
 # d576 (absorbed MLA) splits the value dim in two: one program per 256 value columns.
 _FWD_TABLE: dict[int, dict[str, list[FwdConfig]]] = {
@@ -190,10 +193,20 @@ _FWD_TABLE: dict[int, dict[str, list[FwdConfig]]] = {
             FwdConfig(64, 64, nsplit=2, num_warps=8, num_stages=2),
         ],
     },
+    # 99 KiB parts (sm86, sm89, sm120): the sm80 entries that fit, smaller ones where none does
+    # (shared bytes measured for sm86: d64 64x64 40 KiB, d256 at 256/256 68 KiB, d576 92 KiB; the
+    # sm80 128x64 d64 tile spills 16 bytes there and d576 64x32/v2 needs 112 KiB).
+    86: {
+        "d64": [FwdConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [FwdConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [FwdConfig(64, 32, num_warps=8, num_stages=2)],
+        "d576": [FwdConfig(64, 16, nsplit=2, num_warps=8, num_stages=2)],
+    },
 }
 
-# fp32 inputs (tf32 dots): twice the bytes per operand; one conservative config per class, the
-# same on both architectures (fp32 attention on a GPU is for checks, not speed).
+# fp32 inputs (IEEE dots by default, TF32 when allowed): twice the bytes per operand; one
+# conservative config per class, the same on every architecture (fp32 attention on a GPU is for
+# checks, not speed).
 _FWD_TABLE_FP32: dict[int, dict[str, list[FwdConfig]]] = {
     fam: {
         "d64": [FwdConfig(64, 32, num_warps=4, num_stages=2)],
@@ -201,7 +214,7 @@ _FWD_TABLE_FP32: dict[int, dict[str, list[FwdConfig]]] = {
         "d256": [FwdConfig(64, 32, num_warps=8, num_stages=1)],
         "d576": [FwdConfig(32, 16, nsplit=4, num_warps=4, num_stages=2, stream=True)],
     }
-    for fam in (80, 90)
+    for fam in (80, 86, 90)
 }
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -210,24 +223,15 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _INTERP_CONFIG = FwdConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
 
 
-def arch_family(arch: int) -> int:
-    """Config table used for compute capability ``arch`` (sm90 for Hopper+, sm80 otherwise)."""
-    return 90 if arch >= 90 else 80
-
-
 def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[FwdConfig]:
     """Autotune candidates for ``arch`` and head dims (Dk, Dv); ``dtype`` "fp16"/"bf16" or "fp32"
-    (tf32 dots, twice the shared memory and operand registers: its own, smaller table).
-
-    GPUs with less shared memory than their family's table assumes (sm86/sm89: 99 KiB) also get
-    the small fp32 configuration as a fallback; Triton's autotuner skips candidates that do not fit.
+    (IEEE or TF32 dots: twice the shared memory and operand registers, its own smaller table).
+    The table is the one of :func:`kernels._config.arch_family` (every entry fits that family's
+    shared memory); the first entry is the preferred one (deterministic mode, :mod:`kernels.tuning`).
     """
     fam, cls = arch_family(arch), head_class(dk, dv)
     table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
-    configs = list(table[fam][cls])
-    if smem_limit(arch) < smem_limit(fam) and dtype != "fp32":
-        configs += _FWD_TABLE_FP32[fam][cls]
-    return configs
+    return list(table[fam][cls])
 
 
 def dtype_name(dtype) -> str:
@@ -370,7 +374,7 @@ if HAS_TRITON:
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
-        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr,
+        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
     ):
         """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
         past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``.
@@ -394,15 +398,15 @@ if HAS_TRITON:
         k_own = _load_tile(k_base, k_row, key_ok, split * BK, skd, HEAD_DK, BK, MASKED, MASK_K)
         if not Q_RESIDENT:
             q_own = _load_tile(q_base + hide, q_row, row_ok, split * BK, sqd, HEAD_DK, BK, True, MASK_K)
-        qk = tl.dot(q_own, tl.trans(k_own))
+        qk = tl.dot(q_own, tl.trans(k_own), input_precision=DOT)
         for c in tl.static_range(N_OTHER):
             col = _other_col(c, split, BK, BC)
             q_c = _load_tile(q_base + hide_other, q_row, row_ok, col, sqd, HEAD_DK, BC, True, MASK_K)
             k_c = _load_tile(k_base, k_row, key_ok, col, skd, HEAD_DK, BC, MASKED, MASK_K)
-            qk = tl.dot(q_c, tl.trans(k_c), qk)
+            qk = tl.dot(q_c, tl.trans(k_c), qk, input_precision=DOT)
         if BT > 0:
             k_tail = _load_tile(k_base, k_row, key_ok, NSPLIT * BK, skd, HEAD_DK, BT, MASKED, MASK_T)
-            qk = tl.dot(q_tail, tl.trans(k_tail), qk)
+            qk = tl.dot(q_tail, tl.trans(k_tail), qk, input_precision=DOT)
         qk = qk * qk_scale
         if MASKED:
             visible = key_ok[None, :]
@@ -422,7 +426,7 @@ if HAS_TRITON:
             v_t = k_own
         else:
             v_t = _load_tile(v_base, keys.to(tl.int64) * svs, key_ok, split * BV, svd, HEAD_DV, BV, MASKED, MASK_V)
-        acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None])
+        acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None], input_precision=DOT)
         return acc, m_new, l_i
 
     @triton.jit
@@ -435,7 +439,7 @@ if HAS_TRITON:
         G_P: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr, WRITE_MAXL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
-        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr,
+        Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
         ``opaque_zero`` is 0 (see :func:`_fwd_block`).
@@ -509,7 +513,7 @@ if HAS_TRITON:
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, j * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False,
+                        Q_RESIDENT, STREAM, False, DOT,
                     )
             else:
                 n_lo = 0
@@ -520,7 +524,7 @@ if HAS_TRITON:
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, j * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True,
+                    Q_RESIDENT, STREAM, True, DOT,
                 )
         else:
             n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
@@ -531,7 +535,7 @@ if HAS_TRITON:
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, i * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False,
+                        Q_RESIDENT, STREAM, False, DOT,
                     )
                 n_lo = n_full
             else:  # large (split) bodies: one masked loop halves code size and compile time
@@ -542,7 +546,7 @@ if HAS_TRITON:
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, i * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True,
+                    Q_RESIDENT, STREAM, True, DOT,
                 )
 
         # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
@@ -617,6 +621,12 @@ def bwd_outputs(q, k, v, dq, dk, dv) -> tuple:
     return dq, dk, dv, False
 
 
+def compiled_launch(q) -> bool:
+    """True for a compiled GPU launch (CUDA tensors, no interpreter): tables, pins and autotuning
+    apply; False under the Triton interpreter (one small configuration)."""
+    return q.device.type == "cuda" and not INTERPRET
+
+
 def _device_arch(device) -> int:
     import torch
 
@@ -624,7 +634,7 @@ def _device_arch(device) -> int:
     return major * 10 + minor
 
 
-def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks):
+def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     args = (
@@ -635,7 +645,7 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
     )
     consts = dict(
         G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None, SPARSE=False,
+        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot,
     )
     return args, consts
 
@@ -665,7 +675,7 @@ def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
 
 
 def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                  out=None, lse=None, config: FwdConfig | None = None):
+                  out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None):
     """Fused attention forward.
 
     Args:
@@ -678,18 +688,20 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         return_max_logit: also return the per-(batch, head) maximum visible scaled score.
         out, lse: optional preallocated outputs (``[B, T, Hq, Dv]`` in q.dtype, any strides;
             contiguous fp32 ``[B, Hq, T]``); tests pass NaN-filled buffers.
-        config: force one :class:`FwdConfig` (tests/benchmarks); default: autotune on GPU, a
-            single small config under the interpreter.
+        config: force one :class:`FwdConfig` (tests/benchmarks); default: a pinned or deterministic
+            choice (:mod:`kernels.tuning`), else autotune on GPU; a single small config under the
+            interpreter.
+        allow_tf32: fp32 inputs only: TF32 tensor-core products (10-bit mantissa) instead of IEEE
+            fp32; ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (see
+            :func:`kernels._launch.dot_precision`).
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log (+inf for rows without
         keys), max_logit fp32 [B, Hq] (-inf for heads without visible keys) or None)``.
 
     Raises:
-        RuntimeError: Triton is not installed.
+        RuntimeError: Triton is not installed. ValueError: a pinned config is not a candidate.
     """
-    import torch
-
     if not HAS_TRITON:
         raise RuntimeError("attention_fwd needs triton")
     B, T, Hq, Dk = q.shape
@@ -698,17 +710,20 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
     if early is not None:
         return early
     v_is_k = is_prefix_alias(k, v)
+    dot = dot_precision(q.dtype, allow_tf32)
 
-    if q.device.type != "cuda" or INTERPRET:
+    if not compiled_launch(q):
         cfg = config or interp_config(Dk, Dv)
-        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg)
-    with torch.cuda.device(q.device):  # launch on q's device, not the current one
-        if config is not None:
-            return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config)
-        return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot)
+    if config is None:
+        cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
+        config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
+    if config is not None:
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot)
+    return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot)
 
 
-def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig):
+def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -720,17 +735,14 @@ def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, 
         torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
     consts.update(_plan_constexprs(cfg, Dk, Dv, v_is_k))
     grid = (n_mblocks * B * Hkv, consts["NSPLIT"])
-    _attn_fwd_kernel[grid](
-        *args, **consts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_attn_fwd_kernel, grid, *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
-def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit):
+def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -745,9 +757,9 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
         torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
     grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
-    _autotuned(arch, Dk, Dv, v_is_k, dtype)[grid](*args, **consts)
+    launch(_autotuned(arch, Dk, Dv, v_is_k, dtype), grid, *args, **consts)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
@@ -756,16 +768,22 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
 # --------------------------------------------------------------------------------------------
 
 
-#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k).
+#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k). The absorbed
+#: MLA shape (576/512, one latent kv head) comes with the group sizes deployments run: 128 heads
+#: (one GPU), 16 (DeepSeek-V3 at 8-way tensor parallelism), 1 (one head per shard), and with a
+#: separate ``v`` (no alias: the dK/dV kernel then accumulates dV from its own tile).
 SPEC_SHAPES = ((32, 32, 1, False), (64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False),
-               (576, 512, 128, True))
+               (576, 512, 128, True), (576, 512, 16, True), (576, 512, 1, True), (576, 512, 128, False))
 SPEC_DTYPES = ("fp16", "bf16", "fp32")
+#: fp32 shapes also compiled with TF32 allowed (the report's ``tf32`` column must then say yes).
+SPEC_TF32_SHAPES = ((64, 64, 1, False),)
 _SPEC_MAXL = True
 
 
 def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
-             causal: bool = True) -> CompileSpec:
-    """CompileSpec of the forward kernel for contiguous inputs of the given shape and config."""
+             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+    """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
+    (fp32: IEEE products unless ``allow_tf32``)."""
     from kernels._compile import Pointer, spec_args
 
     hq, hkv, T, S = group * 2, 2, 1024, 1024
@@ -781,20 +799,23 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         **dict(zip(("snb", "snh", "snq", "sib", "sih", "siq", "sil", "MASK_BM", "MASK_BN", "KV_REP"),
                    DENSE_MASK_ARGS)),
         G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
-        WRITE_MAXL=_SPEC_MAXL, SPARSE=False, **_plan_constexprs(cfg, dk, dv, v_is_k),
+        WRITE_MAXL=_SPEC_MAXL, SPARSE=False, DOT=dot_precision(dtype, allow_tf32),
+        **_plan_constexprs(cfg, dk, dv, v_is_k),
     )
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(
         kernel="attention_fwd", fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
         tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg},
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
+               "allow_tf32": allow_tf32},
     )
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every forward configuration the autotuner may pick on ``arch`` (80 or 90), for fp16 and bf16,
-    on the representative head dims of :data:`SPEC_SHAPES`."""
+    """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
+    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES`, plus
+    fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -802,4 +823,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for dtype in SPEC_DTYPES:
             for cfg in fwd_configs(arch, dk, dv, dtype):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+    for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
+        for cfg in fwd_configs(arch, dk, dv, "fp32"):
+            specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
     return specs

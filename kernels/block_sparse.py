@@ -46,18 +46,14 @@ heads then pad the tile; never below 16 elsewhere). See :func:`compile_specs` fo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import replace
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
-from kernels.attention_bwd import (
-    _PRE_BLOCK_T,
-    _PRE_WARPS,
-    BwdConfig,
-    _pre_block_d,
-)
+from kernels import tuning
+from kernels._config import HAS_TRITON, CompileSpec
+from kernels._launch import dot_precision, launch
+from kernels.attention_bwd import BwdConfig, bwd_delta
 from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
 from kernels.attention_bwd import _spec_values as _bwd_spec_values
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
@@ -68,6 +64,7 @@ from kernels.attention_fwd import (
     _device_arch,
     arch_family,
     bwd_outputs,
+    compiled_launch,
     dtype_name,
     fwd_outputs,
     head_class,
@@ -81,7 +78,7 @@ from kernels.attention_fwd import interp_config as fwd_interp_config
 if HAS_TRITON:
     import triton
 
-    from kernels.attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _bwd_preprocess
+    from kernels.attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
     from kernels.attention_fwd import _attn_fwd_kernel
 
 __all__ = [
@@ -144,7 +141,7 @@ def _min_rows(arch: int, dtype: str) -> int:
     fp32 dQ tiles of the absorbed shape spill), 16 otherwise."""
     if dtype == "fp32":
         return 32
-    return 64 if arch >= 90 else 16
+    return 64 if arch_family(arch) == 90 else 16
 
 
 #: Block-sparse deviations from the dense tables, keyed (kind, arch family, head class, dtype class):
@@ -154,7 +151,7 @@ def _min_rows(arch: int, dtype: str) -> int:
 #: d128/d256 spills 8-24 bytes (sm80 32x16/32x32, sm90 32x16) under every warps/stages choice tried.
 _OVERRIDES: dict[tuple[str, int, str, str], dict] = {
     ("dkdv", 80, "d576", "fp32"): dict(num_warps=8),
-    **{("fwd", arch, hc, "fp32"): dict(num_stages=1) for arch in (80, 90) for hc in ("d64", "d128", "d256")},
+    **{("fwd", arch, hc, "fp32"): dict(num_stages=1) for arch in (80, 86, 90) for hc in ("d64", "d128", "d256")},
 }
 
 
@@ -204,7 +201,7 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
     if kind == "dq":
         return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr), lambda c: fit_keys(c.block_n, block_n, 16),
                     mr, 16)
-    mn = 64 if arch >= 90 and dtype != "fp32" else 16
+    mn = 64 if arch_family(arch) == 90 and dtype != "fp32" else 16
     return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16), lambda c: fit_keys(c.block_n, block_n, mn), 16, mn)
 
 
@@ -271,18 +268,6 @@ def _check_stat(name: str, t, B: int, Hq: int, T: int) -> None:
 _AUTOTUNERS: dict = {}
 
 
-def _autotune(q) -> bool:
-    """Compiled launch (autotuned configs) for CUDA tensors; the interpreter runs one small config."""
-    return q.device.type == "cuda" and not INTERPRET
-
-
-def _device_ctx(q):
-    """Launch on q's device, not the current one."""
-    import torch
-
-    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
     """``triton.autotune`` over fitted ``configs`` of kernel ``kind`` ("fwd", "dkdv", "dq")."""
     key = (kind, tuple(configs), dk, dv, v_is_k)
@@ -298,7 +283,7 @@ def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
 
 def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: tuple[int, int],
                                softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                               out=None, lse=None, config: FwdConfig | None = None):
+                               out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None):
     """Block-sparse fused attention forward.
 
     Args:
@@ -314,7 +299,10 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         return_max_logit: also return the per-(batch, head) maximum visible scaled score.
         out, lse: optional preallocated outputs (``[B, T, Hq, Dv]`` q.dtype any strides; contiguous fp32
             ``[B, Hq, T]``). config: force one :class:`kernels.attention_fwd.FwdConfig` (used as given);
-            default: autotune over :func:`fwd_configs` on GPU, one small fitted config under the interpreter.
+            default: a pinned or deterministic choice among :func:`fwd_configs` (:mod:`kernels.tuning`),
+            else autotune over them on GPU; one small fitted config under the interpreter.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] (+inf where a row sees no key),
@@ -338,8 +326,9 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
     G, kv_rep = packing(Hq, Hkv, Hm)
     rows = bm * G
     v_is_k = is_prefix_alias(k, v)
-    compiled = _autotune(q)
+    compiled = compiled_launch(q)
     n_qblocks = math.ceil(T / bm)
+    dot = dot_precision(q.dtype, allow_tf32)
 
     def launch_args(maxl, n_mblocks):
         args = (
@@ -349,38 +338,39 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             *margs, bm, bn, kv_rep,
         )
         consts = dict(G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-                      WRITE_MAXL=maxl is not None, SPARSE=True)
+                      WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot)
         return args, consts
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
-    with _device_ctx(q):
-        if compiled and config is None:
-            configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
-            n_mblocks = grid_rows(min(c.block_m for c in configs))
-            # Blocks a larger BLOCK_M does not write stay -inf.
-            maxl = (torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
-                    if return_max_logit else None)
-            args, consts = launch_args(maxl, n_mblocks)
-            grid = lambda meta: (grid_rows(meta["BLOCK_M"]) * B * Hkv * kv_rep, meta["NSPLIT"])  # noqa: E731
-            _autotuned("fwd", configs, Dk, Dv, v_is_k)[grid](*args, **consts)
-        else:
-            cfg = config or _interp_fwd(Dk, Dv, rows, bn)
-            n_mblocks = grid_rows(cfg.block_m)
-            # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
-            maxl = (torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
-                    if return_max_logit else None)
-            args, consts = launch_args(maxl, n_mblocks)
-            consts.update(_fwd_plan_constexprs(cfg, Dk, Dv, v_is_k))
-            _attn_fwd_kernel[(n_mblocks * B * Hkv * kv_rep, consts["NSPLIT"])](
-                *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+    configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn) if compiled else []
+    if compiled and config is None:
+        config = tuning.choose("block_sparse_fwd", head_class(Dk, Dv), configs)
+    if compiled and config is None:
+        n_mblocks = grid_rows(min(c.block_m for c in configs))
+        # Blocks a larger BLOCK_M does not write stay -inf.
+        maxl = (torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
+                if return_max_logit else None)
+        args, consts = launch_args(maxl, n_mblocks)
+        grid = lambda meta: (grid_rows(meta["BLOCK_M"]) * B * Hkv * kv_rep, meta["NSPLIT"])  # noqa: E731
+        launch(_autotuned("fwd", configs, Dk, Dv, v_is_k), grid, *args, **consts)
+    else:
+        cfg = config or _interp_fwd(Dk, Dv, rows, bn)
+        n_mblocks = grid_rows(cfg.block_m)
+        # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
+        maxl = (torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
+                if return_max_logit else None)
+        args, consts = launch_args(maxl, n_mblocks)
+        consts.update(_fwd_plan_constexprs(cfg, Dk, Dv, v_is_k))
+        launch(_attn_fwd_kernel, (n_mblocks * B * Hkv * kv_rep, consts["NSPLIT"]),
+               *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
 def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
                                block_size: tuple[int, int], softmax_scale: float, causal: bool, *,
                                dlse=None, dq=None, dk=None, dv=None, delta=None,
-                               dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None):
+                               dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
+                               allow_tf32: bool | None = None):
     """Block-sparse fused attention backward (deterministic: no atomics).
 
     Args:
@@ -393,7 +383,10 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         dlse: optional fp32 ``[B, Hq, T]`` gradient of ``lse``; enters as ``delta - dlse``.
         dq, dk, dv: optional preallocated outputs (shapes of q, k, v; q.dtype; any strides).
         delta: optional fp32 ``[B, Hq, T]`` scratch. dkdv_config, dq_config: force tile configurations
-            (used as given); default: autotune on GPU, small fitted configs under the interpreter.
+            (used as given); default: a pinned or deterministic choice (:mod:`kernels.tuning`), else
+            autotune on GPU; small fitted configs under the interpreter.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32``.
 
     Returns:
         ``(dq, dk, dv)`` in the input dtype. Keys no query block visits get zero dk/dv; rows that see
@@ -425,46 +418,35 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     v_is_k = is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
-    compiled = _autotune(q)
+    compiled = compiled_launch(q)
     common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=True)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=True,
+                  DOT=dot_precision(q.dtype, allow_tf32))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     n_q, n_k = math.ceil(T / bm), math.ceil(S / bn)
-    with _device_ctx(q):
-        _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK_T) * B * Hq,)](
-            out, do, delta, *out.stride(), *do.stride(), T, Hq,
-            HEAD_DV=Dv, BLOCK_T=_PRE_BLOCK_T, BLOCK_D=_pre_block_d(Dv), num_warps=_PRE_WARPS,
-        )
-        if dlse is not None:
-            # d lse / dS = P, so an upstream lse gradient enters as dS = P * (dP - (delta - dlse)).
-            delta.sub_(dlse.float())
+    bwd_delta(out, do, delta, dlse)
 
-        dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common,
-                     *q_args, bm, bn, kv_rep)
-        dkdv_grid = lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv  # noqa: E731
-        if compiled and dkdv_config is None:
-            configs = bwd_configs("dkdv", _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
-            grid = lambda meta: (dkdv_grid(meta["BLOCK_N"]), meta["NSPLIT"])  # noqa: E731
-            _autotuned("dkdv", configs, Dk, Dv, v_is_k)[grid](*dkdv_args, **consts)
-        else:
-            cfg = dkdv_config or _interp_bwd(Dk, Dv, rows, bn)
-            pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
-            _attn_bwd_dkdv_kernel[(dkdv_grid(cfg.block_n), pc["NSPLIT"])](
-                *dkdv_args, **consts, **pc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+    def run(kind, fixed, args, grid_of, tile):
+        """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned."""
+        configs = []
+        if compiled and fixed is None:
+            configs = bwd_configs(kind, _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
+            fixed = tuning.choose(f"block_sparse_{kind}", head_class(Dk, Dv), configs)
+        if compiled and fixed is None:
+            grid = lambda meta: (grid_of(meta[tile]), meta["NSPLIT"])  # noqa: E731
+            launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, *args, **consts)
+            return
+        cfg = fixed or _interp_bwd(Dk, Dv, rows, bn)
+        pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
+        fn = _attn_bwd_dkdv_kernel if kind == "dkdv" else _attn_bwd_dq_kernel
+        launch(fn, (grid_of(getattr(cfg, tile.lower())), pc["NSPLIT"]), *args, **consts, **pc,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-        dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
-        dq_grid = lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep  # noqa: E731
-        if compiled and dq_config is None:
-            configs = bwd_configs("dq", _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
-            grid = lambda meta: (dq_grid(meta["BLOCK_M"]), meta["NSPLIT"])  # noqa: E731
-            _autotuned("dq", configs, Dk, Dv, v_is_k)[grid](*dq_args, **consts)
-        else:
-            cfg = dq_config or _interp_bwd(Dk, Dv, rows, bn)
-            pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
-            _attn_bwd_dq_kernel[(dq_grid(cfg.block_m), pc["NSPLIT"])](
-                *dq_args, **consts, **pc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common,
+                 *q_args, bm, bn, kv_rep)
+    run("dkdv", dkdv_config, dkdv_args, lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv, "BLOCK_N")
+    dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
+    run("dq", dq_config, dq_args, lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M")
     return dq, dk, dv
 
 

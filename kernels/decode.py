@@ -62,7 +62,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
+from kernels._launch import dot_precision, launch
 
 if HAS_TRITON:
     import triton
@@ -385,11 +386,15 @@ if HAS_TRITON:
 _GPU_BLOCK_H = 64
 _GPU_WARPS = 8
 _GPU_MAX_BLOCK_DV = 256
-_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=32, num_stages=2)}
+#: Keyed by kernels._config.arch_family. 99 KiB parts (sm86, sm89, sm120) step 16 keys at a time:
+#: 92 KiB of shared memory for 576/512 on sm86 (32 keys: 112 KiB, over their limit).
+_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 86: dict(BLOCK_N=16, num_stages=2),
+                   90: dict(BLOCK_N=32, num_stages=2)}
 #: FP8 (fp8_ds_mla) cache tiles, measured with ptxas like the above (bf16 queries, 576/512, the three
 #: launch modes of ``compile_specs``): the dequantized tiles live in registers before the products, so
-#: sm90 takes 16 keys per step (32: 255 registers and 28 spilled bytes in the causal direct mode) and
-#: sm80/sm89 (mma.sync, no wgmma) 32 rows per program (64 rows: 600-3,200 spilled bytes for 16 or 32 keys).
+#: the wgmma family (90) takes 16 keys per step (32: 255 registers and 28 spilled bytes in the causal
+#: direct mode) and the others (mma.sync, no wgmma; ~91 KiB shared, within the 99 KiB parts' limit) 32
+#: rows per program (64 rows: 600-3,200 spilled bytes for 16 or 32 keys).
 _GPU_FP8_TILES = {80: dict(BLOCK_H=32, BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=16, num_stages=2)}
 #: Minimum number of key tiles a split should own before splitting further pays for the combine.
 _MIN_TILES_PER_SPLIT = 2
@@ -408,7 +413,7 @@ def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dty
         # so that shared memory fits (576/512: 69632 bytes on sm80/sm90); it spills (~3.7 KiB).
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
                     num_warps=4, num_stages=1)
-    tiles = _GPU_ARCH_TILES[90 if arch >= 90 else 80]
+    tiles = _GPU_ARCH_TILES[arch_family(arch)]
     return dict(BLOCK_H=_GPU_BLOCK_H, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
                 num_warps=_GPU_WARPS, **tiles)
 
@@ -433,8 +438,12 @@ def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = No
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, 1024), num_warps=4, num_stages=1)
     cfg = _gpu_config(head_dim, head_dim_v, arch, dtype)
     if kv_fp8 and dtype != torch.float32:
-        cfg.update(_GPU_FP8_TILES[90 if arch >= 90 else 80])
+        cfg.update(_fp8_tiles(arch))
     return cfg
+
+
+def _fp8_tiles(arch: int) -> dict:
+    return _GPU_FP8_TILES[90 if arch_family(arch) == 90 else 80]
 
 
 def _combine_config(head_dim_v: int, num_splits: int) -> dict:
@@ -506,7 +515,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
                    cache_seqlens: torch.Tensor, softmax_scale: float, head_dim_v: int,
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
                    num_splits: int | None = None, *, out: torch.Tensor | None = None,
-                   lse: torch.Tensor | None = None, config: dict | None = None, kv_fp8: bool = False):
+                   lse: torch.Tensor | None = None, config: dict | None = None, kv_fp8: bool = False,
+                   allow_tf32: bool | None = None):
     """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
 
     Args:
@@ -542,9 +552,12 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             ``Dk - Dv`` bf16 rope values, zero padding to a multiple of 16 bytes: 656 bytes for 576/512);
             ``Dv`` must be a multiple of 128. Tiles are dequantized in registers (``code * scale`` in fp32,
             rounded to ``q``'s dtype for the products); no dequantized copy of the cache is made.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
 
-    fp32 inputs use IEEE fp32 products (``input_precision="ieee"``), fp16 / bf16 inputs tensor-core
-    products with fp32 accumulation; the softmax statistics and the split merge are fp32.
+    fp32 inputs use IEEE fp32 products (``input_precision="ieee"``) unless TF32 is allowed, fp16 /
+    bf16 inputs tensor-core products with fp32 accumulation; the softmax statistics and the split
+    merge are fp32.
 
     Returns:
         ``(out, lse)``: ``out [B, Tq, H, Dv]`` in ``q.dtype``; ``lse`` fp32 ``[B, H, Tq]``, natural
@@ -669,7 +682,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         o_strides = (o_buf.stride(0), o_buf.stride(2), o_buf.stride(3))
         l_strides = l_buf.stride()
     grid = (groups, num_splits, cfg["DV_SPLIT"])
-    _mla_decode_split_kernel[grid](
+    launch(
+        _mla_decode_split_kernel, grid,
         q, kv_cache, block_table, cache_seqlens, tk, o_buf, l_buf,
         float(softmax_scale) * _LOG2E,
         q.stride(0), _row_stride(q),
@@ -681,14 +695,15 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         DK=Dk, DV=Dv, PAGE_SIZE=page_size,
         IS_CAUSAL=bool(causal), HAS_TOPK=has_topk, DIRECT=direct,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
-        BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         KV_FP8=bool(kv_fp8), FP8_NATIVE=bool(cfg.get("FP8_NATIVE", arch >= 89)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         ccfg = _combine_config(Dv, num_splits)
         rows = B * Tq * H
-        _mla_decode_combine_kernel[(rows, _cdiv(Dv, ccfg["BLOCK_DV"]))](
+        launch(
+            _mla_decode_combine_kernel, (rows, _cdiv(Dv, ccfg["BLOCK_DV"])),
             o_buf, l_buf, out, lse,
             num_splits, H, Tq,
             num_splits * Dv, Dv,
@@ -735,9 +750,9 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                 topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
                 max_pages: int = 33, kv_fp8: bool = False) -> CompileSpec:
     fn = _mla_decode_split_kernel
-    cfg = _gpu_config(dk, dv, arch)
+    cfg = _gpu_config(dk, dv, arch, dtype)
     if kv_fp8:
-        cfg.update(_GPU_FP8_TILES[90 if arch >= 90 else 80])
+        cfg.update(_fp8_tiles(arch))
     ty = _TL_DTYPE[dtype]
     H, T = num_heads, q_len
     S = 1 if direct else num_splits
@@ -757,8 +772,8 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                     stride_lb=T * H * S, stride_lt=H * S, stride_lh=S, stride_ls=1)
     constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
                       BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
-                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION="tf32", KV_FP8=kv_fp8,
-                      FP8_NATIVE=arch >= 89)
+                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
+                      DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89)
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
     mode += "-fp8kv" if kv_fp8 else ""
@@ -792,15 +807,17 @@ def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every configuration the decode launcher may pick on a GPU, for ahead-of-time compile checks.
 
-    ``arch`` is the compute capability (80 or 90). For fp16 and bf16: the split kernel for the
-    absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
+    ``arch`` is the compute capability (80, 86, 89, 90...). For fp16 and bf16: the split kernel for
+    the absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
     with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
-    partials), H = 16 (dense causal Tq = 2, split partials), and a generic shape (80, 64) (dense
-    causal, Tq = 2: masked rope block); the combine kernel for Dv = 512 and 64. The tile does not depend on H or
-    Tq; they only change the launch specialisation. Signatures are specialised as a contiguous
-    launch is (ints equal to 1 constexpr; ``extra["divisible"]`` names the 16-divisible ints and
-    aligned pointers, as ``kernels._compile.compile_spec`` expects); without those hints the loads
-    are not vectorised and the 576/512 kernel spills. Returns an empty list without Triton.
+    partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
+    generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
+    and 64. For fp32 (IEEE products): the absorbed split kernel, dense and top-k, and its combine.
+    The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
+    are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
+    names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
+    expects); without those hints the loads are not vectorised and the 576/512 kernel spills.
+    Returns an empty list without Triton.
     """
     if not HAS_TRITON:
         return []
@@ -810,6 +827,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True))
         specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=True, direct=False))
         specs.append(_split_spec(arch, dtype, 576, 512, 16, 2, causal=True, topk=False, direct=False))
+        specs.append(_split_spec(arch, dtype, 576, 512, 1, 1, causal=True, topk=False, direct=False))
         specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
         specs.append(_combine_spec(arch, dtype, 512))
         specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
@@ -817,4 +835,8 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
         specs.append(_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,
                                  direct=direct, kv_fp8=True))
+    # fp32 (IEEE products): the absorbed shape, dense and top-k, and its combine.
+    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=False, topk=False, direct=False))
+    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=True, topk=True, direct=False))
+    specs.append(_combine_spec(arch, torch.float32, 512))
     return specs

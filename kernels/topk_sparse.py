@@ -92,7 +92,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec
+from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
+from kernels._launch import dot_precision, launch
 from kernels.attention_fwd import bwd_outputs, fwd_outputs, is_prefix_alias
 
 if HAS_TRITON:
@@ -252,6 +253,10 @@ _GPU_TABLE.update({
     (80, "dkdv_atomic", "small", "g"): _C(64, 32, num_warps=4, num_stages=2),
     (80, "dkdv_atomic", "small", "g16"): _C(16, 32, num_warps=4, num_stages=2),
 })
+# 99 KiB parts (sm86, sm89, sm120): the sm80 entries (at most 72 KiB on sm86) except the 64-row
+# absorbed forward (112 KiB): 16 keys per step (92 KiB, 0 spills).
+_GPU_TABLE.update({(86,) + key[1:]: cfg for key, cfg in _GPU_TABLE.items() if key[0] == 80})
+_GPU_TABLE[(86, "fwd", "big", "g")] = _C(64, 16, nsplit=2, num_warps=8, num_stages=2)
 # fp32 inputs (IEEE products on CUDA cores): a correctness path with small tiles (not in the
 # compile check, like the decode kernel's fp32 path).
 _GPU_TABLE_FP32: dict[tuple[str, str], TopkConfig] = {
@@ -293,7 +298,7 @@ def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16"
     cls = _head_class(dk, dv)
     if _dtype_name(dtype) == "fp32":
         return _GPU_TABLE_FP32[(kind, cls)]
-    return _GPU_TABLE[(90 if arch >= 90 else 80, kind, cls, "g16" if group <= 16 else "g")]
+    return _GPU_TABLE[(arch_family(arch), kind, cls, "g16" if group <= 16 else "g")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,15 +620,19 @@ if HAS_TRITON:
             if ATOMIC_DKDV % 2 == 1:
                 dv_part = tl.dot(tl.trans(p.to(do_own.dtype)), do_own, input_precision=DOT)
                 va = DVA + b * sdvb + hkv * sdvh + (kidx * sdvs)[:, None]
-                tl.atomic_add(va + cols_v[None, :], dv_part, mask=ok[:, None] & (cols_v < HEAD_DV)[None, :])
+                # Pure accumulation: relaxed atomics (the default acq_rel orders memory for nothing).
+                tl.atomic_add(va + cols_v[None, :], dv_part, mask=ok[:, None] & (cols_v < HEAD_DV)[None, :],
+                              sem="relaxed")
             if ATOMIC_DKDV >= 2:
                 dst = tl.trans(ds.to(q_own.dtype))
                 dk_part = tl.dot(dst, q_own, input_precision=DOT) * sm_scale
                 ka = DKA + b * sdkb + hkv * sdkh + (kidx * sdks)[:, None]
-                tl.atomic_add(ka + cols_k[None, :], dk_part, mask=ok[:, None] & (cols_k < HEAD_DK)[None, :])
+                tl.atomic_add(ka + cols_k[None, :], dk_part, mask=ok[:, None] & (cols_k < HEAD_DK)[None, :],
+                              sem="relaxed")
                 if BT > 0:
                     dk_tail = tl.dot(dst, q_tail, input_precision=DOT) * sm_scale
-                    tl.atomic_add(ka + cols_t[None, :], dk_tail, mask=ok[:, None] & (cols_t < HEAD_DK)[None, :])
+                    tl.atomic_add(ka + cols_t[None, :], dk_tail, mask=ok[:, None] & (cols_t < HEAD_DK)[None, :],
+                                  sem="relaxed")
 
         if WRITE_DQ:
             hq_st = _idx(hkv * G, OFF64) + heads
@@ -1023,10 +1032,6 @@ def _off64(row_tensors, key_tensors, det: bool = False) -> bool:
     return any(_extent(x, range(1, x.dim())) >= _I32_LIMIT for x in key_tensors)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp16/bf16: ignored (tensor cores, fp32 acc)
-
-
 def _arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 90
@@ -1048,7 +1053,7 @@ def _plan_consts(kind: str, cfg: TopkConfig, dk: int, dv: int, v_is_k: bool) -> 
 
 
 def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool, *, return_max_logit=False,
-                       out=None, lse=None, config: TopkConfig | None = None):
+                       out=None, lse=None, config: TopkConfig | None = None, allow_tf32: bool | None = None):
     """Top-k sparse attention forward (DeepSeek Sparse Attention layout; see the module docstring).
 
     Args:
@@ -1066,9 +1071,12 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
         out: optional preallocated ``[B, T, Hq, Dv]`` output in q.dtype (any strides; every element
             is written). lse: optional preallocated fp32 ``[B, Hq, T]`` (any strides).
         config: force a :class:`TopkConfig` (tests, tuning); default :func:`topk_config`.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
 
-    Inputs are assumed validated by the caller (``mla.functional``). fp32 inputs use IEEE fp32 products,
-    fp16 / bf16 tensor-core products with fp32 accumulation; softmax statistics are fp32.
+    Inputs are assumed validated by the caller (``mla.functional``). fp32 inputs use IEEE fp32 products
+    (unless TF32 is allowed), fp16 / bf16 tensor-core products with fp32 accumulation; softmax
+    statistics are fp32.
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log, max_logit fp32 [B, Hq] or None)``.
@@ -1096,14 +1104,15 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
     pc = _plan_consts("fwd", cfg, Dk, Dv, v_is_k)
     maxl = torch.empty((B, Hq, T), dtype=torch.float32, device=dev) if return_max_logit else None
     grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
-    _topk_fwd_kernel[grid](
+    launch(
+        _topk_fwd_kernel, grid,
         q, k, v, idx, o_buf, lse, maxl if maxl is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
         o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         T, S, Hkv, KTOP, float(softmax_scale) * LOG2E, 0,
         G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, WRITE_MAXL=return_max_logit,
-        DOT=_dot_precision(q.dtype), OFF64=_off64((q, o_buf), (k, v, lse)), **pc,
+        DOT=dot_precision(q.dtype, allow_tf32), OFF64=_off64((q, o_buf), (k, v, lse)), **pc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if o_buf is not out:
@@ -1113,7 +1122,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
 
 def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float, causal: bool, *, dlse=None,
                        deterministic=True, dq=None, dk=None, dv=None, configs: dict | None = None,
-                       key_index: KeyMajorIndex | None = None):
+                       key_index: KeyMajorIndex | None = None, allow_tf32: bool | None = None):
     """Top-k sparse attention backward: ``(dq, dk, dv)`` like ``q, k, v``.
 
     Args:
@@ -1129,6 +1138,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
         configs: optional ``{kind: TopkConfig}`` overrides ("dq", "dkdv_atomic", "dkdv_det"; tests).
         key_index: optional prebuilt :func:`build_key_major_index` result (same indices, ``S``, causal,
             the dkdv_det config's ``block_n``), e.g. cached across layers that share indices.
+        allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
+            ``torch.backends.cuda.matmul.allow_tf32``.
 
     ``dk`` holds only the score-path gradient and ``dv`` the value path, also when ``v`` is a prefix view
     of ``k`` (autograd adds them through the view). Rows without keys (``lse = +inf``) get zero gradients;
@@ -1153,14 +1164,15 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     k, v, v_is_k = _prep_kv(k, v)
     q, do = _unit_last(q), _unit_last(do)
     idx = _unit_last(topk_indices)
-    dot = _dot_precision(q.dtype)
+    dot = dot_precision(q.dtype, allow_tf32)
     scale = float(softmax_scale)
 
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
     has_dlse = dlse is not None
     dl = dlse if has_dlse else delta
     bd = min(128, max(16, _next_pow2(Dv)))
-    _topk_bwd_pre_kernel[(B * Hq, _cdiv(T, 64))](
+    launch(
+        _topk_bwd_pre_kernel, (B * Hq, _cdiv(T, 64)),
         out, do, dl, delta, *out.stride(), *do.stride(), dl.stride(0), dl.stride(1), dl.stride(2), T, Hq,
         HEAD_DV=Dv, HAS_DLSE=has_dlse, BLOCK_T=64, BLOCK_D=bd, num_warps=4,
     )
@@ -1177,7 +1189,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     def launch_q(cfg, write_dq, atomic, dka, dva):
         pc = _plan_consts("dq", cfg, Dk, Dv, v_is_k)
         grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
-        _topk_bwd_q_kernel[grid](
+        launch(
+            _topk_bwd_q_kernel, grid,
             q, k, v, do, idx, lse, delta, dq_buf, dka, dva, *q_strides,
             dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), dka.stride(0), dka.stride(1), dka.stride(2),
             dva.stride(0), dva.stride(1), dva.stride(2),
@@ -1224,7 +1237,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
         ent_hi = kmi.ent_hi if kmi.ent_hi.numel() else ent_t
         off64 = _off64((q, do), (k, v, dk_buf, dv_buf, lse), det=True)
         for part in ((1, 2) if cfg.split_dkdv else (3,)):
-            _topk_bwd_kv_det_kernel[(kmi.items.shape[0], pc["NSPLIT"])](
+            launch(
+                _topk_bwd_kv_det_kernel, (kmi.items.shape[0], pc["NSPLIT"]),
                 q, k, v, do, lse, delta, ent_t, ent_lo, ent_hi, kmi.items, dk_buf, dv_buf, pk, pv,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -1239,7 +1253,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
         if n_multi:
             for part, dst, D in ((pk, dk_buf, Dk), (pv, dv_buf, Dv)):
                 bd = min(64, max(16, _next_pow2(D)))
-                _topk_reduce_kernel[(n_multi, _cdiv(D, bd))](
+                launch(
+                    _topk_reduce_kernel, (n_multi, _cdiv(D, bd)),
                     part, dst, kmi.multi, dst.stride(0), dst.stride(1), dst.stride(2), S, Hkv,
                     kmi.num_key_blocks, D=D, BLOCK_N=cfg.block_n, BLOCK_D=bd, num_warps=4,
                 )
@@ -1253,9 +1268,11 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
 # ahead-of-time compile specifications (DESIGN §6.3)
 # --------------------------------------------------------------------------------------------
 #: Representative shapes of the compile check: (Dk, Dv, Hq, Hkv, v aliases k).
-SPEC_SHAPES = ((576, 512, 128, 1, True), (576, 512, 16, 1, True), (192, 128, 16, 16, False),
-               (64, 64, 8, 2, False), (64, 64, 32, 1, False))
+SPEC_SHAPES = ((576, 512, 128, 1, True), (576, 512, 16, 1, True), (576, 512, 1, 1, True),
+               (576, 512, 128, 1, False), (192, 128, 16, 16, False), (64, 64, 8, 2, False), (64, 64, 32, 1, False))
 SPEC_DTYPES = ("fp16", "bf16")
+#: fp32 (IEEE products) is compiled for the absorbed shapes only: its tiles do not depend on the group.
+SPEC_FP32_SHAPES = ((576, 512, 128, 1, True), (576, 512, 128, 1, False))
 
 
 def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_is_k: bool, causal: bool,
@@ -1278,7 +1295,8 @@ def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_i
         T=T, S=S, Hkv=hkv, KTOP=KT, NKB=_cdiv(S, cfg.block_n),
         qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
         G=hq // hkv, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, WRITE_MAXL=True,
-        WRITE_DQ=kind == "dq", ATOMIC_DKDV=part if kind == "dkdv_atomic" else 0, PARTS=part, DOT="tf32",
+        WRITE_DQ=kind == "dq", ATOMIC_DKDV=part if kind == "dkdv_atomic" else 0, PARTS=part,
+        DOT=dot_precision(dtype, False),
         OFF64=off64,
         **_plan_consts(kind, cfg, dk, dv, v_is_k),
     )
@@ -1345,16 +1363,17 @@ def _aux_specs(arch: int, dtype: str, dv: int) -> list[CompileSpec]:
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every configuration the top-k launchers may pick on ``arch`` (80 or 90), for fp16 and bf16:
-    forward, dQ, atomic and deterministic dK/dV kernels on :data:`SPEC_SHAPES` (absorbed 576/512 with
-    128 and 16 heads on one latent kv head, v a prefix of k; 192/128 with one head per kv head; 64/64
-    GQA), causal, plus the delta preprocessing and partial-reduce kernels. Signatures are specialised as
-    a contiguous launch is (``extra["divisible"]``). Empty without Triton."""
+    """Every configuration the top-k launchers may pick on ``arch`` (80, 86, 89, 90...): forward, dQ,
+    atomic and deterministic dK/dV kernels on :data:`SPEC_SHAPES` (absorbed 576/512 on one latent kv
+    head with 128, 16 and 1 heads, v a prefix of k, and with 128 heads and a separate v; 192/128 with
+    one head per kv head; 64/64 GQA) for fp16 and bf16, and on :data:`SPEC_FP32_SHAPES` for fp32
+    (IEEE products); causal; plus the delta preprocessing and partial-reduce kernels. Signatures are
+    specialised as a contiguous launch is (``extra["divisible"]``). Empty without Triton."""
     if not HAS_TRITON:
         return []
     specs = []
-    for dtype in SPEC_DTYPES:
-        for dk, dv, hq, hkv, alias in SPEC_SHAPES:
+    for dtype in SPEC_DTYPES + ("fp32",):
+        for dk, dv, hq, hkv, alias in SPEC_FP32_SHAPES if dtype == "fp32" else SPEC_SHAPES:
             for kind in KINDS:
                 cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
                 parts = (1, 2) if kind.startswith("dkdv") and cfg.split_dkdv else (3,)

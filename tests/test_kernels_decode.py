@@ -355,11 +355,12 @@ def test_decode_config_and_compile_specs():
     assert cfg["DV_SPLIT"] * cfg["BLOCK_DV"] >= 512 and cfg["BLOCK_DR"] >= 64
     with pytest.raises(ValueError):
         decode_config(32, 48)
-    for arch in (80, 90):
+    for arch in (80, 86, 89, 90):
         specs = compile_specs(arch)
         kinds = {s.kernel for s in specs}
         assert kinds == {"mla_decode_split", "mla_decode_combine"}
-        assert {s.dtype for s in specs} == {"fp16", "bf16"}
+        assert {s.dtype for s in specs} == {"fp16", "bf16", "fp32"}
+        assert {s.extra["num_heads"] for s in specs if s.head_dims == (576, 512)} >= {1, 16, 128}
         assert {s.head_dims for s in specs if s.kernel == "mla_decode_split"} == {(576, 512), (80, 64)}
         for s in specs:
             assert list(s.signature) == list(s.fn.arg_names) and s.arch == arch

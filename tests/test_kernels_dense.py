@@ -335,7 +335,7 @@ def test_autotuned_launch_path(monkeypatch):
     scale = c.Dk**-0.5
     out = torch.full((1, c.T, c.Hq, c.Dv), math.nan)
     lse = torch.full((1, c.Hq, c.T), math.nan)
-    out, lse, max_logit = fwd_mod._launch_autotuned(q, k, v, out, lse, scale, True, False, True)
+    out, lse, max_logit = fwd_mod._launch_autotuned(q, k, v, out, lse, scale, True, False, True, "ieee")
     ref_out, ref_lse, ref_max = formula(q, k, v, scale, True)
     assert rel(out, ref_out) <= 1e-5
     assert_stat(lse, ref_lse, "lse", c.dtype, bad_sign=+1)
@@ -344,7 +344,7 @@ def test_autotuned_launch_path(monkeypatch):
     do = torch.randn_like(out)
     dq, dk, dv = (torch.full(x.shape, math.nan) for x in (q, k, v))
     delta = torch.full((1, c.Hq, c.T), math.nan)
-    bwd_mod._launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, scale, True, False, True, None, None)
+    bwd_mod._launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, scale, True, False, True, None, None, None, "ieee")
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
     formula(qr, kr, vr, scale, True)[0].backward(do.double())
     for x, ref in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):

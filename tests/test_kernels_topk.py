@@ -445,21 +445,21 @@ def test_column_plan():
 def test_configs_and_compile_specs():
     """compile_specs lists every kind for both archs, fp16 and bf16, on the representative shapes (the
     launcher's own choice for each), with signatures in argument order."""
-    for arch in (80, 90):
+    for arch in (80, 86, 89, 90):
         specs = compile_specs(arch)
         assert {"topk_bwd_pre", "topk_reduce"} <= {s.kernel for s in specs}
-        assert {s.dtype for s in specs} == {"fp16", "bf16"} and all(s.arch == arch for s in specs)
+        assert {s.dtype for s in specs} == {"fp16", "bf16", "fp32"} and all(s.arch == arch for s in specs)
         assert {s.kernel for s in specs} >= {f"topk_{k}" for k in ("fwd", "dq")}
         main = [s for s in specs if "kind" in s.extra]
         for s in specs:
             assert list(s.signature) == list(s.fn.arg_names)
             assert all(k in s.signature for k in s.constexprs) and set(s.extra["divisible"]) <= set(s.signature)
         for dtype in ("fp16", "bf16"):
-            for dk, dv, hq, hkv, _alias in SPEC_SHAPES:
+            for dk, dv, hq, hkv, alias in SPEC_SHAPES:
                 for kind in KINDS:
                     cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
                     got = [s for s in main if s.extra["kind"] == kind and s.dtype == dtype
-                           and s.head_dims == (dk, dv) and s.extra["heads"] == hq]
+                           and s.head_dims == (dk, dv) and s.extra["heads"] == hq and s.extra["v_is_k"] == alias]
                     assert got and all(s.extra["config"] == cfg for s in got)
                     assert sorted(s.extra["part"] for s in got) == ([1, 2] if cfg.split_dkdv else [3])
                     if arch >= 90 and kind != "dkdv_det":
