@@ -130,9 +130,9 @@ class SassLoop:
     start: int
     end: int
     n_instr: int
-    mma: int  # HGMMA (sm90) or HMMA (sm80) instructions
-    mma_macs: int  # MACs of those instructions (per warpgroup for HGMMA, per warp for HMMA)
-    mma_kind: str  # "wgmma", "mma" or ""
+    mma: int  # HGMMA (sm90) and HMMA (mma.sync; sm80, and some sm90 dots) instructions
+    hgmma_macs: int  # MACs of the HGMMA, per warpgroup
+    hmma_macs: int  # MACs of the HMMA, per warp
     tf32: bool
     shapes: dict[str, int] = field(default_factory=dict)  # "64x16x16 A:smem" -> count
     mufu_ex2: int = 0
@@ -141,12 +141,17 @@ class SassLoop:
     slack: int | None = None  # smallest n of the loop's ``DEPBAR.LE SB0, n`` (None: no such wait)
     tma_loads: int = 0
 
+    def executed_macs(self, num_warps: int) -> int:
+        """MACs one iteration executes for the whole program: every warpgroup issues the HGMMA,
+        every warp the HMMA."""
+        return self.hgmma_macs * max(1, num_warps // 4) + self.hmma_macs * num_warps
+
 
 def sass_loop(lines: list[tuple[int, str]], start: int, end: int) -> SassLoop:
     """Count the instructions of the loop ``[start, end]`` (addresses) of ``lines``."""
     body = [i for a, i in lines if start <= a <= end]
     shapes: Counter = Counter()
-    macs, n_mma, kind, tf32 = 0, 0, "", False
+    hg_macs, hm_macs, n_mma, tf32 = 0, 0, 0, False
     ex2 = other = local = tma = 0
     slacks = []
     for ins in body:
@@ -155,16 +160,15 @@ def sass_loop(lines: list[tuple[int, str]], start: int, end: int) -> SassLoop:
         if mm:
             label, mac, is_tf32 = mm
             n_mma += 1
-            macs += mac
             tf32 |= is_tf32
             if op.startswith("HGMMA"):
-                kind = "wgmma"
+                hg_macs += mac
                 # Operands after the opcode: D, A, B[, C]; A in registers prints as ``R<n>``.
                 ops = ins.split(op, 1)[1].split(",")
                 src = "A:reg" if len(ops) > 1 and re.fullmatch(r"\s*R\d+", ops[1]) else "A:smem"
                 shapes[f"{label} {src}"] += 1
             else:
-                kind = kind or "mma"
+                hm_macs += mac
                 shapes[label] += 1
         elif op.startswith("MUFU.EX2"):
             ex2 += 1
@@ -178,8 +182,8 @@ def sass_loop(lines: list[tuple[int, str]], start: int, end: int) -> SassLoop:
             m = _DEPBAR_SB0.match(ins.split(" ", 1)[1] if ins.startswith("@") else ins)
             if m:
                 slacks.append(int(m.group(1), 16))
-    return SassLoop(start=start, end=end, n_instr=len(body), mma=n_mma, mma_macs=macs, mma_kind=kind, tf32=tf32,
-                    shapes=dict(shapes), mufu_ex2=ex2, mufu_other=other, local_mem=local,
+    return SassLoop(start=start, end=end, n_instr=len(body), mma=n_mma, hgmma_macs=hg_macs, hmma_macs=hm_macs,
+                    tf32=tf32, shapes=dict(shapes), mufu_ex2=ex2, mufu_other=other, local_mem=local,
                     slack=min(slacks) if slacks else None, tma_loads=tma)
 
 

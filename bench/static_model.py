@@ -145,6 +145,7 @@ class LoopRow:
     tile: str
     warps: int
     stages: int
+    variant: str  # launch mode where one tile serves several (decode: "dense-split", "topk-causal-split", ...)
     loop: str  # "i/n": i-th of the program's n main loops, in code order
     registers: int
     spill_bytes: int
@@ -158,6 +159,7 @@ class LoopRow:
     useful_share: float | None
     replicated_dots: int | None  # None: the TTGIR loop could not be matched
     dots: int | None
+    ttgir_macs: int | None  # Σ M·N·K × replication of the matched TTGIR dots (= exec_macs when matched exactly)
     slack: int | None
     mufu_ex2: int
     t_tc: float
@@ -168,11 +170,6 @@ class LoopRow:
     vs_reference: float | None = None
     status: str = "ok"
 
-    def key(self) -> str:
-        """Identity of the configuration (not of the loop): kernel, arch, dtype, dims, G, tile, launch."""
-        return f"{self.kernel} sm{self.arch} {self.dtype} {self.head_dims} G{self.group} {self.tile} " \
-               f"w{self.warps} s{self.stages}"
-
 
 def model_loop(arch: int, warps: int, loop: sass.SassLoop, useful: float | None) -> dict:
     """Per-iteration clocks on one SM and modeled efficiencies (docs/static-model.md):
@@ -182,8 +179,7 @@ def model_loop(arch: int, warps: int, loop: sass.SassLoop, useful: float | None)
     serial ``T = T_tc + max(T_issue − MMA issue, T_mufu)``, overlap ``T = max(T_tc, T_issue, T_mufu)``;
     efficiency ``= useful / peak / T``."""
     peak = PEAK_MAC[arch] / (2 if loop.tf32 else 1)
-    units = warps // 4 if loop.mma_kind == "wgmma" else warps  # HGMMA counts are per warpgroup
-    executed = loop.mma_macs * max(1, units)
+    executed = loop.executed_macs(warps)
     wps = warps / SUBPARTITIONS
     t_tc = executed / peak
     t_issue = loop.n_instr * wps
@@ -199,12 +195,12 @@ def model_loop(arch: int, warps: int, loop: sass.SassLoop, useful: float | None)
     return out
 
 
-def match_ttgir(sass_loops: list[sass.SassLoop], ttgir_loops: list[list[sass.Dot]], units: list[int]):
+def match_ttgir(sass_loops: list[sass.SassLoop], ttgir_loops: list[list[sass.Dot]], num_warps: int):
     """TTGIR dot loop of each SASS main loop: the first unused one whose executed MACs
     (``Σ m·n·k × replication``) equal the SASS loop's, else the same position when the counts agree."""
     used, out = set(), []
-    for i, (lp, u) in enumerate(zip(sass_loops, units)):
-        executed = lp.mma_macs * u
+    for i, lp in enumerate(sass_loops):
+        executed = lp.executed_macs(num_warps)
         pick = next((j for j, dots in enumerate(ttgir_loops) if j not in used
                      and sum(d.macs * d.replication for d in dots) == executed), None)
         if pick is None and len(ttgir_loops) == len(sass_loops) and i not in used:
@@ -224,10 +220,10 @@ def analyse(spec) -> list[LoopRow]:
     dk, dv = spec.head_dims
     base = dict(kernel=spec.kernel, arch=spec.arch, dtype=spec.dtype, head_dims=f"{dk}/{dv}",
                 group=int(spec.extra.get("group", spec.extra.get("num_heads", 1))), tile=spec.tile,
-                warps=spec.num_warps, stages=spec.num_stages)
+                warps=spec.num_warps, stages=spec.num_stages, variant=str(spec.extra.get("mode", "")))
     empty = dict(loop="-", registers=0, spill_bytes=0, shared_bytes=0, ctas_per_sm=0, instr=0, mma=0, mma_shapes="",
-                 exec_macs=0, useful_macs=None, useful_share=None, replicated_dots=None, dots=None, slack=None,
-                 mufu_ex2=0, t_tc=0.0, t_issue=0.0, t_mufu=0.0, eff_serial=None, eff_overlap=None)
+                 exec_macs=0, useful_macs=None, useful_share=None, replicated_dots=None, dots=None, ttgir_macs=None,
+                 slack=None, mufu_ex2=0, t_tc=0.0, t_issue=0.0, t_mufu=0.0, eff_serial=None, eff_overlap=None)
     try:
         k = sass.compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.extra.get("divisible", ()),
                                 spec.num_warps, spec.num_stages, spec.arch)
@@ -242,8 +238,7 @@ def analyse(spec) -> list[LoopRow]:
     loops = sass.main_loops(lines)
     if not loops:
         return [LoopRow(**base, **{**empty, **common})]
-    units = [max(1, spec.num_warps // 4) if lp.mma_kind == "wgmma" else spec.num_warps for lp in loops]
-    dot_loops = match_ttgir(loops, sass.ttgir_dot_loops(k.asm["ttgir"]), units)
+    dot_loops = match_ttgir(loops, sass.ttgir_dot_loops(k.asm["ttgir"]), spec.num_warps)
     useful = useful_macs(spec)
     rows = []
     for i, (lp, dots) in enumerate(zip(loops, dot_loops)):
@@ -252,7 +247,9 @@ def analyse(spec) -> list[LoopRow]:
         rows.append(LoopRow(
             **base, **common, loop=f"{i + 1}/{len(loops)}", instr=lp.n_instr, mma=lp.mma, mma_shapes=shapes,
             useful_macs=useful, replicated_dots=None if dots is None else sum(d.replication > 1 for d in dots),
-            dots=None if dots is None else len(dots), slack=lp.slack, mufu_ex2=lp.mufu_ex2, **m,
+            dots=None if dots is None else len(dots),
+            ttgir_macs=None if dots is None else sum(d.macs * d.replication for d in dots), slack=lp.slack,
+            mufu_ex2=lp.mufu_ex2, **m,
         ))
     return rows
 
@@ -310,9 +307,94 @@ def run(archs=(80, 90), kernels=None, dtypes=None, quick=False, jobs: int | None
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Ratchet: per-configuration summary and comparison with a recorded baseline
+# --------------------------------------------------------------------------------------------
+
+#: Relative slack on modeled serial efficiency: instruction counts move a little between Triton
+#: releases and code-generation details; a real regression (a lost stage, a replicated dot) is larger.
+EFF_TOLERANCE = {"same_triton": 0.03, "other_triton": 0.10}
+
+
+def _config_key(r: dict) -> str:
+    return (f"{r['kernel']} sm{r['arch']} {r['dtype']} {r['head_dims']} G{r['group']} {r['tile']} "
+            f"w{r['warps']} s{r['stages']}" + (f" {r['variant']}" if r.get("variant") else ""))
+
+
+def _class_key(key: str) -> str:
+    return " ".join(key.split()[:5])  # kernel, arch, dtype, head dims, group: what a config serves
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per configuration (kernel, arch, dtype, dims, G, tile, warps, stages): the most replicated
+    dots of any main loop, the lowest useful share and the best modeled serial efficiency (the
+    steady-state loop; masked / tail loops are slower by design). Configurations without a matrix
+    loop are left out; a row that failed to compile gives ``{"status": ...}``."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        key = _config_key(r)
+        if r["status"] != "ok":
+            out[key] = {"status": r["status"]}
+            continue
+        if r["useful_share"] is None:
+            continue
+        cur = out.setdefault(key, {"replicated_dots": 0, "useful_share": 1e9, "eff_serial": 0.0})
+        rep, old = r["replicated_dots"], cur["replicated_dots"]
+        cur["replicated_dots"] = None if rep is None or old is None else max(old, rep)
+        cur["useful_share"] = round(min(cur["useful_share"], r["useful_share"]), 4)
+        cur["eff_serial"] = round(max(cur["eff_serial"], r["eff_serial"]), 4)
+    return out
+
+
+def compare(current: dict[str, dict], baseline: dict[str, dict], tolerance: float) -> list[str]:
+    """What got worse than ``baseline`` (both from :func:`summarize`): more replicated dots, a lower
+    useful share, or a modeled serial efficiency lower by more than ``tolerance`` (relative). A
+    configuration not in the baseline is held to the worst recorded one of its class (same kernel,
+    arch, dtype, head dims, G); a class never recorded passes. Returns one line per problem."""
+    problems = []
+    classes: dict[str, list[dict]] = {}
+    for key, b in baseline.items():
+        if "status" not in b:
+            classes.setdefault(_class_key(key), []).append(b)
+    for key, c in sorted(current.items()):
+        if "status" in c:
+            problems.append(f"{key}: {c['status']}")
+            continue
+        if key in baseline and "status" not in baseline[key]:
+            ref, what = baseline[key], "recorded"
+        elif classes.get(_class_key(key)):
+            same = classes[_class_key(key)]
+            reps = [b["replicated_dots"] for b in same if b["replicated_dots"] is not None]
+            ref = {"replicated_dots": max(reps) if reps else None,
+                   "useful_share": min(b["useful_share"] for b in same),
+                   "eff_serial": min(b["eff_serial"] for b in same)}
+            what = "worst recorded of its class"
+        else:
+            continue
+        if ref["replicated_dots"] is not None and (c["replicated_dots"] is None
+                                                   or c["replicated_dots"] > ref["replicated_dots"]):
+            problems.append(f"{key}: {c['replicated_dots']} replicated dots > {ref['replicated_dots']} ({what})")
+        if c["useful_share"] < ref["useful_share"] - 1e-3:
+            problems.append(f"{key}: useful share {c['useful_share']:.3f} < {ref['useful_share']:.3f} ({what})")
+        if c["eff_serial"] < ref["eff_serial"] * (1 - tolerance):
+            problems.append(f"{key}: modeled serial efficiency {c['eff_serial']:.3f} < {ref['eff_serial']:.3f} "
+                            f"- {tolerance:.0%} ({what})")
+    return problems
+
+
+def write_baseline(rows: list[dict], path: str, command: str) -> None:
+    """Record :func:`summarize` of ``rows`` with the Triton version and the command that produced them."""
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"triton": triton.__version__, "command": command, "configs": summarize(rows)}, f, indent=1,
+                  sort_keys=True)
+        f.write("\n")
+
+
 _COLUMNS = [
     ("kernel", "kernel"), ("arch", "sm"), ("dtype", "dtype"), ("head_dims", "dk/dv"), ("group", "G"),
-    ("tile", "tile"), ("warps", "w"), ("stages", "s"), ("loop", "loop"), ("registers", "regs"),
+    ("tile", "tile"), ("warps", "w"), ("stages", "s"), ("variant", "mode"), ("loop", "loop"), ("registers", "regs"),
     ("spill_bytes", "spill"), ("shared_bytes", "smem KB"), ("ctas_per_sm", "CTA/SM"), ("instr", "instr"),
     ("mma_shapes", "mma / iter (shape, A from)"), ("useful_share", "useful"), ("replicated_dots", "repl"),
     ("slack", "slack"), ("mufu_ex2", "ex2"), ("eff_serial", "eff ser"), ("eff_overlap", "eff ovl"),
@@ -322,7 +404,7 @@ _COLUMNS = [
 
 def _cell(key: str, row: dict) -> str:
     v = row.get(key)
-    if v is None:
+    if v is None or v == "":
         return "-"
     if key == "shared_bytes":
         return f"{v / 1024:.0f}"
@@ -352,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    ap.add_argument("--write-baseline", metavar="PATH",
+                    help="record the per-configuration summary for the ratchet test (tests/static_model_baseline.json)")
     args = ap.parse_args(argv)
     try:
         kernels = parse_names(args.kernels, kernel_names(), "--kernels name(s)") or None
@@ -379,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.write_baseline:
+        opts = [f"--{k} {v}" for k, v in (("kernels", args.kernels), ("arch", args.arch), ("dtypes", args.dtypes)) if v]
+        cmd = " ".join(["python -m bench.static_model", *(["--quick"] if args.quick else []), *opts,
+                        "--write-baseline", args.write_baseline])
+        write_baseline(rows, args.write_baseline, cmd)
     return 0
 
 

@@ -21,6 +21,11 @@ from bench import sass, static_model
 from bench.reference_kernel import reference_attention
 
 ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "tests" / "static_model_baseline.json"
+#: The ratchet's default subset: the kernels with headline targets (dense forward, backward, decode);
+#: ``MLA_STATIC_MODEL_FULL=1`` models the whole ``--quick`` set (every kernel module).
+RATCHET_KERNELS = "attention_fwd,attention_bwd,decode"
+FULL = os.environ.get("MLA_STATIC_MODEL_FULL", "0") not in ("", "0")
 
 
 def _sass_line(addr: int, ins: str) -> str:
@@ -68,10 +73,16 @@ def test_main_loop_counts():
     loops = sass.main_loops(sass.parse_sass(_SASS))
     assert [(lp.start, lp.end) for lp in loops] == [(0x120, 0x200)]  # the outer loop holds an MMA loop
     lp = loops[0]
-    assert lp.n_instr == 10 and lp.mma == 3 and lp.mma_kind == "wgmma" and not lp.tf32
+    assert lp.n_instr == 10 and lp.mma == 3 and not lp.tf32
     assert lp.shapes == {"64x32x16 A:smem": 2, "64x128x16 A:reg": 1}
-    assert lp.mma_macs == 2 * 64 * 32 * 16 + 64 * 128 * 16
+    assert lp.hgmma_macs == 2 * 64 * 32 * 16 + 64 * 128 * 16 and lp.hmma_macs == 0
+    assert lp.executed_macs(8) == 2 * lp.hgmma_macs  # two warpgroups issue them
     assert (lp.mufu_ex2, lp.mufu_other, lp.local_mem, lp.slack) == (2, 1, 1, 1)
+
+
+def test_executed_macs_mixes_warpgroup_and_warp_instructions():
+    lp = sass.SassLoop(start=0, end=1, n_instr=10, mma=2, hgmma_macs=64 * 16 * 16, hmma_macs=16 * 8 * 16, tf32=False)
+    assert lp.executed_macs(4) == 64 * 16 * 16 + 4 * 16 * 8 * 16  # one warpgroup; four warps
 
 
 @pytest.mark.parametrize("op, expected", [
@@ -165,11 +176,11 @@ def test_useful_macs_per_kernel_family():
 
 
 def test_model_arithmetic():
-    lp = sass.SassLoop(start=0, end=1, n_instr=500, mma=16, mma_macs=8 * 64 * 128 * 16 * 2, mma_kind="wgmma",
+    lp = sass.SassLoop(start=0, end=1, n_instr=500, mma=16, hgmma_macs=8 * 64 * 128 * 16 * 2, hmma_macs=0,
                        tf32=False, mufu_ex2=66)
     useful = 128 * 128 * 256
     m = static_model.model_loop(90, 8, lp, useful)
-    assert m["exec_macs"] == 2 * lp.mma_macs and m["t_tc"] == 2048
+    assert m["exec_macs"] == 2 * lp.hgmma_macs and m["t_tc"] == 2048
     assert m["t_issue"] == 1000 and m["t_mufu"] == 66 * 8 * 2
     assert m["eff_serial"] == pytest.approx(2048 / (2048 + max((500 - 16) * 2, 66 * 8 * 2)))
     assert m["eff_overlap"] == pytest.approx(2048 / 2048)
@@ -233,3 +244,56 @@ def test_reference_row_is_clean(tmp_path):
         assert r["spill_bytes"] == 0 and r["mma"] == 16
     assert main[0]["vs_reference"] == pytest.approx(1.0)
     assert 0.3 < main[0]["eff_serial"] < 1.0
+
+
+def _summary(rep, useful, eff):
+    return {"replicated_dots": rep, "useful_share": useful, "eff_serial": eff}
+
+
+def test_compare_flags_every_regression():
+    base = {"k sm90 fp16 576/512 G128 64x32 w8 s2": _summary(6, 0.39, 0.19),
+            "k sm90 fp16 576/512 G128 64x16 w8 s2": _summary(6, 0.39, 0.13)}
+    ok = {"k sm90 fp16 576/512 G128 64x32 w8 s2": _summary(0, 0.65, 0.36)}
+    assert static_model.compare(ok, base, 0.03) == []
+    worse = {"k sm90 fp16 576/512 G128 64x32 w8 s2": _summary(7, 0.38, 0.18)}
+    problems = static_model.compare(worse, base, 0.03)
+    assert len(problems) == 3 and "replicated" in problems[0] and "useful" in problems[1] and "serial" in problems[2]
+    assert static_model.compare({"k sm90 fp16 576/512 G128 64x32 w8 s2": _summary(6, 0.39, 0.185)}, base, 0.03) == []
+    # A new tile is held to the worst recorded config of its class; an unknown class passes.
+    new = {"k sm90 fp16 576/512 G128 128x32 w8 s2": _summary(6, 0.39, 0.12)}
+    assert "worst recorded" in static_model.compare(new, base, 0.03)[0]
+    assert static_model.compare({"other sm90 fp16 64/64 G1 64x64 w4 s2": _summary(2, 0.1, 0.1)}, base, 0.03) == []
+    assert "error" in static_model.compare({"k sm90 fp16 576/512 G128 64x32 w8 s2": {"status": "error: X"}}, base,
+                                           0.03)[0]
+
+
+def test_summarize_takes_worst_share_and_best_loop():
+    row = dict(kernel="k", arch=90, dtype="fp16", head_dims="128/128", group=1, tile="128x64", warps=8, stages=2,
+               variant="", status="ok")
+    rows = [dict(row, loop="1/2", replicated_dots=0, useful_share=1.0, eff_serial=0.56),
+            dict(row, loop="2/2", replicated_dots=1, useful_share=0.5, eff_serial=0.48),
+            dict(row, kernel="pre", loop="-", replicated_dots=None, useful_share=None, eff_serial=None)]
+    assert static_model.summarize(rows) == {"k sm90 fp16 128/128 G1 128x64 w8 s2": _summary(1, 0.5, 0.56)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sass.have_cuobjdump(), reason="no cuobjdump bundled with triton")
+def test_no_selectable_config_gets_worse(tmp_path):
+    """Ratchet over the sm90 ``--quick`` configurations (default: the dense forward, backward and decode
+    modules; ``MLA_STATIC_MODEL_FULL=1``: all): no configuration may get more replicated dots, a lower
+    useful-MAC share or a lower modeled serial efficiency than recorded in
+    tests/static_model_baseline.json when the static model was added, so later kernel work can only
+    improve them (record improvements with the command in the baseline's ``command`` field). A new
+    configuration is held to the worst recorded one of its kernel / dtype / head dims / G. About 100 s
+    on 2 cores with a cold Triton cache."""
+    import triton
+
+    args = ["--quick", "--arch", "90"] + ([] if FULL else ["--kernels", RATCHET_KERNELS])
+    rows = _static_model(tmp_path, *args)
+    ref = [r for r in rows if r["kernel"] == static_model.REFERENCE]
+    assert ref and ref[0]["status"] == "ok" and ref[0]["replicated_dots"] == 0
+    assert {r["kernel"] for r in rows} > {static_model.REFERENCE, "attention_fwd", "mla_decode_split"}
+    baseline = json.loads(BASELINE.read_text())
+    tol = static_model.EFF_TOLERANCE["same_triton" if baseline["triton"] == triton.__version__ else "other_triton"]
+    problems = static_model.compare(static_model.summarize(rows), baseline["configs"], tol)
+    assert not problems, "\n".join(problems)
