@@ -73,9 +73,19 @@ def parse_names(text: str, valid, what: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cfg(spec, *names):
-    cfg = spec.extra.get("config")
-    return tuple(getattr(cfg, n) for n in names)
+def _work_per_entry(kernel: str, dk: int, dv: int) -> float | None:
+    """MACs per (query row, key) score entry that ``kernel``'s outputs need (see :func:`useful_macs`)."""
+    if kernel.endswith("_fwd"):
+        return dk + dv
+    if kernel.endswith("_dq"):
+        return 2 * dk + dv
+    if "dkdv" not in kernel:
+        return None
+    if kernel.endswith("_dv"):  # dV alone: S and dV, half of S charged here
+        return dk / 2 + dv
+    if kernel.endswith("_dk"):  # dK alone: S, dP and dK, the other half of S
+        return 1.5 * dk + dv
+    return 2 * dk + 2 * dv
 
 
 def useful_macs(spec) -> float | None:
@@ -100,23 +110,13 @@ def useful_macs(spec) -> float | None:
         heads, tq = spec.extra["num_heads"], spec.extra["q_len"]
         rows = min(c["BLOCK_H"], heads if spec.extra["mode"].startswith("topk") else heads * tq)
         return rows * c["BLOCK_N"] * (dk + dv) / c["DV_SPLIT"]
-    if k.endswith(("_fwd", "_dq")) and (k.startswith(("attention", "block_sparse", "topk"))) or "dkdv" in k:
-        bm, bn, ns = _cfg(spec, "block_m", "block_n", "nsplit")
-        rows = bm
-        if k.startswith("topk_") and "det" not in k:
-            rows = min(bm, spec.extra.get("group", bm))
-        if k.endswith("_fwd"):
-            work = dk + dv
-        elif k.endswith("_dq"):
-            work = 2 * dk + dv
-        elif k.endswith("_dv"):
-            work = dk / 2 + dv
-        elif k.endswith("_dk"):
-            work = 1.5 * dk + dv
-        else:
-            work = 2 * dk + 2 * dv
-        return rows * bn * work / ns
-    return None
+    work, cfg = _work_per_entry(k, dk, dv), spec.extra.get("config")
+    if work is None or cfg is None:
+        return None
+    rows = cfg.block_m
+    if k.startswith("topk_") and "det" not in k:  # query-major: the rows are one token's G heads
+        rows = min(rows, spec.extra.get("group", rows))
+    return rows * cfg.block_n * work / cfg.nsplit
 
 
 # --------------------------------------------------------------------------------------------
