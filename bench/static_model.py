@@ -11,13 +11,13 @@ the in-repo reference forward (:mod:`bench.reference_kernel`) is compiled for
 ``GPUTarget("cuda", arch, 32)``; the SASS (``cuobjdump -sass`` bundled with Triton) and the TTGIR
 are read by :mod:`bench.sass`. One row per main loop (innermost loop with matrix instructions):
 
-* ``regs``/``spill B``/``smem B``/``CTA/SM``: ptxas registers and spill bytes, shared bytes, CTAs
+* ``regs``/``spill``/``smem KB``/``CTA/SM``: ptxas registers and spill bytes, shared memory, CTAs
   per SM (registers, shared memory and warps; 228 KiB / 164 KiB per SM on sm90 / sm80).
 * ``instr``: SASS instructions per iteration (per warp); ``mma``: HGMMA (per warpgroup) or HMMA
   (per warp) and their shapes, ``A:reg`` / ``A:smem`` = where the A operand comes from.
-* ``exec MAC`` / ``useful MAC``: MACs executed per iteration by the whole program, and the MACs the
-  algorithm needs for the tile (:func:`useful_macs`: padding rows, value-split recompute and
-  replicated warpgroups excluded); ``useful`` = their ratio.
+* ``useful``: ``useful_macs / exec_macs`` (both in the JSON): the MACs the algorithm needs for the
+  tile (:func:`useful_macs`: padding rows, value-split recompute and replicated warpgroups
+  excluded) over the MACs one iteration executes for the whole program.
 * ``repl``: dots of the loop whose MMA layout (``warpsPerCTA`` in the TTGIR) computes each
   result element more than once; ``slack``: the ``n`` of ``DEPBAR.LE SB0, n`` the loop waits on
   (0: waits for every load it issued; "-": no cp.async wait, e.g. TMA); ``ex2``: MUFU.EX2 per warp.
@@ -25,8 +25,10 @@ are read by :mod:`bench.sass`. One row per main loop (innermost loop with matrix
   softmax / address work serialised after the MMAs or fully overlapped; ``÷ref``: ``eff ser`` over
   the reference kernel's (same arch).
 
-Exit status: 0, or 2 for unknown ``--kernels`` / ``--arch`` names (listed in the message) or when
-the kernels cannot be compiled here (``TRITON_INTERPRET`` set, no Triton).
+Exit status: 0; 1 when a kernel module fails to import; 2 for unknown ``--kernels`` / ``--arch``
+names (the message lists the valid ones) or when the kernels cannot be compiled here
+(``TRITON_INTERPRET`` set, no Triton). A configuration that fails to compile is a row whose
+``status`` starts with ``error``.
 """
 
 from __future__ import annotations
@@ -455,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtypes = tuple(d for d in args.dtypes.split(",") if d) or None
     t0 = time.perf_counter()
-    rows = run(tuple(archs), kernels, dtypes, args.quick, args.jobs or None)
+    try:
+        rows = run(tuple(archs), kernels, dtypes, args.quick, args.jobs or None)
+    except RuntimeError as e:
+        print(f"python -m bench.static_model: {e}", file=sys.stderr)
+        return 1
     print(format_table(rows))
     bad = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} loops, {len(bad)} not analysed, {time.perf_counter() - t0:.0f} s "
