@@ -190,6 +190,7 @@ class DistContext:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()  # no rank tears gloo down while another still has work in flight
                 dist.destroy_process_group()
             self.owns_group = False
 
