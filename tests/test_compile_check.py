@@ -99,14 +99,18 @@ def test_attention_specs_cover_autotune_sets():
     for arch in ARCHS:
         fspecs = fwd.compile_specs(arch)
         bspecs = bwd.compile_specs(arch)
-        for dk, dv, _group, _alias in fwd.SPEC_SHAPES:
+        for dk, dv, group, alias in fwd.SPEC_SHAPES:
             for dtype in fwd.SPEC_DTYPES:
-                got = {s.extra["config"] for s in fspecs if s.head_dims == (dk, dv) and s.dtype == dtype}
-                assert got == set(fwd.fwd_configs(arch, dk, dv, dtype)), (arch, dk, dv, dtype)
+                key = ((dk, dv), dtype, group, alias, False)
+
+                def same(s, key=key):
+                    return (s.head_dims, s.dtype, s.extra.get("group"), s.extra.get("v_is_k"),
+                            bool(s.extra.get("allow_tf32"))) == key
+                got = {s.extra["config"] for s in fspecs if same(s)}
+                assert got == set(fwd.fwd_configs(arch, dk, dv, dtype, alias)), (arch, dk, dv, dtype)
                 for kind in ("dkdv", "dq"):
-                    got = {s.extra["config"] for s in bspecs
-                           if s.head_dims == (dk, dv) and s.dtype == dtype and s.kernel.endswith(kind)}
-                    assert got == set(bwd.bwd_configs(kind, arch, dk, dv, dtype)), (arch, kind, dk, dv, dtype)
+                    got = {s.extra["config"] for s in bspecs if same(s) and s.kernel.endswith(kind)}
+                    assert got == set(bwd.bwd_configs(kind, arch, dk, dv, dtype, alias)), (arch, kind, dk, dv, dtype)
         for s in fspecs + bspecs:
             assert s.arch == arch
         absorbed = [s for s in fspecs + bspecs if s.head_dims == (576, 512) and "preprocess" not in s.kernel]
