@@ -89,7 +89,7 @@ are reloaded from L1 every step; triton 3.9 rematerialises them: 255 registers, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -312,7 +312,10 @@ def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16"
         return TopkConfig(16, 16, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1, rows_per_item=64)
     cls = _head_class(dk, dv)
     if _dtype_name(dtype) == "fp32":
-        return _GPU_TABLE_FP32[(kind, cls)]
+        cfg = _GPU_TABLE_FP32[(kind, cls)]
+        if (kind, cls) == ("dq", "big") and arch_family(arch) == 86:
+            return replace(cfg, stream=2)  # q / dO pieces re-read: 84 KiB (resident: 100 KiB, over 99)
+        return cfg
     fam = arch_family(arch)
     if cls == "big" and not v_is_k and (fam, kind) in _NO_ALIAS:
         return _NO_ALIAS[(fam, kind)]
