@@ -507,7 +507,7 @@ def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int)
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every block-sparse configuration the launchers may pick on ``arch`` (80 or 90) for the
+    """Every block-sparse configuration the launchers may pick on ``arch`` (80, 86, 89, 90...) for the
     representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry."""
     if not HAS_TRITON:
         return []

@@ -217,8 +217,8 @@ KINDS = ("fwd", "dq", "dkdv_atomic", "dkdv_det")
 
 # GPU tables for fp16 / bf16: (arch family, kind, head class, group class) -> config. Head class
 # "big" = the absorbed 576/512 class (a head dim > 256), "small" = the rest; group class "g16" =
-# at most 16 heads per kv head. Every entry is compiled by compile_specs (sm80 and sm90, triton 3.9
-# and 3.6): see the module docstring for the measurements.
+# at most 16 heads per kv head. Every entry is compiled by compile_specs (sm80 and sm90 with triton 3.9
+# and 3.6, sm86 / sm89 with 3.9): see the module docstring for the measurements.
 _C = TopkConfig
 _GPU_TABLE: dict[tuple[int, str, str, str], TopkConfig] = {}
 for _g in ("g16", "g"):
