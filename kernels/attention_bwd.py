@@ -115,13 +115,15 @@ _DQ_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
         "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
         "d128": [BwdConfig(128, 64, num_warps=8, num_stages=2), BwdConfig(128, 32, num_warps=8, num_stages=2)],
         "d256": [BwdConfig(128, 32, num_warps=8, num_stages=2), BwdConfig(64, 16, num_warps=4, num_stages=2)],
-        "d576": [BwdConfig(64, 32, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+        # 64x32 spilled 88 bytes with 16 heads per kv head (DeepSeek at 8-way TP) and 16 without the alias
+        "d576": [BwdConfig(64, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
     },
     80: {
         "d64": [BwdConfig(128, 64, num_warps=8, num_stages=2)],
         "d128": [BwdConfig(32, 64, num_warps=4, num_stages=3), BwdConfig(64, 32, num_warps=4, num_stages=2)],
         "d256": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
-        "d576": [BwdConfig(64, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
+        # 64-row tiles spilled 24 bytes with 16 heads per kv head and need 170 KiB without the alias
+        "d576": [BwdConfig(32, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
     },
     # 99 KiB parts: sm80's entries fit (at most 84 KiB on sm86) except d576 (154 KiB): 32 rows.
     86: {
@@ -134,23 +136,36 @@ _DQ_TABLE: dict[int, dict[str, list[BwdConfig]]] = {
 
 # fp32 inputs (IEEE dots by default, TF32 when allowed): one conservative config per class (fp32
 # on a GPU is for checks, not speed); no wgmma needed, so small M tiles are fine.
+# IEEE products (FMAs holding operand rows in registers) need narrower tiles than TF32 did; chosen
+# from the compile report (triton 3.9): clean except the d576 dQ and, on sm90, d576 in general.
+# d576 dK/dV: 16-key steps (32 with 8 splits needs 206 KiB without the v alias); one stage on
+# the 99 KiB parts.
 _DKDV_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
     fam: {
         "d64": [BwdConfig(32, 32, num_warps=4, num_stages=2)],
-        "d128": [BwdConfig(16, 32, num_warps=4, num_stages=2)],
-        "d256": [BwdConfig(16, 32, num_warps=8, num_stages=2)],
-        "d576": [BwdConfig(16, 32, nsplit=8, num_warps=4, num_stages=2, stream=True)],
+        "d128": [BwdConfig(16, 32, num_warps=8, num_stages=2)],
+        "d256": [BwdConfig(16, 32, num_warps=8, num_stages=2 if fam == 90 else 1)],
+        "d576": [BwdConfig(16, 16, nsplit=8, num_warps=4, num_stages=1 if fam == 86 else 2, stream=True)],
     }
     for fam in (80, 86, 90)
 }
 _DQ_TABLE_FP32: dict[int, dict[str, list[BwdConfig]]] = {
     fam: {
-        "d64": [BwdConfig(64, 16, num_warps=4, num_stages=2)],
-        "d128": [BwdConfig(32, 32, num_warps=8, num_stages=2) if fam == 90 else BwdConfig(64, 32, num_warps=8)],
+        "d64": [BwdConfig(32, 16, num_warps=4, num_stages=2)],
+        "d128": [BwdConfig(32, 32, num_warps=8, num_stages=2)],
         "d256": [BwdConfig(32, 32, num_warps=8, num_stages=2)],
         "d576": [BwdConfig(32, 16, nsplit=8, num_warps=8, num_stages=1, stream=True)],
     }
     for fam in (80, 86, 90)
+}
+
+# The absorbed class without the v alias (a separate value buffer), keyed (kind, family, fp32), where
+# the alias tables do not fit or spill (measured, triton 3.9): sm90 dK/dV 16x64/v4 spills 152 bytes
+# (v8: clean); sm86 dK/dV and dQ need 103 KiB with two stages.
+_NO_ALIAS: dict[tuple[str, int, bool], list[BwdConfig]] = {
+    ("dkdv", 90, False): [BwdConfig(16, 64, nsplit=8, num_warps=8, num_stages=2)],
+    ("dkdv", 86, False): [BwdConfig(16, 32, nsplit=4, num_warps=8, num_stages=1)],
+    ("dq", 86, False): [BwdConfig(32, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
 }
 
 _PRE_BLOCK_T = 64
@@ -161,16 +176,19 @@ def _pre_block_d(dv: int) -> int:
     return min(128, max(16, next_pow2(dv)))
 
 
-def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[BwdConfig]:
+def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True) -> list[BwdConfig]:
     """Autotune candidates of backward kernel ``kind`` ("dkdv" or "dq") for ``arch``, (Dk, Dv) and
     ``dtype`` ("fp16"/"bf16", or "fp32" with its own smaller table), from the table of
     :func:`kernels._config.arch_family` (entries fit its shared memory; the first is the preferred
-    one, used in deterministic mode)."""
+    one, used in deterministic mode). ``v_is_k=False`` in the absorbed class: :data:`_NO_ALIAS`
+    where the alias tables do not fit or spill."""
     fam, cls = arch_family(arch), head_class(dk, dv)
     if dtype == "fp32":
         table = {"dkdv": _DKDV_TABLE_FP32, "dq": _DQ_TABLE_FP32}[kind]
     else:
         table = {"dkdv": _DKDV_TABLE, "dq": _DQ_TABLE}[kind]
+    if cls == "d576" and not v_is_k and (kind, fam, dtype == "fp32") in _NO_ALIAS:
+        return list(_NO_ALIAS[(kind, fam, dtype == "fp32")])
     return list(table[fam][cls])
 
 
@@ -723,9 +741,9 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
         Dk, Dv = q.shape[3], v.shape[3]
         arch, dtype, cls = _device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
         if dkdv_config is None:
-            dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype))
+            dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype, v_is_k))
         if dq_config is None:
-            dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype))
+            dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype, v_is_k))
     _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
                 dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32))
     return dq, dk, dv
@@ -794,7 +812,7 @@ def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str)
         fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
         configs = [
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in bwd_configs(kind, arch, dk, dv, dtype)
+            for c in bwd_configs(kind, arch, dk, dv, dtype, v_is_k)
         ]
         _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL"])(fn)
     return _AUTOTUNERS[key]
@@ -885,10 +903,10 @@ def compile_specs(arch: int) -> list[CompileSpec]:
                 seen.add((dk, dv, dtype))
                 specs.append(preprocess_spec(arch, dtype, dk, dv))
             for kind in ("dkdv", "dq"):
-                for cfg in bwd_configs(kind, arch, dk, dv, dtype):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype, v_is_k):
                     specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for kind in ("dkdv", "dq"):
-            for cfg in bwd_configs(kind, arch, dk, dv, "fp32"):
+            for cfg in bwd_configs(kind, arch, dk, dv, "fp32", v_is_k):
                 specs.append(bwd_spec(kind, arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
     return specs

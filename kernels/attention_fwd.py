@@ -207,14 +207,25 @@ _FWD_TABLE: dict[int, dict[str, list[FwdConfig]]] = {
 # fp32 inputs (IEEE dots by default, TF32 when allowed): twice the bytes per operand; one
 # conservative config per class, the same on every architecture (fp32 attention on a GPU is for
 # checks, not speed).
+# IEEE products lower to FMAs that keep whole operand rows in registers: 32-row tiles (or 8 warps)
+# for d128/d256 (64-row tiles spill 0.3-3.8 KiB on sm80/sm90, triton 3.9).
 _FWD_TABLE_FP32: dict[int, dict[str, list[FwdConfig]]] = {
     fam: {
-        "d64": [FwdConfig(64, 32, num_warps=4, num_stages=2)],
-        "d128": [FwdConfig(64, 32, num_warps=8, num_stages=2)],
-        "d256": [FwdConfig(64, 32, num_warps=8, num_stages=1)],
-        "d576": [FwdConfig(32, 16, nsplit=4, num_warps=4, num_stages=2, stream=True)],
+        "d64": [FwdConfig(64, 32, num_warps=8, num_stages=2)],
+        "d128": [FwdConfig(32, 32, num_warps=8, num_stages=1)],
+        "d256": [FwdConfig(32, 32, num_warps=8, num_stages=1)],
+        # one stage on the 99 KiB parts (two: 110-118 KiB)
+        "d576": [FwdConfig(32, 16, nsplit=4, num_warps=4, num_stages=1 if fam == 86 else 2, stream=True)],
     }
     for fam in (80, 86, 90)
+}
+
+# The absorbed class without the v alias (a separate 512-column value buffer per pipeline stage),
+# keyed (family, fp32): where the alias tables do not fit (sm80 64x64/v2: 184 KiB; sm86 64x16/v2:
+# 100 KiB; sm86 fp32: 118 KiB) the entries that do. sm90 keeps its table (at most 208 KiB).
+_FWD_NO_ALIAS: dict[tuple[int, bool], list[FwdConfig]] = {
+    (80, False): [FwdConfig(64, 32, nsplit=2, num_warps=8, num_stages=2)],
+    (86, False): [FwdConfig(64, 16, nsplit=2, num_warps=8, num_stages=1)],
 }
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -223,13 +234,16 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _INTERP_CONFIG = FwdConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
 
 
-def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16") -> list[FwdConfig]:
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True) -> list[FwdConfig]:
     """Autotune candidates for ``arch`` and head dims (Dk, Dv); ``dtype`` "fp16"/"bf16" or "fp32"
     (IEEE or TF32 dots: twice the shared memory and operand registers, its own smaller table).
     The table is the one of :func:`kernels._config.arch_family` (every entry fits that family's
     shared memory); the first entry is the preferred one (deterministic mode, :mod:`kernels.tuning`).
+    ``v_is_k=False`` with the absorbed head class (a separate ``v`` tile): :data:`_FWD_NO_ALIAS`.
     """
     fam, cls = arch_family(arch), head_class(dk, dv)
+    if cls == "d576" and not v_is_k and (fam, dtype == "fp32") in _FWD_NO_ALIAS:
+        return list(_FWD_NO_ALIAS[(fam, dtype == "fp32")])
     table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
     return list(table[fam][cls])
 
@@ -668,7 +682,7 @@ def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
     if key not in _AUTOTUNERS:
         configs = [
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in fwd_configs(arch, dk, dv, dtype)
+            for c in fwd_configs(arch, dk, dv, dtype, v_is_k)
         ]
         _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL"])(_attn_fwd_kernel)
     return _AUTOTUNERS[key]
@@ -716,7 +730,7 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         cfg = config or interp_config(Dk, Dv)
         return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot)
     if config is None:
-        cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
+        cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
         config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
     if config is not None:
         return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot)
@@ -752,7 +766,7 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
     # The tuner picks BLOCK_M: size the per-row-block max buffer for the smallest candidate; the
     # blocks a larger BLOCK_M does not write stay -inf.
     dtype = dtype_name(q.dtype)
-    n_mblocks = triton.cdiv(T * G, min(c.block_m for c in fwd_configs(arch, Dk, Dv, dtype)))
+    n_mblocks = triton.cdiv(T * G, min(c.block_m for c in fwd_configs(arch, Dk, Dv, dtype, v_is_k)))
     maxl = (
         torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
@@ -821,9 +835,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     specs = []
     for dk, dv, group, v_is_k in SPEC_SHAPES:
         for dtype in SPEC_DTYPES:
-            for cfg in fwd_configs(arch, dk, dv, dtype):
+            for cfg in fwd_configs(arch, dk, dv, dtype, v_is_k):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
-        for cfg in fwd_configs(arch, dk, dv, "fp32"):
+        for cfg in fwd_configs(arch, dk, dv, "fp32", v_is_k):
             specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
     return specs

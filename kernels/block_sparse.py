@@ -155,9 +155,10 @@ _OVERRIDES: dict[tuple[str, int, str, str], dict] = {
 }
 
 
-def _table(kind: str, arch: int, dk: int, dv: int, dtype: str) -> list:
+def _table(kind: str, arch: int, dk: int, dv: int, dtype: str, v_is_k: bool = True) -> list:
     """Dense table entries of ``kind`` with the block-sparse overrides applied."""
-    cfgs = dense_fwd_configs(arch, dk, dv, dtype) if kind == "fwd" else dense_bwd_configs(kind, arch, dk, dv, dtype)
+    cfgs = (dense_fwd_configs(arch, dk, dv, dtype, v_is_k) if kind == "fwd"
+            else dense_bwd_configs(kind, arch, dk, dv, dtype, v_is_k))
     ov = _OVERRIDES.get((kind, arch_family(arch), head_class(dk, dv), "fp32" if dtype == "fp32" else "16"))
     return [replace(c, **ov) for c in cfgs] if ov else cfgs
 
@@ -185,19 +186,21 @@ def _fit(cfgs, fit_m, fit_n, odd_m: int, odd_n: int):
     return [replace(c, block_m=fit_m(c), block_n=n)]
 
 
-def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int) -> list[FwdConfig]:
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,
+                v_is_k: bool = True) -> list[FwdConfig]:
     """Forward candidates on ``arch`` for head dims (Dk, Dv), ``dtype`` ("fp16"/"bf16"/"fp32"), mask query
     blocks of ``rows`` packed rows and key blocks of ``block_n`` tokens (the dense table, fitted)."""
     mr = _min_rows(arch, dtype)
-    return _fit(_table("fwd", arch, dk, dv, dtype), lambda c: fit_rows(c.block_m, rows, mr),
+    return _fit(_table("fwd", arch, dk, dv, dtype, v_is_k), lambda c: fit_rows(c.block_m, rows, mr),
                 lambda c: fit_keys(c.block_n, block_n, 16), mr, 16)
 
 
-def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int) -> list[BwdConfig]:
+def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,
+                v_is_k: bool = True) -> list[BwdConfig]:
     """Backward candidates of ``kind`` ("dkdv" or "dq"), fitted like :func:`fwd_configs`. dK/dV keeps
     its key tile (the M side of its transposed products) >= 64 rows for fp16/bf16 on sm90."""
     mr = _min_rows(arch, dtype)
-    cfgs = _table(kind, arch, dk, dv, dtype)
+    cfgs = _table(kind, arch, dk, dv, dtype, v_is_k)
     if kind == "dq":
         return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr), lambda c: fit_keys(c.block_n, block_n, 16),
                     mr, 16)
@@ -342,7 +345,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         return args, consts
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
-    configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn) if compiled else []
+    configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k) if compiled else []
     if compiled and config is None:
         config = tuning.choose("block_sparse_fwd", head_class(Dk, Dv), configs)
     if compiled and config is None:
@@ -430,7 +433,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned."""
         configs = []
         if compiled and fixed is None:
-            configs = bwd_configs(kind, _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn)
+            configs = bwd_configs(kind, _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k)
             fixed = tuning.choose(f"block_sparse_{kind}", head_class(Dk, Dv), configs)
         if compiled and fixed is None:
             grid = lambda meta: (grid_of(meta[tile]), meta["NSPLIT"])  # noqa: E731
@@ -504,7 +507,7 @@ def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int)
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every block-sparse configuration the launchers may pick on ``arch`` (80 or 90) for the
+    """Every block-sparse configuration the launchers may pick on ``arch`` (80, 86, 89, 90...) for the
     representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry."""
     if not HAS_TRITON:
         return []

@@ -82,13 +82,16 @@ are reloaded from L1 every step; triton 3.9 rematerialises them: 255 registers, 
   warpgroup), accepting that duplication.
 * sm80: mma.sync takes its operands from registers, so the absorbed backward uses 16-row tiles and
   re-reads its fixed-side tiles every step (L1 hits); 64-row variants spill kilobytes.
-* fp32 inputs use IEEE fp32 products on CUDA cores (a correctness path with small tiles, not in the
-  compile check). Under the Triton interpreter one small configuration is used.
+* fp32 inputs use IEEE fp32 products on CUDA cores unless TF32 is allowed (a correctness path with
+  small tiles; compiled by the compile check for the absorbed shapes, where it spills: README).
+  Under the Triton interpreter one small configuration is used.
+* The atomic dK/dV variant accumulates with relaxed atomics (``sem="relaxed"``: PTX ``red``/``atom``
+  ``.relaxed``); the default acq_rel would order memory for nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -217,8 +220,8 @@ KINDS = ("fwd", "dq", "dkdv_atomic", "dkdv_det")
 
 # GPU tables for fp16 / bf16: (arch family, kind, head class, group class) -> config. Head class
 # "big" = the absorbed 576/512 class (a head dim > 256), "small" = the rest; group class "g16" =
-# at most 16 heads per kv head. Every entry is compiled by compile_specs (sm80 and sm90, triton 3.9
-# and 3.6): see the module docstring for the measurements.
+# at most 16 heads per kv head. Every entry is compiled by compile_specs (sm80 and sm90 with triton 3.9
+# and 3.6, sm86 / sm89 with 3.9): see the module docstring for the measurements.
 _C = TopkConfig
 _GPU_TABLE: dict[tuple[int, str, str, str], TopkConfig] = {}
 for _g in ("g16", "g"):
@@ -251,14 +254,26 @@ _GPU_TABLE.update({
     (80, "dq", "small", "g"): _C(64, 32, num_warps=4, num_stages=2),
     (80, "dq", "small", "g16"): _C(16, 32, num_warps=4, num_stages=2),
     (80, "dkdv_atomic", "small", "g"): _C(64, 32, num_warps=4, num_stages=2),
-    (80, "dkdv_atomic", "small", "g16"): _C(16, 32, num_warps=4, num_stages=2),
+    # 8 warps: with relaxed atomics 4 warps hit 255 registers and spill 16 bytes (192/128, one head
+    # per kv head; 40 on sm86)
+    (80, "dkdv_atomic", "small", "g16"): _C(16, 32, num_warps=8, num_stages=2),
 })
 # 99 KiB parts (sm86, sm89, sm120): the sm80 entries (at most 72 KiB on sm86) except the 64-row
 # absorbed forward (112 KiB): 16 keys per step (92 KiB, 0 spills).
 _GPU_TABLE.update({(86,) + key[1:]: cfg for key, cfg in _GPU_TABLE.items() if key[0] == 80})
 _GPU_TABLE[(86, "fwd", "big", "g")] = _C(64, 16, nsplit=2, num_warps=8, num_stages=2)
-# fp32 inputs (IEEE products on CUDA cores): a correctness path with small tiles (not in the
-# compile check, like the decode kernel's fp32 path).
+# The absorbed class without the v alias (a separate value buffer), any group, where the alias
+# entries do not fit (triton 3.9): sm90 dQ 64x32 needs 272 KiB, the atomic dK 256 KiB; sm86
+# forward / dQ need 100-103 KiB. Known and left: the sm90 deterministic dK spills 152 bytes there
+# (one stage: 1072, streamed: 278 KiB of shared memory).
+_NO_ALIAS: dict[tuple[int, str], TopkConfig] = {
+    (90, "dq"): _C(64, 16, nsplit=2, num_warps=4, num_stages=2),
+    (90, "dkdv_atomic"): _C(64, 16, nsplit=2, num_warps=4, num_stages=1, split_dkdv=True),
+    (86, "fwd"): _C(64, 16, nsplit=2, num_warps=8, num_stages=1),
+    (86, "dq"): _C(16, 32, nsplit=2, num_warps=4, num_stages=1, stream=2),
+}
+# fp32 inputs (IEEE products on CUDA cores): a correctness path with small tiles (compiled by the
+# compile check for the absorbed shapes; their spills are listed in the README).
 _GPU_TABLE_FP32: dict[tuple[str, str], TopkConfig] = {
     ("fwd", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1),
     ("dq", "big"): _C(16, 16, nsplit=2, num_warps=4, num_stages=1),
@@ -281,7 +296,8 @@ def _dtype_name(dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
-def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16", *, interpret=None) -> TopkConfig:
+def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16", *, interpret=None,
+                v_is_k: bool = True) -> TopkConfig:
     """The configuration the launchers pick for ``kind`` (one of ``KINDS``: "fwd", "dq", "dkdv_atomic",
     "dkdv_det") on compute capability ``arch`` with head dims (``dk``, ``dv``), ``group`` = Hq // Hkv heads
     per kv head, and ``dtype`` (torch dtype or "fp16"/"bf16"/"fp32").
@@ -289,6 +305,8 @@ def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16"
     Under the Triton interpreter (``interpret``, default ``kernels._config.INTERPRET``) one small
     configuration: 16 x 16 tiles, the value dim split in two above 256 columns (to exercise that path),
     work items of 64 rows. On a GPU an entry of the per-arch tables (see the module docstring).
+    In the absorbed class without the ``v`` alias (a separate value tile) :data:`_NO_ALIAS` replaces
+    the entries that do not fit or spill there.
     Raises ``ValueError`` for an unknown kind.
     """
     if kind not in KINDS:
@@ -297,8 +315,14 @@ def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16"
         return TopkConfig(16, 16, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1, rows_per_item=64)
     cls = _head_class(dk, dv)
     if _dtype_name(dtype) == "fp32":
-        return _GPU_TABLE_FP32[(kind, cls)]
-    return _GPU_TABLE[(arch_family(arch), kind, cls, "g16" if group <= 16 else "g")]
+        cfg = _GPU_TABLE_FP32[(kind, cls)]
+        if (kind, cls) == ("dq", "big") and arch_family(arch) == 86:
+            return replace(cfg, stream=2)  # q / dO pieces re-read: 84 KiB (resident: 100 KiB, over 99)
+        return cfg
+    fam = arch_family(arch)
+    if cls == "big" and not v_is_k and (fam, kind) in _NO_ALIAS:
+        return _NO_ALIAS[(fam, kind)]
+    return _GPU_TABLE[(fam, kind, cls, "g16" if group <= 16 else "g")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1100,7 +1124,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
     q = _unit_last(q)
     idx = _unit_last(topk_indices)
     o_buf = out if out.stride(-1) == 1 or Dv == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
-    cfg = config or topk_config("fwd", _arch(dev), Dk, Dv, G, q.dtype)
+    cfg = config or topk_config("fwd", _arch(dev), Dk, Dv, G, q.dtype, v_is_k=v_is_k)
     pc = _plan_consts("fwd", cfg, Dk, Dv, v_is_k)
     maxl = torch.empty((B, Hq, T), dtype=torch.float32, device=dev) if return_max_logit else None
     grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
@@ -1200,11 +1224,11 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg_dq = configs.get("dq") or topk_config("dq", arch, Dk, Dv, G, q.dtype)
+    cfg_dq = configs.get("dq") or topk_config("dq", arch, Dk, Dv, G, q.dtype, v_is_k=v_is_k)
     launch_q(cfg_dq, True, 0, dk_buf, dv_buf)
 
     if not deterministic:
-        cfg = configs.get("dkdv_atomic") or topk_config("dkdv_atomic", arch, Dk, Dv, G, q.dtype)
+        cfg = configs.get("dkdv_atomic") or topk_config("dkdv_atomic", arch, Dk, Dv, G, q.dtype, v_is_k=v_is_k)
         if dk_buf.dtype == torch.float32:
             dka, dva = dk_buf.zero_(), dv_buf.zero_()
         else:
@@ -1216,7 +1240,7 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
             dk_buf.copy_(dka)
             dv_buf.copy_(dva)
     else:
-        cfg = configs.get("dkdv_det") or topk_config("dkdv_det", arch, Dk, Dv, G, q.dtype)
+        cfg = configs.get("dkdv_det") or topk_config("dkdv_det", arch, Dk, Dv, G, q.dtype, v_is_k=v_is_k)
         if not 1 <= cfg.block_n <= MAX_DET_BLOCK_N:
             raise ValueError(f"dkdv_det config: block_n must be in [1, {MAX_DET_BLOCK_N}], got {cfg.block_n}")
         kmi = key_index
@@ -1325,7 +1349,7 @@ def topk_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, hq: int, hkv: 
     ``part``: dK/dV kinds: 1 = the dV launch, 2 = the dK launch, 3 = both in one."""
     from kernels._compile import spec_args
 
-    cfg = cfg or topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
+    cfg = cfg or topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False, v_is_k=v_is_k)
     fn = {"fwd": _topk_fwd_kernel, "dq": _topk_bwd_q_kernel, "dkdv_atomic": _topk_bwd_q_kernel,
           "dkdv_det": _topk_bwd_kv_det_kernel}[kind]
     values = _spec_values(kind, dtype, dk, dv, hq, hkv, v_is_k, causal, cfg, off64, part)
@@ -1375,7 +1399,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     for dtype in SPEC_DTYPES + ("fp32",):
         for dk, dv, hq, hkv, alias in SPEC_FP32_SHAPES if dtype == "fp32" else SPEC_SHAPES:
             for kind in KINDS:
-                cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False)
+                cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False, v_is_k=alias)
                 parts = (1, 2) if kind.startswith("dkdv") and cfg.split_dkdv else (3,)
                 for part in parts:
                     specs.append(topk_spec(kind, arch, dtype, dk, dv, hq, hkv, alias, cfg=cfg, part=part))

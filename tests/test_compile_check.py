@@ -43,6 +43,8 @@ FULL = os.environ.get("MLA_COMPILE_CHECK_FULL", "0") not in ("", "0")
 #: in the README: (kernel name prefix, Dk/Dv). Everything else must be clean.
 FP32_SPILLS_DOCUMENTED = {("mla_decode_split", "576/512"), ("topk_", "576/512"), ("attention_", "576/512"),
                           ("block_sparse_", "576/512")}
+#: The one fp16/bf16 exception, listed in the README: (kernel, arch, Dk/Dv, v aliases k).
+KNOWN_SPILLS = {("topk_dkdv_det_dk", 90, "576/512", False)}
 
 
 def _modules() -> list[str]:
@@ -88,8 +90,12 @@ def test_configs_compile_clean(module, tmp_path):
 
 
 def _documented_fp32_spill(r: dict) -> bool:
-    return (r["status"] == "spills" and r["dtype"] == "fp32"
-            and any(r["kernel"].startswith(k) and r["head_dims"] == hd for k, hd in FP32_SPILLS_DOCUMENTED))
+    if r["status"] != "spills":
+        return False
+    if (r["kernel"], r["arch"], r["head_dims"], r["alias"]) in KNOWN_SPILLS:
+        return True
+    return r["dtype"] == "fp32" and any(r["kernel"].startswith(k) and r["head_dims"] == hd
+                                        for k, hd in FP32_SPILLS_DOCUMENTED)
 
 
 def test_attention_specs_cover_autotune_sets():
@@ -102,14 +108,18 @@ def test_attention_specs_cover_autotune_sets():
     for arch in ARCHS:
         fspecs = fwd.compile_specs(arch)
         bspecs = bwd.compile_specs(arch)
-        for dk, dv, _group, _alias in fwd.SPEC_SHAPES:
+        for dk, dv, group, alias in fwd.SPEC_SHAPES:
             for dtype in fwd.SPEC_DTYPES:
-                got = {s.extra["config"] for s in fspecs if s.head_dims == (dk, dv) and s.dtype == dtype}
-                assert got == set(fwd.fwd_configs(arch, dk, dv, dtype)), (arch, dk, dv, dtype)
+                key = ((dk, dv), dtype, group, alias, False)
+
+                def same(s, key=key):
+                    return (s.head_dims, s.dtype, s.extra.get("group"), s.extra.get("v_is_k"),
+                            bool(s.extra.get("allow_tf32"))) == key
+                got = {s.extra["config"] for s in fspecs if same(s)}
+                assert got == set(fwd.fwd_configs(arch, dk, dv, dtype, alias)), (arch, dk, dv, dtype)
                 for kind in ("dkdv", "dq"):
-                    got = {s.extra["config"] for s in bspecs
-                           if s.head_dims == (dk, dv) and s.dtype == dtype and s.kernel.endswith(kind)}
-                    assert got == set(bwd.bwd_configs(kind, arch, dk, dv, dtype)), (arch, kind, dk, dv, dtype)
+                    got = {s.extra["config"] for s in bspecs if same(s) and s.kernel.endswith(kind)}
+                    assert got == set(bwd.bwd_configs(kind, arch, dk, dv, dtype, alias)), (arch, kind, dk, dv, dtype)
         for s in fspecs + bspecs:
             assert s.arch == arch
         absorbed = [s for s in fspecs + bspecs if s.head_dims == (576, 512) and "preprocess" not in s.kernel]
