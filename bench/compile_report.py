@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated compute capabilities (default: 80,86,89,90 and 100,120 if targetable)")
     ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
     ap.add_argument("--quick", action="store_true",
-                    help="fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
+                    help="fp16 specs plus every dtype of the absorbed 576/512 shape with 128 heads "
+                         "(the compile check's set)")
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a configuration is not clean")
     args = ap.parse_args(argv)
