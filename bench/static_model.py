@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("triton is not installed: nothing to compile", file=sys.stderr)
+        print('triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"',
+              file=sys.stderr)
         return 2
     from kernels._config import INTERPRET
 
