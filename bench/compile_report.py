@@ -13,7 +13,8 @@ architectures are ``kernels._compile.target_archs()``: 80, 86, 89, 90, and 100 /
 installed Triton can compile for them. Kernel modules are listed in
 ``kernels._config.KERNEL_MODULES``; a module that does not import yet is reported as skipped. Exit
 status 1 when a configuration fails to compile, spills, exceeds the architecture's shared memory,
-uses TF32 without the spec allowing it, or has non-relaxed atomics (``--no-fail`` to always exit 0).
+uses TF32 without the spec allowing it, or has non-relaxed atomics (``--no-fail`` to always exit 0);
+2 on an unknown ``--kernels`` / ``--arch`` / ``--dtypes`` name, or without Triton (the ``[triton]`` extra).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("triton is not installed: nothing to compile", file=sys.stderr)
-        return 0
+        print('triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"',
+              file=sys.stderr)
+        return 2
     from kernels._config import INTERPRET
 
     if INTERPRET:

@@ -428,7 +428,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m bench.static_model", description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph (its first line stops mid-sentence)
+    ap = argparse.ArgumentParser(prog="python -m bench.static_model", description=summary)
     ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("triton is not installed: nothing to compile", file=sys.stderr)
+        print('triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"',
+              file=sys.stderr)
         return 2
     from kernels._config import INTERPRET
 

@@ -74,6 +74,13 @@ def main() -> None:
     out = model.generate(ids.to(dev), 24, attention_mask=mask.to(dev), temperature=0, kv_format=kv_format)
     for i in range(len(prompts)):
         print(f"generate[{i}]: {bytes(out[i, width:].tolist())!r} (untrained model: random bytes)")
+    if kv_format is not None:  # the same greedy generation through an unquantized cache, for comparison
+        ref = model.generate(ids.to(dev), 24, attention_mask=mask.to(dev), temperature=0)
+        for i in range(len(prompts)):
+            new_fp8, new_ref = out[i, width:].tolist(), ref[i, width:].tolist()
+            same = next((j for j, (a, b) in enumerate(zip(new_fp8, new_ref)) if a != b), len(new_ref))
+            print(f"generate[{i}]: the first {same} of {len(new_ref)} greedy bytes equal the unquantized cache's "
+                  "(an untrained model's near-ties flip under FP8 rounding)")
 
 
 if __name__ == "__main__":

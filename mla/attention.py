@@ -106,6 +106,16 @@ def _head_max(max_logit: torch.Tensor | None) -> torch.Tensor | None:
     return None if max_logit is None else max_logit.detach().float().amax(dim=0)
 
 
+def _check_input_dtype(name: str, t: torch.Tensor, param_dtype: torch.dtype) -> None:
+    """TypeError when input ``t`` and the module's parameters differ in dtype outside autocast (which casts
+    both); otherwise the first projection fails with a matmul error that names neither."""
+    if t.dtype != param_dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(
+            f"{name}: dtype {t.dtype} does not match the module's parameters ({param_dtype}); convert one of "
+            f"them ({name}.to({param_dtype}) or module.to({t.dtype}))"
+        )
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like transformers'
     ``DeepseekV3RMSNorm``: ``weight * x / sqrt(mean(x²) + eps)``. Input ``[..., dim]``, output same dtype."""
@@ -251,6 +261,7 @@ class LatentAttention(nn.Module):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != width:
                 raise ValueError(f"{name}: expected [B, L, {width}], got shape {tuple(t.shape)}")
+            _check_input_dtype(name, t, self.q_proj.weight.dtype)
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         B, T, _ = query.shape
@@ -448,6 +459,7 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(
                 f"hidden_states: expected [B, T, {self.config.hidden_size}], got {tuple(hidden_states.shape)}"
             )
+        _check_input_dtype("hidden_states", hidden_states, self.kv_a_proj_with_mqa.weight.dtype)
         B, T, _ = hidden_states.shape
         device = hidden_states.device
         paged = isinstance(cache, PagedLatentCache)

@@ -254,6 +254,15 @@ def test_compile_report_rejects_unknown_names(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module", ["bench.compile_report", "bench.static_model"])
+def test_compile_tools_without_triton_say_what_to_install(module, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError, as when not installed
+    assert importlib.import_module(module).main(["--kernels", "decode", "--arch", "90"]) == 2
+    assert 'pip install -e ".[triton]"' in capsys.readouterr().err
+
+
 def test_skip_rows_fold_into_one_line_per_group(tmp_path, capsys):
     from bench.common import summarize_skips
     from bench.report import console_text

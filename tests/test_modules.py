@@ -85,6 +85,20 @@ def test_latent_attention_bad_input():
         LatentAttention(30, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_modules_name_an_input_dtype_mismatch(dtype):
+    # fp32 parameters, input of another dtype: a TypeError naming the argument, not a matmul RuntimeError
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    with pytest.raises(TypeError, match=r"query: dtype torch\.(float64|float16) does not match .*torch\.float32"):
+        LatentAttention(32, 4)(x, x, x)
+    m = MultiHeadLatentAttention(small_config())
+    with pytest.raises(TypeError, match=r"hidden_states: dtype .* does not match the module's parameters"):
+        m(torch.randn(2, 6, 48, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both: no error
+        out, _ = m(torch.randn(2, 6, 48))
+    assert out.shape == (2, 6, 48) and torch.isfinite(out).all()
+
+
 def test_latent_attention_gradients_flow():
     attn = LatentAttention(32, 4)
     x = torch.randn(2, 6, 32, requires_grad=True)

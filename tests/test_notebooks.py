@@ -38,3 +38,16 @@ def test_notebook_runs(path, monkeypatch):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Error" not in text and "Traceback" not in text
     assert not os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_setup_cell_runs_outside_the_repository(path, monkeypatch, tmp_path):
+    # Opened from elsewhere (after `pip install -e .`), the sys.path cell must not fail looking for the repo.
+    nbformat = pytest.importorskip("nbformat")
+    import sys
+
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("TRITON_INTERPRET", "")  # restored afterwards if the cell sets it
+    exec(compile(first.source, f"{path.name}:first cell", "exec"), {})

@@ -42,3 +42,10 @@ def test_readme_block_runs(line, code, monkeypatch, tmp_path):
         if (exc.name or "").split(".")[0] in OPTIONAL:
             pytest.skip(f"needs the optional {exc.name!r}")
         raise
+
+
+def test_readme_prose_has_no_unfilled_placeholder():
+    # e.g. "FP32_SPILL_TABLE" left where a table was meant to be generated: an ALL_CAPS_NAME outside code
+    text = re.sub(r"^```.*?^```", "", README.read_text(encoding="utf-8"), flags=re.M | re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)  # inline code may name environment variables
+    assert re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", text) == []

@@ -350,7 +350,8 @@ def test_cli_resume_in_process(tmp_path, capsys):
         (["--preset", "nope"], "--preset"),
         (["--seq-len", "10000000"], "--seq-len"),
         (["--layers", "0"], "--layers"),
-        (["--resume"], "--resume"),
+        (["--resume"], "--resume: 'latest' (--resume without a path: the newest checkpoint in --out) needs out_dir; "
+                       "pass --out DIR"),
         (["--sparse-mode", "topk"], "--sparse-mode"),
         (["--steps", "10", "--warmup", "10"], "--warmup"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--lr", "-1"], "--"),

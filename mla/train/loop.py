@@ -205,7 +205,8 @@ class TrainConfig:
         if self.distributed not in MODES:
             raise ValueError(f"distributed: expected one of {MODES}, got {self.distributed!r}")
         if self.resume == "latest" and not self.out_dir:
-            raise ValueError("resume: 'latest' (the newest checkpoint in out_dir) needs out_dir (--out)")
+            raise ValueError("resume: 'latest' (--resume without a path: the newest checkpoint in --out) needs "
+                             "out_dir; pass --out DIR, or --resume PATH to a checkpoint directory")
         if self.preset not in registry.names():
             known = ", ".join(registry.names())
             raise KeyError(f"preset: unknown config {self.preset!r}; registered: {known}")
