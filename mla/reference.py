@@ -114,6 +114,8 @@ def _sdpa_cpu(q, k, v, causal: bool, scale: float):
     """
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    # The kernel reads the head dim as unit-stride whatever the strides say (x[..., ::2] gave wrong values).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = None
     if causal and T > S:
         return None
