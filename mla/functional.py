@@ -409,7 +409,8 @@ def mla_decode(
         head_dim_v: ``Dv``, a prefix of each row (``kv_lora_rank`` for MLA); default ``Dk``.
         causal: bottom-right per sequence: query ``j`` sees keys ``0 … L − Tq + j`` (``L = cache_seqlens[b]``).
         topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
-            shared by all heads, as in DeepSeek Sparse Attention.
+            shared by all heads, as in DeepSeek Sparse Attention; a position in ``[0, L)`` at most once
+            per row (checked with ``check_inputs``).
         num_splits: key splits per sequence for the kernel (None: chosen from B, H and the SM count).
         return_lse: also return ``lse [B, H, Tq]`` fp32.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
@@ -425,7 +426,8 @@ def mla_decode(
         TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
             ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
         ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
-            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``.
+            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
+            ``topk_indices`` below -1 or repeating a cached position in a row (``check_inputs``).
     """
     _check_tensor("q", q, 4, "[B, Tq, H, Dk]")
     if kv_format not in KV_FORMATS:
@@ -509,8 +511,17 @@ def mla_decode(
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
             raise ValueError(f"block_table: page ids of used pages must be in [0, {num_pages}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        if topk_indices is not None and topk_indices.numel() and int(topk_indices.min()) < -1:
-            raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
+        if topk_indices is not None and topk_indices.numel():
+            if int(topk_indices.min()) < -1:
+                raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
+            # The kernel would count a repeated key twice, the reference once: reject, as latent_attention does.
+            srt = topk_indices.sort(dim=-1).values
+            live = (srt[..., 1:] >= 0) & (srt[..., 1:] < cache_seqlens[:, None, None])
+            dup = (srt[..., 1:] == srt[..., :-1]) & live
+            if bool(dup.any()):
+                where = tuple(int(x) for x in dup.nonzero()[0][:2])
+                raise ValueError(f"topk_indices: duplicate key position in row (b, t) = {where}; each row "
+                                 f"must list a cached position once")
     path = resolve_backend(backend, q.device, q.dtype)
     if path == "triton":
         from mla.autograd import triton_decode

@@ -192,6 +192,13 @@ def test_bad_inputs():
         mla_decode(q[:1], pool, table, sl)
     with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
         mla_decode(q, pool, table, sl[:1])
+    # a cached position listed twice: the kernel would weigh it twice, the reference once
+    dup = torch.tensor([[[3, 3, -1]], [[0, 5, 5]]], dtype=torch.int32, device=DEVICE)  # 5 >= L=4: skipped
+    with pytest.raises(ValueError, match=r"topk_indices: duplicate key position in row \(b, t\) = \(0, 0\)"):
+        mla_decode(q, pool, table, sl, topk_indices=dup)
+    dup[0, 0, 1] = -1
+    out = mla_decode(q, pool, table, sl, topk_indices=dup, return_lse=False)  # -1 and >= L repeats are fine
+    assert torch.isfinite(out).all()
 
 
 # -- PagedLatentCache --------------------------------------------------------------------------------
