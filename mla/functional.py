@@ -369,7 +369,7 @@ def _gather_pages(kv_cache, block_table, cache_seqlens, S: int):
         (cache_seqlens.long()[:, None] + page_size - 1) // page_size
     )
     pages = torch.where(used, block_table[:, :n_pages].long(), torch.zeros((), dtype=torch.long, device=used.device))
-    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, -1)[:, :S]
+    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, kv_cache.shape[3])[:, :S]
     valid = torch.arange(S, device=rows.device)[None, :] < cache_seqlens.long()[:, None]
     # Unused slots may hold NaN/garbage: zero them so that 0-probability keys contribute exactly 0.
     return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))

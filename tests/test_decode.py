@@ -255,3 +255,14 @@ def test_cache_rejects_short_writes_and_unknown_ids():
     assert cache.seq_len(b) == 8  # nothing released
     cache.write(0, torch.ones(1, 8, 3))
     assert torch.equal(cache.gather(0), torch.ones(1, 8, 3))
+
+
+@pytest.mark.parametrize("kv_format", [None, "fp8_ds_mla"])
+def test_paged_cache_gather_empty_step(kv_format):
+    # A step where every sequence is (still) empty: gather returns [B, 0, head_dim], not a reshape error.
+    cache = PagedLatentCache(1, 136, num_pages=4, page_size=2, kv_format=kv_format,
+                             kv_lora_rank=128 if kv_format else None)
+    seqs = cache.add_sequences(2)
+    cache.begin_step(seqs, 0)
+    cache.write(0, torch.randn(2, 0, 136))
+    assert cache.gather(0).shape == (2, 0, 136)
