@@ -266,3 +266,16 @@ def test_paged_cache_gather_empty_step(kv_format):
     cache.begin_step(seqs, 0)
     cache.write(0, torch.randn(2, 0, 136))
     assert cache.gather(0).shape == (2, 0, 136)
+
+
+def test_cache_begin_step_rejects_repeated_ids_and_bad_counts():
+    cache = PagedLatentCache(1, 3, num_pages=1, page_size=2)
+    (c,) = cache.add_sequences(1)
+    cache.begin_step([c], 1)
+    # A repeated id would be counted once for pages but grow twice (IndexError on an empty free list).
+    with pytest.raises(ValueError, match=r"seq_ids: each sequence at most once per step, got \[0, 0\]"):
+        cache.begin_step([c, c], 1)
+    with pytest.raises(TypeError, match="num_new: expected an int or one int per sequence, got 1.5"):
+        cache.begin_step([c], 1.5)
+    cache.begin_step([c], torch.tensor([1]))
+    assert cache.cache_seqlens.tolist() == [2]
