@@ -446,6 +446,8 @@ def mla_decode(
         if kv_cache.dtype != q.dtype:
             raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
     B, Tq, H, Dk = q.shape
+    if H < 1 or Dk < 1:
+        raise ValueError(f"q: heads and head dim must be >= 1, got shape {tuple(q.shape)}")
     num_pages, page_size = kv_cache.shape[0], kv_cache.shape[1]
     if kv_cache.shape[2] != 1:
         raise ValueError(

@@ -192,6 +192,8 @@ def test_bad_inputs():
         mla_decode(q[:1], pool, table, sl)
     with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
         mla_decode(q, pool, table, sl[:1])
+    with pytest.raises(ValueError, match=r"q: heads and head dim must be >= 1, got shape \(2, 1, 0, 48\)"):
+        mla_decode(q[:, :, :0], pool, table, sl)  # the reference raised ZeroDivisionError
     # a cached position listed twice: the kernel would weigh it twice, the reference once
     dup = torch.tensor([[[3, 3, -1]], [[0, 5, 5]]], dtype=torch.int32, device=DEVICE)  # 5 >= L=4: skipped
     with pytest.raises(ValueError, match=r"topk_indices: duplicate key position in row \(b, t\) = \(0, 0\)"):
