@@ -19,7 +19,7 @@ import torch
 
 from mla import reference as _ref
 from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
-from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_to_dense_mask
+from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_as_int32, topk_to_dense_mask
 
 __all__ = [
     "latent_attention",
@@ -495,7 +495,7 @@ def mla_decode(
             raise ValueError(f"topk_indices: expected [B={B}, Tq={Tq}, K], got {tuple(topk_indices.shape)}")
         if topk_indices.device != q.device:
             raise ValueError(f"topk_indices: on device {topk_indices.device}, but q is on {q.device}")
-        topk_indices = topk_indices.to(torch.int32)
+        topk_indices = topk_as_int32(topk_indices)
     capacity = block_table.shape[1] * page_size
     if check_inputs and B > 0:
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())

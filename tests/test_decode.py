@@ -192,6 +192,11 @@ def test_bad_inputs():
         mla_decode(q[:1], pool, table, sl)
     with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
         mla_decode(q, pool, table, sl[:1])
+    # an int64 position past the int32 range is skipped like any position >= L (a cast would wrap it to 3)
+    wide = torch.tensor([[[2**32 + 3]], [[1]]], device=DEVICE)
+    out_w = mla_decode(q, pool, table, sl, topk_indices=wide, return_lse=False)
+    want = mla_decode(q, pool, table, sl, topk_indices=torch.tensor([[[-1]], [[1]]], device=DEVICE), return_lse=False)
+    assert torch.equal(out_w, want) and (out_w[0] == 0).all()
     with pytest.raises(ValueError, match=r"q: heads and head dim must be >= 1, got shape \(2, 1, 0, 48\)"):
         mla_decode(q[:, :, :0], pool, table, sl)  # the reference raised ZeroDivisionError
     # a cached position listed twice: the kernel would weigh it twice, the reference once
