@@ -375,6 +375,10 @@ def _gather_pages(kv_cache, block_table, cache_seqlens, S: int):
     return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
+#: Largest ``num_splits`` of ``mla_decode`` (``kernels.decode.MAX_SPLITS``; checked for every backend).
+MAX_DECODE_SPLITS = 256
+
+
 def mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -411,7 +415,8 @@ def mla_decode(
         topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
             shared by all heads, as in DeepSeek Sparse Attention; a position in ``[0, L)`` at most once
             per row (checked with ``check_inputs``).
-        num_splits: key splits per sequence for the kernel (None: chosen from B, H and the SM count).
+        num_splits: key splits per sequence for the kernel, ``<= 256`` (None: chosen from B, H and the SM
+            count; the reference ignores it).
         return_lse: also return ``lse [B, H, Tq]`` fp32.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
@@ -485,8 +490,9 @@ def mla_decode(
     scale = _check_scale(softmax_scale, Dk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_DECODE_SPLITS):
+        raise ValueError(f"num_splits: expected None or an int in [1, {MAX_DECODE_SPLITS}], got {num_splits!r}")
     if topk_indices is not None:
         if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32, torch.int64):
             got = getattr(topk_indices, "dtype", type(topk_indices).__name__)

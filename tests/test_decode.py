@@ -188,6 +188,9 @@ def test_bad_inputs():
         mla_decode(q, pool, bad, sl)
     with pytest.raises(ValueError, match="num_splits"):
         mla_decode(q, pool, table, sl, num_splits=0)
+    # the kernel's limit, checked on every backend (the reference used to accept what the kernel refuses)
+    with pytest.raises(ValueError, match=r"num_splits: expected None or an int in \[1, 256\], got 257"):
+        mla_decode(q, pool, table, sl, num_splits=257, backend="reference")
     with pytest.raises(ValueError, match=r"q: batch 1 .* the cache holds 2 sequences"):
         mla_decode(q[:1], pool, table, sl)
     with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
@@ -286,3 +289,11 @@ def test_cache_begin_step_rejects_repeated_ids_and_bad_counts():
         cache.begin_step([c], 1.5)
     cache.begin_step([c], torch.tensor([1]))
     assert cache.cache_seqlens.tolist() == [2]
+
+
+def test_max_decode_splits_is_the_kernel_limit():
+    pytest.importorskip("triton")
+    from kernels.decode import MAX_SPLITS
+    from mla.functional import MAX_DECODE_SPLITS
+
+    assert MAX_DECODE_SPLITS == MAX_SPLITS
