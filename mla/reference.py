@@ -137,7 +137,9 @@ def _sdpa_cpu(q, k, v, causal: bool, scale: float):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal and T == S,
         attn_mask=mask, scale=scale,
     )
-    return out.transpose(1, 2)[..., :Dv], lse.detach()
+    out = out.transpose(1, 2)
+    # Dk > Dv (naive MLA): a slice of the padded output; contiguous as on every other path (callers .view it).
+    return (out[..., :Dv].contiguous() if Dv < D else out), lse.detach()
 
 
 def _chunk_forward(q, k, v, allowed, bias, scale: float):

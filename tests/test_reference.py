@@ -264,3 +264,13 @@ def test_fused_cpu_dispatch_strided_head_dim(which, fused_calls):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("Dv", [8, 16, 24])
+def test_fused_cpu_dispatch_output_contiguous(Dv, fused_calls):
+    # Dk=16 > Dv=8 (naive MLA's 192 / 128) returned a slice of the padded output: out.view(B, T, -1) failed.
+    q, k, v = random_qkv(2, 4, 5, 3, 3, 16, Dv, dtype=torch.float32, seed=7)
+    out, _, _ = attention_reference(q, k, v, causal=True)
+    assert fused_calls == [True] and out.is_contiguous()
+    want, _, _ = attention_reference(q, k, v, causal=True, fused_cpu=False)
+    assert rel_err(out.view(2, 4, -1), want.reshape(2, 4, -1)) < 1e-5
