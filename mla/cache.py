@@ -294,6 +294,9 @@ class PagedLatentCache:
     def release(self, seq_ids) -> None:
         """Return the pages of finished sequences to the free list and forget them.
 
+        A step (``begin_step``) that holds a released sequence is closed: ``write`` then raises until the
+        next ``begin_step``.
+
         Raises:
             KeyError: an unknown, already released or repeated sequence id; nothing is released then.
         """
@@ -304,6 +307,9 @@ class PagedLatentCache:
         for i in seq_ids:
             self._free.extend(reversed(self._pages.pop(i)))
             self._lens.pop(i)
+        if not set(seq_ids).isdisjoint(self.seq_ids):
+            # The open step lost sequences: close it, or its writes would land in the freed pages.
+            self.seq_ids = []
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens cached for ``seq_id``."""

@@ -297,3 +297,19 @@ def test_max_decode_splits_is_the_kernel_limit():
     from mla.functional import MAX_DECODE_SPLITS
 
     assert MAX_DECODE_SPLITS == MAX_SPLITS
+
+
+def test_cache_release_closes_the_open_step():
+    cache = PagedLatentCache(1, 3, num_pages=3, page_size=2)
+    a, b = cache.add_sequences(2)
+    cache.begin_step([a, b], 2)
+    cache.write(0, torch.ones(2, 2, 3))
+    cache.release([b])
+    # b's page is free again: the step's write would have gone into it (and gather raised KeyError)
+    with pytest.raises(ValueError, match="no step is open"):
+        cache.write(0, torch.ones(2, 2, 3))
+    (c,) = cache.add_sequences(1)
+    cache.begin_step([a, c], 1)
+    cache.write(0, torch.full((2, 1, 3), 5.0))
+    g = cache.gather(0)
+    assert g.shape == (2, 3, 3) and (g[0, :2] == 1).all() and (g[0, 2] == 5).all() and (g[1, 0] == 5).all()
