@@ -12,6 +12,7 @@ kernels load once).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -293,6 +294,9 @@ class PagedLatentCache:
     def release(self, seq_ids) -> None:
         """Return the pages of finished sequences to the free list and forget them.
 
+        A step (``begin_step``) that holds a released sequence is closed: ``write`` then raises until the
+        next ``begin_step``.
+
         Raises:
             KeyError: an unknown, already released or repeated sequence id; nothing is released then.
         """
@@ -303,6 +307,9 @@ class PagedLatentCache:
         for i in seq_ids:
             self._free.extend(reversed(self._pages.pop(i)))
             self._lens.pop(i)
+        if not set(seq_ids).isdisjoint(self.seq_ids):
+            # The open step lost sequences: close it, or its writes would land in the freed pages.
+            self.seq_ids = []
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens cached for ``seq_id``."""
@@ -327,13 +334,20 @@ class PagedLatentCache:
         unchanged). Host-side bookkeeping: call it outside a captured / compiled decode step.
 
         Raises:
-            KeyError: unknown sequence id. RuntimeError: not enough free pages, or a sequence would need
-            more than ``max_pages_per_seq`` pages.
+            KeyError: unknown sequence id. ValueError: a repeated sequence id, negative or miscounted
+            ``num_new``. TypeError: ``num_new`` not an int or ints. RuntimeError: not enough free pages, or a
+            sequence would need more than ``max_pages_per_seq`` pages.
         """
         seq_ids = list(seq_ids)
-        if isinstance(num_new, int):
-            num_new = [num_new] * len(seq_ids)
-        num_new = [int(n) for n in num_new]
+        if len(set(seq_ids)) != len(seq_ids):  # one would be counted for pages once but grow twice
+            raise ValueError(f"seq_ids: each sequence at most once per step, got {seq_ids}")
+        if isinstance(num_new, torch.Tensor):
+            num_new = num_new.tolist()
+        try:
+            num_new = [operator.index(num_new)] * len(seq_ids) if not isinstance(num_new, (list, tuple)) else [
+                operator.index(n) for n in num_new]
+        except TypeError:
+            raise TypeError(f"num_new: expected an int or one int per sequence, got {num_new!r}") from None
         if len(num_new) != len(seq_ids) or min(num_new, default=0) < 0:
             raise ValueError(f"num_new: expected {len(seq_ids)} non-negative counts, got {num_new}")
         need = 0

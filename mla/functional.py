@@ -19,7 +19,7 @@ import torch
 
 from mla import reference as _ref
 from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
-from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_to_dense_mask
+from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_as_int32, topk_to_dense_mask
 
 __all__ = [
     "latent_attention",
@@ -369,10 +369,14 @@ def _gather_pages(kv_cache, block_table, cache_seqlens, S: int):
         (cache_seqlens.long()[:, None] + page_size - 1) // page_size
     )
     pages = torch.where(used, block_table[:, :n_pages].long(), torch.zeros((), dtype=torch.long, device=used.device))
-    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, -1)[:, :S]
+    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, kv_cache.shape[3])[:, :S]
     valid = torch.arange(S, device=rows.device)[None, :] < cache_seqlens.long()[:, None]
     # Unused slots may hold NaN/garbage: zero them so that 0-probability keys contribute exactly 0.
     return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+#: Largest ``num_splits`` of ``mla_decode`` (``kernels.decode.MAX_SPLITS``; checked for every backend).
+MAX_DECODE_SPLITS = 256
 
 
 def mla_decode(
@@ -409,8 +413,10 @@ def mla_decode(
         head_dim_v: ``Dv``, a prefix of each row (``kv_lora_rank`` for MLA); default ``Dk``.
         causal: bottom-right per sequence: query ``j`` sees keys ``0 … L − Tq + j`` (``L = cache_seqlens[b]``).
         topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
-            shared by all heads, as in DeepSeek Sparse Attention.
-        num_splits: key splits per sequence for the kernel (None: chosen from B, H and the SM count).
+            shared by all heads, as in DeepSeek Sparse Attention; a position in ``[0, L)`` at most once
+            per row (checked with ``check_inputs``).
+        num_splits: key splits per sequence for the kernel, ``<= 256`` (None: chosen from B, H and the SM
+            count; the reference ignores it).
         return_lse: also return ``lse [B, H, Tq]`` fp32.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
@@ -425,7 +431,8 @@ def mla_decode(
         TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
             ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
         ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
-            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``.
+            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
+            ``topk_indices`` below -1 or repeating a cached position in a row (``check_inputs``).
     """
     _check_tensor("q", q, 4, "[B, Tq, H, Dk]")
     if kv_format not in KV_FORMATS:
@@ -444,6 +451,8 @@ def mla_decode(
         if kv_cache.dtype != q.dtype:
             raise TypeError(f"kv_cache: dtype {kv_cache.dtype} does not match q's dtype {q.dtype}")
     B, Tq, H, Dk = q.shape
+    if H < 1 or Dk < 1:
+        raise ValueError(f"q: heads and head dim must be >= 1, got shape {tuple(q.shape)}")
     num_pages, page_size = kv_cache.shape[0], kv_cache.shape[1]
     if kv_cache.shape[2] != 1:
         raise ValueError(
@@ -481,8 +490,9 @@ def mla_decode(
     scale = _check_scale(softmax_scale, Dk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_DECODE_SPLITS):
+        raise ValueError(f"num_splits: expected None or an int in [1, {MAX_DECODE_SPLITS}], got {num_splits!r}")
     if topk_indices is not None:
         if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32, torch.int64):
             got = getattr(topk_indices, "dtype", type(topk_indices).__name__)
@@ -491,7 +501,7 @@ def mla_decode(
             raise ValueError(f"topk_indices: expected [B={B}, Tq={Tq}, K], got {tuple(topk_indices.shape)}")
         if topk_indices.device != q.device:
             raise ValueError(f"topk_indices: on device {topk_indices.device}, but q is on {q.device}")
-        topk_indices = topk_indices.to(torch.int32)
+        topk_indices = topk_as_int32(topk_indices)
     capacity = block_table.shape[1] * page_size
     if check_inputs and B > 0:
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -509,8 +519,17 @@ def mla_decode(
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):
             raise ValueError(f"block_table: page ids of used pages must be in [0, {num_pages}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        if topk_indices is not None and topk_indices.numel() and int(topk_indices.min()) < -1:
-            raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
+        if topk_indices is not None and topk_indices.numel():
+            if int(topk_indices.min()) < -1:
+                raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
+            # The kernel would count a repeated key twice, the reference once: reject, as latent_attention does.
+            srt = topk_indices.sort(dim=-1).values
+            live = (srt[..., 1:] >= 0) & (srt[..., 1:] < cache_seqlens[:, None, None])
+            dup = (srt[..., 1:] == srt[..., :-1]) & live
+            if bool(dup.any()):
+                where = tuple(int(x) for x in dup.nonzero()[0][:2])
+                raise ValueError(f"topk_indices: duplicate key position in row (b, t) = {where}; each row "
+                                 f"must list a cached position once")
     path = resolve_backend(backend, q.device, q.dtype)
     if path == "triton":
         from mla.autograd import triton_decode

@@ -70,12 +70,15 @@ def quantize_fp8_ds_mla(rows: torch.Tensor, kv_lora_rank: int) -> torch.Tensor:
     ``code = e4m3(clamp(x / scale, ±448))`` (round to nearest even); the RoPE part is rounded to bf16.
 
     Raises:
-        TypeError: non-floating ``rows``. ValueError: ``dc`` not a multiple of 128 or wider than the rows.
+        TypeError: non-floating ``rows``, non-int ``kv_lora_rank``. ValueError: ``dc`` not a multiple of 128
+        or wider than the rows.
     """
     if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
         raise TypeError(f"rows: expected a floating-point tensor, got {getattr(rows, 'dtype', type(rows).__name__)}")
     width = rows.shape[-1] if rows.dim() else 0
-    if not isinstance(kv_lora_rank, int) or kv_lora_rank > width:
+    if isinstance(kv_lora_rank, bool) or not isinstance(kv_lora_rank, int):
+        raise TypeError(f"kv_lora_rank: expected an int, got {type(kv_lora_rank).__name__}")
+    if kv_lora_rank > width:
         raise ValueError(f"rows: last dim {width} is narrower than kv_lora_rank={kv_lora_rank!r}")
     dc, dr = kv_lora_rank, width - kv_lora_rank
     nbytes = fp8_ds_mla_row_bytes(dc, dr)

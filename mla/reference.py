@@ -114,6 +114,8 @@ def _sdpa_cpu(q, k, v, causal: bool, scale: float):
     """
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    # The kernel reads the head dim as unit-stride whatever the strides say (x[..., ::2] gave wrong values).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = None
     if causal and T > S:
         return None
@@ -135,7 +137,9 @@ def _sdpa_cpu(q, k, v, causal: bool, scale: float):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal and T == S,
         attn_mask=mask, scale=scale,
     )
-    return out.transpose(1, 2)[..., :Dv], lse.detach()
+    out = out.transpose(1, 2)
+    # Dk > Dv (naive MLA): a slice of the padded output; contiguous as on every other path (callers .view it).
+    return (out[..., :Dv].contiguous() if Dv < D else out), lse.detach()
 
 
 def _chunk_forward(q, k, v, allowed, bias, scale: float):

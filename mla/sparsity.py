@@ -423,6 +423,15 @@ def topk_to_dense_mask(topk_indices: torch.Tensor, seq_len_k: int) -> torch.Tens
     return m[..., :seq_len_k].permute(0, 2, 1, 3).contiguous()
 
 
+def topk_as_int32(topk_indices: torch.Tensor) -> torch.Tensor:
+    """``topk_indices`` as int32, entries outside the int32 range clamped to it first (a plain cast wraps:
+    ``2**32 + 3`` would become key 3; clamped it stays out of range, so it is rejected or skipped)."""
+    if topk_indices.dtype == torch.int64:
+        info = torch.iinfo(torch.int32)
+        topk_indices = topk_indices.clamp(info.min, info.max)
+    return topk_indices.to(torch.int32)
+
+
 def check_topk_indices(
     topk_indices, B: int, T: int, Hkv: int, S: int, device=None, *, check_values: bool = True
 ) -> torch.Tensor:
@@ -446,7 +455,7 @@ def check_topk_indices(
         )
     if device is not None and topk_indices.device != torch.device(device):
         raise ValueError(f"topk_indices: expected device {device}, got {topk_indices.device}")
-    idx = topk_indices.to(torch.int32)
+    idx = topk_as_int32(topk_indices)
     if check_values and idx.numel() > 0 and not torch.compiler.is_compiling():  # reads values: eager only
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= S:

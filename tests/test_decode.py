@@ -188,10 +188,27 @@ def test_bad_inputs():
         mla_decode(q, pool, bad, sl)
     with pytest.raises(ValueError, match="num_splits"):
         mla_decode(q, pool, table, sl, num_splits=0)
+    # the kernel's limit, checked on every backend (the reference used to accept what the kernel refuses)
+    with pytest.raises(ValueError, match=r"num_splits: expected None or an int in \[1, 256\], got 257"):
+        mla_decode(q, pool, table, sl, num_splits=257, backend="reference")
     with pytest.raises(ValueError, match=r"q: batch 1 .* the cache holds 2 sequences"):
         mla_decode(q[:1], pool, table, sl)
     with pytest.raises(ValueError, match="cache_seqlens: 1 sequences, but block_table has 2 rows"):
         mla_decode(q, pool, table, sl[:1])
+    # an int64 position past the int32 range is skipped like any position >= L (a cast would wrap it to 3)
+    wide = torch.tensor([[[2**32 + 3]], [[1]]], device=DEVICE)
+    out_w = mla_decode(q, pool, table, sl, topk_indices=wide, return_lse=False)
+    want = mla_decode(q, pool, table, sl, topk_indices=torch.tensor([[[-1]], [[1]]], device=DEVICE), return_lse=False)
+    assert torch.equal(out_w, want) and (out_w[0] == 0).all()
+    with pytest.raises(ValueError, match=r"q: heads and head dim must be >= 1, got shape \(2, 1, 0, 48\)"):
+        mla_decode(q[:, :, :0], pool, table, sl)  # the reference raised ZeroDivisionError
+    # a cached position listed twice: the kernel would weigh it twice, the reference once
+    dup = torch.tensor([[[3, 3, -1]], [[0, 5, 5]]], dtype=torch.int32, device=DEVICE)  # 5 >= L=4: skipped
+    with pytest.raises(ValueError, match=r"topk_indices: duplicate key position in row \(b, t\) = \(0, 0\)"):
+        mla_decode(q, pool, table, sl, topk_indices=dup)
+    dup[0, 0, 1] = -1
+    out = mla_decode(q, pool, table, sl, topk_indices=dup, return_lse=False)  # -1 and >= L repeats are fine
+    assert torch.isfinite(out).all()
 
 
 # -- PagedLatentCache --------------------------------------------------------------------------------
@@ -248,3 +265,51 @@ def test_cache_rejects_short_writes_and_unknown_ids():
     assert cache.seq_len(b) == 8  # nothing released
     cache.write(0, torch.ones(1, 8, 3))
     assert torch.equal(cache.gather(0), torch.ones(1, 8, 3))
+
+
+@pytest.mark.parametrize("kv_format", [None, "fp8_ds_mla"])
+def test_paged_cache_gather_empty_step(kv_format):
+    # A step where every sequence is (still) empty: gather returns [B, 0, head_dim], not a reshape error.
+    cache = PagedLatentCache(1, 136, num_pages=4, page_size=2, kv_format=kv_format,
+                             kv_lora_rank=128 if kv_format else None)
+    seqs = cache.add_sequences(2)
+    cache.begin_step(seqs, 0)
+    cache.write(0, torch.randn(2, 0, 136))
+    assert cache.gather(0).shape == (2, 0, 136)
+
+
+def test_cache_begin_step_rejects_repeated_ids_and_bad_counts():
+    cache = PagedLatentCache(1, 3, num_pages=1, page_size=2)
+    (c,) = cache.add_sequences(1)
+    cache.begin_step([c], 1)
+    # A repeated id would be counted once for pages but grow twice (IndexError on an empty free list).
+    with pytest.raises(ValueError, match=r"seq_ids: each sequence at most once per step, got \[0, 0\]"):
+        cache.begin_step([c, c], 1)
+    with pytest.raises(TypeError, match="num_new: expected an int or one int per sequence, got 1.5"):
+        cache.begin_step([c], 1.5)
+    cache.begin_step([c], torch.tensor([1]))
+    assert cache.cache_seqlens.tolist() == [2]
+
+
+def test_max_decode_splits_is_the_kernel_limit():
+    pytest.importorskip("triton")
+    from kernels.decode import MAX_SPLITS
+    from mla.functional import MAX_DECODE_SPLITS
+
+    assert MAX_DECODE_SPLITS == MAX_SPLITS
+
+
+def test_cache_release_closes_the_open_step():
+    cache = PagedLatentCache(1, 3, num_pages=3, page_size=2)
+    a, b = cache.add_sequences(2)
+    cache.begin_step([a, b], 2)
+    cache.write(0, torch.ones(2, 2, 3))
+    cache.release([b])
+    # b's page is free again: the step's write would have gone into it (and gather raised KeyError)
+    with pytest.raises(ValueError, match="no step is open"):
+        cache.write(0, torch.ones(2, 2, 3))
+    (c,) = cache.add_sequences(1)
+    cache.begin_step([a, c], 1)
+    cache.write(0, torch.full((2, 1, 3), 5.0))
+    g = cache.gather(0)
+    assert g.shape == (2, 3, 3) and (g[0, :2] == 1).all() and (g[0, 2] == 5).all() and (g[1, 0] == 5).all()

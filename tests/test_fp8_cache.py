@@ -81,6 +81,8 @@ def test_quant_bad_input():
         quantize_fp8_ds_mla(torch.randn(2, 100), 128)
     with pytest.raises(TypeError, match="floating"):
         quantize_fp8_ds_mla(torch.ones(2, 160, dtype=torch.int32), 128)
+    with pytest.raises(TypeError, match="kv_lora_rank: expected an int, got float"):  # was 'narrower than 128.0'
+        quantize_fp8_ds_mla(torch.randn(2, 256), 128.0)
     data = quantize_fp8_ds_mla(torch.randn(2, 160), 128)
     with pytest.raises(ValueError, match="208 bytes"):
         dequantize_fp8_ds_mla(data[:, :200], 128, 32)

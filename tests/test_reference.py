@@ -249,3 +249,28 @@ def test_fused_cpu_dispatch_only_where_exact(fused_calls):
         out, lse = latent_attention(q, k, v, causal=True, return_lse=True, backend="reference")  # no grad: fused
     assert fused_calls == [True]
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_fused_cpu_dispatch_strided_head_dim(which, fused_calls):
+    # Views whose last dim is not unit-stride (x[..., ::2]): the fused CPU kernel assumes stride 1 there.
+    q, k, v = random_qkv(2, 5, 8, 4, 2, 16, 16, dtype=torch.float32, seed=5, requires_grad=True)
+    q, k, v = (t[..., ::2] if name == which else t[..., :8] for name, t in zip("qkv", (q, k, v)))
+    kw = dict(causal=True, softmax_scale=0.3, lse_grad=False)
+    out, lse, _ = attention_reference(q, k, v, **kw)
+    want, want_lse, _ = attention_reference(q, k, v, fused_cpu=False, **kw)
+    assert fused_calls == [True]
+    assert rel_err(out, want) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("Dv", [8, 16, 24])
+def test_fused_cpu_dispatch_output_contiguous(Dv, fused_calls):
+    # Dk=16 > Dv=8 (naive MLA's 192 / 128) returned a slice of the padded output: out.view(B, T, -1) failed.
+    q, k, v = random_qkv(2, 4, 5, 3, 3, 16, Dv, dtype=torch.float32, seed=7)
+    out, _, _ = attention_reference(q, k, v, causal=True)
+    assert fused_calls == [True] and out.is_contiguous()
+    want, _, _ = attention_reference(q, k, v, causal=True, fused_cpu=False)
+    assert rel_err(out.view(2, 4, -1), want.reshape(2, 4, -1)) < 1e-5

@@ -69,6 +69,11 @@ def test_topk_index_out_of_range_and_dtype_and_shape():
     _check(TypeError, r"^topk_indices: expected dtype int32", q, k, v, topk_indices=idx.float())
     bad_shape = torch.zeros(2, 4, 4, 3, dtype=torch.int32)
     _check(ValueError, r"^topk_indices: expected shape", q, k, v, topk_indices=bad_shape)
+    # int64 beyond the int32 range: a plain cast would wrap 2**32 + 3 to the valid key 3
+    wide = torch.zeros(2, 4, 2, 3, dtype=torch.int64)
+    wide[..., 0], wide[..., 1] = 2**32 + 3, 1
+    _check(ValueError, r"^topk_indices: entries must be in \[-1, S=6\), got min 0, max 2147483647", q, k, v,
+           topk_indices=wide)
 
 
 def test_topk_duplicates_rejected_in_checked_mode():
