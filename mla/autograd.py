@@ -208,19 +208,21 @@ class TopkAttentionFunction(torch.autograd.Function):
 def block_sparse_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
     q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
+    kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices`` are carried for
-    the backward only): ``(out, lse, max_logit or [0])``."""
+    """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices``/``q_partial`` are
+    carried for the backward only; ``kv_partial``/``partial_bits``: partial blocks of a FlexAttention mask):
+    ``(out, lse, max_logit or [0])``."""
     out, lse, max_logit = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
-        return_max_logit=return_max_logit,
+        return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits,
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @block_sparse_attention_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
-      return_max_logit):
+      return_max_logit, kv_partial=None, q_partial=None, partial_bits=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
@@ -229,24 +231,27 @@ def block_sparse_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
     kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
     softmax_scale: float, causal: bool,
+    kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv)``."""
     return block_sparse_attention_bwd(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, (block_m, block_n),
-        softmax_scale, causal, dlse=dlse,
+        softmax_scale, causal, dlse=dlse, kv_partial=kv_partial, q_partial=q_partial, partial_bits=partial_bits,
     )
 
 
 @block_sparse_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
-      softmax_scale, causal):
+      softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _block_setup(ctx, inputs, output):
-    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs
+    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
+    partial = tuple(inputs[12:15]) + (None,) * (15 - len(inputs))
     out, lse, max_logit = output
     ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi)
+    ctx.partial = partial  # (kv_partial, q_partial, partial_bits): integer mask data, no gradient
     ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
     ctx.mark_non_differentiable(max_logit)
 
@@ -256,9 +261,10 @@ def _block_backward(ctx, dout, dlse, _dmax):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = block_sparse_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal
+        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
+        *ctx.partial,
     )
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 12
 
 
 block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
@@ -274,9 +280,11 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
-                softmax_scale: float, causal: bool, return_max_logit: bool):
+                softmax_scale: float, causal: bool, return_max_logit: bool, kv_partial=None, q_partial=None,
+                partial_bits=None):
         return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                                             block_m, block_n, softmax_scale, causal, return_max_logit)
+                                             block_m, block_n, softmax_scale, causal, return_max_logit,
+                                             kv_partial, q_partial, partial_bits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -362,9 +370,11 @@ def triton_attention(
         out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
+        partial = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
+                   if block_mask.has_partial else ())
         out, lse, ml = BlockSparseAttentionFunction.apply(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            int(bm), int(bn), scale, causal, want_max,
+            int(bm), int(bn), scale, causal, want_max, *partial,
         )
     else:
         out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)

@@ -19,7 +19,7 @@ import torch
 
 from mla import reference as _ref
 from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
-from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_to_dense_mask
+from mla.sparsity import BlockMask, as_block_mask, check_block_mask, check_topk_indices, topk_to_dense_mask
 
 __all__ = [
     "latent_attention",
@@ -136,7 +136,7 @@ def _check_attn_mask(attn_mask, B: int, Hq: int, T: int, S: int, device) -> None
 
 def _validate(
     q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
-) -> tuple[float, str, torch.Tensor | None]:
+) -> tuple[float, str, torch.Tensor | None, BlockMask | None]:
     _check_tensor("q", q, 4, "[B, T, Hq, Dk]")
     _check_tensor("k", k, 4, "[B, S, Hkv, Dk]")
     _check_tensor("v", v, 4, "[B, S, Hkv, Dv]")
@@ -169,7 +169,7 @@ def _validate(
     if block_mask is not None and topk_indices is not None:
         raise ValueError("block_mask and topk_indices are exclusive: pass at most one of them")
     if block_mask is not None:
-        check_block_mask(block_mask, B, Hq, T, S, q.device, check_values=check_indices)
+        block_mask = check_block_mask(block_mask, B, Hq, T, S, q.device, check_values=check_indices)
     if topk_indices is not None:
         topk_indices = check_topk_indices(topk_indices, B, T, Hkv, S, q.device, check_values=check_indices)
     if attn_mask is not None:
@@ -190,7 +190,7 @@ def _validate(
                 "as causal, a BlockMask or topk_indices to use the kernels"
             )
         path = "reference"
-    return scale, path, topk_indices
+    return scale, path, topk_indices, block_mask
 
 
 def attention_with_stats(
@@ -219,7 +219,7 @@ def attention_with_stats(
     for name, flag in (("return_max_logit", return_max_logit), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-    scale, path, topk_indices = _validate(
+    scale, path, topk_indices, block_mask = _validate(
         q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
     )
     if path == "triton":
@@ -264,7 +264,11 @@ def latent_attention(
             as in FlashAttention >= 2.1 and FlashMLA; differs from SDPA's ``is_causal`` when ``T != S``.
         softmax_scale: multiplier of the scores; default ``Dk ** -0.5``. MLA passes
             ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times YaRN ``mscale²``).
-        block_mask: ``mla.sparsity.BlockMask`` built for ``(T, S)`` with batch/head dims 1 or B/Hq.
+        block_mask: ``mla.sparsity.BlockMask`` built for ``(T, S)`` with batch/head dims 1 or B/Hq, or a
+            FlexAttention ``torch.nn.attention.flex_attention.BlockMask`` (e.g. from ``create_block_mask``),
+            taken as it is: its full blocks run unmasked, its partial blocks are masked per token by
+            bitmasks evaluated once from its ``mask_mod`` (``mla.sparsity.BlockMask.from_flex``; the
+            conversion is cached on the flex mask). ``causal`` is applied on top of the mask.
         topk_indices: int32 ``[B, T, Hkv, K]`` key positions in ``[0, S)`` or ``-1`` (ignored).
             Exclusive with ``block_mask``.
         return_lse: also return ``lse [B, Hq, T]`` float32 (natural log; ``+inf`` where a row sees no key).
@@ -327,7 +331,7 @@ def attention_probs(
         rows = torch.arange(T, device=q.device)[:, None]
         keep = keep & (torch.arange(S, device=q.device)[None, :] <= rows + (S - T))
     if block_mask is not None:
-        keep = keep & block_mask.to_element_mask()
+        keep = keep & as_block_mask(block_mask).to_element_mask()
     if topk_indices is not None:
         keep = keep & topk_to_dense_mask(topk_indices, S).repeat_interleave(Hq // Hkv, dim=1)
     if attn_mask is not None:

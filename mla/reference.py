@@ -28,6 +28,8 @@ import torch
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from mla.sparsity import as_block_mask
+
 __all__ = ["attention_reference", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
 
 #: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
@@ -185,8 +187,9 @@ def attention_reference(
         v: ``[B, S, Hkv, Dv]``; may be a view of ``k`` (absorbed MLA).
         causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + S - T``).
         softmax_scale: multiplier of ``q · kᵀ``; default ``Dk ** -0.5``.
-        block_mask: ``mla.sparsity.BlockMask`` for ``(T, S)``; inside a listed block every key is kept
-            (unless ``causal`` removes it).
+        block_mask: ``mla.sparsity.BlockMask`` for ``(T, S)`` (or a FlexAttention BlockMask, converted
+            with ``BlockMask.from_flex``); inside a listed block every key is kept (unless ``causal``
+            removes it, or the block is partial and its token bits do).
         topk_indices: int ``[B, T, Hkv, K]``, key positions in ``[0, S)`` or ``-1`` (ignored).
         attn_mask: bool keep-mask (True = attend) or float additive bias, broadcastable to
             ``[B, Hq, T, S]``. A float ``-inf`` entry removes the key like a False entry.
@@ -207,6 +210,8 @@ def attention_reference(
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
+    if block_mask is not None:
+        block_mask = as_block_mask(block_mask)
     scale = Dk**-0.5 if softmax_scale is None else float(softmax_scale)
     cdt = compute_dtype(q.dtype)
     device = q.device
@@ -231,7 +236,7 @@ def attention_reference(
 
     block_grid = None
     block_size = None
-    if block_mask is not None:
+    if block_mask is not None and not block_mask.has_partial:
         block_grid = block_mask.to_dense().to(device)
         block_size = block_mask.BLOCK_SIZE
 
@@ -245,6 +250,10 @@ def attention_reference(
             bool_mask = am.expand(am.shape[0], am.shape[1], T, S)
         else:
             bias = am.to(cdt).expand(am.shape[0], am.shape[1], T, S)
+    if block_mask is not None and block_mask.has_partial:
+        # Partial blocks carry token bits: use the token-level mask (a reference may materialise T x S).
+        elem = block_mask.to_element_mask().to(device)
+        bool_mask = elem if bool_mask is None else bool_mask & elem
 
     qc = rearrange(q.to(cdt), "b t (hk g) d -> b t hk g d", g=G)
     kc = k.to(cdt)
