@@ -952,17 +952,21 @@ def _dense_mask_values() -> dict:
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
     """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` variant)."""
     from kernels._compile import spec_args
+    from kernels.attention_fwd import varlen_spec_values
 
     fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     values = _spec_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32)
     values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
+    if varlen:
+        values.update(varlen_spec_values(values["T"]))
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
-        kernel=f"attention_bwd_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+        kernel=f"attention_bwd_{kind}" + ("_varlen" if varlen else ""), fn=fn, signature=sig, constexprs=consts,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
         extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
                "allow_tf32": allow_tf32},
@@ -1003,6 +1007,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
             for kind in ("dkdv", "dq"):
                 for cfg in bwd_configs(kind, arch, dk, dv, dtype):
                     specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for kind in ("dkdv", "dq"):
             for cfg in bwd_configs(kind, arch, dk, dv, "fp32"):

@@ -905,9 +905,9 @@ _SPEC_MAXL = True
 
 
 def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
     """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` packed-sequence variant)."""
     from kernels._compile import Pointer, spec_args
 
     hq, hkv, T, S = group * 2, 2, 1024, 1024
@@ -925,21 +925,29 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
         WRITE_MAXL=_SPEC_MAXL, SPARSE=False, DOT=dot_precision(dtype, allow_tf32),
         **_plan_constexprs(cfg, dk, dv, v_is_k),
+        **(varlen_spec_values(T) if varlen else {}),
     )
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(
-        kernel="attention_fwd", fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
+        kernel="attention_fwd" + ("_varlen" if varlen else ""), fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
         tile=cfg.tile,
         extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+               "allow_tf32": allow_tf32, "varlen": varlen},
     )
+
+
+def varlen_spec_values(total_q: int) -> dict:
+    """Spec values of the ``IS_VARLEN`` arguments (int32 offsets, packed query length)."""
+    from kernels._compile import Pointer
+
+    return dict(CU_Q=Pointer("i32"), CU_K=Pointer("i32"), TOTAL_Q=total_q + 3, IS_VARLEN=True)
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
-    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES`, plus
-    fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
+    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES` (dense
+    and varlen), plus fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -947,6 +955,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for dtype in SPEC_DTYPES:
             for cfg in fwd_configs(arch, dk, dv, dtype):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for cfg in fwd_configs(arch, dk, dv, "fp32"):
             specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))

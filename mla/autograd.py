@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.attention_bwd import attention_bwd
-from kernels.attention_fwd import attention_fwd
+from kernels.attention_bwd import attention_bwd, attention_bwd_varlen
+from kernels.attention_fwd import attention_fwd, attention_fwd_varlen
 from kernels.block_sparse import block_sparse_attention_bwd, block_sparse_attention_fwd
 from kernels.decode import mla_decode_fwd
 from kernels.topk_sparse import topk_attention_bwd, topk_attention_fwd
@@ -31,6 +31,7 @@ __all__ = [
     "LatentAttentionFunction",
     "TopkAttentionFunction",
     "triton_attention",
+    "triton_attention_varlen",
     "triton_decode",
     "kernel_supports",
     "OPS",
@@ -202,6 +203,68 @@ class TopkAttentionFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
+# varlen (FlashAttention's packed layout)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Varlen dense forward: ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
+    out, lse, _ = attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       softmax_scale, causal)
+    return out, lse
+
+
+@attention_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    total_q, Hq, _ = q.shape
+    return q.new_empty(total_q, Hq, v.shape[-1]), q.new_empty(Hq, total_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mla::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Varlen dense backward (deterministic): ``(dq, dk, dv)`` shaped like ``q, k, v``."""
+    return attention_bwd_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                softmax_scale, causal, dlse=dlse)
+
+
+@attention_varlen_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, softmax_scale, causal)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_varlen_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                            softmax_scale: float, causal: bool):
+    """``mla::attention_varlen_fwd`` with autograd (see ``mla.functional.latent_attention_varlen``);
+    inputs must be validated. Returns ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
+    return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   float(softmax_scale), bool(causal))
+
+
+# ------------------------------------------------------------------------------------------------
 # block sparse
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mla::block_sparse_attention_fwd", mutates_args=())
@@ -329,6 +392,8 @@ def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_d
 OPS = {
     "attention_fwd": attention_fwd_op,
     "attention_bwd": attention_bwd_op,
+    "attention_varlen_fwd": attention_varlen_fwd_op,
+    "attention_varlen_bwd": attention_varlen_bwd_op,
     "block_sparse_attention_fwd": block_sparse_attention_fwd_op,
     "block_sparse_attention_bwd": block_sparse_attention_bwd_op,
     "decode": decode_op,

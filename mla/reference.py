@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mla.sparsity import as_block_mask
 
-__all__ = ["attention_reference", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["attention_reference", "attention_reference_varlen", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
 
 #: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -297,3 +297,40 @@ def attention_reference(
     if return_max_logit:
         max_logit = rearrange(torch.stack(maxes, 0).amax(0), "b hk g -> b (hk g)").to(stat_dtype).detach()
     return out, lse, max_logit
+
+
+def attention_reference_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention in plain PyTorch: :func:`attention_reference` per sequence.
+
+    Args:
+        q ``[total_q, Hq, Dk]``, k ``[total_k, Hkv, Dk]``, v ``[total_k, Hkv, Dv]``; sequence ``b`` is rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v
+        (int ``[B+1]``, validated by the caller). causal: bottom-right aligned per sequence.
+
+    Returns:
+        ``(out [total_q, Hq, Dv] q.dtype, lse [Hq, total_q])`` (float32, float64 for float64 inputs;
+        ``+inf`` for rows without keys): FlashAttention's varlen layout. Reads the offsets on the host.
+    """
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(bq) - 1):
+        o, lse, _ = attention_reference(
+            q[None, bq[b]:bq[b + 1]], k[None, bk[b]:bk[b + 1]], v[None, bk[b]:bk[b + 1]],
+            causal=causal, softmax_scale=softmax_scale, lse_grad=True,
+        )
+        outs.append(o[0])
+        lses.append(lse[0])
+    Hq, Dv = q.shape[1], v.shape[2]
+    if not outs:
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(0, Hq, Dv), torch.zeros(Hq, 0, dtype=stat, device=q.device)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
