@@ -60,7 +60,7 @@ def _check(x, ref, tol, what):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("lengths", ["mixed", "short_qk_differ"])
+@pytest.mark.parametrize("lengths", [pytest.param("mixed", marks=pytest.mark.slow), "short_qk_differ"])
 def test_kernels_match_each_sequence_alone(dtype, causal, lengths):
     lq, lk = LENGTHS if lengths == "mixed" else SHORT
     if lengths == "mixed" and dtype == torch.float16 and not causal:
@@ -143,3 +143,36 @@ def test_bad_offsets_raise(bad, match):
     q, k, v = _inputs([2, 3], [4, 3], 2, 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match=match):
         latent_attention_varlen(q, k, v, **args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_causal_lm_packed_documents_match_separate_runs(backend):
+    """``MLACausalLM(..., cu_seqlens=)``: each packed document gives the logits of running it alone
+    (no attention across documents, positions restart per document)."""
+    from mla import MLACausalLM, MLAConfig
+
+    cfg = MLAConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                    kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10).validate()
+    torch.manual_seed(0)
+    model = MLACausalLM(cfg, backend=backend).eval()
+    lens = [7, 1, 12]
+    ids = torch.randint(0, 64, (1, sum(lens)))
+    cu = _cu(lens)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu).logits
+        alone = torch.cat([model(ids[:, a:b]).logits for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert rel_err(packed, alone) <= 1e-5
+
+
+def test_pack_documents_and_cli(tmp_path):
+    from mla.train.__main__ import main as cli_main
+    from mla.train.data import pack_documents
+
+    x = torch.tensor([[1, 10, 2, 3], [10, 10, 4, 5]])
+    row, cu, lens, max_len = pack_documents(x)
+    assert row.shape == (1, 8) and cu.tolist() == [0, 2, 4, 5, 6, 8] and lens.tolist() == [2, 2, 1, 1, 2]
+    assert max_len == 2 and cu.dtype == torch.int32
+    flags = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--kv-lora-rank", "32",
+             "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--eval-batches", "1", "--no-progress",
+             "--pack-documents", "--threads", "1"]
+    assert cli_main(flags) == 0
