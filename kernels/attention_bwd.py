@@ -969,7 +969,7 @@ def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_i
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
         extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+               "allow_tf32": allow_tf32, "varlen": varlen},
     )
 
 

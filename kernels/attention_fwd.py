@@ -28,6 +28,9 @@ How the work is cut:
   With the constexpr ``SPARSE`` switch the same kernel walks a FlexAttention-style block mask
   instead (``kv_indices`` sub-tiles, :func:`_sparse_kv_tile` / :func:`_sparse_full_tiles`, row tiles
   inside one mask query block, optionally one head per tile): :mod:`kernels.block_sparse` launches it.
+* **Varlen** (constexpr ``IS_VARLEN``, :func:`attention_fwd_varlen`): FlashAttention's packed layout;
+  the batch axis of the grid is the sequence, each program reads its sequence's offsets and lengths
+  from ``cu_seqlens`` (:func:`_varlen_seq`) and exits its loops at once past the sequence's end.
 
 Causal masking is bottom-right aligned (key ``j`` visible to query ``i`` iff ``j <= i + S - T``);
 a row with no visible key gets output 0 and ``lse = +inf``.

@@ -36,6 +36,12 @@ prefix-of-``k`` alias, the transposed dK/dV products):
   of its ``G`` heads one after the other.
 * Rows whose query block lists no key block (or whose listed keys are all causally hidden) get
   output 0, ``lse = +inf`` and zero gradients, never NaN. Keys outside listed blocks are never read.
+* **Partial blocks** (a FlexAttention mask's ``kv_*`` blocks; constexpr ``HAS_PARTIAL``, off by
+  default so the plain block-sparse configurations compile unchanged): ``kv_partial`` / ``q_partial``
+  (int32, shaped like ``kv_indices`` / ``q_indices``) give each listed block's index in
+  ``partial_bits`` (int8 ``[P, BLOCK_M, BLOCK_N]``, nonzero = keep), ``-1`` for a full block; every
+  listed sub-tile then runs masked and ANDs the block's bits (read per tile, one byte per pair) into the
+  key-range and causal masks, in the forward, dQ and dK/dV kernels alike.
 
 Tiles (:func:`fwd_configs`, :func:`bwd_configs`) are the dense tables' entries fitted to the mask
 (:func:`fit_rows`, :func:`fit_keys`): the key tile divides the mask's key block when it can (else
