@@ -248,3 +248,28 @@ def test_compile_fullgraph_with_converted_mask():
                        fullgraph=True, backend="aot_eager")
     ref, _ = full_attention(q, k, v, 16**-0.5, keep)
     assert rel_err(fn(q, k, v), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_queries_differ_from_keys_with_causal_flag(backend):
+    """T != S (a chunk of 30 queries after 20 cached keys): a shifted window mask_mod combined with our
+    bottom-right ``causal`` flag equals the oracle on (mask & causal); gradients included."""
+    T, S, off = 30, 50, 20
+
+    def shifted_window(b, h, q, k):
+        return (q + off - k <= 9) & (k <= q + off + 3)  # window of 10 keys, 3 keys of look-ahead
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fmask = flex.create_block_mask(shifted_window, None, None, T, S, device=DEVICE, BLOCK_SIZE=16)
+        keep = flex.create_mask(shifted_window, None, None, T, S, device=DEVICE) & causal_keep(T, S)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=g).requires_grad_() for s in ((1, T, 2, 16), (1, S, 1, 16), (1, S, 1, 8)))
+    out = latent_attention(q, k, v, block_mask=fmask, causal=True, softmax_scale=0.3, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = full_attention(q64, k64, v64, 0.3, keep)
+    assert rel_err(out, ref) <= 1e-5
+    do = torch.randn(out.shape, generator=g)
+    for what, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                          torch.autograd.grad(ref, (q64, k64, v64), do.double())):
+        assert rel_err(a, b) <= 1e-5, f"d{what}"
