@@ -243,7 +243,7 @@ def run_topk(env: Env, rec: Recorder) -> None:
 def packed_lengths(env: Env) -> list[int]:
     """Document lengths of the packed case (fixed, mixed: one long document and many short ones)."""
     if env.smoke:
-        return [40, 1, 77, 0, 19, 64]
+        return [9, 1, 17, 0, 5]
     if env.is_cuda:
         return [8192, 512, 4096, 128, 1024, 3000, 700, 1600, 2500, 876, 4000, 300, 2048, 1100, 333, 1359]
     return [128, 17, 90, 40] if env.quick else [512, 64, 300, 900, 200, 31, 441]
@@ -291,6 +291,8 @@ def run_packed(env: Env, rec: Recorder) -> None:
         for mode in modes:
             row = Row("packed", case, name, mode, shape=shape, x=total)
             why = reason or ("" if backend == "reference" or ours else CPU_TRITON_REASON)
+            if backend == "triton" and not env.is_cuda and mode != "fwd":
+                why = why or "interpreter (--smoke): forward only, a backward runs past the case limit"
             if backend == "reference" and env.is_cuda and total > 16384:
                 why = why or "reference: too slow at this size on GPU (the varlen kernels are checked in tests)"
             if why:
