@@ -399,10 +399,10 @@ if HAS_TRITON:
         # Batch offsets; statistics at st_bh + head * st_h + token.
         if IS_VARLEN:
             q0, k0, T, S = _varlen_seq(CU_Q, CU_K, b)
-            q_b, k_b, v_b, do_b, dk_b, dv_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot, k0 * sdks, k0 * sdvs
+            q_b, k_b, v_b, do_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot
             st_bh, st_h = q0, TOTAL_Q
         else:
-            q_b, k_b, v_b, do_b, dk_b, dv_b = b * sqb, b * skb, b * svb, b * sdob, b * sdkb, b * sdvb
+            q_b, k_b, v_b, do_b = b * sqb, b * skb, b * svb, b * sdob
             st_bh, st_h = b * Hq * T, T
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
@@ -511,6 +511,12 @@ if HAS_TRITON:
                         STREAM, DOT, st_h=st_h, VARLEN=IS_VARLEN,
                     )
 
+        # Output offsets computed here, not held across the loop (register pressure).
+        if IS_VARLEN:
+            k0 = tl.load(CU_K + b).to(tl.int64)
+            dk_b, dv_b = k0 * sdks, k0 * sdvs
+        else:
+            dk_b, dv_b = b * sdkb, b * sdvb
         dk_base = DK + dk_b + hkv * sdkh
         dk_row = keys.to(tl.int64) * sdks
         _store_tile(dk_base, dk_row, key_ok, split * BK, sdkd, HEAD_DK, BK, MASK_K,
@@ -629,10 +635,10 @@ if HAS_TRITON:
         # Batch offsets; statistics at st_bh + head * st_h + token (varlen: as in the forward).
         if IS_VARLEN:
             q0, k0, T, S = _varlen_seq(CU_Q, CU_K, b)
-            q_b, k_b, v_b, do_b, dq_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot, q0 * sdqt
+            q_b, k_b, v_b, do_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot
             st_bh, st_h = q0, TOTAL_Q
         else:
-            q_b, k_b, v_b, do_b, dq_b = b * sqb, b * skb, b * svb, b * sdob, b * sdqb
+            q_b, k_b, v_b, do_b = b * sqb, b * skb, b * svb, b * sdob
             st_bh, st_h = b * Hq * T, T
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
@@ -722,6 +728,10 @@ if HAS_TRITON:
                     BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
                 )
 
+        if IS_VARLEN:  # computed here, not held across the loop (register pressure)
+            dq_b = tl.load(CU_Q + b).to(tl.int64) * sdqt
+        else:
+            dq_b = b * sdqb
         dq_base = DQ + dq_b + hg * G * sdqh
         dq_row = tok.to(tl.int64) * sdqt + grp.to(tl.int64) * sdqh
         _store_tile(dq_base, dq_row, row_ok, split * BK, sdqd, HEAD_DK, BK, MASK_K,
