@@ -11,6 +11,9 @@ Shapes (GPU suite, bf16, B = 1):
   same mask.
 * top-k: absorbed shape, the last ``T = 4096`` queries of ``S`` in {8192, 32768} keys, ``K`` in
   {256, 1024, 2048} random causal key indices per query, next to dense causal attention over the same keys.
+* packed: naive shape, causal documents of mixed lengths (GPU: 16 documents, 32k tokens, the longest
+  8k) packed in one row: ``latent_attention_varlen`` (ours and the per-sequence reference) next to the
+  same documents as a right-padded batch ``[D, max_len]`` through dense causal ``latent_attention``.
 
 The CPU suite runs the same cases with fewer heads and short sequences (float32). Scale: ``192 ** -0.5``
 (DeepSeek's ``(qk_nope + qk_rope) ** -0.5``) for both shapes.
@@ -22,8 +25,8 @@ import math
 
 import torch
 
-from bench.common import Env, Recorder, Row, after_error, causal_pairs
-from bench.providers import AttnCase, run_attention_case
+from bench.common import Env, Recorder, Row, after_error, causal_pairs, time_fns, time_limit, timed_row
+from bench.providers import CPU_TRITON_REASON, AttnCase, interpreter_allowed, run_attention_case
 
 MLA_SCALE = 192**-0.5
 DENSE_PROVIDERS = ["ours", "flex", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "reference"]
@@ -232,3 +235,101 @@ def run_topk(env: Env, rec: Recorder) -> None:
                 continue
             run_attention_case(env, rec, case, ["ours", "flex", "reference"], plan["modes"])
             del idx, case
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed documents (varlen)
+# ---------------------------------------------------------------------------------------------------
+def packed_lengths(env: Env) -> list[int]:
+    """Document lengths of the packed case (fixed, mixed: one long document and many short ones)."""
+    if env.smoke:
+        return [9, 1, 17, 0, 5]
+    if env.is_cuda:
+        return [8192, 512, 4096, 128, 1024, 3000, 700, 1600, 2500, 876, 4000, 300, 2048, 1100, 333, 1359]
+    return [128, 17, 90, 40] if env.quick else [512, 64, 300, 900, 200, 31, 441]
+
+
+def run_packed(env: Env, rec: Recorder) -> None:
+    """Packed causal documents: varlen (ours, reference) vs the right-padded batch (ours, reference).
+
+    FLOPs count the causal pairs of the real documents only (``4 · pairs · (Dk + Dv) / 2`` per head for
+    the forward; ×3.5 for fwd+bwd, as the dense cases), so the padded batch's wasted work shows as a
+    lower TFLOP/s. The padded rows' outputs are discarded; the varlen output is checked against the
+    padded one."""
+    from mla import latent_attention, latent_attention_varlen
+
+    shp = naive_shape(env)
+    lens = packed_lengths(env)
+    D, L, total = len(lens), max(lens), sum(lens)
+    H, Dk, Dv = shp["Hq"], shp["Dk"], shp["Dv"]
+    case = f"{D} causal documents, {total} tokens, longest {L}"
+    shape = f"docs={D} total={total} max={L} H={H} Dk={Dk} Dv={Dv}"
+    pairs = sum(n * (n + 1) // 2 for n in lens)
+    fwd_flops = 2.0 * pairs * H * (Dk + Dv)
+    pad_note = f"padded batch: {D * L} rows, {100 * (1 - total / (D * L)):.0f}% padding"
+    ours = env.is_cuda or interpreter_allowed(env)
+    providers = [("ours-varlen", "triton"), ("ours-padded", "triton"), ("reference-varlen", "reference"),
+                 ("reference-padded", "reference")]
+    modes = ["fwd", "fwd+bwd"]
+    reason = env.skip_reason()
+    if not reason:
+        try:
+            g = torch.Generator().manual_seed(0)
+            dev, dt = env.device, env.dtype
+            q = torch.randn(total, H, Dk, generator=g).to(dev, dt)
+            k = torch.randn(total, H, Dk, generator=g).to(dev, dt)
+            v = torch.randn(total, H, Dv, generator=g).to(dev, dt)
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+            pad = [torch.zeros(D, L, H, t.shape[-1], dtype=dt, device=dev) for t in (q, k, v)]
+            for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                for dst, src in zip(pad, (q, k, v)):
+                    dst[i, : b - a] = src[a:b]
+        except Exception as e:  # noqa: BLE001
+            reason = "could not allocate inputs: " + after_error(env, e)
+    baseline = None
+    for name, backend in providers:
+        for mode in modes:
+            row = Row("packed", case, name, mode, shape=shape, x=total)
+            why = reason or ("" if backend == "reference" or ours else CPU_TRITON_REASON)
+            if backend == "triton" and not env.is_cuda and mode != "fwd":
+                why = why or "interpreter (--smoke): forward only, a backward runs past the case limit"
+            if backend == "reference" and env.is_cuda and total > 16384:
+                why = why or "reference: too slow at this size on GPU (the varlen kernels are checked in tests)"
+            if why:
+                rec.add(Row("packed", case, name, mode, shape=shape, x=total, status="skip", note=why))
+                continue
+            varlen = name.endswith("varlen")
+            ins = [t.detach().requires_grad_(mode != "fwd") for t in ((q, k, v) if varlen else pad)]
+
+            def call(ins=ins, varlen=varlen, backend=backend):
+                if varlen:
+                    return latent_attention_varlen(*ins, cu, cu, L, L, causal=True, softmax_scale=shp["scale"],
+                                                   backend=backend)
+                return latent_attention(*ins, causal=True, softmax_scale=shp["scale"], backend=backend)
+
+            def fwd_bwd(call=call, ins=ins):
+                call().sum().backward()
+                for t in ins:
+                    t.grad = None
+
+            try:
+                with time_limit(env.case_timeout):
+                    note = pad_note if not varlen else ""
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            out = call()
+                        out = out if varlen else torch.cat([out[i, :n] for i, n in enumerate(lens)])
+                        if baseline is None:
+                            baseline = out.float()
+                        else:
+                            err = float((out.float() - baseline).norm() / baseline.norm().clamp_min(1e-30))
+                            note = "; ".join(s for s in (note, f"rel.err {err:.1e} vs {providers[0][0]}") if s)
+                        del out
+                        t = time_fns(env, [lambda: call()])
+                    else:
+                        t = time_fns(env, [fwd_bwd])
+                r = timed_row(row, t, fwd_flops * (1.0 if mode == "fwd" else 3.5))
+                r.note = note
+                rec.add(r)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a row
+                rec.add(Row("packed", case, name, mode, shape=shape, x=total, status="error", note=after_error(env, e)))

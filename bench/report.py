@@ -15,13 +15,15 @@ from pathlib import Path
 
 from bench.common import Row, read_rows, summarize_skips
 
-GROUP_ORDER = ["ceiling", "dense", "fallback", "sparse", "topk", "decode", "generate", "module", "memory", "kv-cache"]
+GROUP_ORDER = ["ceiling", "dense", "fallback", "sparse", "topk", "packed", "decode", "generate", "module", "memory",
+               "kv-cache"]
 GROUP_TITLES = {
     "ceiling": "Ceilings (measured in this run)",
     "dense": "Dense attention (causal, T = S)",
     "fallback": "CPU fallback: fused CPU kernel dispatch vs the chunked path (naive MLA, causal, T = S)",
     "sparse": "Block-sparse attention: time vs density",
     "topk": "Top-k sparse attention: time vs K",
+    "packed": "Packed documents: varlen vs padded batch",
     "decode": "Decode over a paged latent cache",
     "generate": "Generation (tiny model)",
     "module": "Modules (forward, forward+backward)",

@@ -39,18 +39,19 @@ from bench.common import (
 )
 from mla.threads import auto_threads
 
-GROUPS = ["ceiling", "dense", "fallback", "decode", "memory", "kv-cache", "sparse", "topk", "module", "generate"]
+GROUPS = ["ceiling", "dense", "fallback", "decode", "memory", "kv-cache", "sparse", "topk", "packed", "module",
+          "generate"]
 
 
 def _group_fns():
     from bench.bench_decode import run_decode, run_generate
-    from bench.bench_kernels import run_dense, run_fallback, run_sparse, run_topk
+    from bench.bench_kernels import run_dense, run_fallback, run_packed, run_sparse, run_topk
     from bench.bench_memory import run_kv_cache, run_memory
     from bench.bench_modules import run_modules
 
     return {"dense": run_dense, "fallback": run_fallback, "decode": run_decode, "memory": run_memory,
-            "kv-cache": run_kv_cache, "sparse": run_sparse, "topk": run_topk, "module": run_modules,
-            "generate": run_generate}
+            "kv-cache": run_kv_cache, "sparse": run_sparse, "topk": run_topk, "packed": run_packed,
+            "module": run_modules, "generate": run_generate}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -64,17 +64,20 @@ def spec_args(fn, values: dict) -> tuple[dict, dict, list[str]]:
     """Signature, constexprs and 16-divisible argument names for a launch of ``fn`` with ``values``.
 
     ``values`` maps every argument name of the ``@triton.jit`` function to a :class:`Pointer`, an
-    int, a float, or (for constexpr parameters) its value. Raises ``KeyError`` naming a missing
+    int, a float, or (for constexpr parameters) its value; arguments with a default (optional
+    features, e.g. ``HAS_PARTIAL=False``) may be left out. Raises ``KeyError`` naming a missing
     argument.
     """
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
     signature, constexprs, divisible = {}, {}, []
+    defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for name, is_constexpr in _params(fn):
-        if name not in values:
+        if name not in values and name not in defaults:
             raise KeyError(f"spec_args: no value for argument {name!r} of {fn.__name__}")
-        val = values[name]
+        val = values[name] if name in values else defaults[name]  # defaulted: optional features off
         if is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = val

@@ -61,10 +61,14 @@ if HAS_TRITON:
         _load_tile,
         _other_col,
         _packed_rows_until,
+        _partial_keep,
         _sparse_full_tiles,
+        _sparse_kv_keep,
         _sparse_kv_tile,
         _sparse_row_tile,
         _store_tile,
+        _varlen_clip,
+        _varlen_seq,
     )
 
 __all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
@@ -256,10 +260,12 @@ if HAS_TRITON:
         V_IS_K: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr,
         RESIDENT: tl.constexpr, STREAM: tl.constexpr, DOT: tl.constexpr,
+        keep_t=None, HAS_KEEP: tl.constexpr = False, st_h=0, VARLEN: tl.constexpr = False,
     ):
         """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
         Rows at or past ``row_end`` (``T*G``, or the end of a block-sparse mask query block) read
-        ``lse = +inf`` and contribute nothing.
+        ``lse = +inf`` and contribute nothing. ``VARLEN``: the statistics' head stride is ``st_h``
+        (``total_q``), not ``T``.
 
         ``hide`` is 0, but opaque to the compiler. Added to the base of the loop-invariant K/V
         re-loads (own tiles without ``RESIDENT``, the other splits' pieces with ``STREAM``) it stops
@@ -312,12 +318,18 @@ if HAS_TRITON:
             q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
             st = tl.dot(k_tail, tl.trans(q_tail), st, input_precision=DOT)
         # Padding rows read lse = +inf: P = 0 there.
-        lse = tl.load(LSE_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=float("inf")) * _LOG2E
-        delta = tl.load(DELTA_BH + grp.to(tl.int64) * T + tok, mask=row_ok, other=0.0)
+        if VARLEN:
+            st_off = grp.to(tl.int64) * st_h + tok
+        else:
+            st_off = grp.to(tl.int64) * T + tok
+        lse = tl.load(LSE_BH + st_off, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA_BH + st_off, mask=row_ok, other=0.0)
         st = st * qk_scale
         if MASKED:
             if CAUSAL:
                 st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
+            if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits, [keys, rows]
+                st = tl.where(keep_t, st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
         dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
         dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
@@ -332,6 +344,18 @@ if HAS_TRITON:
         the ``j // NSUB_M``-th listed query block. Returns ``(first packed row, end of its valid rows)``."""
         blk_start = tl.load(idx_base + (j // NSUB_M).to(tl.int64) * sil) * rows_per_block
         return blk_start + (j % NSUB_M) * BLOCK_M, tl.minimum(blk_start + rows_per_block, row_limit)
+
+    @triton.jit
+    def _sparse_q_keep(PART, BITS, idx_base, part_off, sil, j, NSUB_M, m_start, c_loc, MASK_BM, MASK_BN,
+                       G: tl.constexpr, BLOCK_M: tl.constexpr):
+        """``[BLOCK_N, BLOCK_M]`` (keys x rows) keep-bits of row sub-tile ``j`` of a ``q_indices`` row
+        for the dK/dV pass: ``PART + part_off`` holds the row's partial-block ids (aligned with its
+        ``q_indices`` lanes); ``c_loc``: the key tile's offsets inside its mask key block."""
+        lane = (j // NSUB_M).to(tl.int64) * sil
+        pid = tl.load(PART + part_off + lane)
+        q_first = tl.load(idx_base + lane) * MASK_BM
+        tok = (m_start + tl.arange(0, BLOCK_M)) // G
+        return _partial_keep(BITS, pid, (tok - q_first)[None, :], c_loc[:, None], MASK_BM, MASK_BN)
 
     @triton.jit
     def _sparse_masked_q_tiles(idx_base, sil, n_blk, first_full_row, rows_per_block, NSUB_M,
@@ -360,6 +384,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
+        CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
     ):
         """Grid ``(n_n * B*Hkv, NSPLIT)``: dK/dV of one key tile of one kv head.
 
@@ -367,7 +393,10 @@ if HAS_TRITON:
         arguments unused, ``KV_REP = 1``). Block-sparse: ``n_n = cdiv(S, MASK_BN) * NSUB_N`` key tiles,
         each inside one mask key block ``kb``; for each of the ``KV_REP`` head groups ``hg`` of the kv
         head (one after the other, no atomics) the rows of the query blocks listed in
-        ``QI[b, hg, kb, :QN[b, hg, kb]]`` are walked in ``BLOCK_M`` steps.
+        ``QI[b, hg, kb, :QN[b, hg, kb]]`` are walked in ``BLOCK_M`` steps. ``HAS_PARTIAL``: ``PART``
+        (laid out like ``QI``) and ``BITS`` as in the forward; every row tile then runs masked.
+        ``IS_VARLEN`` (dense only): packed sequences as in the forward kernel; key tiles past their
+        sequence's end visit nothing and store nothing.
         """
         if SPARSE:
             # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
@@ -385,6 +414,14 @@ if HAS_TRITON:
         b = (pid_bh // Hkv).to(tl.int64)
         hkv = (pid_bh % Hkv).to(tl.int64)
         Hq = Hkv * KV_REP * G
+        # Batch offsets; statistics at st_bh + head * st_h + token.
+        if IS_VARLEN:
+            q0, k0, T, S = _varlen_seq(CU_Q, CU_K, b)
+            q_b, k_b, v_b, do_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot
+            st_bh, st_h = q0, TOTAL_Q
+        else:
+            q_b, k_b, v_b, do_b = b * sqb, b * skb, b * svb, b * sdob
+            st_bh, st_h = b * Hq * T, T
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
         MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
@@ -398,8 +435,8 @@ if HAS_TRITON:
             kend = S
         keys = n_start + tl.arange(0, BLOCK_N)
         key_ok = keys < kend
-        k_base = K + b * skb + hkv * skh
-        v_base = V + b * svb + hkv * svh
+        k_base = K + k_b + hkv * skh
+        v_base = V + v_b + hkv * svh
         k_row = keys.to(tl.int64) * sks
         k_own = tl.zeros([BLOCK_N, BK], dtype=K.dtype.element_ty)
         k_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=K.dtype.element_ty)
@@ -431,7 +468,7 @@ if HAS_TRITON:
                 n_blk = tl.load(QN + b * snb + hg * snh + kb.to(tl.int64) * snk)
                 idx_base = QI + b * sib + hg * sih + kb.to(tl.int64) * sik
                 n_tiles = n_blk * NSUB_M
-                if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
+                if NSPLIT > 1 or HAS_PARTIAL:  # split bodies: one masked loop; partial blocks: bits everywhere
                     n_masked = n_tiles
                 elif CAUSAL:
                     n_masked = _sparse_masked_q_tiles(idx_base, sil, n_blk, first_full_row, rows_per_block,
@@ -440,12 +477,17 @@ if HAS_TRITON:
                     n_masked = 0
                 for j in range(0, n_masked):
                     m_start, row_end = _sparse_q_tile(idx_base, sil, j, NSUB_M, rows_per_block, T * G, BLOCK_M)
+                    keep_t = None
+                    if HAS_PARTIAL:
+                        keep_t = _sparse_q_keep(PART, BITS, idx_base, b * sib + hg * sih + kb.to(tl.int64) * sik,
+                                                sil, j, NSUB_M, m_start, keys - kb * MASK_BN, MASK_BM, MASK_BN,
+                                                G, BLOCK_M)
                     dk_acc, dk_tail, dv_acc = _dkdv_block(
                         dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                        STREAM, DOT,
+                        STREAM, DOT, keep_t, HAS_PARTIAL,
                     )
                 if NSPLIT == 1:  # row tiles that see the whole key tile skip the mask
                     for j in range(n_masked, n_tiles):
@@ -459,11 +501,14 @@ if HAS_TRITON:
                             STREAM, DOT,
                         )
         else:
-            q_base = Q + b * sqb + hkv * G * sqh
-            do_base = DO + b * sdob + hkv * G * sdoh
-            LSE_BH = LSE + (b * Hq + hkv * G) * T
-            DELTA_BH = DELTA + (b * Hq + hkv * G) * T
+            q_base = Q + q_b + hkv * G * sqh
+            do_base = DO + do_b + hkv * G * sdoh
+            LSE_BH = LSE + st_bh + hkv * G * st_h
+            DELTA_BH = DELTA + st_bh + hkv * G * st_h
             m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if IS_VARLEN:
+                m_full, m_end = _varlen_clip(m_full, m_end, n_start < S)
+                m_lo = tl.minimum(m_lo, m_full)
             if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
                 m_full = m_end
             for m in range(m_lo, m_full):
@@ -472,7 +517,7 @@ if HAS_TRITON:
                     q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                     sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                     G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                    STREAM, DOT,
+                    STREAM, DOT, st_h=st_h, VARLEN=IS_VARLEN,
                 )
             if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
                 for m in range(m_full, m_end):
@@ -481,10 +526,16 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                        STREAM, DOT,
+                        STREAM, DOT, st_h=st_h, VARLEN=IS_VARLEN,
                     )
 
-        dk_base = DK + b * sdkb + hkv * sdkh
+        # Output offsets computed here, not held across the loop (register pressure).
+        if IS_VARLEN:
+            k0 = tl.load(CU_K + b).to(tl.int64)
+            dk_b, dv_b = k0 * sdks, k0 * sdvs
+        else:
+            dk_b, dv_b = b * sdkb, b * sdvb
+        dk_base = DK + dk_b + hkv * sdkh
         dk_row = keys.to(tl.int64) * sdks
         _store_tile(dk_base, dk_row, key_ok, split * BK, sdkd, HEAD_DK, BK, MASK_K,
                     (dk_acc * sm_scale).to(DK.dtype.element_ty))
@@ -492,7 +543,7 @@ if HAS_TRITON:
             if split == NSPLIT - 1:
                 _store_tile(dk_base, dk_row, key_ok, NSPLIT * BK, sdkd, HEAD_DK, BT, MASK_T,
                             (dk_tail * sm_scale).to(DK.dtype.element_ty))
-        _store_tile(DV + b * sdvb + hkv * sdvh, keys.to(tl.int64) * sdvs, key_ok, split * BV, sdvd, HEAD_DV, BV,
+        _store_tile(DV + dv_b + hkv * sdvh, keys.to(tl.int64) * sdvs, key_ok, split * BV, sdvd, HEAD_DV, BV,
                     MASK_V, dv_acc.to(DV.dtype.element_ty))
 
     @triton.jit
@@ -503,7 +554,7 @@ if HAS_TRITON:
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr, DOT: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr, keep=None, HAS_KEEP: tl.constexpr = False,
     ):
         """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
         here for the q/dO re-loads); keys at or past ``kend`` are masked out when ``MASKED``."""
@@ -555,6 +606,8 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits
+                visible = visible & keep
             s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(k_own.dtype)
@@ -575,6 +628,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
+        CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``: dQ of one packed row tile of one head group; row
         tiles and key walk exactly as in the forward kernel (``kernels.attention_fwd._attn_fwd_kernel``)."""
@@ -595,6 +650,14 @@ if HAS_TRITON:
         b = (pid_bh // n_hg).to(tl.int64)
         hg = (pid_bh % n_hg).to(tl.int64)
         Hq = n_hg * G
+        # Batch offsets; statistics at st_bh + head * st_h + token (varlen: as in the forward).
+        if IS_VARLEN:
+            q0, k0, T, S = _varlen_seq(CU_Q, CU_K, b)
+            q_b, k_b, v_b, do_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sdot
+            st_bh, st_h = q0, TOTAL_Q
+        else:
+            q_b, k_b, v_b, do_b = b * sqb, b * skb, b * svb, b * sdob
+            st_bh, st_h = b * Hq * T, T
         MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
         MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
         MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
@@ -605,10 +668,10 @@ if HAS_TRITON:
             m_start = pid_m * BLOCK_M
             row_end = T * G
         tok, grp, row_ok = _packed_rows_until(m_start, row_end, G, BLOCK_M)
-        q_base = Q + b * sqb + hg * G * sqh
-        do_base = DO + b * sdob + hg * G * sdoh
-        k_base = K + b * skb + (hg // KV_REP) * skh
-        v_base = V + b * svb + (hg // KV_REP) * svh
+        q_base = Q + q_b + hg * G * sqh
+        do_base = DO + do_b + hg * G * sdoh
+        k_base = K + k_b + (hg // KV_REP) * skh
+        v_base = V + v_b + (hg // KV_REP) * svh
         q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
         do_row = tok.to(tl.int64) * sdot + grp.to(tl.int64) * sdoh
         q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
@@ -619,7 +682,7 @@ if HAS_TRITON:
             if BT > 0:
                 q_tail = _load_tile(q_base, q_row, row_ok, NSPLIT * BK, sqd, HEAD_DK, BT, True, MASK_T)
             do_own = _load_tile(do_base, do_row, row_ok, split * BV, sdod, HEAD_DV, BV, True, MASK_V)
-        head = (b * Hq + hg * G + grp.to(tl.int64)) * T + tok
+        head = st_bh + (hg * G + grp.to(tl.int64)) * st_h + tok
         # lse = +inf (no visible key) makes P = 0 on the whole row.
         lse = tl.load(LSE + head, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA + head, mask=row_ok, other=0.0)
@@ -635,6 +698,8 @@ if HAS_TRITON:
                     limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
                 else:
                     limit = S
+                if HAS_PARTIAL:  # partial blocks need their bits: no unmasked prefix
+                    limit = 0
                 n_lo = _sparse_full_tiles(idx_base, sil, n_blk, limit, NSUB_N, MASK_BN, BLOCK_N, _LANES)
                 for j in range(0, n_lo):
                     start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
@@ -648,14 +713,20 @@ if HAS_TRITON:
                 n_lo = 0
             for j in range(n_lo, n_tiles):
                 start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
+                keep = None
+                if HAS_PARTIAL:
+                    keep = _sparse_kv_keep(PART, BITS, b * sib + hg * sih + qb.to(tl.int64) * siq, sil, j, NSUB_N,
+                                           tok, qb, MASK_BM, MASK_BN, BLOCK_N)
                 dq_acc, dq_tail = _dq_block(
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                     T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
+                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, keep, HAS_PARTIAL,
                 )
         else:
             n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if IS_VARLEN:
+                n_full, n_end = _varlen_clip(n_full, n_end, m_start < T * G)
             if NSPLIT == 1:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     dq_acc, dq_tail = _dq_block(
@@ -675,7 +746,11 @@ if HAS_TRITON:
                     BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
                 )
 
-        dq_base = DQ + b * sdqb + hg * G * sdqh
+        if IS_VARLEN:  # computed here, not held across the loop (register pressure)
+            dq_b = tl.load(CU_Q + b).to(tl.int64) * sdqt
+        else:
+            dq_b = b * sdqb
+        dq_base = DQ + dq_b + hg * G * sdqh
         dq_row = tok.to(tl.int64) * sdqt + grp.to(tl.int64) * sdqh
         _store_tile(dq_base, dq_row, row_ok, split * BK, sdqd, HEAD_DK, BK, MASK_K,
                     (dq_acc * sm_scale).to(DQ.dtype.element_ty))
@@ -738,14 +813,62 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
     compiled = compiled_launch(q)
     if compiled:
-        Dk, Dv = q.shape[3], v.shape[3]
-        arch, dtype, cls = _device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
-        if dkdv_config is None:
-            dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype, v_is_k))
-        if dq_config is None:
-            dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype, v_is_k))
+        dkdv_config, dq_config = _pinned_configs(q, v, dkdv_config, dq_config, v_is_k)
     _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
                 dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32))
+    return dq, dk, dv
+
+
+def _pinned_configs(q, v, dkdv_config, dq_config, v_is_k: bool):
+    """The given configs, else a pinned or deterministic choice (:mod:`kernels.tuning`; None: autotune)."""
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    arch, dtype, cls = _device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
+    if dkdv_config is None:
+        dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype, v_is_k))
+    if dq_config is None:
+        dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype, v_is_k))
+    return dkdv_config, dq_config
+
+
+def attention_bwd_varlen(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, causal: bool, *, dlse=None, dq=None, dk=None, dv=None,
+                         dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
+                         allow_tf32: bool | None = None):
+    """Fused attention backward over packed variable-length sequences (deterministic: no atomics).
+
+    Args:
+        do, out: ``[total_q, Hq, Dv]``; q, k, v, cu_seqlens_*, max_seqlen_*: as given to
+            :func:`kernels.attention_fwd.attention_fwd_varlen`; lse: its fp32 ``[Hq, total_q]``.
+        dlse: optional fp32 ``[Hq, total_q]`` gradient of ``lse``. dq, dk, dv: optional outputs (shapes
+            of q, k, v). dkdv_config, dq_config, allow_tf32: as :func:`attention_bwd`.
+
+    Returns:
+        ``(dq, dk, dv)`` like q, k, v. Keys of a sequence whose queries are all empty get zero dk/dv.
+    """
+    import torch
+
+    from kernels.attention_fwd import varlen_plan
+
+    if not HAS_TRITON:
+        raise RuntimeError("attention_bwd_varlen needs triton")
+    dq, dk, dv, done = bwd_outputs(q[None], k[None], v[None], None if dq is None else dq[None],
+                                   None if dk is None else dk[None], None if dv is None else dv[None])
+    dq, dk, dv = dq[0], dk[0], dv[0]
+    B = cu_seqlens_q.numel() - 1
+    if done or B <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv
+    vl = varlen_plan(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    Hq, total_q = lse.shape
+    delta = torch.empty((1, Hq, total_q), dtype=torch.float32, device=q.device)
+    compiled = compiled_launch(q)
+    k4, v4 = k[None], v[None]
+    if compiled:
+        dkdv_config, dq_config = _pinned_configs(q, v, dkdv_config, dq_config, is_prefix_alias(k4, v4))
+    _launch_bwd(do[None], q[None], k4, v4, out[None], lse.contiguous()[None], delta, dq[None], dk[None], dv[None],
+                softmax_scale, causal, is_prefix_alias(k4, v4), compiled, dkdv_config, dq_config,
+                None if dlse is None else dlse[None], dot_precision(q.dtype, allow_tf32), vl)
     return dq, dk, dv
 
 
@@ -763,14 +886,17 @@ def bwd_delta(out, do, delta, dlse=None) -> None:
 
 
 def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse, dot: str):
+                dkdv_config, dq_config, dlse, dot: str, vl=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     bwd_delta(out, do, delta, dlse)
+    if vl is not None:  # varlen: [1, total, H, D] views; the grid's T and S are the max lengths
+        B, T, S = vl["B"], vl["T"], vl["S"]
 
     common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0, lse, lse, *DENSE_MASK_ARGS)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False, DOT=dot)
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False, DOT=dot,
+                  **(vl["kw"] if vl is not None else {}))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     if compiled and dkdv_config is None:
@@ -814,7 +940,7 @@ def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str)
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in bwd_configs(kind, arch, dk, dv, dtype, v_is_k)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL"])(fn)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "IS_VARLEN"])(fn)
     return _AUTOTUNERS[key]
 
 
@@ -854,20 +980,24 @@ def _dense_mask_values() -> dict:
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
     """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` variant)."""
     from kernels._compile import spec_args
+    from kernels.attention_fwd import varlen_spec_values
 
     fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     values = _spec_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32)
     values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
+    if varlen:
+        values.update(varlen_spec_values(values["T"]))
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
-        kernel=f"attention_bwd_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+        kernel=f"attention_bwd_{kind}" + ("_varlen" if varlen else ""), fn=fn, signature=sig, constexprs=consts,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
         extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+               "allow_tf32": allow_tf32, "varlen": varlen},
     )
 
 
@@ -905,6 +1035,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
             for kind in ("dkdv", "dq"):
                 for cfg in bwd_configs(kind, arch, dk, dv, dtype, v_is_k):
                     specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for kind in ("dkdv", "dq"):
             for cfg in bwd_configs(kind, arch, dk, dv, "fp32", v_is_k):

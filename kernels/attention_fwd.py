@@ -28,6 +28,9 @@ How the work is cut:
   With the constexpr ``SPARSE`` switch the same kernel walks a FlexAttention-style block mask
   instead (``kv_indices`` sub-tiles, :func:`_sparse_kv_tile` / :func:`_sparse_full_tiles`, row tiles
   inside one mask query block, optionally one head per tile): :mod:`kernels.block_sparse` launches it.
+* **Varlen** (constexpr ``IS_VARLEN``, :func:`attention_fwd_varlen`): FlashAttention's packed layout;
+  the batch axis of the grid is the sequence, each program reads its sequence's offsets and lengths
+  from ``cu_seqlens`` (:func:`_varlen_seq`) and exits its loops at once past the sequence's end.
 
 Causal masking is bottom-right aligned (key ``j`` visible to query ``i`` iff ``j <= i + S - T``);
 a row with no visible key gets output 0 and ``lse = +inf``.
@@ -318,6 +321,40 @@ if HAS_TRITON:
         return total
 
     @triton.jit
+    def _varlen_seq(CU_Q, CU_K, b):
+        """FlashAttention varlen: sequence ``b`` owns rows ``[cu_q[b], cu_q[b+1])`` of the packed query
+        axis and ``[cu_k[b], cu_k[b+1])`` of the key axis. Returns ``(q0, k0, T_b, S_b)`` (offsets int64)."""
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(CU_K + b)
+        return q0.to(tl.int64), k0.to(tl.int64), tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+
+    @triton.jit
+    def _varlen_clip(n_full, n_end, live):
+        """Loop bounds of a program past its sequence's end (``live`` False): nothing to visit."""
+        n_end = tl.where(live, n_end, 0)
+        return tl.minimum(n_full, n_end), n_end
+
+    @triton.jit
+    def _partial_keep(BITS, pid, r_loc, c_loc, MASK_BM, MASK_BN):
+        """Token keep-bits of one listed mask block: ``pid >= 0`` indexes a partial block's bitmask in
+        ``BITS`` (int8 ``[P, MASK_BM, MASK_BN]``, nonzero = keep); ``pid < 0`` is a full block (all
+        kept). ``r_loc`` / ``c_loc``: query / key offsets inside the block, broadcast against each other
+        (rows x keys, or keys x rows for the transposed dK/dV products). Out-of-block lanes read keep
+        (their rows/keys are masked by the caller)."""
+        # pid as a tensor: a scalar & tensor mask trips the interpreter's masked load.
+        ok = ((c_loc * 0 + pid) >= 0) & (r_loc >= 0) & (r_loc < MASK_BM) & (c_loc >= 0) & (c_loc < MASK_BN)
+        ptr = BITS + pid.to(tl.int64) * MASK_BM * MASK_BN + r_loc.to(tl.int64) * MASK_BN + c_loc
+        return tl.load(ptr, mask=ok, other=1) != 0
+
+    @triton.jit
+    def _sparse_kv_keep(PART, BITS, part_off, sil, j, NSUB_N, tok, qb, MASK_BM, MASK_BN, BLOCK_N: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` keep-bits of key sub-tile ``j`` of a ``kv_indices`` row (forward, dQ):
+        ``PART + part_off`` is the row's partial-block ids (aligned with its ``kv_indices`` lanes)."""
+        pid = tl.load(PART + part_off + (j // NSUB_N).to(tl.int64) * sil)
+        c_loc = (j % NSUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return _partial_keep(BITS, pid, (tok - qb * MASK_BM)[:, None], c_loc[None, :], MASK_BM, MASK_BN)
+
+    @triton.jit
     def _load_tile(base, row_off, row_ok, col0, col_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
         """[R, BLOCK_D] tile: rows at int64 offsets ``row_off``, columns ``col0 + [0, BLOCK_D)``.
@@ -389,6 +426,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
+        keep=None, HAS_KEEP: tl.constexpr = False,
     ):
         """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
         past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``.
@@ -426,6 +464,8 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits
+                visible = visible & keep
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -454,6 +494,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
+        CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
         ``opaque_zero`` is 0 (see :func:`_fwd_block`).
@@ -464,7 +506,14 @@ if HAS_TRITON:
         key sub-tiles of every block listed in ``KVI[b, h, qb, :KVN[b, h, qb]]`` (mask strides
         ``sn*``/``si*``, 0 on broadcast dims; ``h`` is the head group). ``G`` heads are packed per
         row; ``KV_REP`` head groups share one kv head (``KV_REP = Hq/Hkv, G = 1`` when the mask has
-        per-head lists and the group's heads cannot share a tile).
+        per-head lists and the group's heads cannot share a tile). ``HAS_PARTIAL`` (block-sparse only):
+        ``PART`` (int32, laid out like ``KVI``) gives each listed block's partial-block id, ``-1`` for a
+        full block, and ``BITS`` the partial blocks' int8 ``[P, MASK_BM, MASK_BN]`` token bits
+        (:func:`_partial_keep`); every sub-tile then runs masked. ``IS_VARLEN`` (dense only):
+        FlashAttention's packed layout, ``B`` sequences given by ``CU_Q``/``CU_K`` (int32 ``[B+1]``),
+        ``T``/``S`` passed as the max sequence lengths (they size the grid) and re-read per sequence
+        (:func:`_varlen_seq`); batch strides unused; ``LSE`` is ``[Hq, TOTAL_Q]``; programs past their
+        sequence's end visit nothing and store nothing.
         """
         # Axis 0 is (batch*head group, row block) flattened, row blocks fastest (programs that share
         # K/V run together); axes 1 and 2 of a CUDA grid stop at 65535.
@@ -484,16 +533,24 @@ if HAS_TRITON:
         n_hg = Hkv * KV_REP
         b = (pid_bh // n_hg).to(tl.int64)
         hg = (pid_bh % n_hg).to(tl.int64)
+        # Batch offsets; statistics at st_bh + head * st_h + token.
+        if IS_VARLEN:
+            q0, k0, T, S = _varlen_seq(CU_Q, CU_K, b)
+            q_b, k_b, v_b, o_b = q0 * sqt, k0 * sks, k0 * svs, q0 * sot
+            st_bh, st_h = q0, TOTAL_Q
+        else:
+            q_b, k_b, v_b, o_b = b * sqb, b * skb, b * svb, b * sob
+            st_bh, st_h = b * n_hg * G * T, T
         if SPARSE:
             qb, m_start, row_end = _sparse_row_tile(pid_m, T, G, MASK_BM, NSUB_M, BLOCK_M)
         else:
             m_start = pid_m * BLOCK_M
             row_end = T * G
         tok, grp, row_ok = _packed_rows_until(m_start, row_end, G, BLOCK_M)
-        q_base = Q + b * sqb + hg * G * sqh
+        q_base = Q + q_b + hg * G * sqh
         q_row = tok.to(tl.int64) * sqt + grp.to(tl.int64) * sqh
-        k_base = K + b * skb + (hg // KV_REP) * skh
-        v_base = V + b * svb + (hg // KV_REP) * svh
+        k_base = K + k_b + (hg // KV_REP) * skh
+        v_base = V + v_b + (hg // KV_REP) * svh
         N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
 
         q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
@@ -519,6 +576,8 @@ if HAS_TRITON:
                     limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
                 else:
                     limit = S
+                if HAS_PARTIAL:  # partial blocks need their bits: no unmasked prefix
+                    limit = 0
                 n_lo = _sparse_full_tiles(idx_base, sil, n_blk, limit, NSUB_N, MASK_BN, BLOCK_N, _LANES)
                 for j in range(0, n_lo):
                     start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
@@ -533,15 +592,21 @@ if HAS_TRITON:
                 n_lo = 0
             for j in range(n_lo, n_tiles):
                 start_n, kend = _sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N)
+                keep = None
+                if HAS_PARTIAL:
+                    keep = _sparse_kv_keep(PART, BITS, b * sib + hg * sih + qb.to(tl.int64) * siq, sil, j, NSUB_N,
+                                           tok, qb, MASK_BM, MASK_BN, BLOCK_N)
                 acc, m_i, l_i = _fwd_block(
                     acc, m_i, l_i, q_own, q_tail, start_n, kend,
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, j * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True, DOT,
+                    Q_RESIDENT, STREAM, True, DOT, keep, HAS_PARTIAL,
                 )
         else:
             n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if IS_VARLEN:
+                n_full, n_end = _varlen_clip(n_full, n_end, m_start < T * G)
             if NSPLIT == 1:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     acc, m_i, l_i = _fwd_block(
@@ -566,7 +631,7 @@ if HAS_TRITON:
         # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
         l_div = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_div[:, None]
-        o_base = O + b * sob + hg * G * soh
+        o_base = O + o_b + hg * G * soh
         o_row = tok.to(tl.int64) * sot + grp.to(tl.int64) * soh
         _store_tile(o_base, o_row, row_ok, split * BV, sod, HEAD_DV, BV, HEAD_DV < NSPLIT * BV,
                     out.to(O.dtype.element_ty))
@@ -576,7 +641,7 @@ if HAS_TRITON:
             lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_div)) * _LN2)
             Hq = n_hg * G
             head = hg * G + grp.to(tl.int64)
-            tl.store(LSE + (b * Hq + head) * T + tok, lse, mask=row_ok)
+            tl.store(LSE + st_bh + head * st_h + tok, lse, mask=row_ok)
             if WRITE_MAXL:
                 # Per-head max of the running maxima (m is in log2 units) over this tile's rows.
                 heads = tl.arange(0, G_P)
@@ -648,9 +713,11 @@ def _device_arch(device) -> int:
     return major * 10 + minor
 
 
-def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str):
+def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str, vl=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if vl is not None:  # varlen: the grid's T and S are the max sequence lengths
+        T, S = vl["T"], vl["S"]
     args = (
         q, k, v, out, lse, maxl if maxl is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -659,7 +726,7 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
     )
     consts = dict(
         G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot,
+        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, **(vl["kw"] if vl is not None else {}),
     )
     return args, consts
 
@@ -684,7 +751,8 @@ def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in fwd_configs(arch, dk, dv, dtype, v_is_k)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL"])(_attn_fwd_kernel)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL", "IS_VARLEN"])(
+            _attn_fwd_kernel)
     return _AUTOTUNERS[key]
 
 
@@ -737,10 +805,67 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
     return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot)
 
 
-def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str):
+def varlen_plan(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> dict:
+    """Launch plan of a varlen call: ``B`` sequences, grid sizes ``T``/``S`` (max lengths) and the
+    kernels' ``IS_VARLEN`` keyword arguments (``cu_seqlens`` int32 ``[B+1]``, ``TOTAL_Q``)."""
+    return dict(B=cu_seqlens_q.numel() - 1, T=int(max_seqlen_q), S=int(max_seqlen_k),
+                kw=dict(CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, TOTAL_Q=q.shape[0], IS_VARLEN=True))
+
+
+def attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, causal: bool, *, return_max_logit: bool = False, out=None, lse=None,
+                         config: FwdConfig | None = None, allow_tf32: bool | None = None):
+    """Fused attention forward over packed variable-length sequences (FlashAttention's varlen layout).
+
+    Args:
+        q: ``[total_q, Hq, Dk]``; k: ``[total_k, Hkv, Dk]``; v: ``[total_k, Hkv, Dv]`` (any strides;
+            ``v`` may be a prefix view of ``k``). Sequence ``b`` is rows ``[cu_seqlens_q[b],
+            cu_seqlens_q[b+1])`` of q and ``[cu_seqlens_k[b], cu_seqlens_k[b+1])`` of k/v.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B+1]``, non-decreasing, from 0 to total (empty sequences
+            allowed). max_seqlen_q, max_seqlen_k: at least every sequence's length (they size the grid).
+        softmax_scale, causal: as :func:`attention_fwd`; causal is bottom-right aligned per sequence.
+        return_max_logit: also return the per-(sequence, head) max visible scaled score ``[B, Hq]``.
+        out, lse: optional outputs ``[total_q, Hq, Dv]`` (q.dtype) and contiguous fp32 ``[Hq, total_q]``.
+        config, allow_tf32: as :func:`attention_fwd`. Inputs are assumed validated.
+
+    Returns:
+        ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q] (FlashAttention's varlen layout; +inf for rows
+        without keys), max_logit [B, Hq] or None)``. Programs past a sequence's end exit at once.
+    """
+    import torch
+
+    if not HAS_TRITON:
+        raise RuntimeError("attention_fwd_varlen needs triton")
+    total_q, Hq, Dk = q.shape
+    Dv = v.shape[2]
+    out = torch.empty((total_q, Hq, Dv), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device) if lse is None else lse
+    B = cu_seqlens_q.numel() - 1
+    if total_q == 0 or Hq == 0 or B <= 0 or max_seqlen_q == 0:
+        maxl = torch.full((max(B, 0), Hq), float("-inf"), device=q.device) if return_max_logit else None
+        return out, lse, maxl
+    vl = varlen_plan(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    q4, k4, v4 = q[None], k[None], v[None]
+    v_is_k = is_prefix_alias(k4, v4)
+    dot = dot_precision(q.dtype, allow_tf32)
+    args = (q4, k4, v4, out[None], lse[None], softmax_scale, causal, v_is_k, return_max_logit)
+    if not compiled_launch(q):
+        res = _launch(*args, config or interp_config(Dk, Dv), dot, vl)
+    else:
+        if config is None:
+            cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
+            config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
+        res = _launch(*args, config, dot, vl) if config is not None else _launch_autotuned(*args, dot, vl)
+    return out, lse, res[2]
+
+
+def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str,
+            vl=None):
     import torch
 
     B, T, Hq, Dk = q.shape
+    if vl is not None:
+        B, T = vl["B"], vl["T"]
     Hkv, Dv = k.shape[2], v.shape[3]
     G = Hq // Hkv
     n_mblocks = triton.cdiv(T * G, cfg.block_m)
@@ -749,17 +874,19 @@ def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, 
         torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl)
     consts.update(_plan_constexprs(cfg, Dk, Dv, v_is_k))
     grid = (n_mblocks * B * Hkv, consts["NSPLIT"])
     launch(_attn_fwd_kernel, grid, *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
-def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str):
+def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str, vl=None):
     import torch
 
     B, T, Hq, Dk = q.shape
+    if vl is not None:
+        B, T = vl["B"], vl["T"]
     Hkv, Dv = k.shape[2], v.shape[3]
     G = Hq // Hkv
     arch = _device_arch(q.device)
@@ -771,7 +898,7 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
         torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl)
     grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
     launch(_autotuned(arch, Dk, Dv, v_is_k, dtype), grid, *args, **consts)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
@@ -795,9 +922,9 @@ _SPEC_MAXL = True
 
 
 def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
     """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` packed-sequence variant)."""
     from kernels._compile import Pointer, spec_args
 
     hq, hkv, T, S = group * 2, 2, 1024, 1024
@@ -815,21 +942,29 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k,
         WRITE_MAXL=_SPEC_MAXL, SPARSE=False, DOT=dot_precision(dtype, allow_tf32),
         **_plan_constexprs(cfg, dk, dv, v_is_k),
+        **(varlen_spec_values(T) if varlen else {}),
     )
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(
-        kernel="attention_fwd", fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
+        kernel="attention_fwd" + ("_varlen" if varlen else ""), fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
         tile=cfg.tile,
         extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+               "allow_tf32": allow_tf32, "varlen": varlen},
     )
+
+
+def varlen_spec_values(total_q: int) -> dict:
+    """Spec values of the ``IS_VARLEN`` arguments (int32 offsets, packed query length)."""
+    from kernels._compile import Pointer
+
+    return dict(CU_Q=Pointer("i32"), CU_K=Pointer("i32"), TOTAL_Q=total_q + 3, IS_VARLEN=True)
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
-    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES`, plus
-    fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
+    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES` (dense
+    and varlen), plus fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -837,6 +972,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for dtype in SPEC_DTYPES:
             for cfg in fwd_configs(arch, dk, dv, dtype, v_is_k):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for cfg in fwd_configs(arch, dk, dv, "fp32", v_is_k):
             specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))

@@ -36,6 +36,12 @@ prefix-of-``k`` alias, the transposed dK/dV products):
   of its ``G`` heads one after the other.
 * Rows whose query block lists no key block (or whose listed keys are all causally hidden) get
   output 0, ``lse = +inf`` and zero gradients, never NaN. Keys outside listed blocks are never read.
+* **Partial blocks** (a FlexAttention mask's ``kv_*`` blocks; constexpr ``HAS_PARTIAL``, off by
+  default so the plain block-sparse configurations compile unchanged): ``kv_partial`` / ``q_partial``
+  (int32, shaped like ``kv_indices`` / ``q_indices``) give each listed block's index in
+  ``partial_bits`` (int8 ``[P, BLOCK_M, BLOCK_N]``, nonzero = keep), ``-1`` for a full block; every
+  listed sub-tile then runs masked and ANDs the block's bits (read per tile, one byte per pair) into the
+  key-range and causal masks, in the forward, dQ and dK/dV kernels alike.
 
 Tiles (:func:`fwd_configs`, :func:`bwd_configs`) are the dense tables' entries fitted to the mask
 (:func:`fit_rows`, :func:`fit_keys`): the key tile divides the mask's key block when it can (else
@@ -253,6 +259,29 @@ def _mask_args(num, idx, name: str, n_blocks: int, B: int, Hq: int, device):
     return (num, idx, sb(num), sh(num), num.stride(2), sb(idx), sh(idx), idx.stride(2), idx.stride(3)), Hm
 
 
+def _partial_args(part, idx, bits, name: str, bm: int, bn: int) -> dict:
+    """Kernel keyword arguments of a mask's partial blocks (``{}`` without any): ``part`` int32 partial-block
+    ids aligned with the walked index tensor ``idx`` (``-1`` = full block), ``bits`` int8/bool
+    ``[P, BLOCK_M, BLOCK_N]`` token keep-bits, cut to the launched block size ``(bm, bn)`` (a block longer
+    than the sequence holds all of it). ``idx`` must be contiguous: ``part`` is read with its strides.
+
+    Raises ``ValueError`` when ``part`` does not have ``idx``'s shape or ``bits`` is not ``[P, >=bm, >=bn]``.
+    """
+    import torch
+
+    if bits is None or part is None or bits.shape[0] == 0:
+        return {}
+    if tuple(part.shape) != tuple(idx.shape) and not (idx.shape[3] == 1 and part.shape[3] == 0):
+        raise ValueError(f"block-sparse attention: {name}_partial {tuple(part.shape)} must have the shape of "
+                         f"{name}_indices {tuple(idx.shape)}")
+    if bits.dim() != 3 or bits.shape[1] < bm or bits.shape[2] < bn:
+        raise ValueError(f"block-sparse attention: partial_bits must be [P, BLOCK_M, BLOCK_N], got {tuple(bits.shape)}")
+    if part.shape[3] == 0:  # no lane is ever read; give the kernel a valid pointer
+        part = torch.full(idx.shape, -1, dtype=torch.int32, device=idx.device)
+    bits = (bits.view(torch.int8) if bits.dtype == torch.bool else bits.to(torch.int8))[:, :bm, :bn].contiguous()
+    return dict(PART=part.to(torch.int32).contiguous(), BITS=bits, HAS_PARTIAL=True)
+
+
 def _block_size(block_size, T: int, S: int) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N)`` as given, and as launched: a block longer than the sequence holds all of it
     (there is one block then), so it is cut to ``T`` / ``S`` and no tile is spent past the end."""
@@ -279,14 +308,16 @@ def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
         plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
         tconfigs = [triton.Config(plan(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
                     for c in configs]
-        keys = ["G", "CAUSAL", "KV_REP", "MASK_BM", "MASK_BN"] + (["WRITE_MAXL"] if kind == "fwd" else [])
+        keys = ["G", "CAUSAL", "KV_REP", "MASK_BM", "MASK_BN", "HAS_PARTIAL"]
+        keys += ["WRITE_MAXL"] if kind == "fwd" else []
         _AUTOTUNERS[key] = triton.autotune(configs=tconfigs, key=keys)(fn)
     return _AUTOTUNERS[key]
 
 
 def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: tuple[int, int],
                                softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                               out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None):
+                               out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None,
+                               kv_partial=None, partial_bits=None):
     """Block-sparse fused attention forward.
 
     Args:
@@ -306,6 +337,10 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             else autotune over them on GPU; one small fitted config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+        kv_partial, partial_bits: optional partial blocks (a FlexAttention mask's ``kv_*`` blocks):
+            ``kv_partial`` int32 with ``kv_indices``' shape, per listed block the index of its token
+            bitmask in ``partial_bits`` (int8/bool ``[P, BLOCK_M, BLOCK_N]``, nonzero = keep), ``-1`` for
+            a full block. With them every listed sub-tile is masked by its bits (``HAS_PARTIAL``).
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] (+inf where a row sees no key),
@@ -322,7 +357,10 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bm0, _, bm, bn = _block_size(block_size, T, S)
+    if partial_bits is not None:
+        kv_indices = kv_indices.contiguous()  # kv_partial is read with its strides
     margs, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm0), B, Hq, q.device)
+    part = _partial_args(kv_partial, margs[1], partial_bits, "kv", bm, bn)
     out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
     if early is not None:
         return early
@@ -341,7 +379,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             *margs, bm, bn, kv_rep,
         )
         consts = dict(G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-                      WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot)
+                      WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part)
         return args, consts
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
@@ -373,7 +411,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                block_size: tuple[int, int], softmax_scale: float, causal: bool, *,
                                dlse=None, dq=None, dk=None, dv=None, delta=None,
                                dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
-                               allow_tf32: bool | None = None):
+                               allow_tf32: bool | None = None, kv_partial=None, q_partial=None, partial_bits=None):
     """Block-sparse fused attention backward (deterministic: no atomics).
 
     Args:
@@ -390,6 +428,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
             autotune on GPU; small fitted configs under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32``.
+        kv_partial, q_partial, partial_bits: the forward's partial blocks; ``q_partial`` has
+            ``q_indices``' shape (ids of the transposed lists).
 
     Returns:
         ``(dq, dk, dv)`` in the input dtype. Keys no query block visits get zero dk/dv; rows that see
@@ -406,8 +446,12 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bm0, bn0, bm, bn = _block_size(block_size, T, S)
+    if partial_bits is not None:  # the partial ids are read with the index tensors' strides
+        kv_indices, q_indices = kv_indices.contiguous(), q_indices.contiguous()
     kv_args, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm0), B, Hq, q.device)
     q_args, Hm_q = _mask_args(q_num_blocks, q_indices, "q", math.ceil(S / bn0), B, Hq, q.device)
+    kv_part = _partial_args(kv_partial, kv_args[1], partial_bits, "kv", bm, bn)
+    q_part = _partial_args(q_partial, q_args[1], partial_bits, "q", bm, bn)
     _check_stat("lse", lse, B, Hq, T)
     if dlse is not None:
         _check_stat("dlse", dlse, B, Hq, T)
@@ -429,27 +473,30 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     n_q, n_k = math.ceil(T / bm), math.ceil(S / bn)
     bwd_delta(out, do, delta, dlse)
 
-    def run(kind, fixed, args, grid_of, tile):
-        """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned."""
+    def run(kind, fixed, args, grid_of, tile, part):
+        """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned;
+        ``part``: its partial-block keyword arguments."""
         configs = []
         if compiled and fixed is None:
             configs = bwd_configs(kind, _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k)
             fixed = tuning.choose(f"block_sparse_{kind}", head_class(Dk, Dv), configs)
         if compiled and fixed is None:
             grid = lambda meta: (grid_of(meta[tile]), meta["NSPLIT"])  # noqa: E731
-            launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, *args, **consts)
+            launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, *args, **consts, **part)
             return
         cfg = fixed or _interp_bwd(Dk, Dv, rows, bn)
         pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
         fn = _attn_bwd_dkdv_kernel if kind == "dkdv" else _attn_bwd_dq_kernel
-        launch(fn, (grid_of(getattr(cfg, tile.lower())), pc["NSPLIT"]), *args, **consts, **pc,
+        launch(fn, (grid_of(getattr(cfg, tile.lower())), pc["NSPLIT"]), *args, **consts, **pc, **part,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common,
                  *q_args, bm, bn, kv_rep)
-    run("dkdv", dkdv_config, dkdv_args, lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv, "BLOCK_N")
+    run("dkdv", dkdv_config, dkdv_args, lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv, "BLOCK_N",
+        q_part)
     dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
-    run("dq", dq_config, dq_args, lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M")
+    run("dq", dq_config, dq_args, lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M",
+        kv_part)
     return dq, dk, dv
 
 
@@ -469,7 +516,9 @@ SPEC_ROWS = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 1024)
 SPEC_BLOCK_N = (8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
-def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg) -> CompileSpec:
+def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg,
+          partial: bool = False) -> CompileSpec:
+    """One compile spec; ``partial``: the ``HAS_PARTIAL`` variant (FlexAttention partial-block bits)."""
     from kernels._compile import Pointer, spec_args
 
     # The dense backward's spec values (pointers, strides, sizes of contiguous inputs), plus the
@@ -484,14 +533,18 @@ def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k
         MASK_BM=64, MASK_BN=128, KV_REP=1,
         G_P=next_pow2(group), WRITE_MAXL=True, SPARSE=True,
     )
+    if partial:
+        values.update(PART=i32, BITS=Pointer("i8"), HAS_PARTIAL=True)
     plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
     values.update(plan(cfg, dk, dv, v_is_k))
     fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
-        kernel=f"block_sparse_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": True, "config": cfg},
+        kernel=f"block_sparse_{kind}" + ("_partial" if partial else ""), fn=fn, signature=sig, constexprs=consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=cfg.tile,
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": True, "config": cfg,
+               "partial": partial},
     )
 
 
@@ -506,9 +559,15 @@ def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int)
     return _dedup(out)
 
 
+#: FlexAttention masks (partial-block bits, ``HAS_PARTIAL``): their BLOCK_SIZE (128 by default; 64) in
+#: packed rows x keys, compiled for every shape and dtype.
+PARTIAL_SPEC_GEOMETRIES = ((128, 128), (64, 64))
+
+
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every block-sparse configuration the launchers may pick on ``arch`` (80, 86, 89, 90...) for the
-    representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry."""
+    representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry; plus
+    the partial-block (FlexAttention) variant for :data:`PARTIAL_SPEC_GEOMETRIES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -517,4 +576,11 @@ def compile_specs(arch: int) -> list[CompileSpec]:
             for kind in ("fwd", "dkdv", "dq"):
                 for cfg in spec_configs(kind, arch, dk, dv, dtype, group):
                     specs.append(_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+                partial = []
+                for rows, bn in PARTIAL_SPEC_GEOMETRIES:
+                    fitted = (fwd_configs(arch, dk, dv, dtype, rows * group, bn) if kind == "fwd"
+                              else bwd_configs(kind, arch, dk, dv, dtype, rows * group, bn))
+                    partial += fitted
+                for cfg in _dedup(partial):
+                    specs.append(_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, partial=True))
     return specs

@@ -23,13 +23,14 @@ from mla.attention import (
 from mla.block import MLACausalLM, RMSNorm, SwiGLU, TransformerBlock
 from mla.cache import LatentCache
 from mla.config import MLAConfig
-from mla.functional import attention_with_stats, latent_attention
+from mla.functional import attention_with_stats, latent_attention, latent_attention_varlen
 from mla.sparsity import BlockMask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "latent_attention",
+    "latent_attention_varlen",
     "attention_with_stats",
     "BlockMask",
     "LatentAttention",

@@ -26,7 +26,13 @@ from torch import nn
 
 from mla.cache import LatentCache, PagedLatentCache
 from mla.config import MLAConfig, require_config
-from mla.functional import attention_probs, attention_with_stats, mla_decode, resolve_backend
+from mla.functional import (
+    attention_probs,
+    attention_with_stats,
+    latent_attention_varlen,
+    mla_decode,
+    resolve_backend,
+)
 from mla.rope import RotaryEmbedding, apply_rotary, yarn_softmax_scale
 from mla.sparsity import BlockMask, select_topk_blocks, topk_indices_from_scores
 
@@ -322,7 +328,11 @@ class MultiHeadLatentAttention(nn.Module):
 
     ``forward(hidden_states [B,T,E], *, position_ids=None, cache=None, attention_mask=None,
     causal=True, form=None, need_weights=False)`` returns ``(out [B,T,E], stats)`` (and the
-    ``[B,H,T,S]`` probabilities as a third element when ``need_weights``). With a ``LatentCache``, the
+    ``[B,H,T,S]`` probabilities as a third element when ``need_weights``). Packed documents:
+    ``cu_seqlens`` int32 ``[D+1]`` (and ``max_seqlen``, default: the longest) splits the tokens of a
+    ``[1, total, E]`` batch into ``D`` documents (``mla.functional.latent_attention_varlen``: no attention
+    across documents; positions restart at 0 in each document unless ``position_ids`` are given; no cache,
+    ``attention_mask`` or ``need_weights``). With a ``LatentCache``, the
     new ``[c_kv | k_rope]`` rows are appended and attention runs over all cached tokens (causal is
     bottom-right, so a chunk continuing a cache attends correctly). ``position_ids`` default to
     ``cached_length + arange(T)``. ``attention_mask`` ``[B, S]`` (1/True = real token) masks padded
@@ -524,7 +534,12 @@ class MultiHeadLatentAttention(nn.Module):
         causal: bool = True,
         form: str | None = None,
         need_weights: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ):
+        if cu_seqlens is not None:
+            return self._forward_packed(hidden_states, cu_seqlens, max_seqlen, position_ids, cache, attention_mask,
+                                        causal, form, need_weights)
         q_nope, q_rope, _, latent, _ = self._prepare(hidden_states, position_ids, cache)
         B, T = q_nope.shape[:2]
         if self._paged_decode_step(cache, T, need_weights, attention_mask):
@@ -552,6 +567,38 @@ class MultiHeadLatentAttention(nn.Module):
             )
             return out, stats, probs
         return out, stats
+
+
+    def _forward_packed(self, hidden_states, cu_seqlens, max_seqlen, position_ids, cache, attention_mask, causal,
+                        form, need_weights):
+        """``forward`` over packed documents (see the class docstring)."""
+        if cache is not None or attention_mask is not None or need_weights:
+            raise ValueError("cu_seqlens: packed documents take no cache, attention_mask or need_weights")
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != 1:
+            raise ValueError(f"cu_seqlens: hidden_states must be one packed row [1, total, E], got "
+                             f"{tuple(hidden_states.shape)}")
+        if position_ids is None:
+            position_ids = packed_position_ids(cu_seqlens, hidden_states.shape[1])[None]
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+        q_nope, q_rope, _, latent, _ = self._prepare(hidden_states, position_ids, None)
+        form = self.resolve_form(form, q_nope.shape[1], False)
+        q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
+        out = latent_attention_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      softmax_scale=self.softmax_scale, causal=causal, backend=self.backend)
+        backend = resolve_backend(self.backend, q.device, q.dtype)
+        # Pairs attended over the packed total x total grid (per document: causal triangle or square).
+        lens = cu_seqlens.diff().double()
+        pairs = (lens * (lens + 1) / 2).sum() if causal else (lens * lens).sum()
+        density = pairs / max(q.shape[1], 1) ** 2
+        return self.finish(out[None], form), AttentionStats(backend, q.shape[-1], density, None, form)
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 ``[total]`` positions that restart at 0 at each ``cu_seqlens`` boundary (packed documents)."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=total)
+    return torch.arange(total, device=cu.device) - starts
 
 
 # ---------------------------------------------------------------------------------------------------

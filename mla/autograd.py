@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.attention_bwd import attention_bwd
-from kernels.attention_fwd import attention_fwd
+from kernels.attention_bwd import attention_bwd, attention_bwd_varlen
+from kernels.attention_fwd import attention_fwd, attention_fwd_varlen
 from kernels.block_sparse import block_sparse_attention_bwd, block_sparse_attention_fwd
 from kernels.decode import mla_decode_fwd
 from kernels.topk_sparse import topk_attention_bwd, topk_attention_fwd
@@ -31,6 +31,7 @@ __all__ = [
     "LatentAttentionFunction",
     "TopkAttentionFunction",
     "triton_attention",
+    "triton_attention_varlen",
     "triton_decode",
     "kernel_supports",
     "OPS",
@@ -202,25 +203,89 @@ class TopkAttentionFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
+# varlen (FlashAttention's packed layout)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mla::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Varlen dense forward: ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
+    out, lse, _ = attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       softmax_scale, causal)
+    return out, lse
+
+
+@attention_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    total_q, Hq, _ = q.shape
+    return q.new_empty(total_q, Hq, v.shape[-1]), q.new_empty(Hq, total_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mla::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Varlen dense backward (deterministic): ``(dq, dk, dv)`` shaped like ``q, k, v``."""
+    return attention_bwd_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                softmax_scale, causal, dlse=dlse)
+
+
+@attention_varlen_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, softmax_scale, causal)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_varlen_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                            softmax_scale: float, causal: bool):
+    """``mla::attention_varlen_fwd`` with autograd (see ``mla.functional.latent_attention_varlen``);
+    inputs must be validated. Returns ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
+    return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   float(softmax_scale), bool(causal))
+
+
+# ------------------------------------------------------------------------------------------------
 # block sparse
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mla::block_sparse_attention_fwd", mutates_args=())
 def block_sparse_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
     q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
+    kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices`` are carried for
-    the backward only): ``(out, lse, max_logit or [0])``."""
+    """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices``/``q_partial`` are
+    carried for the backward only; ``kv_partial``/``partial_bits``: partial blocks of a FlexAttention mask):
+    ``(out, lse, max_logit or [0])``."""
     out, lse, max_logit = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
-        return_max_logit=return_max_logit,
+        return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits,
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @block_sparse_attention_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
-      return_max_logit):
+      return_max_logit, kv_partial=None, q_partial=None, partial_bits=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
@@ -229,24 +294,27 @@ def block_sparse_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
     kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
     softmax_scale: float, causal: bool,
+    kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv)``."""
     return block_sparse_attention_bwd(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, (block_m, block_n),
-        softmax_scale, causal, dlse=dlse,
+        softmax_scale, causal, dlse=dlse, kv_partial=kv_partial, q_partial=q_partial, partial_bits=partial_bits,
     )
 
 
 @block_sparse_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
-      softmax_scale, causal):
+      softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _block_setup(ctx, inputs, output):
-    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs
+    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
+    partial = tuple(inputs[12:15]) + (None,) * (15 - len(inputs))
     out, lse, max_logit = output
     ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi)
+    ctx.partial = partial  # (kv_partial, q_partial, partial_bits): integer mask data, no gradient
     ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
     ctx.mark_non_differentiable(max_logit)
 
@@ -256,9 +324,10 @@ def _block_backward(ctx, dout, dlse, _dmax):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = block_sparse_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal
+        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
+        *ctx.partial,
     )
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 12
 
 
 block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
@@ -274,9 +343,11 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
-                softmax_scale: float, causal: bool, return_max_logit: bool):
+                softmax_scale: float, causal: bool, return_max_logit: bool, kv_partial=None, q_partial=None,
+                partial_bits=None):
         return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                                             block_m, block_n, softmax_scale, causal, return_max_logit)
+                                             block_m, block_n, softmax_scale, causal, return_max_logit,
+                                             kv_partial, q_partial, partial_bits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -321,6 +392,8 @@ def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_d
 OPS = {
     "attention_fwd": attention_fwd_op,
     "attention_bwd": attention_bwd_op,
+    "attention_varlen_fwd": attention_varlen_fwd_op,
+    "attention_varlen_bwd": attention_varlen_bwd_op,
     "block_sparse_attention_fwd": block_sparse_attention_fwd_op,
     "block_sparse_attention_bwd": block_sparse_attention_bwd_op,
     "decode": decode_op,
@@ -362,9 +435,11 @@ def triton_attention(
         out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
+        partial = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
+                   if block_mask.has_partial else ())
         out, lse, ml = BlockSparseAttentionFunction.apply(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            int(bm), int(bn), scale, causal, want_max,
+            int(bm), int(bn), scale, causal, want_max, *partial,
         )
     else:
         out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)

@@ -70,9 +70,10 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, *, position_ids=None, cache=None, attention_mask=None):
+    def forward(self, x, *, position_ids=None, cache=None, attention_mask=None, **packed):
+        # packed: cu_seqlens / max_seqlen of packed documents (MultiHeadLatentAttention only).
         h, stats = self.self_attn(
-            self.input_layernorm(x), position_ids=position_ids, cache=cache, attention_mask=attention_mask
+            self.input_layernorm(x), position_ids=position_ids, cache=cache, attention_mask=attention_mask, **packed
         )
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -95,8 +96,10 @@ class MLACausalLM(nn.Module):
         config: ``MLAConfig``; attention / sparse_mode / form / backend / indexer_loss: see
             ``TransformerBlock``. indexer_loss_weight: weight of the indexers' KL losses in ``loss``.
 
-    ``forward(input_ids [B,T] int64, *, targets=None, cache=None, position_ids=None, attention_mask=None)``
-    returns ``CausalLMOutput``; ``targets [B, T]`` are the next tokens (``-100`` ignored).
+    ``forward(input_ids [B,T] int64, *, targets=None, cache=None, position_ids=None, attention_mask=None,
+    cu_seqlens=None, max_seqlen=None)`` returns ``CausalLMOutput``; ``targets [B, T]`` are the next tokens
+    (``-100`` ignored). Packed documents: ``input_ids [1, total]`` with int32 ``cu_seqlens [D+1]``: no
+    attention across documents, positions restart per document (``attention="mla"`` only).
 
     Raises:
         ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary.
@@ -148,7 +151,8 @@ class MLACausalLM(nn.Module):
         """An empty ``LatentCache`` with one slot per layer."""
         return LatentCache(self.config.num_hidden_layers)
 
-    def forward(self, input_ids, *, targets=None, cache=None, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, *, targets=None, cache=None, position_ids=None, attention_mask=None,
+                cu_seqlens=None, max_seqlen=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             got = getattr(input_ids, "shape", input_ids)
             raise ValueError(f"input_ids: expected a [B, T] integer tensor, got {got!r}")
@@ -156,8 +160,9 @@ class MLACausalLM(nn.Module):
             raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         x = self.embed_tokens(input_ids)
         stats = []
+        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         for layer in self.layers:
-            x, st = layer(x, position_ids=position_ids, cache=cache, attention_mask=attention_mask)
+            x, st = layer(x, position_ids=position_ids, cache=cache, attention_mask=attention_mask, **packed)
             stats.append(st)
         logits = self.lm_head(self.norm(x))
         loss = None

@@ -19,10 +19,18 @@ import torch
 
 from mla import reference as _ref
 from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
-from mla.sparsity import BlockMask, check_block_mask, check_topk_indices, topk_as_int32, topk_to_dense_mask
+from mla.sparsity import (
+    BlockMask,
+    as_block_mask,
+    check_block_mask,
+    check_topk_indices,
+    topk_as_int32,
+    topk_to_dense_mask,
+)
 
 __all__ = [
     "latent_attention",
+    "latent_attention_varlen",
     "attention_with_stats",
     "attention_probs",
     "resolve_backend",
@@ -105,6 +113,17 @@ def _check_tensor(name: str, t, rank: int, layout: str) -> None:
         raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _check_qkv(q, k, v, layouts: tuple[str, str, str]) -> None:
+    """q, k, v: float tensors of the rank of their ``layouts``, with q's dtype and device."""
+    for name, t, layout in zip("qkv", (q, k, v), layouts):
+        _check_tensor(name, t, layout.count(",") + 1, layout)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
+
+
 def _check_scale(softmax_scale, Dk: int) -> float:
     if softmax_scale is None:
         return Dk**-0.5
@@ -136,15 +155,8 @@ def _check_attn_mask(attn_mask, B: int, Hq: int, T: int, S: int, device) -> None
 
 def _validate(
     q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
-) -> tuple[float, str, torch.Tensor | None]:
-    _check_tensor("q", q, 4, "[B, T, Hq, Dk]")
-    _check_tensor("k", k, 4, "[B, S, Hkv, Dk]")
-    _check_tensor("v", v, 4, "[B, S, Hkv, Dv]")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: on device {t.device}, but q is on {q.device}")
+) -> tuple[float, str, torch.Tensor | None, BlockMask | None]:
+    _check_qkv(q, k, v, ("[B, T, Hq, Dk]", "[B, S, Hkv, Dk]", "[B, S, Hkv, Dv]"))
     B, T, Hq, Dk = q.shape
     _, S, Hkv, _ = k.shape
     if k.shape[0] != B:
@@ -169,7 +181,7 @@ def _validate(
     if block_mask is not None and topk_indices is not None:
         raise ValueError("block_mask and topk_indices are exclusive: pass at most one of them")
     if block_mask is not None:
-        check_block_mask(block_mask, B, Hq, T, S, q.device, check_values=check_indices)
+        block_mask = check_block_mask(block_mask, B, Hq, T, S, q.device, check_values=check_indices)
     if topk_indices is not None:
         topk_indices = check_topk_indices(topk_indices, B, T, Hkv, S, q.device, check_values=check_indices)
     if attn_mask is not None:
@@ -190,7 +202,7 @@ def _validate(
                 "as causal, a BlockMask or topk_indices to use the kernels"
             )
         path = "reference"
-    return scale, path, topk_indices
+    return scale, path, topk_indices, block_mask
 
 
 def attention_with_stats(
@@ -219,7 +231,7 @@ def attention_with_stats(
     for name, flag in (("return_max_logit", return_max_logit), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-    scale, path, topk_indices = _validate(
+    scale, path, topk_indices, block_mask = _validate(
         q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
     )
     if path == "triton":
@@ -264,7 +276,11 @@ def latent_attention(
             as in FlashAttention >= 2.1 and FlashMLA; differs from SDPA's ``is_causal`` when ``T != S``.
         softmax_scale: multiplier of the scores; default ``Dk ** -0.5``. MLA passes
             ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times YaRN ``mscale²``).
-        block_mask: ``mla.sparsity.BlockMask`` built for ``(T, S)`` with batch/head dims 1 or B/Hq.
+        block_mask: ``mla.sparsity.BlockMask`` built for ``(T, S)`` with batch/head dims 1 or B/Hq, or a
+            FlexAttention ``torch.nn.attention.flex_attention.BlockMask`` (e.g. from ``create_block_mask``),
+            taken as it is: its full blocks run unmasked, its partial blocks are masked per token by
+            bitmasks evaluated once from its ``mask_mod`` (``mla.sparsity.BlockMask.from_flex``; the
+            conversion is cached on the flex mask). ``causal`` is applied on top of the mask.
         topk_indices: int32 ``[B, T, Hkv, K]`` key positions in ``[0, S)`` or ``-1`` (ignored).
             Exclusive with ``block_mask``.
         return_lse: also return ``lse [B, Hq, T]`` float32 (natural log; ``+inf`` where a row sees no key).
@@ -297,6 +313,113 @@ def latent_attention(
     return (res.out, res.lse) if return_lse else res.out
 
 
+def _check_cu_seqlens(name: str, cu, total: int, max_name: str, max_seqlen, device, check_values: bool):
+    """``cu_seqlens_*``: int32 1-D ``[B+1]`` on ``device``; in eager mode also 0 first, non-decreasing,
+    ``total`` last, and no sequence longer than ``max_seqlen_*``."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor [B+1], got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32 (FlashAttention's varlen layout), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor [B+1] with B >= 0, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: on device {cu.device}, but q is on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{max_name}: expected a non-negative int, got {max_seqlen!r}")
+    if not check_values or torch.compiler.is_compiling():  # the value checks read the data: eager only
+        return
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals, vals[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name}: must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}: last entry {vals[-1]} must equal the packed length {total}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence ({max(lens)}) in {name}")
+
+
+def latent_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+    check_indices: bool = True,
+):
+    """Latent attention over packed variable-length sequences (FlashAttention's ``flash_attn_varlen_func``).
+
+    Sequences are concatenated along the token axis; sequence ``b`` is rows ``[cu_seqlens_q[b],
+    cu_seqlens_q[b+1])`` of ``q`` and ``[cu_seqlens_k[b], cu_seqlens_k[b+1])`` of ``k``/``v``. No token
+    attends across a sequence boundary; ``causal`` is bottom-right aligned per sequence (query ``i`` of a
+    sequence of lengths ``(T_b, S_b)`` sees key ``j`` iff ``j <= i + S_b - T_b``). Empty sequences are
+    allowed. The kernels read each sequence's offsets from ``cu_seqlens`` (nothing is materialised per
+    token): grid over (sequence, query block up to ``max_seqlen_q``), programs past a sequence's end exit.
+
+    Args:
+        q: ``[total_q, Hq, Dk]``; k: ``[total_k, Hkv, Dk]``; v: ``[total_k, Hkv, Dv]`` (``Hq % Hkv == 0``;
+            ``v`` may be a prefix view of ``k``, absorbed MLA). float16/bfloat16/float32 (float64 on the
+            reference backend).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B+1]`` cumulative lengths: 0 first, non-decreasing, the
+            packed lengths last (both of length ``B+1``).
+        max_seqlen_q, max_seqlen_k: ints >= every sequence's query / key length (they size the grid).
+        softmax_scale: default ``Dk ** -0.5``. causal: per sequence, as above.
+        return_lse: also return ``lse`` fp32 ``[Hq, total_q]`` (FlashAttention's varlen layout; natural
+            log, ``+inf`` for rows without keys).
+        backend: ``"auto"`` / ``"reference"`` (per-sequence loop) / ``"triton"``.
+        check_indices: validate the offsets' values (one host read) in eager mode; skipped under
+            ``torch.compile``.
+
+    Returns:
+        ``out [total_q, Hq, Dv]`` in the input dtype, or ``(out, lse)``. Rows without keys: 0 / ``+inf``.
+
+    Block masks and top-k lists are not combined with varlen (pack the documents' mask into a
+    ``BlockMask`` over the packed axis instead, e.g. FlexAttention's document mask).
+
+    Raises:
+        TypeError: non-tensor inputs or non-float / mismatched dtypes.
+        ValueError: wrong ranks or shapes, mismatched heads / head dims / devices, ``cu_seqlens_*`` not
+            int32, not 1-D, of different lengths, not starting at 0, decreasing or not ending at the
+            packed length, ``max_seqlen_*`` smaller than a sequence, or an unavailable backend.
+    """
+    _check_qkv(q, k, v, ("[total_q, Hq, Dk]", "[total_k, Hkv, Dk]", "[total_k, Hkv, Dv]"))
+    Hq, Dk = q.shape[1], q.shape[2]
+    if v.shape[0] != k.shape[0] or v.shape[1] != k.shape[1]:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's [total_k, Hkv] = {list(k.shape[:2])}")
+    if k.shape[2] != Dk:
+        raise ValueError(f"k: head dim {k.shape[2]} does not match q's head dim {Dk}")
+    if min(Hq, k.shape[1], Dk, v.shape[2]) < 1 or Hq % k.shape[1] != 0:
+        raise ValueError(f"q/k: Hq={Hq} must be a positive multiple of Hkv={k.shape[1]} (head dims >= 1)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    scale = _check_scale(softmax_scale, Dk)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device, False)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device, False)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_k: {cu_seqlens_k.numel()} entries, cu_seqlens_q has {cu_seqlens_q.numel()} "
+                         "(both are [B+1])")
+    if check_indices:
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device, True)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device, True)
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
+        from mla.autograd import triton_attention_varlen
+
+        out, lse = triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           softmax_scale=scale, causal=causal)
+    else:
+        out, lse = _ref.attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                                   softmax_scale=scale)
+    return (out, lse) if return_lse else out
+
+
 def attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -327,7 +450,7 @@ def attention_probs(
         rows = torch.arange(T, device=q.device)[:, None]
         keep = keep & (torch.arange(S, device=q.device)[None, :] <= rows + (S - T))
     if block_mask is not None:
-        keep = keep & block_mask.to_element_mask()
+        keep = keep & as_block_mask(block_mask).to_element_mask()
     if topk_indices is not None:
         keep = keep & topk_to_dense_mask(topk_indices, S).repeat_interleave(Hq // Hkv, dim=1)
     if attn_mask is not None:

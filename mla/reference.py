@@ -28,7 +28,9 @@ import torch
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["attention_reference", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
+from mla.sparsity import as_block_mask
+
+__all__ = ["attention_reference", "attention_reference_varlen", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
 
 #: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -189,8 +191,9 @@ def attention_reference(
         v: ``[B, S, Hkv, Dv]``; may be a view of ``k`` (absorbed MLA).
         causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + S - T``).
         softmax_scale: multiplier of ``q · kᵀ``; default ``Dk ** -0.5``.
-        block_mask: ``mla.sparsity.BlockMask`` for ``(T, S)``; inside a listed block every key is kept
-            (unless ``causal`` removes it).
+        block_mask: ``mla.sparsity.BlockMask`` for ``(T, S)`` (or a FlexAttention BlockMask, converted
+            with ``BlockMask.from_flex``); inside a listed block every key is kept (unless ``causal``
+            removes it, or the block is partial and its token bits do).
         topk_indices: int ``[B, T, Hkv, K]``, key positions in ``[0, S)`` or ``-1`` (ignored).
         attn_mask: bool keep-mask (True = attend) or float additive bias, broadcastable to
             ``[B, Hq, T, S]``. A float ``-inf`` entry removes the key like a False entry.
@@ -211,6 +214,8 @@ def attention_reference(
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
+    if block_mask is not None:
+        block_mask = as_block_mask(block_mask)
     scale = Dk**-0.5 if softmax_scale is None else float(softmax_scale)
     cdt = compute_dtype(q.dtype)
     device = q.device
@@ -235,7 +240,7 @@ def attention_reference(
 
     block_grid = None
     block_size = None
-    if block_mask is not None:
+    if block_mask is not None and not block_mask.has_partial:
         block_grid = block_mask.to_dense().to(device)
         block_size = block_mask.BLOCK_SIZE
 
@@ -249,6 +254,10 @@ def attention_reference(
             bool_mask = am.expand(am.shape[0], am.shape[1], T, S)
         else:
             bias = am.to(cdt).expand(am.shape[0], am.shape[1], T, S)
+    if block_mask is not None and block_mask.has_partial:
+        # Partial blocks carry token bits: use the token-level mask (a reference may materialise T x S).
+        elem = block_mask.to_element_mask().to(device)
+        bool_mask = elem if bool_mask is None else bool_mask & elem
 
     qc = rearrange(q.to(cdt), "b t (hk g) d -> b t hk g d", g=G)
     kc = k.to(cdt)
@@ -292,3 +301,40 @@ def attention_reference(
     if return_max_logit:
         max_logit = rearrange(torch.stack(maxes, 0).amax(0), "b hk g -> b (hk g)").to(stat_dtype).detach()
     return out, lse, max_logit
+
+
+def attention_reference_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention in plain PyTorch: :func:`attention_reference` per sequence.
+
+    Args:
+        q ``[total_q, Hq, Dk]``, k ``[total_k, Hkv, Dk]``, v ``[total_k, Hkv, Dv]``; sequence ``b`` is rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v
+        (int ``[B+1]``, validated by the caller). causal: bottom-right aligned per sequence.
+
+    Returns:
+        ``(out [total_q, Hq, Dv] q.dtype, lse [Hq, total_q])`` (float32, float64 for float64 inputs;
+        ``+inf`` for rows without keys): FlashAttention's varlen layout. Reads the offsets on the host.
+    """
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(bq) - 1):
+        o, lse, _ = attention_reference(
+            q[None, bq[b]:bq[b + 1]], k[None, bk[b]:bk[b + 1]], v[None, bk[b]:bk[b + 1]],
+            causal=causal, softmax_scale=softmax_scale, lse_grad=True,
+        )
+        outs.append(o[0])
+        lses.append(lse[0])
+    Hq, Dv = q.shape[1], v.shape[2]
+    if not outs:
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(0, Hq, Dv), torch.zeros(Hq, 0, dtype=stat, device=q.device)
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -29,6 +29,7 @@ __all__ = [
     "causal_clip_topk",
     "check_topk_indices",
     "check_block_mask",
+    "as_block_mask",
     "topk_to_dense_mask",
 ]
 
@@ -130,6 +131,12 @@ class BlockMask:
         self._q_num_blocks = q_num_blocks.to(torch.int32).contiguous() if q_num_blocks is not None else None
         self._q_indices = q_indices.to(torch.int32).contiguous() if q_indices is not None else None
         self._dense: torch.Tensor | None = None
+        # Partial blocks (from a FlexAttention mask): per (b, h, qb, kb) the index of the block's token
+        # bitmask in partial_bits, -1 for a full or unlisted block.
+        self._partial_grid: torch.Tensor | None = None
+        self.partial_bits: torch.Tensor | None = None
+        self._kv_partial: torch.Tensor | None = None
+        self._q_partial: torch.Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -156,6 +163,76 @@ class BlockMask:
         mask = cls(num, idx, (bm, bn), (T, S))
         mask._dense = g.contiguous()
         return mask
+
+    @classmethod
+    def from_flex(cls, flex_mask) -> BlockMask:
+        """Convert a ``torch.nn.attention.flex_attention.BlockMask`` (e.g. from ``create_block_mask``).
+
+        FlexAttention lists a query block's whole key blocks in ``full_kv_num_blocks``/``full_kv_indices``
+        and its partial ones in ``kv_num_blocks``/``kv_indices``; the result lists the union (ascending).
+        Full blocks run unmasked; each partial block gets a token bitmask evaluated once from the mask's
+        ``mask_mod(b, h, q_idx, kv_idx)`` on its ``BLOCK_M x BLOCK_N`` grid (positions past ``seq_lengths``
+        are dropped), stored in ``partial_bits`` (bool ``[P, BLOCK_M, BLOCK_N]``), so windows, document
+        and prefix-LM masks are exact, not rounded out to whole blocks. Batch/head dims of 1 broadcast as
+        in FlexAttention. Memory: ``P * BLOCK_M * BLOCK_N`` bytes plus an int32 ``[B, H, nQ, nK]`` grid.
+
+        Raises:
+            TypeError: not a FlexAttention ``BlockMask``.
+            ValueError: fields that disagree with each other or with ``seq_lengths``/``BLOCK_SIZE``
+                (row counts, index width, counts or indices out of range).
+        """
+        for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths", "mask_mod"):
+            if not hasattr(flex_mask, attr):
+                raise TypeError("block_mask: expected a torch.nn.attention.flex_attention.BlockMask, got "
+                                f"{type(flex_mask).__name__}")
+        bm, bn = _pair(tuple(int(b) for b in flex_mask.BLOCK_SIZE))
+        T, S = (int(n) for n in flex_mask.seq_lengths)
+        nq, nk = math.ceil(T / bm), math.ceil(S / bn)
+        grids = []
+        for name, num, idx in (("kv", flex_mask.kv_num_blocks, flex_mask.kv_indices),
+                               ("full_kv", flex_mask.full_kv_num_blocks, flex_mask.full_kv_indices)):
+            if num is None:
+                continue
+            _check_flex_lists(name, num, idx, nq, nk)
+            grids.append(_grid_from_lists(num, idx, nk))
+        if len(grids) == 2 and grids[0].shape[:2] != grids[1].shape[:2]:
+            raise ValueError(f"block_mask: kv_num_blocks batch/head dims {tuple(grids[0].shape[:2])} differ from "
+                             f"full_kv_num_blocks' {tuple(grids[1].shape[:2])}")
+        partial = grids[0]
+        full = grids[1] if len(grids) == 2 else torch.zeros_like(partial)
+        partial = partial & ~full
+        mask = cls.from_dense(partial | full, (bm, bn), (T, S))
+        pos = partial.nonzero()  # [P, 4] (b, h, qb, kb), row-major
+        if pos.shape[0] > 0:
+            pgrid = torch.full(partial.shape, -1, dtype=torch.int32, device=partial.device)
+            pgrid[pos.unbind(1)] = torch.arange(pos.shape[0], dtype=torch.int32, device=partial.device)
+            mask._set_partial(pgrid, _eval_mask_mod(flex_mask.mask_mod, pos, bm, bn, T, S))
+        return mask
+
+    def _set_partial(self, partial_grid: torch.Tensor, bits: torch.Tensor) -> None:
+        self._partial_grid = partial_grid.contiguous()
+        self.partial_bits = bits.contiguous()
+        self._kv_partial = self._q_partial = None
+
+    @property
+    def has_partial(self) -> bool:
+        """True when some listed block is partial (masked per token by ``partial_bits``)."""
+        return self.partial_bits is not None and self.partial_bits.shape[0] > 0
+
+    @property
+    def kv_partial(self) -> torch.Tensor | None:
+        """int32 with ``kv_indices``' shape: per listed block the index of its bitmask in
+        ``partial_bits``, ``-1`` for a full block (None without partial blocks)."""
+        if self.has_partial and self._kv_partial is None:
+            self._kv_partial = _gather_lanes(self._partial_grid, self.kv_indices)
+        return self._kv_partial
+
+    @property
+    def q_partial(self) -> torch.Tensor | None:
+        """Like ``kv_partial``, aligned with the transposed ``q_indices`` (for the dK/dV pass)."""
+        if self.has_partial and self._q_partial is None:
+            self._q_partial = _gather_lanes(self._partial_grid.transpose(-1, -2), self.q_indices)
+        return self._q_partial
 
     # -- derived views ------------------------------------------------------------------------
     @property
@@ -204,6 +281,12 @@ class BlockMask:
         qb = torch.arange(T, device=self.device) // bm
         kb = torch.arange(S, device=self.device) // bn
         m = grid[:, :, qb][:, :, :, kb]
+        if self.has_partial:
+            pid = self._partial_grid[:, :, qb][:, :, :, kb].long()  # [Bm, Hm, T, S]
+            r = (torch.arange(T, device=self.device) % bm)[:, None]
+            c = (torch.arange(S, device=self.device) % bn)[None, :]
+            bits = self.partial_bits.bool()[pid.clamp(min=0), r, c]
+            m = m & (bits | (pid < 0))
         if causal:
             rows = torch.arange(T, device=self.device)[:, None]
             cols = torch.arange(S, device=self.device)[None, :]
@@ -227,6 +310,8 @@ class BlockMask:
             out._q_indices = self._q_indices.to(device)
         if self._dense is not None:
             out._dense = self._dense.to(device)
+        if self.has_partial:
+            out._set_partial(self._partial_grid.to(device), self.partial_bits.to(device))
         return out
 
     def __repr__(self) -> str:
@@ -235,6 +320,50 @@ class BlockMask:
             f"BlockMask(shape=({Bm}, {Hm}, {T}, {S}), BLOCK_SIZE={self.BLOCK_SIZE}, "
             f"blocks={int(self.kv_num_blocks.sum())}/{Bm * Hm * self.num_query_blocks * self.num_kv_blocks})"
         )
+
+
+def _check_flex_lists(name: str, num, idx, nq: int, nk: int) -> None:
+    """A FlexAttention (count, index) pair fits ``nq`` query blocks and ``nk`` key blocks (ValueError)."""
+    if not isinstance(num, torch.Tensor) or not isinstance(idx, torch.Tensor) or num.dim() != 3 or idx.dim() != 4:
+        raise ValueError(f"block_mask: {name}_num_blocks / {name}_indices must be [B, H, nQ] / [B, H, nQ, w] "
+                         f"tensors, got {getattr(num, 'shape', num)} / {getattr(idx, 'shape', idx)}")
+    if tuple(idx.shape[:3]) != tuple(num.shape) or num.shape[-1] != nq:
+        raise ValueError(f"block_mask: {name}_num_blocks {tuple(num.shape)} / {name}_indices {tuple(idx.shape)} "
+                         f"disagree with seq_lengths and BLOCK_SIZE ({nq} query blocks expected)")
+    if num.numel() == 0:
+        return
+    lo, hi = int(num.min()), int(num.max())
+    if lo < 0 or hi > min(idx.shape[-1], nk):
+        raise ValueError(f"block_mask: {name}_num_blocks must be in [0, {min(idx.shape[-1], nk)}], got [{lo}, {hi}]")
+    valid = torch.arange(idx.shape[-1], device=num.device) < num[..., None]
+    if bool(((idx < 0) | (idx >= nk))[valid].any()):
+        raise ValueError(f"block_mask: {name}_indices has entries outside [0, {nk}) (nK from seq_lengths/BLOCK_SIZE)")
+    if bool((_grid_from_lists(num, idx, nk).sum(-1) != num).any()):
+        raise ValueError(f"block_mask: {name}_indices lists a block twice in a row")
+
+
+def _eval_mask_mod(mask_mod, pos: torch.Tensor, bm: int, bn: int, T: int, S: int) -> torch.Tensor:
+    """Bool ``[P, bm, bn]``: ``mask_mod(b, h, q_idx, kv_idx)`` on each block ``pos[p] = (b, h, qb, kb)``
+    (vmapped per element, as FlexAttention evaluates it); positions past ``(T, S)`` are False."""
+    dev = pos.device
+    q_idx = pos[:, 2:3] * bm + torch.arange(bm, device=dev)  # [P, bm]
+    kv_idx = pos[:, 3:4] * bn + torch.arange(bn, device=dev)  # [P, bn]
+    inside = (q_idx < T)[:, :, None] & (kv_idx < S)[:, None, :]
+    fn = torch.vmap(mask_mod, in_dims=(None, None, None, 0))
+    fn = torch.vmap(fn, in_dims=(None, None, 0, None))
+    fn = torch.vmap(fn, in_dims=(0, 0, 0, 0))
+    # Clamped positions keep index-based mask_mods (document ids, ...) in range; dropped by `inside`.
+    bits = fn(pos[:, 0], pos[:, 1], q_idx.clamp(max=max(T - 1, 0)), kv_idx.clamp(max=max(S - 1, 0)))
+    return bits.to(torch.bool).expand(pos.shape[0], bm, bn) & inside
+
+
+def _gather_lanes(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``grid [B, H, R, C]`` read at each row's index lanes ``idx [B, H, R, W]`` (int32; padding lanes
+    are clamped into range and never read by the kernels)."""
+    lanes = idx.long().clamp(0, max(grid.shape[-1] - 1, 0))
+    if grid.shape[-1] == 0:
+        return torch.full(idx.shape, -1, dtype=torch.int32, device=idx.device)
+    return torch.gather(grid, -1, lanes).to(torch.int32).contiguous()
 
 
 def block_mask_from_dense(block_grid: torch.Tensor, BLOCK_SIZE, seq_lengths) -> BlockMask:
@@ -486,6 +615,39 @@ def _check_lists(name: str, num: torch.Tensor, idx: torch.Tensor, n_cols: int) -
         raise ValueError(f"block_mask: {name}_indices must be strictly ascending within each block row")
 
 
+def as_block_mask(block_mask) -> BlockMask:
+    """``block_mask`` as an ``mla.sparsity.BlockMask``: ours as is, a FlexAttention
+    ``torch.nn.attention.flex_attention.BlockMask`` converted with :meth:`BlockMask.from_flex` (cached on
+    the flex object, so a mask reused across layers and steps is converted once).
+
+    Raises:
+        TypeError: neither kind of ``BlockMask``. ValueError: see :meth:`BlockMask.from_flex`.
+    """
+    if isinstance(block_mask, BlockMask):
+        return block_mask
+    if _is_flex_block_mask(block_mask):
+        cached = getattr(block_mask, "_mla_block_mask", None)
+        if cached is None:
+            cached = BlockMask.from_flex(block_mask)
+            try:
+                block_mask._mla_block_mask = cached
+            except AttributeError:  # slotted or frozen: convert each time
+                pass
+        return cached
+    raise TypeError(
+        "block_mask: expected mla.sparsity.BlockMask or torch.nn.attention.flex_attention.BlockMask, got "
+        f"{type(block_mask).__module__}.{type(block_mask).__name__}"
+    )
+
+
+def _is_flex_block_mask(obj) -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return isinstance(obj, FlexBlockMask)
+
+
 def check_block_mask(block_mask, B: int, Hq: int, T: int, S: int, device=None, *, check_values: bool = True):
     """Validate that ``block_mask`` fits an attention of batch ``B``, ``Hq`` heads, ``T`` queries, ``S`` keys.
 
@@ -498,8 +660,7 @@ def check_block_mask(block_mask, B: int, Hq: int, T: int, S: int, device=None, *
     The value checks read the tensors, so they run in eager mode only; under ``torch.compile`` they are
     skipped (as if ``check_values=False``: validate the mask once outside the compiled region).
     """
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask: expected mla.sparsity.BlockMask, got {type(block_mask).__name__}")
+    block_mask = as_block_mask(block_mask)
     if tuple(block_mask.seq_lengths) != (T, S):
         raise ValueError(f"block_mask: built for (T, S) = {block_mask.seq_lengths}, but the inputs have {(T, S)}")
     Bm, Hm = block_mask.kv_num_blocks.shape[:2]

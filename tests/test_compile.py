@@ -129,6 +129,16 @@ def _op_args():
                     torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 128, True, None, None, True)),
     ]
+    # Varlen: sequences of (q, k) lengths (2, 3), (0, 2), (3, 2); GQA 4/2.
+    cu_q = torch.tensor([0, 2, 2, 5], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 3, 5, 7], dtype=torch.int32, device=DEVICE)
+    qv, kv_, vv = r(5, 4, 16, grad=True), r(7, 2, 16, grad=True), r(7, 2, 8, grad=True)
+    out_v, lse_v = autograd.OPS["attention_varlen_fwd"](qv, kv_, vv, cu_q, cu_k, 3, 3, 0.25, True)
+    cases += [
+        ("attention_varlen_fwd", (qv, kv_, vv, cu_q, cu_k, 3, 3, 0.25, True)),
+        ("attention_varlen_bwd", (r(*out_v.shape), qv.detach(), kv_.detach(), vv.detach(), out_v.detach(),
+                                  lse_v.detach(), r(*lse_v.shape), cu_q, cu_k, 3, 3, 0.25, False)),
+    ]
     idx = torch.tensor([[[0, 3, -1]], [[5, -1, 1]], [[-1, -1, -1]], [[2, 4, 6]], [[1, -1, 0]]], dtype=torch.int32)
     idx = idx[None].to(DEVICE)  # [B=1, T=5, Hkv=1, K=3]
     qt, kt, vt = r(1, 5, 2, 16, grad=True), r(1, 7, 1, 16, grad=True), r(1, 7, 1, 8, grad=True)

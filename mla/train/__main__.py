@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MultiHeadLatentAttention or LatentSparseAttention")
     m.add_argument("--sparse-mode", choices=("block", "topk"), default=None,
                    help=f"key selection of --attention sparse (default: {d.sparse_mode})")
+    m.add_argument("--pack-documents", action="store_true",
+                   help="train on packed documents (split at newlines) with varlen attention: no attention "
+                        "across document boundaries, positions restart per document")
     m.add_argument("--layers", type=int, help="override num_hidden_layers")
     m.add_argument("--hidden", type=int, help="override hidden_size")
     m.add_argument("--heads", type=int, help="override num_attention_heads")
@@ -155,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None
     }
     cfg = TrainConfig(
-        preset=args.preset, overrides=overrides, attention=args.attention,
+        preset=args.preset, overrides=overrides, attention=args.attention, pack_documents=args.pack_documents,
         sparse_mode=args.sparse_mode or TrainConfig.sparse_mode,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup if args.warmup is not None else min(TrainConfig.warmup, max(args.steps, 0) // 10),

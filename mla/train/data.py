@@ -181,3 +181,21 @@ class ByteDataset:
         if torch.device(device).type != "cpu":
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return x.contiguous(), y.contiguous()
+
+
+def pack_documents(x: torch.Tensor, separator: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pack a batch of byte windows into one row of documents for varlen attention.
+
+    Each window ``x [B, L]`` is cut into documents after every ``separator`` byte (default ``\n``) and at
+    the window's end; the windows are concatenated into one row.
+
+    Returns:
+        ``(x [1, B*L], cu_seqlens int32 [D+1], doc_lengths int64 [D], max_seqlen)`` on ``x``'s device.
+    """
+    B, L = x.shape
+    ends = x == separator
+    ends[:, -1] = True  # a window never continues into the next
+    stops = ends.flatten().nonzero().flatten() + 1  # exclusive document ends on the packed axis
+    cu = torch.cat([stops.new_zeros(1), stops]).to(torch.int32)
+    lens = stops - torch.cat([stops.new_zeros(1), stops[:-1]])
+    return x.reshape(1, B * L), cu, lens, int(lens.max())

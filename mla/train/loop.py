@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from mla import registry
 from mla.block import MLACausalLM
 from mla.config import MLAConfig
-from mla.train.data import ByteDataset
+from mla.train.data import ByteDataset, pack_documents
 from mla.train.distributed import MODES, DistContext, full_state_dicts, init_distributed, load_full_state_dicts
 
 __all__ = [
@@ -108,7 +108,10 @@ class TrainConfig:
     mean loss over ``eval_batches`` fixed random validation batches (the same windows every time).
 
     Data: ``data`` a file path (raw bytes) or ``None`` for CPython's ``pydoc_data.topics``; the last
-    ``val_fraction`` of the bytes is validation.
+    ``val_fraction`` of the bytes is validation. ``pack_documents``: each training batch is packed into
+    one row of documents (cut after every newline byte and at window ends) and attended with varlen
+    (``latent_attention_varlen``: no attention across documents, positions restart per document;
+    ``attention="mla"`` only); evaluation stays on plain windows.
 
     Checkpoints: into ``out_dir`` (None = none) every ``save_interval`` steps (None = at each evaluation,
     0 = only at the end) and at the end, keeping the newest ``keep_checkpoints`` (0 = all). ``resume``: a
@@ -129,6 +132,7 @@ class TrainConfig:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     attention: str = "mla"
+    pack_documents: bool = False
     sparse_mode: str = "block"
     steps: int = 1000
     batch_size: int = 16
@@ -200,6 +204,8 @@ class TrainConfig:
             raise ValueError(f"attention: expected 'mla' or 'sparse', got {self.attention!r}")
         if self.sparse_mode not in ("block", "topk"):
             raise ValueError(f"sparse_mode: expected 'block' or 'topk', got {self.sparse_mode!r}")
+        if self.pack_documents and self.attention != "mla":
+            raise ValueError(f"pack_documents: needs attention='mla' (varlen), got attention={self.attention!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.distributed not in MODES:
@@ -937,8 +943,13 @@ class Trainer:
         x, y = self.dataset.get_batch(
             "train", cfg.batch_size, cfg.seq_len, self.generator, self.device, rank=d.rank, world_size=d.world_size
         )
+        packed = {}
+        if cfg.pack_documents:  # one row of documents, no attention across them (varlen)
+            x, cu, _, max_len = pack_documents(x)
+            y = y.reshape(1, -1)
+            packed = dict(cu_seqlens=cu, max_seqlen=max_len)
         with _autocast(self.device, cfg.dtype):
-            out = self.wrapped(x, targets=y)
+            out = self.wrapped(x, targets=y, **packed)
         loss = out.loss
         maxes = [s.max_logit for s in out.stats if s.max_logit is not None]
         local_max = float(torch.stack([m.max() for m in maxes]).max()) if maxes else None
