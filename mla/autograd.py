@@ -329,9 +329,15 @@ OPS = {
 }
 
 
-def kernel_supports(q, k, v, block_mask=None, topk_indices=None) -> str:
+def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1, -1), sinks=None) -> str:
     """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
-    dense, block-sparse and top-k layout runs on the kernels)."""
+    dense, block-sparse and top-k layout runs on the kernels; windows and sinks on the dense kernels)."""
+    if (block_mask is not None or topk_indices is not None) and tuple(window_size) != (-1, -1):
+        return "window_size with block_mask / topk_indices runs on backend='reference' only"
+    if (block_mask is not None or topk_indices is not None) and sinks is not None:
+        return "sinks with block_mask / topk_indices run on backend='reference' only"
+    if tuple(window_size) != (-1, -1) or sinks is not None:
+        return "window_size / sinks run on backend='reference' only"
     return ""
 
 
@@ -346,6 +352,8 @@ def triton_attention(
     topk_indices: Tensor | None = None,
     return_max_logit: bool = False,
     deterministic: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: Tensor | None = None,
 ):
     """Run the fused kernels with autograd: ``(out, lse, max_logit | None)``. Inputs must be validated.
 
@@ -354,7 +362,7 @@ def triton_attention(
     Raises:
         ValueError: a layout the kernels do not support (see ``kernel_supports``).
     """
-    why = kernel_supports(q, k, v, block_mask, topk_indices)
+    why = kernel_supports(q, k, v, block_mask, topk_indices, window_size, sinks)
     if why:
         raise ValueError(why)
     scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
