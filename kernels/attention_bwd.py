@@ -49,6 +49,7 @@ from kernels.attention_fwd import (
     head_plan,
     is_prefix_alias,
     next_pow2,
+    window_sink_consts,
 )
 
 if HAS_TRITON:
@@ -56,7 +57,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernels.attention_fwd import (
-        _fwd_block_range,
+        _dense_key_range,
         _fwd_block_start,
         _load_tile,
         _other_col,
@@ -65,6 +66,7 @@ if HAS_TRITON:
         _sparse_kv_tile,
         _sparse_row_tile,
         _store_tile,
+        _window_visible,
     )
 
 __all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
@@ -229,6 +231,18 @@ if HAS_TRITON:
         return m_lo, m_full, m_end
 
     @triton.jit
+    def _window_q_range(n_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WIN_L, WIN_R):
+        """Packed row blocks ``[m_lo, m_end)`` with a token whose window reaches a key of
+        ``[n_start, +BLOCK_N)``: token t sees key j iff ``j - WIN_R <= t + S - T <= j + WIN_L``."""
+        k_last = tl.minimum(n_start + BLOCK_N, S) - 1
+        t_lo = tl.where(WIN_R < 0, 0, tl.maximum(n_start - WIN_R - (S - T), 0))
+        t_end = tl.where(WIN_L < 0, T, tl.minimum(tl.maximum(k_last + WIN_L - (S - T) + 1, 0), T))
+        m_lo = (t_lo * G) // BLOCK_M
+        m_end = tl.maximum(tl.cdiv(t_end * G, BLOCK_M), m_lo)
+        return m_lo, m_end
+
+    @triton.jit
     def _dkdv_block(
         dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
@@ -238,6 +252,7 @@ if HAS_TRITON:
         V_IS_K: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr,
         RESIDENT: tl.constexpr, STREAM: tl.constexpr, DOT: tl.constexpr,
+        WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
     ):
         """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
         Rows at or past ``row_end`` (``T*G``, or the end of a block-sparse mask query block) read
@@ -300,6 +315,9 @@ if HAS_TRITON:
         if MASKED:
             if CAUSAL:
                 st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
+            if HAS_WINDOW:
+                st = tl.where(_window_visible(keys[:, None] - tok[None, :] - (S - T), WIN_L, WIN_R), st,
+                              float("-inf"))
         pt = tl.exp2(st - lse[None, :])
         dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
         dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
@@ -342,8 +360,12 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """Grid ``(n_n * B*Hkv, NSPLIT)``: dK/dV of one key tile of one kv head.
+
+        ``HAS_WINDOW`` (dense only): sliding window ``WIN_L``/``WIN_R``; only the row blocks of
+        :func:`_window_q_range` are walked, all masked.
 
         Dense: ``n_n = cdiv(S, BLOCK_N)``, every packed query row of the group is walked (block-mask
         arguments unused, ``KV_REP = 1``). Block-sparse: ``n_n = cdiv(S, MASK_BN) * NSUB_N`` key tiles,
@@ -427,7 +449,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                        STREAM, DOT,
+                        STREAM, DOT, WIN_L, WIN_R, False,
                     )
                 if NSPLIT == 1:  # row tiles that see the whole key tile skip the mask
                     for j in range(n_masked, n_tiles):
@@ -438,14 +460,18 @@ if HAS_TRITON:
                             q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                             sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                             G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                            STREAM, DOT,
+                            STREAM, DOT, WIN_L, WIN_R, False,
                         )
         else:
             q_base = Q + b * sqb + hkv * G * sqh
             do_base = DO + b * sdob + hkv * G * sdoh
             LSE_BH = LSE + (b * Hq + hkv * G) * T
             DELTA_BH = DELTA + (b * Hq + hkv * G) * T
-            m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if HAS_WINDOW:  # the row blocks whose window reaches this key block, all masked
+                m_lo, m_end = _window_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+                m_full = m_end
+            else:
+                m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
             if NSPLIT > 1:  # large (split) bodies: one masked loop halves code size and compile time
                 m_full = m_end
             for m in range(m_lo, m_full):
@@ -454,7 +480,7 @@ if HAS_TRITON:
                     q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                     sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                     G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                    STREAM, DOT,
+                    STREAM, DOT, WIN_L, WIN_R, HAS_WINDOW,
                 )
             if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
                 for m in range(m_full, m_end):
@@ -463,7 +489,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                        STREAM, DOT,
+                        STREAM, DOT, WIN_L, WIN_R, False,
                     )
 
         dk_base = DK + b * sdkb + hkv * sdkh
@@ -485,7 +511,7 @@ if HAS_TRITON:
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr, DOT: tl.constexpr,
+        STREAM: tl.constexpr, DOT: tl.constexpr, WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
     ):
         """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
         here for the q/dO re-loads); keys at or past ``kend`` are masked out when ``MASKED``."""
@@ -537,6 +563,8 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_WINDOW:
+                visible = visible & _window_visible(keys[None, :] - tok[:, None] - (S - T), WIN_L, WIN_R)
             s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(k_own.dtype)
@@ -557,6 +585,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RESIDENT: tl.constexpr,
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``: dQ of one packed row tile of one head group; row
         tiles and key walk exactly as in the forward kernel (``kernels.attention_fwd._attn_fwd_kernel``)."""
@@ -624,7 +653,7 @@ if HAS_TRITON:
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                         T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                        BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
+                        BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False,
                     )
             else:
                 n_lo = 0
@@ -634,27 +663,25 @@ if HAS_TRITON:
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                     T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
+                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False,
                 )
         else:
-            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            n_full, n_lo, n_end = _dense_key_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL, NSPLIT,
+                                                   WIN_L, WIN_R, HAS_WINDOW)
+            if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     dq_acc, dq_tail = _dq_block(
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                         sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
+                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False,
                     )
-                n_lo = n_full
-            else:  # large (split) bodies: one masked loop halves code size and compile time
-                n_lo = 0
             for i in range(n_lo, n_end):
                 dq_acc, dq_tail = _dq_block(
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                     sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
+                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, WIN_L, WIN_R, HAS_WINDOW,
                 )
 
         dq_base = DQ + b * sdqb + hg * G * sdqh
@@ -681,7 +708,7 @@ def _plan_constexprs(cfg: BwdConfig, dk: int, dv: int, v_is_k: bool) -> dict:
 def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
                   dlse=None, dq=None, dk=None, dv=None, delta=None,
                   dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
-                  allow_tf32: bool | None = None):
+                  allow_tf32: bool | None = None, window_size: tuple[int, int] | None = None, sinks=None):
     """Fused attention backward.
 
     Args:
@@ -698,9 +725,13 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
             config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+        window_size, sinks: as in the forward. The kernels need no sink term (``lse`` includes it, so
+            ``P = exp(S - lse)`` already excludes the sink's share); the sink gradient is returned.
 
     Returns:
-        ``(dq like q, dk like k, dv like v)`` in the input dtype. When ``v`` is a prefix view of
+        ``(dq like q, dk like k, dv like v)`` in the input dtype, and with ``sinks`` a fourth entry
+        ``dsinks`` fp32 ``[Hq]``: ``−Σ_{b,t} P_sink · (delta − dlse)`` with ``P_sink = exp(sink − lse)``,
+        summed by torch in a fixed order (deterministic). When ``v`` is a prefix view of
         ``k`` the kernel loads the shared tile once, but ``dk`` holds only the score-path
         gradient and ``dv`` only the value-path gradient (autograd sums them through the view).
 
@@ -713,8 +744,13 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
         raise RuntimeError("attention_bwd needs triton")
     B, T, Hq = q.shape[:3]
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
-    if done:
+    if done and sinks is None:
         return dq, dk, dv
+    if done:  # no kernel: no key (P_sink = 1, delta = 0) or no query; only dlse reaches the sinks
+        ds = torch.zeros(Hq, dtype=torch.float32, device=q.device)
+        if dlse is not None and k.shape[1] == 0:
+            ds = dlse.float().sum((0, 2))
+        return dq, dk, dv, ds
     v_is_k = is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets below assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
@@ -727,8 +763,11 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
         if dq_config is None:
             dq_config = tuning.choose("attention_bwd_dq", cls, bwd_configs("dq", arch, Dk, Dv, dtype))
     _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32))
-    return dq, dk, dv
+                dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32), window_size, sinks)
+    if sinks is None:
+        return dq, dk, dv
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+    return dq, dk, dv, -(p_sink * delta).sum((0, 2))
 
 
 def bwd_delta(out, do, delta, dlse=None) -> None:
@@ -745,14 +784,16 @@ def bwd_delta(out, do, delta, dlse=None) -> None:
 
 
 def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse, dot: str):
+                dkdv_config, dq_config, dlse, dot: str, window_size=None, sinks=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     bwd_delta(out, do, delta, dlse)
 
     common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0, lse, lse, *DENSE_MASK_ARGS)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False, DOT=dot)
+    causal, ws = window_sink_consts(bool(causal), window_size, None, lse)
+    ws = dict(WIN_L=ws["WIN_L"], WIN_R=ws["WIN_R"], HAS_WINDOW=ws["HAS_WINDOW"])
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False, DOT=dot, **ws)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     if compiled and dkdv_config is None:
@@ -796,7 +837,7 @@ def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str)
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in bwd_configs(kind, arch, dk, dv, dtype)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL"])(fn)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "HAS_WINDOW"])(fn)
     return _AUTOTUNERS[key]
 
 

@@ -50,6 +50,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "FwdConfig",
+    "fold_window",
     "HeadPlan",
     "attention_fwd",
     "compile_specs",
@@ -252,6 +253,7 @@ def interp_config(dk: int, dv: int) -> FwdConfig:
 
 if HAS_TRITON:
     _LN2 = tl.constexpr(LN2)
+    _LOG2E = tl.constexpr(LOG2E)
     _LANES = tl.constexpr(64)  # kv_indices lanes read per step when counting unmasked sub-tiles
 
     @triton.jit
@@ -367,6 +369,59 @@ if HAS_TRITON:
         return i * BLOCK_N
 
     @triton.jit
+    def _window_visible(d, WIN_L, WIN_R):
+        """Bool, shape of ``d = key - token - (S - T)``: the key lies in the query's sliding window
+        ``i + S - T - WIN_L <= j <= i + S - T + WIN_R`` (a bound of -1 is unbounded)."""
+        return ((WIN_L < 0) | (d >= -WIN_L)) & ((WIN_R < 0) | (d <= WIN_R))
+
+    @triton.jit
+    def _window_key_range(t_lo, t_hi, T, S, WIN_L, WIN_R):
+        """Keys ``[lo, hi)`` that query tokens ``t_lo..t_hi`` may see under the window (empty: hi <= lo)."""
+        lo = tl.where(WIN_L < 0, 0, tl.maximum(t_lo + S - T - WIN_L, 0))
+        hi = tl.where(WIN_R < 0, S, tl.minimum(tl.maximum(t_hi + S - T + WIN_R + 1, 0), S))
+        return lo, hi
+
+    @triton.jit
+    def _window_block_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            WIN_L, WIN_R):
+        """Key blocks ``[n_start, n_end)`` a windowed packed row tile visits: every block holding a key one
+        of its rows sees; blocks wholly outside the window are never loaded."""
+        t_lo = m_start // G
+        t_hi = tl.minimum((m_start + BLOCK_M - 1) // G, T - 1)
+        lo, hi = _window_key_range(t_lo, t_hi, T, S, WIN_L, WIN_R)
+        n_start = lo // BLOCK_N
+        n_end = tl.maximum(tl.cdiv(hi, BLOCK_N), n_start)
+        return n_start, n_end
+
+    @triton.jit
+    def _dense_key_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, NSPLIT: tl.constexpr, WIN_L, WIN_R, HAS_WINDOW: tl.constexpr):
+        """``(n_full, n_lo, n_end)`` of a dense row tile: blocks ``[0, n_full)`` run unmasked, ``[n_lo, n_end)``
+        masked. Split (large) bodies use one masked loop (half the code size and compile time); a window
+        visits only its band, all masked (a band of a few blocks is mostly diagonal: an unmasked middle
+        loop would buy little for its code size)."""
+        if HAS_WINDOW:
+            n_lo, n_end = _window_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+            n_full = n_lo * 0
+        else:
+            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if NSPLIT == 1:
+                n_lo = n_full
+            else:
+                n_lo = n_full * 0
+        return n_full, n_lo, n_end
+
+    @triton.jit
+    def _sink_finish(acc, m_i, l_i, sink):
+        """Fold a sink logit (log2 units, per row) into the finished online softmax: returns the scale of
+        ``acc`` (1/l) and the row's lse in log2 units; the sink carries no value, so a row with no key
+        gets output 0 and ``lse = sink``."""
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        l_f = l_i * alpha + tl.exp2(sink - m_f)
+        return alpha / l_f, m_f + tl.log2(l_f)
+
+    @triton.jit
     def _fwd_block(
         acc, m_i, l_i, q_own, q_tail, start_n, kend,
         q_base, q_row, row_ok, tok, k_base, v_base,
@@ -375,9 +430,11 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
+        WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
     ):
         """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
-        past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``.
+        past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``
+        (and keys outside the sliding window ``WIN_L``/``WIN_R`` with ``HAS_WINDOW``).
 
         ``hide`` is 0, but the compiler cannot prove it. The q re-loads (own chunk without
         ``Q_RESIDENT``, the other splits' pieces with ``STREAM``) are loop-invariant; added to their
@@ -412,6 +469,8 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_WINDOW:
+                visible = visible & _window_visible(keys[None, :] - tok[:, None] - (S - T), WIN_L, WIN_R)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -440,9 +499,15 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
+        SINKS=None, WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
         ``opaque_zero`` is 0 (see :func:`_fwd_block`).
+
+        ``HAS_WINDOW`` (dense only): sliding window ``WIN_L``/``WIN_R`` (-1 unbounded; the launcher folds
+        ``causal`` into ``WIN_R``); only the key blocks of :func:`_window_block_range` are visited, all
+        masked. ``HAS_SINKS``: fp32 ``SINKS [Hq]`` logits join each row's softmax (no value); ``lse``
+        includes them.
 
         Dense (``SPARSE=False``): ``n_m = cdiv(T*G, BLOCK_M)``; the block-mask arguments are unused
         and ``KV_REP`` is 1. Block-sparse (``SPARSE=True``): ``n_m = cdiv(T, MASK_BM) * NSUB_M`` row
@@ -513,7 +578,7 @@ if HAS_TRITON:
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, j * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False, DOT,
+                        Q_RESIDENT, STREAM, False, DOT, WIN_L, WIN_R, False,
                     )
             else:
                 n_lo = 0
@@ -524,34 +589,40 @@ if HAS_TRITON:
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, j * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True, DOT,
+                    Q_RESIDENT, STREAM, True, DOT, WIN_L, WIN_R, False,
                 )
         else:
-            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            n_full, n_lo, n_end = _dense_key_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL, NSPLIT,
+                                                   WIN_L, WIN_R, HAS_WINDOW)
+            if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     acc, m_i, l_i = _fwd_block(
                         acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, i * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False, DOT,
+                        Q_RESIDENT, STREAM, False, DOT, WIN_L, WIN_R, False,
                     )
-                n_lo = n_full
-            else:  # large (split) bodies: one masked loop halves code size and compile time
-                n_lo = 0
             for i in range(n_lo, n_end):
                 acc, m_i, l_i = _fwd_block(
                     acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, i * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True, DOT,
+                    Q_RESIDENT, STREAM, True, DOT, WIN_L, WIN_R, HAS_WINDOW,
                 )
 
-        # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
-        l_div = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_div[:, None]
+        Hq = n_hg * G
+        head = hg * G + grp.to(tl.int64)
+        if HAS_SINKS:
+            sink = tl.load(SINKS + head, mask=row_ok, other=0.0) * _LOG2E  # to log2 units
+            o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
+            out = acc * o_scale[:, None]
+        else:
+            # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
+            l_div = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_div[:, None]
+            lse2 = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_div))
         o_base = O + b * sob + hg * G * soh
         o_row = tok.to(tl.int64) * sot + grp.to(tl.int64) * soh
         _store_tile(o_base, o_row, row_ok, split * BV, sod, HEAD_DV, BV, HEAD_DV < NSPLIT * BV,
@@ -559,10 +630,7 @@ if HAS_TRITON:
 
         # Statistics are identical in every split: split 0 writes them.
         if split == 0:
-            lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_div)) * _LN2)
-            Hq = n_hg * G
-            head = hg * G + grp.to(tl.int64)
-            tl.store(LSE + (b * Hq + head) * T + tok, lse, mask=row_ok)
+            tl.store(LSE + (b * Hq + head) * T + tok, lse2 * _LN2, mask=row_ok)
             if WRITE_MAXL:
                 # Per-head max of the running maxima (m is in log2 units) over this tile's rows.
                 heads = tl.arange(0, G_P)
@@ -634,7 +702,30 @@ def _device_arch(device) -> int:
     return major * 10 + minor
 
 
-def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str):
+def fold_window(causal: bool, window_size) -> tuple[bool, int, int, bool]:
+    """``(causal, win_l, win_r, has_window)`` for the kernels: ``causal`` folded into the window's right
+    bound (FlashAttention: causal is ``right = 0``); a window that is plain causal or unbounded becomes
+    the ``CAUSAL`` switch or nothing, so those launches compile to the kernels without a window."""
+    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return False, -1, -1, False
+    if left < 0 and right == 0:
+        return True, -1, -1, False
+    return False, left, right, True
+
+
+def window_sink_consts(causal: bool, window_size, sinks, dummy) -> tuple[bool, dict]:
+    """``(causal, kwargs)``: the window / sink arguments appended to a dense kernel launch (``dummy``: any
+    tensor, passed as the unused ``SINKS`` pointer)."""
+    causal, wl, wr, has_window = fold_window(causal, window_size)
+    return causal, dict(SINKS=dummy if sinks is None else sinks, WIN_L=wl, WIN_R=wr,
+                        HAS_WINDOW=has_window, HAS_SINKS=sinks is not None)
+
+
+def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str,
+                     window_size=None, sinks=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     args = (
@@ -643,9 +734,10 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
         T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
         lse, lse, *DENSE_MASK_ARGS,
     )
+    causal, extra = window_sink_consts(bool(causal), window_size, sinks, lse)
     consts = dict(
-        G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot,
+        G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=bool(v_is_k),
+        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, **extra,
     )
     return args, consts
 
@@ -670,12 +762,15 @@ def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in fwd_configs(arch, dk, dv, dtype)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL"])(_attn_fwd_kernel)
+        _AUTOTUNERS[key] = triton.autotune(
+            configs=configs, key=["G", "CAUSAL", "WRITE_MAXL", "HAS_WINDOW", "HAS_SINKS"]
+        )(_attn_fwd_kernel)
     return _AUTOTUNERS[key]
 
 
 def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                  out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None):
+                  out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None,
+                  window_size: tuple[int, int] | None = None, sinks=None):
     """Fused attention forward.
 
     Args:
@@ -694,10 +789,15 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         allow_tf32: fp32 inputs only: TF32 tensor-core products (10-bit mantissa) instead of IEEE
             fp32; ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (see
             :func:`kernels._launch.dot_precision`).
+        window_size: ``(left, right)`` sliding window (FlashAttention semantics, ``-1`` unbounded, bottom-right
+            aligned; combined with ``causal``); key blocks wholly outside it are not visited.
+        sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None; each joins its head's softmax
+            denominator with no value.
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log (+inf for rows without
-        keys), max_logit fp32 [B, Hq] (-inf for heads without visible keys) or None)``.
+        keys; with sinks it includes the sink term and is finite), max_logit fp32 [B, Hq] (of the scores,
+        -inf for heads without visible keys) or None)``.
 
     Raises:
         RuntimeError: Triton is not installed. ValueError: a pinned config is not a candidate.
@@ -711,19 +811,21 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         return early
     v_is_k = is_prefix_alias(k, v)
     dot = dot_precision(q.dtype, allow_tf32)
+    ws = dict(window_size=window_size, sinks=sinks)
 
     if not compiled_launch(q):
         cfg = config or interp_config(Dk, Dv)
-        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot, **ws)
     if config is None:
         cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
         config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
     if config is not None:
-        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot)
-    return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot, **ws)
+    return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot, **ws)
 
 
-def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str):
+def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str,
+            window_size=None, sinks=None):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -735,14 +837,16 @@ def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, 
         torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot,
+                                    window_size, sinks)
     consts.update(_plan_constexprs(cfg, Dk, Dv, v_is_k))
     grid = (n_mblocks * B * Hkv, consts["NSPLIT"])
     launch(_attn_fwd_kernel, grid, *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
-def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str):
+def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str,
+                      window_size=None, sinks=None):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -757,7 +861,8 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
         torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot,
+                                    window_size, sinks)
     grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
     launch(_autotuned(arch, Dk, Dv, v_is_k, dtype), grid, *args, **consts)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)

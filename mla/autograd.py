@@ -47,10 +47,15 @@ def _no_max(lse: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mla::attention_fwd", mutates_args=())
 def attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool,
+    window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``."""
-    out, lse, max_logit = attention_fwd(q, k, v, softmax_scale, causal, return_max_logit=return_max_logit)
+    """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``;
+    ``window_left/right`` the sliding window (-1 unbounded), ``sinks`` fp32 ``[Hq]`` or None."""
+    out, lse, max_logit = attention_fwd(
+        q, k, v, softmax_scale, causal, return_max_logit=return_max_logit,
+        window_size=(window_left, window_right), sinks=sinks,
+    )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
@@ -63,54 +68,66 @@ def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, return_max_logit):
+def _(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1, window_right=-1, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
 @torch.library.custom_op("mla::attention_bwd", mutates_args=())
 def attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
-    softmax_scale: float, causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense fused backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (contiguous)."""
-    return attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse)
+    softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense fused backward: ``(dq, dk, dv, dsinks)`` shaped like ``q, k, v`` (contiguous) and ``sinks``
+    (an empty tensor without sinks)."""
+    res = attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse,
+                        window_size=(window_left, window_right), sinks=sinks)
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left=-1, window_right=-1, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _dense_setup(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, _ = inputs
+    q, k, v, softmax_scale, causal, _ = inputs[:6]
+    wl, wr, sinks = (tuple(inputs[6:9]) + (-1, -1, None)[len(inputs) - 6:])
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.softmax_scale, ctx.causal, ctx.window = softmax_scale, causal, (wl, wr)
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(max_logit)
 
 
 def _dense_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, ds = attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal, *ctx.window, sinks
+    )
+    grads = (dq, dk, dv, None, None, None, None, None, ds if sinks is not None else None)
+    return grads[: ctx.n_inputs]
 
 
 attention_fwd_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
 class LatentAttentionFunction(torch.autograd.Function):
-    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit)``.
+    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1,
+    window_right=-1, sinks=None)``.
 
     Shapes as ``mla.functional.latent_attention``; returns ``(out, lse, max_logit)`` where
     ``max_logit`` is ``[B, Hq]`` or an empty tensor when not requested. Forward and backward run
-    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops.
+    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops; ``sinks`` (fp32 ``[Hq]``) gets a gradient.
     """
 
     @staticmethod
-    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool):
-        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit)
+    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool,
+                window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None):
+        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit, window_left, window_right, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -336,8 +353,6 @@ def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1
         return "window_size with block_mask / topk_indices runs on backend='reference' only"
     if (block_mask is not None or topk_indices is not None) and sinks is not None:
         return "sinks with block_mask / topk_indices run on backend='reference' only"
-    if tuple(window_size) != (-1, -1) or sinks is not None:
-        return "window_size / sinks run on backend='reference' only"
     return ""
 
 
@@ -374,6 +389,9 @@ def triton_attention(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
             int(bm), int(bn), scale, causal, want_max,
         )
+    elif tuple(window_size) != (-1, -1) or sinks is not None:
+        wl, wr = (int(w) for w in window_size)
+        out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max, wl, wr, sinks)
     else:
         out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)
     return out, lse, (ml if return_max_logit else None)
