@@ -40,6 +40,8 @@ from kernels.attention_fwd import (
     SPEC_DTYPES,
     SPEC_SHAPES,
     SPEC_TF32_SHAPES,
+    SPEC_WINDOW_DTYPES,
+    SPEC_WINDOW_SHAPES,
     _device_arch,
     arch_family,
     bwd_outputs,
@@ -50,6 +52,8 @@ from kernels.attention_fwd import (
     is_prefix_alias,
     next_pow2,
     window_sink_consts,
+    window_spec_values,
+    window_tile_suffix,
 )
 
 if HAS_TRITON:
@@ -66,7 +70,7 @@ if HAS_TRITON:
         _sparse_kv_tile,
         _sparse_row_tile,
         _store_tile,
-        _window_visible,
+        _window_bounds,
     )
 
 __all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
@@ -316,8 +320,8 @@ if HAS_TRITON:
             if CAUSAL:
                 st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
             if HAS_WINDOW:
-                st = tl.where(_window_visible(keys[:, None] - tok[None, :] - (S - T), WIN_L, WIN_R), st,
-                              float("-inf"))
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)
+                st = tl.where((keys[:, None] >= w_lo[None, :]) & (keys[:, None] <= w_hi[None, :]), st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
         dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
         dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
@@ -564,7 +568,8 @@ if HAS_TRITON:
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
             if HAS_WINDOW:
-                visible = visible & _window_visible(keys[None, :] - tok[:, None] - (S - T), WIN_L, WIN_R)
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)
+                visible = visible & (keys[None, :] >= w_lo[:, None]) & (keys[None, :] <= w_hi[:, None])
             s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(k_own.dtype)
@@ -860,7 +865,7 @@ def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal:
         sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
         T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
         G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False,
-        DOT=dot_precision(dtype, allow_tf32), **_dense_mask_values(),
+        DOT=dot_precision(dtype, allow_tf32), **_dense_mask_values(), **window_spec_values(),
     )
 
 
@@ -877,20 +882,23 @@ def _dense_mask_values() -> dict:
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, window: bool = False) -> CompileSpec:
     """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``window``: the sliding-window variant, causal folded in;
+    sinks need no backward kernel change)."""
     from kernels._compile import spec_args
 
     fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    values = _spec_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32)
+    values = _spec_values(dtype, dk, dv, group, v_is_k, causal and not window, allow_tf32)
     values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
+    values.update(window_spec_values(window))
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
         kernel=f"attention_bwd_{kind}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=cfg.tile + window_tile_suffix(window, False),
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal and not window,
+               "config": cfg, "allow_tf32": allow_tf32, "window": window},
     )
 
 
@@ -932,4 +940,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for kind in ("dkdv", "dq"):
             for cfg in bwd_configs(kind, arch, dk, dv, "fp32"):
                 specs.append(bwd_spec(kind, arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for kind in ("dkdv", "dq"):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype):
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, window=True))
     return specs

@@ -369,10 +369,13 @@ if HAS_TRITON:
         return i * BLOCK_N
 
     @triton.jit
-    def _window_visible(d, WIN_L, WIN_R):
-        """Bool, shape of ``d = key - token - (S - T)``: the key lies in the query's sliding window
-        ``i + S - T - WIN_L <= j <= i + S - T + WIN_R`` (a bound of -1 is unbounded)."""
-        return ((WIN_L < 0) | (d >= -WIN_L)) & ((WIN_R < 0) | (d <= WIN_R))
+    def _window_bounds(tok, T, S, WIN_L, WIN_R):
+        """Per query token, the first and last key of its sliding window
+        ``i + S - T - WIN_L <= j <= i + S - T + WIN_R`` (a bound of -1 is unbounded: -1 / S)."""
+        pos = tok + (S - T)
+        lo = tl.where(WIN_L < 0, -1, pos - WIN_L)
+        hi = tl.where(WIN_R < 0, S, pos + WIN_R)
+        return lo, hi
 
     @triton.jit
     def _window_key_range(t_lo, t_hi, T, S, WIN_L, WIN_R):
@@ -470,7 +473,8 @@ if HAS_TRITON:
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
             if HAS_WINDOW:
-                visible = visible & _window_visible(keys[None, :] - tok[:, None] - (S - T), WIN_L, WIN_R)
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)  # per row: two compares per score
+                visible = visible & (keys[None, :] >= w_lo[:, None]) & (keys[None, :] <= w_hi[:, None])
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -883,12 +887,30 @@ SPEC_DTYPES = ("fp16", "bf16", "fp32")
 #: fp32 shapes also compiled with TF32 allowed (the report's ``tf32`` column must then say yes).
 SPEC_TF32_SHAPES = ((64, 64, 1, False),)
 _SPEC_MAXL = True
+#: Shapes also compiled with a sliding window and attention sinks (issue 14): d128 GQA and absorbed MLA.
+SPEC_WINDOW_SHAPES = ((128, 128, 4, False), (576, 512, 128, True))
+SPEC_WINDOW_DTYPES = ("fp16", "bf16")
+
+
+def window_spec_values(window: bool = False, sinks: bool = False) -> dict:
+    """Window / sink arguments of a representative launch (:func:`kernels._compile.spec_args`): a
+    DeepSeek-V4-like window (127, 0) when ``window``; every dense kernel takes the names it has."""
+    from kernels._compile import Pointer
+
+    return dict(SINKS=Pointer("fp32"), WIN_L=127 if window else -1, WIN_R=0 if window else -1,
+                HAS_WINDOW=window, HAS_SINKS=sinks)
+
+
+def window_tile_suffix(window: bool, sinks: bool) -> str:
+    """Report label suffix of a window / sink variant: ``/win``, ``/sink``."""
+    return ("/win" if window else "") + ("/sink" if sinks else "")
 
 
 def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
-             causal: bool = True, allow_tf32: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, window: bool = False, sinks: bool = False) -> CompileSpec:
     """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``window`` / ``sinks``: the issue-14 variants, causal folded
+    into the window)."""
     from kernels._compile import Pointer, spec_args
 
     hq, hkv, T, S = group * 2, 2, 1024, 1024
@@ -907,20 +929,24 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         WRITE_MAXL=_SPEC_MAXL, SPARSE=False, DOT=dot_precision(dtype, allow_tf32),
         **_plan_constexprs(cfg, dk, dv, v_is_k),
     )
+    values.update(window_spec_values(window, sinks))
+    if window:
+        values["CAUSAL"] = False
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(
         kernel="attention_fwd", fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
-        tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32},
+        tile=cfg.tile + window_tile_suffix(window, sinks),
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal and not window,
+               "config": cfg, "allow_tf32": allow_tf32, "window": window, "sinks": sinks},
     )
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
     dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES`, plus
-    fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
+    fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`, plus the window+sinks and sinks-only variants
+    on :data:`SPEC_WINDOW_SHAPES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -931,4 +957,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for cfg in fwd_configs(arch, dk, dv, "fp32"):
             specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for cfg in fwd_configs(arch, dk, dv, dtype):
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, window=True, sinks=True))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, sinks=True))
     return specs

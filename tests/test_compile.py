@@ -123,6 +123,17 @@ def _op_args():
                            0.25, True)),
         ("attention_bwd", (r(*out.shape), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                            r(*lse.shape), 0.25, True)),
+    ]
+    # Sliding window (2, 1) and attention sinks (issue 14); sinks get a gradient.
+    sinks = r(4, grad=True)
+    out_w, lse_w, _ = autograd.OPS["attention_fwd"](q, k, v, 0.25, False, False, 2, 1, sinks)
+    cases += [
+        ("attention_fwd", (q, k, v, 0.25, False, True, 2, 1, sinks)),
+        ("attention_fwd", (q, k, v, 0.25, True, False, 3, -1, None)),
+        ("attention_bwd", (r(*out.shape), q.detach(), k.detach(), v.detach(), out_w.detach(), lse_w.detach(),
+                           r(*lse_w.shape), 0.25, False, 2, 1, sinks.detach())),
+    ]
+    cases += [
         ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 16, False, None, None)),
         ("decode", (r(2, 1, 4, 160), quantize_fp8_ds_mla(r(4, 8, 1, 160), 128),  # FP8 (fp8_ds_mla) cache
@@ -203,3 +214,24 @@ def test_checked_indices_compile_fullgraph(layout):
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k: latent_attention(q, k, k, causal=True, **kw), fullgraph=True, backend="aot_eager")
     assert rel_err(fn(q, k), latent_attention(q, k, k, causal=True, **kw)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_window_sinks_compile_fullgraph(backend):
+    """window_size and sinks (issue 14) trace with fullgraph=True, forward and sink gradient."""
+    from mla import latent_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 12, 2, 16, generator=g).to(DEVICE), torch.randn(1, 12, 1, 16, generator=g).to(DEVICE)
+    sinks = torch.randn(2, generator=g).to(DEVICE).requires_grad_(True)
+
+    def f(q, k, sinks):
+        return latent_attention(q, k, k[..., :8], causal=True, window_size=(3, 0), sinks=sinks, backend=backend)
+
+    torch._dynamo.reset()
+    fn = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = fn(q, k, sinks)
+    (gs,) = torch.autograd.grad(out.sum(), sinks)
+    ref = f(q, k, sinks)
+    (gr,) = torch.autograd.grad(ref.sum(), sinks)
+    assert rel_err(out, ref) < 1e-6 and rel_err(gs, gr) < 1e-5
