@@ -73,7 +73,7 @@ if HAS_TRITON:
         _window_bounds,
     )
 
-__all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
+__all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs", "sink_grad"]
 
 
 @dataclass(frozen=True)
@@ -771,8 +771,13 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
                 dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32), window_size, sinks)
     if sinks is None:
         return dq, dk, dv
-    p_sink = torch.exp(sinks.float()[None, :, None] - lse)
-    return dq, dk, dv, -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, sink_grad(sinks, lse, delta)
+
+
+def sink_grad(sinks, lse, delta):
+    """``d sinks [Hq] = −Σ_{b,t} exp(sink − lse) · delta`` (``delta = rowsum(dO·O) − dlse``, fp32 ``[B, Hq, T]``;
+    ``lse`` includes the sink), reduced by torch in a fixed order: deterministic."""
+    return -((sinks.float()[None, :, None] - lse).exp() * delta).sum((0, 2))
 
 
 def bwd_delta(out, do, delta, dlse=None) -> None:

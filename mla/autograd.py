@@ -225,19 +225,20 @@ class TopkAttentionFunction(torch.autograd.Function):
 def block_sparse_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
     q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices`` are carried for
-    the backward only): ``(out, lse, max_logit or [0])``."""
+    the backward only): ``(out, lse, max_logit or [0])``; ``sinks`` fp32 ``[Hq]`` or None."""
     out, lse, max_logit = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
-        return_max_logit=return_max_logit,
+        return_max_logit=return_max_logit, sinks=sinks,
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @block_sparse_attention_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
-      return_max_logit):
+      return_max_logit, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
@@ -245,37 +246,42 @@ def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, bloc
 def block_sparse_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
     kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
-    softmax_scale: float, causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv)``."""
-    return block_sparse_attention_bwd(
+    softmax_scale: float, causal: bool, sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv, dsinks or [0])``."""
+    res = block_sparse_attention_bwd(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, (block_m, block_n),
-        softmax_scale, causal, dlse=dlse,
+        softmax_scale, causal, dlse=dlse, sinks=sinks,
     )
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @block_sparse_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
-      softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      softmax_scale, causal, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _block_setup(ctx, inputs, output):
-    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs
+    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
+    sinks = inputs[12] if len(inputs) > 12 else None
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi)
+    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi, sinks)
     ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(max_logit)
 
 
 def _block_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, kvn, kvi, qn, qi = ctx.saved_tensors
+    q, k, v, out, lse, kvn, kvi, qn, qi, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = block_sparse_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal
+    dq, dk, dv, ds = block_sparse_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
+        sinks,
     )
-    return (dq, dk, dv) + (None,) * 9
+    return ((dq, dk, dv) + (None,) * 9 + (ds if sinks is not None else None,))[: ctx.n_inputs]
 
 
 block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
@@ -291,9 +297,9 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
-                softmax_scale: float, causal: bool, return_max_logit: bool):
+                softmax_scale: float, causal: bool, return_max_logit: bool, sinks: Tensor | None = None):
         return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                                             block_m, block_n, softmax_scale, causal, return_max_logit)
+                                             block_m, block_n, softmax_scale, causal, return_max_logit, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -348,11 +354,12 @@ OPS = {
 
 def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1, -1), sinks=None) -> str:
     """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
-    dense, block-sparse and top-k layout runs on the kernels; windows and sinks on the dense kernels)."""
+    dense, block-sparse and top-k layout runs on the kernels; windows on the dense kernels, sinks on the
+    dense and block-sparse ones)."""
     if (block_mask is not None or topk_indices is not None) and tuple(window_size) != (-1, -1):
         return "window_size with block_mask / topk_indices runs on backend='reference' only"
-    if (block_mask is not None or topk_indices is not None) and sinks is not None:
-        return "sinks with block_mask / topk_indices run on backend='reference' only"
+    if topk_indices is not None and sinks is not None:
+        return "sinks with topk_indices run on backend='reference' only"
     return ""
 
 
@@ -385,9 +392,10 @@ def triton_attention(
         out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
+        extra = () if sinks is None else (sinks,)
         out, lse, ml = BlockSparseAttentionFunction.apply(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            int(bm), int(bn), scale, causal, want_max,
+            int(bm), int(bn), scale, causal, want_max, *extra,
         )
     elif tuple(window_size) != (-1, -1) or sinks is not None:
         wl, wr = (int(w) for w in window_size)

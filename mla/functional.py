@@ -354,15 +354,18 @@ def attention_probs(
     block_mask: BlockMask | None = None,
     topk_indices: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Exact attention probabilities ``exp(S - lse)`` recomputed from a kernel's ``lse``.
 
     Args:
-        q ``[B, T, Hq, Dk]``, k ``[B, S, Hkv, Dk]``, lse ``[B, Hq, T]``; masks as in ``latent_attention``.
+        q ``[B, T, Hq, Dk]``, k ``[B, S, Hkv, Dk]``, lse ``[B, Hq, T]``; masks (and ``window_size``) as in
+        ``latent_attention``.
 
     Returns:
         ``[B, Hq, T, S]`` float32 (float64 for float64 inputs); rows sum to 1, or are all 0 where the
-        row sees no key. Materialises ``T × S`` per head: meant for ``need_weights`` and tests.
+        row sees no key (with sinks, an ``lse`` that includes them, rows sum to ``1 − P_sink``).
+        Materialises ``T × S`` per head: meant for ``need_weights`` and tests.
     """
     B, T, Hq, Dk = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -373,6 +376,8 @@ def attention_probs(
     if causal:
         rows = torch.arange(T, device=q.device)[:, None]
         keep = keep & (torch.arange(S, device=q.device)[None, :] <= rows + (S - T))
+    if tuple(window_size) != (-1, -1):
+        keep = keep & _ref.window_keep(0, T, T, S, tuple(window_size), q.device)
     if block_mask is not None:
         keep = keep & block_mask.to_element_mask()
     if topk_indices is not None:

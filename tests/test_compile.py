@@ -161,6 +161,13 @@ def _op_args():
         bmask = block_mask_from_dense(hm_grid.to(DEVICE), (2, 3), (5, 7))
         mt = (bmask.kv_num_blocks, bmask.kv_indices, bmask.q_num_blocks, bmask.q_indices, 2, 3)
         out_b, lse_b, _ = autograd.OPS["block_sparse_attention_fwd"](q, k, v, *mt, 0.25, causal, False)
+        if causal:  # with attention sinks (issue 14)
+            out_s, lse_s, _ = autograd.OPS["block_sparse_attention_fwd"](q, k, v, *mt, 0.25, causal, False, sinks)
+            cases += [
+                ("block_sparse_attention_fwd", (q, k, v, *mt, 0.25, causal, False, sinks)),
+                ("block_sparse_attention_bwd", (r(*out_s.shape), q.detach(), k.detach(), v.detach(), out_s.detach(),
+                                                lse_s.detach(), *mt[:4], None, 2, 3, 0.25, causal, sinks.detach())),
+            ]
         cases += [
             ("block_sparse_attention_fwd", (q, k, v, *mt, 0.25, causal, True)),
             ("block_sparse_attention_bwd", (r(*out_b.shape), q.detach(), k.detach(), v.detach(), out_b.detach(),

@@ -145,3 +145,32 @@ def test_window_loop_bounds_visit_exactly_the_blocks_with_visible_keys(T, S, G, 
     # a narrow window visits fewer blocks than the full grid
     if 0 <= window[0] < 8 and 0 <= window[1] < 8 and S > 2 * BN:
         assert visited < n_m * n_n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_sparse_sinks_values_and_grads(dtype):
+    """Block-sparse kernels with sinks (issue 14): query block 1 of head 0 lists no block (rows without
+    keys: output 0, lse = sink); per-head lists."""
+    from mla import latent_attention
+    from mla.sparsity import block_mask_from_dense
+
+    T, S, Hq, Hkv, D = 12, 14, 4, 2, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, h, D, generator=g).to(DEVICE, dtype).requires_grad_(True)
+               for n, h in ((T, Hq), (S, Hkv), (S, Hkv)))
+    sinks = torch.randn(Hq, generator=g).to(DEVICE).requires_grad_(True)
+    grid = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    per_head = torch.stack([grid, ~grid, grid.roll(1, 0), torch.ones_like(grid)])[None].to(DEVICE)
+    bmask = block_mask_from_dense(per_head, (4, 4), (T, S))
+    out, lse = latent_attention(q, k, v, block_mask=bmask, sinks=sinks, backend="triton", return_lse=True)
+    keep = bmask.to_element_mask().to(DEVICE)
+    ts = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    ref, ref_lse = full_attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
+    tol = kernel_tol(dtype, INTERPRET)
+    assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= max(tol, 1e-5)
+    assert (out[0, 4:8, 0] == 0).all() and torch.isfinite(lse).all()
+    do = torch.randn_like(ref)
+    torch.autograd.backward(out, do.to(dtype))
+    torch.autograd.backward(ref, do)
+    for a, b in zip((q, k, v, sinks), ts):
+        assert rel_err(a.grad, b.grad) <= max(2 * tol, 1e-5)
