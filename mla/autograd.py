@@ -144,53 +144,65 @@ class LatentAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("mla::topk_attention_fwd", mutates_args=())
 def topk_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, softmax_scale: float, causal: bool,
-    return_max_logit: bool,
+    return_max_logit: bool, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``."""
+    """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``;
+    ``sinks`` fp32 ``[Hq]`` or None."""
     out, lse, max_logit = topk_attention_fwd(
-        q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit
+        q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit, sinks=sinks
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @topk_attention_fwd_op.register_fake
-def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit):
+def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
 @torch.library.custom_op("mla::topk_attention_bwd", mutates_args=())
 def topk_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, topk_indices: Tensor,
-    dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k sparse backward: ``(dq, dk, dv)``; ``deterministic`` uses the key-major index (no atomics)."""
-    return topk_attention_bwd(
-        dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic
+    dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool, sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k sparse backward: ``(dq, dk, dv, dsinks or [0])``; ``deterministic`` uses the key-major index
+    (no atomics)."""
+    res = topk_attention_bwd(
+        dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic,
+        sinks=sinks,
     )
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @topk_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _topk_setup(ctx, inputs, output):
     q, k, v, topk_indices, softmax_scale, causal, _ = inputs[:7]
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, topk_indices)
+    # The op's inputs end (..., return_max_logit[, sinks]); the Function's (..., deterministic[, sinks]).
+    ctx.deterministic = next((x for x in inputs[7:] if isinstance(x, bool)), True)
+    ctx.sinks_pos = next((i for i in range(7, len(inputs)) if isinstance(inputs[i], Tensor)), None)
+    sinks = inputs[ctx.sinks_pos] if ctx.sinks_pos is not None else None
+    ctx.save_for_backward(q, k, v, out, lse, topk_indices, sinks)
     ctx.softmax_scale, ctx.causal = softmax_scale, causal
-    ctx.deterministic = inputs[7] if len(inputs) > 7 else True
     ctx.mark_non_differentiable(max_logit)
 
 
 def _topk_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, topk_indices = ctx.saved_tensors
+    q, k, v, out, lse, topk_indices, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = topk_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic
+    dq, dk, dv, ds = topk_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
+        sinks,
     )
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
+    grads = [dq, dk, dv] + [None] * (len(ctx.needs_input_grad) - 3)
+    if ctx.sinks_pos is not None:
+        grads[ctx.sinks_pos] = ds
+    return tuple(grads)
 
 
 topk_attention_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
@@ -206,8 +218,8 @@ class TopkAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, topk_indices, softmax_scale: float, causal: bool, return_max_logit: bool,
-                deterministic: bool):
-        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit)
+                deterministic: bool, sinks: Tensor | None = None):
+        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -354,12 +366,9 @@ OPS = {
 
 def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1, -1), sinks=None) -> str:
     """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
-    dense, block-sparse and top-k layout runs on the kernels; windows on the dense kernels, sinks on the
-    dense and block-sparse ones)."""
+    dense, block-sparse and top-k layout runs on the kernels; windows on the dense kernels, sinks on all)."""
     if (block_mask is not None or topk_indices is not None) and tuple(window_size) != (-1, -1):
         return "window_size with block_mask / topk_indices runs on backend='reference' only"
-    if topk_indices is not None and sinks is not None:
-        return "sinks with topk_indices run on backend='reference' only"
     return ""
 
 
@@ -389,7 +398,10 @@ def triton_attention(
         raise ValueError(why)
     scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
     if topk_indices is not None:
-        out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
+        extra = () if sinks is None else (sinks,)
+        out, lse, ml = TopkAttentionFunction.apply(
+            q, k, v, topk_indices, scale, causal, want_max, bool(deterministic), *extra
+        )
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
         extra = () if sinks is None else (sinks,)

@@ -151,6 +151,13 @@ def _op_args():
         ("topk_attention_bwd", (r(*out_t.shape), qt.detach(), kt.detach(), vt.detach(), out_t.detach(),
                                 lse_t.detach(), idx, None, 0.25, False, False)),
     ]
+    sinks_t = r(2, grad=True)  # attention sinks (issue 14)
+    out_ts, lse_ts, _ = autograd.OPS["topk_attention_fwd"](qt, kt, vt, idx, 0.25, True, False, sinks_t)
+    cases += [
+        ("topk_attention_fwd", (qt, kt, vt, idx, 0.25, True, False, sinks_t)),
+        ("topk_attention_bwd", (r(*out_ts.shape), qt.detach(), kt.detach(), vt.detach(), out_ts.detach(),
+                                lse_ts.detach(), idx, r(*lse_ts.shape), 0.25, True, True, sinks_t.detach())),
+    ]
     from mla.sparsity import block_mask_from_dense
 
     # Blocks (2, 3) over T=5, S=7: per-head lists (heads of a kv group differ) and one broadcast list;

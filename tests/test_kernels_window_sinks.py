@@ -174,3 +174,37 @@ def test_block_sparse_sinks_values_and_grads(dtype):
     torch.autograd.backward(ref, do)
     for a, b in zip((q, k, v, sinks), ts):
         assert rel_err(a.grad, b.grad) <= max(2 * tol, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_sinks_values_and_grads(dtype):
+    """Top-k kernels with sinks (issue 14), with -1 lanes and a row whose lanes are all -1 (output 0,
+    lse = sink), deterministic and atomic dK/dV."""
+    from mla import latent_attention
+    from mla.sparsity import topk_to_dense_mask
+
+    T, S, Hq, Hkv, D = 6, 9, 4, 2, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, h, D, generator=g).to(DEVICE, dtype).requires_grad_(True)
+               for n, h in ((T, Hq), (S, Hkv), (S, Hkv)))
+    sinks = torch.randn(Hq, generator=g).to(DEVICE).requires_grad_(True)
+    idx = torch.stack([torch.randperm(S, generator=g)[:4] for _ in range(T * Hkv)]).view(1, T, Hkv, 4).int()
+    idx[0, :, :, 3] = -1
+    idx[0, 2, 0] = -1  # token 2, kv head 0: no key
+    idx = idx.to(DEVICE)
+    keep = topk_to_dense_mask(idx, S).repeat_interleave(Hq // Hkv, dim=1)
+    ts = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    ref, ref_lse = full_attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
+    do = torch.randn_like(ref)
+    torch.autograd.backward(ref, do)
+    tol = kernel_tol(dtype, INTERPRET)
+    for det in (True, False):
+        for t in (q, k, v, sinks):
+            t.grad = None
+        out, lse = latent_attention(q, k, v, topk_indices=idx, sinks=sinks, backend="triton", return_lse=True,
+                                    deterministic=det)
+        assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= max(tol, 1e-5)
+        assert (out[0, 2, :2] == 0).all() and torch.isfinite(lse).all()
+        torch.autograd.backward(out, do.to(dtype))
+        for a, b in zip((q, k, v, sinks), ts):
+            assert rel_err(a.grad, b.grad) <= max(2 * tol, 1e-5)

@@ -131,3 +131,18 @@ def test_decode_reference_window_and_sinks():
         keep = window_keep_oracle(Tq, L, 2, 0)
         ref, ref_lse = full_attention(q[b : b + 1], k, k[..., :Dv], D**-0.5, keep, sinks=sinks)
         assert rel_err(out[b : b + 1], ref) < 1e-12 and rel_err(lse[b : b + 1], ref_lse) < 1e-6
+
+
+def test_window_with_block_mask_on_kernels_is_refused_and_auto_falls_back():
+    from mla.functional import _triton_usable
+    from mla.sparsity import causal_block_mask
+
+    if not _triton_usable(torch.device("cpu"))[0]:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8, 8, dtype=torch.float32)
+    bm = causal_block_mask(8, 8, 4)
+    with pytest.raises(ValueError, match="window_size"):
+        latent_attention(q, k, v, block_mask=bm, window_size=(2, 0), backend="triton")
+    res = attention_with_stats(q, k, v, block_mask=bm, window_size=(2, 0), causal=True)
+    keep = window_keep_oracle(8, 8, 2, 0) & causal_keep(8, 8)
+    assert res.backend == "reference" and rel_err(res.out, full_attention(q, k, v, 8**-0.5, keep)[0]) < 1e-5
