@@ -578,16 +578,16 @@ def mla_decode(
         if topk_indices is not None and topk_indices.numel() and int(topk_indices.min()) < -1:
             raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
     path = resolve_backend(backend, q.device, q.dtype)
-    if path == "triton" and (window_size != (-1, -1) or sinks is not None):
+    if path == "triton" and window_size != (-1, -1):
         if backend == "triton":
-            raise ValueError("backend='triton': window_size / sinks in decode run on backend='reference' only")
+            raise ValueError("backend='triton': window_size in decode runs on backend='reference' only")
         path = "reference"
     if path == "triton":
         from mla.autograd import triton_decode
 
         out, lse = triton_decode(
             q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
-            num_splits=num_splits, kv_fp8=fp8,
+            num_splits=num_splits, kv_fp8=fp8, sinks=sinks,
         )
     else:
         # Every position the table addresses (masked past each length): a shape, not a value, so the

@@ -136,6 +136,9 @@ def _op_args():
     cases += [
         ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 16, False, None, None)),
+        ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
+                    torch.tensor([13, 0], dtype=torch.int32, device=DEVICE), 0.2, 16, True, None, 2, False,
+                    r(4))),  # attention sinks (issue 14), split-KV with an empty sequence
         ("decode", (r(2, 1, 4, 160), quantize_fp8_ds_mla(r(4, 8, 1, 160), 128),  # FP8 (fp8_ds_mla) cache
                     torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 128, True, None, None, True)),
