@@ -147,6 +147,7 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, DV_SPLIT: tl.constexpr,
         BLOCK_DR: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
         FP8_NATIVE: tl.constexpr = True, SINKS=None, HAS_SINKS: tl.constexpr = False,
+        WIN_L=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """One (sequence, head group[, query token], key split, value-column half) per program.
 
@@ -169,6 +170,9 @@ if HAS_TRITON:
         (sm89+); otherwise integer bit operations (see ``_fp8_latent``).
         HAS_SINKS (DIRECT only; with splits the combine adds the sink once): fp32 ``SINKS [H]`` logits join
         each row's softmax with no value (``lse`` includes them).
+        HAS_WINDOW (dense only): query t of a sequence of length L sees keys ``>= L - TQ + t - WIN_L``; the
+        splits share only the keys from the program's first row's window start on (a step reads the last
+        ``WIN_L + TQ`` positions, never the older pages).
         """
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -195,11 +199,15 @@ if HAS_TRITON:
             n_keys = TOPK_K
             key_end = seqlen - TQ + t0 + 1 if IS_CAUSAL else seqlen  # keys j < key_end are visible
             n_keys = tl.where(key_end > 0, n_keys, 0)  # so inside the loop key 0 is visible
+            k0 = 0
         else:
-            n_keys = seqlen
+            k0 = 0
+            if HAS_WINDOW:  # the first position any row of this program sees
+                k0 = tl.maximum(seqlen - TQ + row_base // H - WIN_L, 0)
+            n_keys = tl.maximum(seqlen - k0, 0)
         blocks_per_split = ((n_keys + BLOCK_N - 1) // BLOCK_N + n_split - 1) // n_split
-        lo = pid_s * blocks_per_split * BLOCK_N
-        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_keys)
+        lo = k0 + pid_s * blocks_per_split * BLOCK_N
+        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, k0 + n_keys)
 
         # Query tile: rows past the last one re-read the last row (no mask; never stored). The
         # per-row offsets are int32 (a sequence's query block is small) and distinct from the
@@ -282,6 +290,9 @@ if HAS_TRITON:
                 vis = key_ok[None, :] & (pos[None, :] < row_end[:, None])
             else:
                 vis = key_ok[None, :]
+            if HAS_WINDOW:
+                win_lo = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H - WIN_L
+                vis = vis & (pos[None, :] >= win_lo[:, None])
             s = tl.where(vis, s * sm_scale_log2, float("-inf"))  # base-2 logits
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -534,7 +545,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
                    num_splits: int | None = None, *, out: torch.Tensor | None = None,
                    lse: torch.Tensor | None = None, config: dict | None = None, kv_fp8: bool = False,
-                   allow_tf32: bool | None = None, sinks: torch.Tensor | None = None):
+                   allow_tf32: bool | None = None, sinks: torch.Tensor | None = None, window_left: int = -1):
     """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
 
     Args:
@@ -575,6 +586,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         sinks: contiguous fp32 ``[H]`` attention-sink logits or None: added once per row, in the combine
             (or in the split kernel when it writes directly); ``lse`` includes them, a row without keys
             gives 0 and ``lse = sink``.
+        window_left: sliding window (dense only, -1 = none): query ``j`` sees positions
+            ``>= L - Tq + j - window_left``; only those positions (and their pages) are read.
 
     fp32 inputs use IEEE fp32 products (``input_precision="ieee"``) unless TF32 is allowed, fp16 /
     bf16 inputs tensor-core products with fp32 accumulation; the softmax statistics and the split
@@ -719,6 +732,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         KV_FP8=bool(kv_fp8), FP8_NATIVE=bool(cfg.get("FP8_NATIVE", arch >= 89)),
         **({} if sinks is None or not direct else dict(SINKS=sinks, HAS_SINKS=True)),
+        **({} if window_left < 0 or has_topk else dict(WIN_L=int(window_left), HAS_WINDOW=True)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -771,7 +785,7 @@ def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple
 
 def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int, causal: bool,
                 topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
-                max_pages: int = 33, kv_fp8: bool = False, sinks: bool = False) -> CompileSpec:
+                max_pages: int = 33, kv_fp8: bool = False, sinks: bool = False, window: bool = False) -> CompileSpec:
     fn = _mla_decode_split_kernel
     cfg = _gpu_config(dk, dv, arch, dtype)
     if kv_fp8:
@@ -787,7 +801,7 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
     # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
     ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * row, stride_kvs=row,
                 stride_btb=max_pages, stride_tkb=T * topk_k, stride_tkt=topk_k,
-                H=H, TQ=T, TOPK_K=topk_k if topk else 0)
+                H=H, TQ=T, TOPK_K=topk_k if topk else 0, WIN_L=127 if window else -1)
     if direct:  # out [B, T, H, dv], lse [B, H, T]
         ints.update(stride_ob=T * H * dv, stride_or=dv, stride_os=0,
                     stride_lb=H * T, stride_lt=1, stride_lh=T, stride_ls=0)
@@ -798,10 +812,10 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
                       BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
                       DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
                       DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89,
-                      HAS_SINKS=sinks and direct)
+                      HAS_SINKS=sinks and direct, HAS_WINDOW=window)
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
-    mode += ("-fp8kv" if kv_fp8 else "") + ("-sinks" if sinks and direct else "")
+    mode += ("-fp8kv" if kv_fp8 else "") + ("-sinks" if sinks and direct else "") + ("-window" if window else "")
     return CompileSpec(
         kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
@@ -858,7 +872,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         specs.append(_combine_spec(arch, dtype, 512))
         specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
         # attention sinks (issue 14): added in the direct split kernel, or once in the combine
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True, sinks=True))
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True, sinks=True,
+                                 window=True))
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=False, direct=False, window=True))
         specs.append(_combine_spec(arch, dtype, 512, sinks=True))
     # FP8 (fp8_ds_mla) cache, bf16 queries: DeepSeek-V3.2's serving format, in the three 576/512 launch modes
     for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):

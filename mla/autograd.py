@@ -329,28 +329,29 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 def decode_op(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
     head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None, kv_fp8: bool = False,
-    sinks: Tensor | None = None,
+    sinks: Tensor | None = None, window_left: int = -1,
 ) -> tuple[Tensor, Tensor]:
     """Split-KV decode over a paged latent cache: ``(out [B,Tq,H,Dv], lse fp32 [B,H,Tq])``; ``kv_fp8``: the
-    cache is the uint8 ``fp8_ds_mla`` pool; ``sinks`` fp32 ``[H]`` or None (added once, in the combine)."""
+    cache is the uint8 ``fp8_ds_mla`` pool; ``sinks`` fp32 ``[H]`` or None (added once, in the combine);
+    ``window_left``: sliding window (-1: none)."""
     return mla_decode_fwd(
         q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=causal,
-        topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8, sinks=sinks,
+        topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8, sinks=sinks, window_left=window_left,
     )
 
 
 @decode_op.register_fake
 def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits,
-      kv_fp8=False, sinks=None):
+      kv_fp8=False, sinks=None, window_left=-1):
     B, Tq, H, _ = q.shape
     return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
-                  topk_indices=None, num_splits=None, kv_fp8=False, sinks=None):
+                  topk_indices=None, num_splits=None, kv_fp8=False, sinks=None, window_left=-1):
     """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
     return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
-                     bool(causal), topk_indices, num_splits, bool(kv_fp8), sinks)
+                     bool(causal), topk_indices, num_splits, bool(kv_fp8), sinks, int(window_left))
 
 
 #: Every registered op (for ``torch.library.opcheck`` in the tests).

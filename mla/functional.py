@@ -578,16 +578,20 @@ def mla_decode(
         if topk_indices is not None and topk_indices.numel() and int(topk_indices.min()) < -1:
             raise ValueError(f"topk_indices: entries must be >= -1, got {int(topk_indices.min())}")
     path = resolve_backend(backend, q.device, q.dtype)
-    if path == "triton" and window_size != (-1, -1):
+    win_left, win_right = window_size
+    if causal:  # FlashAttention: causal is right = 0
+        win_right = 0 if win_right < 0 else min(win_right, 0)
+    if path == "triton" and window_size != (-1, -1) and (topk_indices is not None or win_right > 0):
         if backend == "triton":
-            raise ValueError("backend='triton': window_size in decode runs on backend='reference' only")
+            raise ValueError("backend='triton': window_size in decode runs on the kernel without topk_indices "
+                             "and with right in {-1, 0} (or causal); use backend='reference'")
         path = "reference"
     if path == "triton":
         from mla.autograd import triton_decode
 
         out, lse = triton_decode(
-            q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
-            num_splits=num_splits, kv_fp8=fp8, sinks=sinks,
+            q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal or win_right == 0,
+            topk_indices=topk_indices, num_splits=num_splits, kv_fp8=fp8, sinks=sinks, window_left=win_left,
         )
     else:
         # Every position the table addresses (masked past each length): a shape, not a value, so the

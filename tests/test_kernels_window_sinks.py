@@ -211,8 +211,8 @@ def test_topk_sinks_values_and_grads(dtype):
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("topk", [False, True])
-def test_decode_sinks_split_and_direct(num_splits, topk):
+@pytest.mark.parametrize("topk,window", [(False, None), (True, None), (False, (5, 0)), (False, (20, -1))])
+def test_decode_sinks_split_and_direct(num_splits, topk, window):
     """Paged decode with sinks (issue 14): the sink is added once (in the combine with splits, in the split
     kernel when it writes directly); an empty sequence gives 0 and lse = sink; top-k -1 lanes."""
     from mla.functional import mla_decode
@@ -232,6 +232,8 @@ def test_decode_sinks_split_and_direct(num_splits, topk):
                 sel = torch.randperm(int(lens[b]), generator=g)[:4]
                 idx[b, t, : len(sel)] = sel.int()
     kw = dict(head_dim_v=Dv, causal=True, topk_indices=idx, sinks=sinks)
+    if window is not None:
+        kw.update(window_size=window, causal=window[1] == 0 and num_splits == 1)
     out, lse = mla_decode(q, cache, table, lens, backend="triton", num_splits=num_splits, **kw)
     ref, ref_lse = mla_decode(q.double(), cache.double(), table, lens, backend="reference", **kw)
     assert rel_err(out, ref) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
