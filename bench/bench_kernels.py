@@ -124,9 +124,9 @@ def sparse_plan(env: Env) -> dict:
         return dict(T=512, block=64, densities=[0.25, 0.75], windows=[128], modes=["fwd", "fwd+bwd"])
     if env.is_cuda:
         if env.quick:
-            return dict(T=8192, block=128, densities=[0.1, 0.5, 0.9], windows=[1024], modes=["fwd"])
+            return dict(T=8192, block=128, densities=[0.1, 0.5, 0.9], windows=[128, 1024], modes=["fwd"])
         dens = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9] if env.full else [0.1, 0.3, 0.5, 0.7, 0.9]
-        wins = [512, 1024, 2048, 4096] if env.full else [512, 2048]
+        wins = [128, 512, 1024, 2048, 4096] if env.full else [128, 512, 2048]
         return dict(T=8192, block=128, densities=dens, windows=wins, modes=["fwd", "fwd+bwd"] if env.full else ["fwd"])
     if env.quick:
         return dict(T=512, block=64, densities=[0.25, 0.5, 0.75], windows=[128], modes=["fwd"])
@@ -159,6 +159,12 @@ def sparse_cases(env: Env) -> list[AttnCase]:
         c = AttnCase("sparse", f"sliding window {w} T=S={T}", T=T, S=T, causal=True, block_mask=bm, **shp)
         dens = c.pairs() / (c.B * c.Hq * T * T)
         c.x, c.label = dens, f"BLOCK_SIZE={bs} density={dens:.3f}"
+        cases.append(c)
+        # The same window per token in the dense kernels (window_size: exact, no block rounding).
+        c = AttnCase("sparse", f"dense window_size=({w - 1}, 0) T=S={T}", T=T, S=T, causal=True,
+                     window_size=(w - 1, 0), **shp)
+        dens = c.pairs() / (c.B * c.Hq * T * T)
+        c.x, c.label = dens, f"per-token window density={dens:.3f}"
         cases.append(c)
     return cases
 

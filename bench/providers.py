@@ -62,6 +62,7 @@ class AttnCase:
     v_view: ``v = k[..., :Dv]`` (absorbed MLA). block_mask: ``mla.sparsity.BlockMask`` or None.
     topk: int32 ``[B, T, Hkv, K]`` or None. x: plot axis value. label: shown after the shape.
     flex_cpu: run eager FlexAttention on CPU for this case even with --quick.
+    window_size: FlashAttention ``(left, right)`` sliding window per token (``(-1, -1)``: none).
     """
 
     group: str
@@ -81,6 +82,7 @@ class AttnCase:
     x: float | None = None
     label: str = ""
     flex_cpu: bool = False
+    window_size: tuple[int, int] = (-1, -1)
 
     @property
     def softmax_scale(self) -> float:
@@ -97,6 +99,8 @@ class AttnCase:
             return float(topk_pairs(self.topk, self.S, self.causal, self.Hq))
         if self.block_mask is not None:
             return block_mask_pairs(self.block_mask, self.causal) * self.B * self.Hq
+        if self.window_size != (-1, -1):
+            return window_pairs(self.T, self.S, self.window_size, self.causal) * self.B * self.Hq
         return float(visible_pairs(self.T, self.S, self.causal) * self.B * self.Hq)
 
     def flops(self, mode: str) -> float:
@@ -162,7 +166,7 @@ def prov_ours(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     try:
         from mla.autograd import kernel_supports
 
-        why = kernel_supports(inp.q, inp.k, inp.v, case.block_mask, case.topk)
+        why = kernel_supports(inp.q, inp.k, inp.v, case.block_mask, case.topk, case.window_size)
         if why:
             return f"n/a: {why}"
     except ImportError as e:
@@ -173,9 +177,20 @@ def prov_ours(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     def run():
         return latent_attention(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
                                 block_mask=case.block_mask, topk_indices=case.topk, backend="triton",
-                                check_indices=False)
+                                check_indices=False, window_size=case.window_size)
 
     return run
+
+
+def window_pairs(T: int, S: int, window_size: tuple[int, int], causal: bool) -> float:
+    """(query, key) pairs a FlashAttention window (combined with bottom-right ``causal``) keeps, per head."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    pos = torch.arange(T, dtype=torch.float64) + (S - T)
+    lo = torch.zeros(T, dtype=torch.float64) if left < 0 else (pos - left).clamp(min=0)
+    hi = torch.full((T,), S - 1.0, dtype=torch.float64) if right < 0 else (pos + right).clamp(max=S - 1)
+    return float((hi - lo + 1).clamp(min=0).sum())
 
 
 def reference_limit(env: Env) -> float:
@@ -201,7 +216,7 @@ def prov_reference(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     def run():
         return latent_attention(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
                                 block_mask=case.block_mask, topk_indices=case.topk, backend="reference",
-                                check_indices=False)
+                                check_indices=False, window_size=case.window_size)
 
     return run
 
@@ -216,7 +231,8 @@ def prov_reference_chunked(case: AttnCase, inp: AttnInputs, mode: str, env: Env)
 
     def run():
         return attention_reference(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
-                                   block_mask=case.block_mask, topk_indices=case.topk, fused_cpu=False)[0]
+                                   block_mask=case.block_mask, topk_indices=case.topk, fused_cpu=False,
+                                   window_size=case.window_size)[0]
 
     return run
 
@@ -409,6 +425,8 @@ def prov_flex(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     if case.topk is not None:
         return ("n/a: FlexAttention has no per-query key-index list (top-k would need a T×S bitmap in a "
                 "mask_mod: a different algorithm)")
+    if case.window_size != (-1, -1):
+        return "n/a: the per-token window case compares our dense kernels; FlexAttention runs the block-mask rows"
     gqa = case.Hq != case.Hkv
     if env.is_cuda:
         fn = compiled_flex()

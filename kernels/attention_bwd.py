@@ -40,6 +40,8 @@ from kernels.attention_fwd import (
     SPEC_DTYPES,
     SPEC_SHAPES,
     SPEC_TF32_SHAPES,
+    SPEC_WINDOW_DTYPES,
+    SPEC_WINDOW_SHAPES,
     _device_arch,
     arch_family,
     bwd_outputs,
@@ -49,6 +51,9 @@ from kernels.attention_fwd import (
     head_plan,
     is_prefix_alias,
     next_pow2,
+    window_sink_consts,
+    window_spec_values,
+    window_tile_suffix,
 )
 
 if HAS_TRITON:
@@ -56,7 +61,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernels.attention_fwd import (
-        _fwd_block_range,
+        _dense_key_range,
         _fwd_block_start,
         _load_tile,
         _other_col,
@@ -69,9 +74,10 @@ if HAS_TRITON:
         _store_tile,
         _varlen_clip,
         _varlen_seq,
+        _window_bounds,
     )
 
-__all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs"]
+__all__ = ["BwdConfig", "attention_bwd", "bwd_configs", "compile_specs", "sink_grad"]
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,18 @@ if HAS_TRITON:
         return m_lo, m_full, m_end
 
     @triton.jit
+    def _window_q_range(n_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WIN_L, WIN_R):
+        """Packed row blocks ``[m_lo, m_end)`` with a token whose window reaches a key of
+        ``[n_start, +BLOCK_N)``: token t sees key j iff ``j - WIN_R <= t + S - T <= j + WIN_L``."""
+        k_last = tl.minimum(n_start + BLOCK_N, S) - 1
+        t_lo = tl.where(WIN_R < 0, 0, tl.maximum(n_start - WIN_R - (S - T), 0))
+        t_end = tl.where(WIN_L < 0, T, tl.minimum(tl.maximum(k_last + WIN_L - (S - T) + 1, 0), T))
+        m_lo = (t_lo * G) // BLOCK_M
+        m_end = tl.maximum(tl.cdiv(t_end * G, BLOCK_M), m_lo)
+        return m_lo, m_end
+
+    @triton.jit
     def _dkdv_block(
         dk_acc, dk_tail, dv_acc, k_own, k_tail, v_own, keys, k_row, key_ok, m_start, row_end,
         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
@@ -260,6 +278,7 @@ if HAS_TRITON:
         V_IS_K: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr,
         RESIDENT: tl.constexpr, STREAM: tl.constexpr, DOT: tl.constexpr,
+        WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
         keep_t=None, HAS_KEEP: tl.constexpr = False, st_h=0, VARLEN: tl.constexpr = False,
     ):
         """Accumulate one packed query-row block into the key block's dK/dV (transposed products).
@@ -328,6 +347,9 @@ if HAS_TRITON:
         if MASKED:
             if CAUSAL:
                 st = tl.where(keys[:, None] <= tok[None, :] + (S - T), st, float("-inf"))
+            if HAS_WINDOW:
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)
+                st = tl.where((keys[:, None] >= w_lo[None, :]) & (keys[:, None] <= w_hi[None, :]), st, float("-inf"))
             if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits, [keys, rows]
                 st = tl.where(keep_t, st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
@@ -386,8 +408,12 @@ if HAS_TRITON:
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
         PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
         CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
+        WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """Grid ``(n_n * B*Hkv, NSPLIT)``: dK/dV of one key tile of one kv head.
+
+        ``HAS_WINDOW`` (dense only): sliding window ``WIN_L``/``WIN_R``; only the row blocks of
+        :func:`_window_q_range` are walked, all masked.
 
         Dense: ``n_n = cdiv(S, BLOCK_N)``, every packed query row of the group is walked (block-mask
         arguments unused, ``KV_REP = 1``). Block-sparse: ``n_n = cdiv(S, MASK_BN) * NSUB_N`` key tiles,
@@ -487,7 +513,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                        STREAM, DOT, keep_t, HAS_PARTIAL,
+                        STREAM, DOT, WIN_L, WIN_R, False, keep_t, HAS_PARTIAL,
                     )
                 if NSPLIT == 1:  # row tiles that see the whole key tile skip the mask
                     for j in range(n_masked, n_tiles):
@@ -498,14 +524,18 @@ if HAS_TRITON:
                             q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                             sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, j * opaque_zero,
                             G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                            STREAM, DOT,
+                            STREAM, DOT, WIN_L, WIN_R, False,
                         )
         else:
             q_base = Q + q_b + hkv * G * sqh
             do_base = DO + do_b + hkv * G * sdoh
             LSE_BH = LSE + st_bh + hkv * G * st_h
             DELTA_BH = DELTA + st_bh + hkv * G * st_h
-            m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if HAS_WINDOW:  # the row blocks whose window reaches this key block, all masked
+                m_lo, m_end = _window_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+                m_full = m_end
+            else:
+                m_lo, m_full, m_end = _bwd_q_range(n_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
             if IS_VARLEN:
                 m_full, m_end = _varlen_clip(m_full, m_end, n_start < S)
                 m_lo = tl.minimum(m_lo, m_full)
@@ -517,7 +547,7 @@ if HAS_TRITON:
                     q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                     sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                     G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, True, RESIDENT,
-                    STREAM, DOT, st_h=st_h, VARLEN=IS_VARLEN,
+                    STREAM, DOT, WIN_L, WIN_R, HAS_WINDOW, st_h=st_h, VARLEN=IS_VARLEN,
                 )
             if NSPLIT == 1:  # row blocks that see the whole key block skip the mask
                 for m in range(m_full, m_end):
@@ -526,7 +556,7 @@ if HAS_TRITON:
                         q_base, k_base, v_base, do_base, LSE_BH, DELTA_BH,
                         sqt, sqh, sqd, skd, svs, svd, sdot, sdoh, sdod, T, S, qk_scale, split, m * opaque_zero,
                         G, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BK, BT, BV, BC, NSPLIT, False, RESIDENT,
-                        STREAM, DOT, st_h=st_h, VARLEN=IS_VARLEN,
+                        STREAM, DOT, WIN_L, WIN_R, False, st_h=st_h, VARLEN=IS_VARLEN,
                     )
 
         # Output offsets computed here, not held across the loop (register pressure).
@@ -554,7 +584,8 @@ if HAS_TRITON:
         HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         BC: tl.constexpr, NSPLIT: tl.constexpr, MASKED: tl.constexpr, RESIDENT: tl.constexpr,
-        STREAM: tl.constexpr, DOT: tl.constexpr, keep=None, HAS_KEEP: tl.constexpr = False,
+        STREAM: tl.constexpr, DOT: tl.constexpr, WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
+        keep=None, HAS_KEEP: tl.constexpr = False,
     ):
         """Accumulate one key block into a packed row block's dQ (``hide``: see :func:`_dkdv_block`,
         here for the q/dO re-loads); keys at or past ``kend`` are masked out when ``MASKED``."""
@@ -606,6 +637,9 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_WINDOW:
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)
+                visible = visible & (keys[None, :] >= w_lo[:, None]) & (keys[None, :] <= w_hi[:, None])
             if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits
                 visible = visible & keep
             s = tl.where(visible, s, float("-inf"))
@@ -630,6 +664,7 @@ if HAS_TRITON:
         STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
         PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
         CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
+        WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``: dQ of one packed row tile of one head group; row
         tiles and key walk exactly as in the forward kernel (``kernels.attention_fwd._attn_fwd_kernel``)."""
@@ -707,7 +742,7 @@ if HAS_TRITON:
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                         T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                        BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
+                        BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False,
                     )
             else:
                 n_lo = 0
@@ -721,29 +756,27 @@ if HAS_TRITON:
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     start_n, kend, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd, sdod,
                     T, S, qk_scale, split, j * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N, BK, BT,
-                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, keep, HAS_PARTIAL,
+                    BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False, keep, HAS_PARTIAL,
                 )
         else:
-            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-            if IS_VARLEN:
+            n_full, n_lo, n_end = _dense_key_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL, NSPLIT,
+                                                   WIN_L, WIN_R, HAS_WINDOW)
+            if IS_VARLEN:  # past its sequence's end a program visits nothing
                 n_full, n_end = _varlen_clip(n_full, n_end, m_start < T * G)
-            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     dq_acc, dq_tail = _dq_block(
                         dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                         _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                         sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT,
+                        BK, BT, BV, BC, NSPLIT, False, RESIDENT, STREAM, DOT, WIN_L, WIN_R, False,
                     )
-                n_lo = n_full
-            else:  # large (split) bodies: one masked loop halves code size and compile time
-                n_lo = 0
             for i in range(n_lo, n_end):
                 dq_acc, dq_tail = _dq_block(
                     dq_acc, dq_tail, q_own, q_tail, do_own, lse, delta, tok, row_ok, q_row, do_row,
                     _fwd_block_start(i, BLOCK_N), S, q_base, k_base, v_base, do_base, sqd, sks, skd, svs, svd,
                     sdod, T, S, qk_scale, split, i * opaque_zero, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_N,
-                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT,
+                    BK, BT, BV, BC, NSPLIT, True, RESIDENT, STREAM, DOT, WIN_L, WIN_R, HAS_WINDOW,
                 )
 
         if IS_VARLEN:  # computed here, not held across the loop (register pressure)
@@ -774,7 +807,7 @@ def _plan_constexprs(cfg: BwdConfig, dk: int, dv: int, v_is_k: bool) -> dict:
 def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
                   dlse=None, dq=None, dk=None, dv=None, delta=None,
                   dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
-                  allow_tf32: bool | None = None):
+                  allow_tf32: bool | None = None, window_size: tuple[int, int] | None = None, sinks=None):
     """Fused attention backward.
 
     Args:
@@ -791,9 +824,13 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
             config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+        window_size, sinks: as in the forward. The kernels need no sink term (``lse`` includes it, so
+            ``P = exp(S - lse)`` already excludes the sink's share); the sink gradient is returned.
 
     Returns:
-        ``(dq like q, dk like k, dv like v)`` in the input dtype. When ``v`` is a prefix view of
+        ``(dq like q, dk like k, dv like v)`` in the input dtype, and with ``sinks`` a fourth entry
+        ``dsinks`` fp32 ``[Hq]``: ``−Σ_{b,t} P_sink · (delta − dlse)`` with ``P_sink = exp(sink − lse)``,
+        summed by torch in a fixed order (deterministic). When ``v`` is a prefix view of
         ``k`` the kernel loads the shared tile once, but ``dk`` holds only the score-path
         gradient and ``dv`` only the value-path gradient (autograd sums them through the view).
 
@@ -806,8 +843,13 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
         raise RuntimeError("attention_bwd needs triton")
     B, T, Hq = q.shape[:3]
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
-    if done:
+    if done and sinks is None:
         return dq, dk, dv
+    if done:  # no kernel: no key (P_sink = 1, delta = 0) or no query; only dlse reaches the sinks
+        ds = torch.zeros(Hq, dtype=torch.float32, device=q.device)
+        if dlse is not None and k.shape[1] == 0:
+            ds = dlse.float().sum((0, 2))
+        return dq, dk, dv, ds
     v_is_k = is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets below assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
@@ -815,8 +857,17 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
     if compiled:
         dkdv_config, dq_config = _pinned_configs(q, v, dkdv_config, dq_config, v_is_k)
     _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32))
-    return dq, dk, dv
+                dkdv_config, dq_config, dlse, dot_precision(q.dtype, allow_tf32),
+                window_size=window_size, sinks=sinks)
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, sink_grad(sinks, lse, delta)
+
+
+def sink_grad(sinks, lse, delta):
+    """``d sinks [Hq] = −Σ_{b,t} exp(sink − lse) · delta`` (``delta = rowsum(dO·O) − dlse``, fp32 ``[B, Hq, T]``;
+    ``lse`` includes the sink), reduced by torch in a fixed order: deterministic."""
+    return -((sinks.float()[None, :, None] - lse).exp() * delta).sum((0, 2))
 
 
 def _pinned_configs(q, v, dkdv_config, dq_config, v_is_k: bool):
@@ -886,7 +937,7 @@ def bwd_delta(out, do, delta, dlse=None) -> None:
 
 
 def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal, v_is_k, compiled,
-                dkdv_config, dq_config, dlse, dot: str, vl=None):
+                dkdv_config, dq_config, dlse, dot: str, vl=None, window_size=None, sinks=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -895,7 +946,9 @@ def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal,
         B, T, S = vl["B"], vl["T"], vl["S"]
 
     common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0, lse, lse, *DENSE_MASK_ARGS)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=False, DOT=dot,
+    causal, ws = window_sink_consts(bool(causal), window_size, None, lse)
+    ws = dict(WIN_L=ws["WIN_L"], WIN_R=ws["WIN_R"], HAS_WINDOW=ws["HAS_WINDOW"])
+    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False, DOT=dot, **ws,
                   **(vl["kw"] if vl is not None else {}))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
@@ -940,7 +993,7 @@ def _autotuned(kind: str, arch: int, dk: int, dv: int, v_is_k: bool, dtype: str)
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in bwd_configs(kind, arch, dk, dv, dtype, v_is_k)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "IS_VARLEN"])(fn)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "IS_VARLEN", "HAS_WINDOW"])(fn)
     return _AUTOTUNERS[key]
 
 
@@ -963,7 +1016,7 @@ def _spec_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal:
         sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv, sdvd=1,
         T=T + 1, S=S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
         G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=False,
-        DOT=dot_precision(dtype, allow_tf32), **_dense_mask_values(),
+        DOT=dot_precision(dtype, allow_tf32), **_dense_mask_values(), **window_spec_values(),
     )
 
 
@@ -980,24 +1033,27 @@ def _dense_mask_values() -> dict:
 
 
 def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: BwdConfig,
-             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False,
+             window: bool = False) -> CompileSpec:
     """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` variant)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` variant; ``window``: the
+    sliding-window variant, causal folded in; sinks need no backward kernel change)."""
     from kernels._compile import spec_args
     from kernels.attention_fwd import varlen_spec_values
 
     fn = {"dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    values = _spec_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32)
+    values = _spec_values(dtype, dk, dv, group, v_is_k, causal and not window, allow_tf32)
     values.update(_plan_constexprs(cfg, dk, dv, v_is_k))
     if varlen:
         values.update(varlen_spec_values(values["T"]))
+    values.update(window_spec_values(window))
     sig, consts, divisible = spec_args(fn, values)
     return CompileSpec(
         kernel=f"attention_bwd_{kind}" + ("_varlen" if varlen else ""), fn=fn, signature=sig, constexprs=consts,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32, "varlen": varlen},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=cfg.tile + window_tile_suffix(window, False),
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal and not window,
+               "config": cfg, "allow_tf32": allow_tf32, "varlen": varlen, "window": window},
     )
 
 
@@ -1040,4 +1096,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for kind in ("dkdv", "dq"):
             for cfg in bwd_configs(kind, arch, dk, dv, "fp32", v_is_k):
                 specs.append(bwd_spec(kind, arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for kind in ("dkdv", "dq"):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype):
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, window=True))
     return specs

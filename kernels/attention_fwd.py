@@ -53,6 +53,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "FwdConfig",
+    "fold_window",
     "HeadPlan",
     "attention_fwd",
     "compile_specs",
@@ -269,6 +270,7 @@ def interp_config(dk: int, dv: int) -> FwdConfig:
 
 if HAS_TRITON:
     _LN2 = tl.constexpr(LN2)
+    _LOG2E = tl.constexpr(LOG2E)
     _LANES = tl.constexpr(64)  # kv_indices lanes read per step when counting unmasked sub-tiles
 
     @triton.jit
@@ -418,6 +420,62 @@ if HAS_TRITON:
         return i * BLOCK_N
 
     @triton.jit
+    def _window_bounds(tok, T, S, WIN_L, WIN_R):
+        """Per query token, the first and last key of its sliding window
+        ``i + S - T - WIN_L <= j <= i + S - T + WIN_R`` (a bound of -1 is unbounded: -1 / S)."""
+        pos = tok + (S - T)
+        lo = tl.where(WIN_L < 0, -1, pos - WIN_L)
+        hi = tl.where(WIN_R < 0, S, pos + WIN_R)
+        return lo, hi
+
+    @triton.jit
+    def _window_key_range(t_lo, t_hi, T, S, WIN_L, WIN_R):
+        """Keys ``[lo, hi)`` that query tokens ``t_lo..t_hi`` may see under the window (empty: hi <= lo)."""
+        lo = tl.where(WIN_L < 0, 0, tl.maximum(t_lo + S - T - WIN_L, 0))
+        hi = tl.where(WIN_R < 0, S, tl.minimum(tl.maximum(t_hi + S - T + WIN_R + 1, 0), S))
+        return lo, hi
+
+    @triton.jit
+    def _window_block_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            WIN_L, WIN_R):
+        """Key blocks ``[n_start, n_end)`` a windowed packed row tile visits: every block holding a key one
+        of its rows sees; blocks wholly outside the window are never loaded."""
+        t_lo = m_start // G
+        t_hi = tl.minimum((m_start + BLOCK_M - 1) // G, T - 1)
+        lo, hi = _window_key_range(t_lo, t_hi, T, S, WIN_L, WIN_R)
+        n_start = lo // BLOCK_N
+        n_end = tl.maximum(tl.cdiv(hi, BLOCK_N), n_start)
+        return n_start, n_end
+
+    @triton.jit
+    def _dense_key_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, NSPLIT: tl.constexpr, WIN_L, WIN_R, HAS_WINDOW: tl.constexpr):
+        """``(n_full, n_lo, n_end)`` of a dense row tile: blocks ``[0, n_full)`` run unmasked, ``[n_lo, n_end)``
+        masked. Split (large) bodies use one masked loop (half the code size and compile time); a window
+        visits only its band, all masked (a band of a few blocks is mostly diagonal: an unmasked middle
+        loop would buy little for its code size)."""
+        if HAS_WINDOW:
+            n_lo, n_end = _window_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+            n_full = n_lo * 0
+        else:
+            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
+            if NSPLIT == 1:
+                n_lo = n_full
+            else:
+                n_lo = n_full * 0
+        return n_full, n_lo, n_end
+
+    @triton.jit
+    def _sink_finish(acc, m_i, l_i, sink):
+        """Fold a sink logit (log2 units, per row) into the finished online softmax: returns the scale of
+        ``acc`` (1/l) and the row's lse in log2 units; the sink carries no value, so a row with no key
+        gets output 0 and ``lse = sink``."""
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        l_f = l_i * alpha + tl.exp2(sink - m_f)
+        return alpha / l_f, m_f + tl.log2(l_f)
+
+    @triton.jit
     def _fwd_block(
         acc, m_i, l_i, q_own, q_tail, start_n, kend,
         q_base, q_row, row_ok, tok, k_base, v_base,
@@ -426,10 +484,12 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         BV: tl.constexpr, BC: tl.constexpr, N_OTHER: tl.constexpr, NSPLIT: tl.constexpr,
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
+        WIN_L, WIN_R, HAS_WINDOW: tl.constexpr,
         keep=None, HAS_KEEP: tl.constexpr = False,
     ):
         """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
-        past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``.
+        past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``
+        (and keys outside the sliding window ``WIN_L``/``WIN_R`` with ``HAS_WINDOW``).
 
         ``hide`` is 0, but the compiler cannot prove it. The q re-loads (own chunk without
         ``Q_RESIDENT``, the other splits' pieces with ``STREAM``) are loop-invariant; added to their
@@ -464,6 +524,9 @@ if HAS_TRITON:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= tok[:, None] + (S - T))
+            if HAS_WINDOW:
+                w_lo, w_hi = _window_bounds(tok, T, S, WIN_L, WIN_R)  # per row: two compares per score
+                visible = visible & (keys[None, :] >= w_lo[:, None]) & (keys[None, :] <= w_hi[:, None])
             if HAS_KEEP:  # partial block of a FlexAttention mask: per-token bits
                 visible = visible & keep
             qk = tl.where(visible, qk, float("-inf"))
@@ -496,9 +559,15 @@ if HAS_TRITON:
         Q_RESIDENT: tl.constexpr, STREAM: tl.constexpr, SPARSE: tl.constexpr, DOT: tl.constexpr,
         PART=None, BITS=None, HAS_PARTIAL: tl.constexpr = False,
         CU_Q=None, CU_K=None, TOTAL_Q=0, IS_VARLEN: tl.constexpr = False,
+        SINKS=None, WIN_L=-1, WIN_R=-1, HAS_WINDOW: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
     ):
         """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``;
         ``opaque_zero`` is 0 (see :func:`_fwd_block`).
+
+        ``HAS_WINDOW`` (dense only): sliding window ``WIN_L``/``WIN_R`` (-1 unbounded; the launcher folds
+        ``causal`` into ``WIN_R``); only the key blocks of :func:`_window_block_range` are visited, all
+        masked. ``HAS_SINKS``: fp32 ``SINKS [Hq]`` logits join each row's softmax (no value); ``lse``
+        includes them.
 
         Dense (``SPARSE=False``): ``n_m = cdiv(T*G, BLOCK_M)``; the block-mask arguments are unused
         and ``KV_REP`` is 1. Block-sparse (``SPARSE=True``): ``n_m = cdiv(T, MASK_BM) * NSUB_M`` row
@@ -586,7 +655,7 @@ if HAS_TRITON:
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, j * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False, DOT,
+                        Q_RESIDENT, STREAM, False, DOT, WIN_L, WIN_R, False,
                     )
             else:
                 n_lo = 0
@@ -601,36 +670,42 @@ if HAS_TRITON:
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, j * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True, DOT, keep, HAS_PARTIAL,
+                    Q_RESIDENT, STREAM, True, DOT, WIN_L, WIN_R, False, keep, HAS_PARTIAL,
                 )
         else:
-            n_full, n_end = _fwd_block_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL)
-            if IS_VARLEN:
+            n_full, n_lo, n_end = _dense_key_range(m_start, T, S, G, BLOCK_M, BLOCK_N, CAUSAL, NSPLIT,
+                                                   WIN_L, WIN_R, HAS_WINDOW)
+            if IS_VARLEN:  # past its sequence's end a program visits nothing
                 n_full, n_end = _varlen_clip(n_full, n_end, m_start < T * G)
-            if NSPLIT == 1:  # blocks every row sees in full skip the masks
+            if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
                 for i in range(0, n_full):
                     acc, m_i, l_i = _fwd_block(
                         acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
                         q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                         split, i * opaque_zero,
                         HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                        Q_RESIDENT, STREAM, False, DOT,
+                        Q_RESIDENT, STREAM, False, DOT, WIN_L, WIN_R, False,
                     )
-                n_lo = n_full
-            else:  # large (split) bodies: one masked loop halves code size and compile time
-                n_lo = 0
             for i in range(n_lo, n_end):
                 acc, m_i, l_i = _fwd_block(
                     acc, m_i, l_i, q_own, q_tail, _fwd_block_start(i, BLOCK_N), S,
                     q_base, q_row, row_ok, tok, k_base, v_base, sqd, sks, skd, svs, svd, T, S, qk_scale,
                     split, i * opaque_zero,
                     HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, BLOCK_M, BLOCK_N, BK, BT, BV, BC, N_OTHER, NSPLIT,
-                    Q_RESIDENT, STREAM, True, DOT,
+                    Q_RESIDENT, STREAM, True, DOT, WIN_L, WIN_R, HAS_WINDOW,
                 )
 
-        # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
-        l_div = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_div[:, None]
+        Hq = n_hg * G
+        head = hg * G + grp.to(tl.int64)
+        if HAS_SINKS:
+            sink = tl.load(SINKS + head, mask=row_ok, other=0.0) * _LOG2E  # to log2 units
+            o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
+            out = acc * o_scale[:, None]
+        else:
+            # Empty rows (l == 0) have acc == 0: divide by 1 to write exact zeros.
+            l_div = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_div[:, None]
+            lse2 = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_div))
         o_base = O + o_b + hg * G * soh
         o_row = tok.to(tl.int64) * sot + grp.to(tl.int64) * soh
         _store_tile(o_base, o_row, row_ok, split * BV, sod, HEAD_DV, BV, HEAD_DV < NSPLIT * BV,
@@ -638,10 +713,7 @@ if HAS_TRITON:
 
         # Statistics are identical in every split: split 0 writes them.
         if split == 0:
-            lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_div)) * _LN2)
-            Hq = n_hg * G
-            head = hg * G + grp.to(tl.int64)
-            tl.store(LSE + st_bh + head * st_h + tok, lse, mask=row_ok)
+            tl.store(LSE + st_bh + head * st_h + tok, lse2 * _LN2, mask=row_ok)
             if WRITE_MAXL:
                 # Per-head max of the running maxima (m is in log2 units) over this tile's rows.
                 heads = tl.arange(0, G_P)
@@ -713,7 +785,30 @@ def _device_arch(device) -> int:
     return major * 10 + minor
 
 
-def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str, vl=None):
+def fold_window(causal: bool, window_size) -> tuple[bool, int, int, bool]:
+    """``(causal, win_l, win_r, has_window)`` for the kernels: ``causal`` folded into the window's right
+    bound (FlashAttention: causal is ``right = 0``); a window that is plain causal or unbounded becomes
+    the ``CAUSAL`` switch or nothing, so those launches compile to the kernels without a window."""
+    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return False, -1, -1, False
+    if left < 0 and right == 0:
+        return True, -1, -1, False
+    return False, left, right, True
+
+
+def window_sink_consts(causal: bool, window_size, sinks, dummy) -> tuple[bool, dict]:
+    """``(causal, kwargs)``: the window / sink arguments appended to a dense kernel launch (``dummy``: any
+    tensor, passed as the unused ``SINKS`` pointer)."""
+    causal, wl, wr, has_window = fold_window(causal, window_size)
+    return causal, dict(SINKS=dummy if sinks is None else sinks, WIN_L=wl, WIN_R=wr,
+                        HAS_WINDOW=has_window, HAS_SINKS=sinks is not None)
+
+
+def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot: str, vl=None,
+                     window_size=None, sinks=None):
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     if vl is not None:  # varlen: the grid's T and S are the max sequence lengths
@@ -724,9 +819,10 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
         T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
         lse, lse, *DENSE_MASK_ARGS,
     )
+    causal, extra = window_sink_consts(bool(causal), window_size, sinks, lse)
     consts = dict(
-        G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, **(vl["kw"] if vl is not None else {}),
+        G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=bool(v_is_k),
+        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, **extra, **(vl["kw"] if vl is not None else {}),
     )
     return args, consts
 
@@ -751,13 +847,15 @@ def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
             triton.Config(_plan_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in fwd_configs(arch, dk, dv, dtype, v_is_k)
         ]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["G", "CAUSAL", "WRITE_MAXL", "IS_VARLEN"])(
-            _attn_fwd_kernel)
+        _AUTOTUNERS[key] = triton.autotune(
+            configs=configs, key=["G", "CAUSAL", "WRITE_MAXL", "IS_VARLEN", "HAS_WINDOW", "HAS_SINKS"]
+        )(_attn_fwd_kernel)
     return _AUTOTUNERS[key]
 
 
 def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                  out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None):
+                  out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None,
+                  window_size: tuple[int, int] | None = None, sinks=None):
     """Fused attention forward.
 
     Args:
@@ -776,10 +874,15 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         allow_tf32: fp32 inputs only: TF32 tensor-core products (10-bit mantissa) instead of IEEE
             fp32; ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (see
             :func:`kernels._launch.dot_precision`).
+        window_size: ``(left, right)`` sliding window (FlashAttention semantics, ``-1`` unbounded, bottom-right
+            aligned; combined with ``causal``); key blocks wholly outside it are not visited.
+        sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None; each joins its head's softmax
+            denominator with no value.
 
     Returns:
         ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] natural log (+inf for rows without
-        keys), max_logit fp32 [B, Hq] (-inf for heads without visible keys) or None)``.
+        keys; with sinks it includes the sink term and is finite), max_logit fp32 [B, Hq] (of the scores,
+        -inf for heads without visible keys) or None)``.
 
     Raises:
         RuntimeError: Triton is not installed. ValueError: a pinned config is not a candidate.
@@ -793,16 +896,17 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         return early
     v_is_k = is_prefix_alias(k, v)
     dot = dot_precision(q.dtype, allow_tf32)
+    ws = dict(window_size=window_size, sinks=sinks)
 
     if not compiled_launch(q):
         cfg = config or interp_config(Dk, Dv)
-        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot, **ws)
     if config is None:
         cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
         config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
     if config is not None:
-        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot)
-    return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot)
+        return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot, **ws)
+    return _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot, **ws)
 
 
 def varlen_plan(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> dict:
@@ -860,7 +964,7 @@ def attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
 
 
 def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg: FwdConfig, dot: str,
-            vl=None):
+            vl=None, window_size=None, sinks=None):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -874,14 +978,16 @@ def _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, 
         torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl,
+                                    window_size, sinks)
     consts.update(_plan_constexprs(cfg, Dk, Dv, v_is_k))
     grid = (n_mblocks * B * Hkv, consts["NSPLIT"])
     launch(_attn_fwd_kernel, grid, *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
-def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str, vl=None):
+def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, dot: str, vl=None,
+                      window_size=None, sinks=None):
     import torch
 
     B, T, Hq, Dk = q.shape
@@ -898,7 +1004,8 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
         torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
         if return_max_logit else None
     )
-    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl)
+    args, consts = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl,
+                                    window_size, sinks)
     grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
     launch(_autotuned(arch, Dk, Dv, v_is_k, dtype), grid, *args, **consts)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
@@ -919,12 +1026,31 @@ SPEC_DTYPES = ("fp16", "bf16", "fp32")
 #: fp32 shapes also compiled with TF32 allowed (the report's ``tf32`` column must then say yes).
 SPEC_TF32_SHAPES = ((64, 64, 1, False),)
 _SPEC_MAXL = True
+#: Shapes also compiled with a sliding window and attention sinks (issue 14): d128 GQA and absorbed MLA.
+SPEC_WINDOW_SHAPES = ((128, 128, 4, False), (576, 512, 128, True))
+SPEC_WINDOW_DTYPES = ("fp16", "bf16")
+
+
+def window_spec_values(window: bool = False, sinks: bool = False) -> dict:
+    """Window / sink arguments of a representative launch (:func:`kernels._compile.spec_args`): a
+    DeepSeek-V4-like window (127, 0) when ``window``; every dense kernel takes the names it has."""
+    from kernels._compile import Pointer
+
+    return dict(SINKS=Pointer("fp32"), WIN_L=127 if window else -1, WIN_R=0 if window else -1,
+                HAS_WINDOW=window, HAS_SINKS=sinks)
+
+
+def window_tile_suffix(window: bool, sinks: bool) -> str:
+    """Report label suffix of a window / sink variant: ``/win``, ``/sink``."""
+    return ("/win" if window else "") + ("/sink" if sinks else "")
 
 
 def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg: FwdConfig,
-             causal: bool = True, allow_tf32: bool = False, varlen: bool = False) -> CompileSpec:
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False, window: bool = False,
+             sinks: bool = False) -> CompileSpec:
     """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
-    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` packed-sequence variant)."""
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` packed-sequence variant;
+    ``window`` / ``sinks``: the sliding-window / attention-sink variants, causal folded into the window)."""
     from kernels._compile import Pointer, spec_args
 
     hq, hkv, T, S = group * 2, 2, 1024, 1024
@@ -944,13 +1070,16 @@ def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, 
         **_plan_constexprs(cfg, dk, dv, v_is_k),
         **(varlen_spec_values(T) if varlen else {}),
     )
+    values.update(window_spec_values(window, sinks))
+    if window:
+        values["CAUSAL"] = False
     sig, consts, divisible = spec_args(_attn_fwd_kernel, values)
     return CompileSpec(
         kernel="attention_fwd" + ("_varlen" if varlen else ""), fn=_attn_fwd_kernel, signature=sig, constexprs=consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
-        tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "allow_tf32": allow_tf32, "varlen": varlen},
+        tile=cfg.tile + window_tile_suffix(window, sinks),
+        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": causal and not window,
+               "config": cfg, "allow_tf32": allow_tf32, "varlen": varlen, "window": window, "sinks": sinks},
     )
 
 
@@ -964,7 +1093,8 @@ def varlen_spec_values(total_q: int) -> dict:
 def compile_specs(arch: int) -> list[CompileSpec]:
     """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
     dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES` (dense
-    and varlen), plus fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`."""
+    and varlen), plus fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`, plus the window+sinks and
+    sinks-only variants on :data:`SPEC_WINDOW_SHAPES`."""
     if not HAS_TRITON:
         return []
     specs = []
@@ -976,4 +1106,9 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for cfg in fwd_configs(arch, dk, dv, "fp32", v_is_k):
             specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for cfg in fwd_configs(arch, dk, dv, dtype):
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, window=True, sinks=True))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, sinks=True))
     return specs

@@ -59,7 +59,7 @@ from dataclasses import replace
 from kernels import tuning
 from kernels._config import HAS_TRITON, CompileSpec
 from kernels._launch import dot_precision, launch
-from kernels.attention_bwd import BwdConfig, bwd_delta
+from kernels.attention_bwd import BwdConfig, bwd_delta, sink_grad
 from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
 from kernels.attention_bwd import _spec_values as _bwd_spec_values
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
@@ -317,7 +317,7 @@ def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
 def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: tuple[int, int],
                                softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
                                out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None,
-                               kv_partial=None, partial_bits=None):
+                               kv_partial=None, partial_bits=None, sinks=None):
     """Block-sparse fused attention forward.
 
     Args:
@@ -341,9 +341,11 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             ``kv_partial`` int32 with ``kv_indices``' shape, per listed block the index of its token
             bitmask in ``partial_bits`` (int8/bool ``[P, BLOCK_M, BLOCK_N]``, nonzero = keep), ``-1`` for
             a full block. With them every listed sub-tile is masked by its bits (``HAS_PARTIAL``).
+        sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None (each joins its head's softmax
+            denominator with no value; ``lse`` then includes it).
 
     Returns:
-        ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] (+inf where a row sees no key),
+        ``(out [B, T, Hq, Dv] q.dtype, lse fp32 [B, Hq, T] (+inf where a row sees no key, unless sinks),
         max_logit fp32 [B, Hq] (-inf for heads that see nothing) or None)``.
 
     Raises:
@@ -380,6 +382,8 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         )
         consts = dict(G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
                       WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part)
+        if sinks is not None:
+            consts.update(SINKS=sinks, HAS_SINKS=True)
         return args, consts
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
@@ -411,7 +415,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                block_size: tuple[int, int], softmax_scale: float, causal: bool, *,
                                dlse=None, dq=None, dk=None, dv=None, delta=None,
                                dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
-                               allow_tf32: bool | None = None, kv_partial=None, q_partial=None, partial_bits=None):
+                               allow_tf32: bool | None = None, kv_partial=None, q_partial=None, partial_bits=None,
+                               sinks=None):
     """Block-sparse fused attention backward (deterministic: no atomics).
 
     Args:
@@ -430,10 +435,12 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
             ``torch.backends.cuda.matmul.allow_tf32``.
         kv_partial, q_partial, partial_bits: the forward's partial blocks; ``q_partial`` has
             ``q_indices``' shape (ids of the transposed lists).
+        sinks: the forward's fp32 ``[Hq]`` sinks or None (the kernels need nothing: ``lse`` includes them).
 
     Returns:
-        ``(dq, dk, dv)`` in the input dtype. Keys no query block visits get zero dk/dv; rows that see
-        no key get zero dq. With ``v`` a prefix view of ``k``, ``dk`` holds the score-path gradient
+        ``(dq, dk, dv)`` in the input dtype, plus ``dsinks`` fp32 ``[Hq]`` with ``sinks``
+        (:func:`kernels.attention_bwd.sink_grad`, deterministic). Keys no query block visits get zero
+        dk/dv; rows that see no key get zero dq. With ``v`` a prefix view of ``k``, ``dk`` holds the score-path gradient
         and ``dv`` the value path (autograd sums them through the view).
 
     Raises:
@@ -458,6 +465,9 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     if Hm_q != Hm:
         raise ValueError(f"block-sparse attention: q_num_blocks has head dim {Hm_q}, kv_num_blocks {Hm}")
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    if done and sinks is not None:  # no kernel: no key (P_sink = 1, delta = 0) or no query
+        no_key = dlse is not None and S == 0
+        return dq, dk, dv, (dlse.float().sum((0, 2)) if no_key else torch.zeros(Hq, device=q.device))
     if done:
         return dq, dk, dv
     G, kv_rep = packing(Hq, Hkv, Hm)
@@ -497,6 +507,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
     run("dq", dq_config, dq_args, lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M",
         kv_part)
+    if sinks is not None:
+        return dq, dk, dv, sink_grad(sinks, lse, delta)
     return dq, dk, dv
 
 

@@ -68,6 +68,8 @@ from kernels._launch import dot_precision, launch
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels.attention_fwd import _sink_finish
 else:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
@@ -144,7 +146,8 @@ if HAS_TRITON:
         IS_CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, DV_SPLIT: tl.constexpr,
         BLOCK_DR: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
-        FP8_NATIVE: tl.constexpr = True,
+        FP8_NATIVE: tl.constexpr = True, SINKS=None, HAS_SINKS: tl.constexpr = False,
+        WIN_L=-1, HAS_WINDOW: tl.constexpr = False,
     ):
         """One (sequence, head group[, query token], key split, value-column half) per program.
 
@@ -165,6 +168,11 @@ if HAS_TRITON:
         dequantized in registers (e4m3 -> fp32, times the block scale, rounded to Q's dtype) and the rope
         part is read as bf16; the rest of the kernel is unchanged. FP8_NATIVE: e4m3 conversion instructions
         (sm89+); otherwise integer bit operations (see ``_fp8_latent``).
+        HAS_SINKS (DIRECT only; with splits the combine adds the sink once): fp32 ``SINKS [H]`` logits join
+        each row's softmax with no value (``lse`` includes them).
+        HAS_WINDOW (dense only): query t of a sequence of length L sees keys ``>= L - TQ + t - WIN_L``; the
+        splits share only the keys from the program's first row's window start on (a step reads the last
+        ``WIN_L + TQ`` positions, never the older pages).
         """
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -191,11 +199,15 @@ if HAS_TRITON:
             n_keys = TOPK_K
             key_end = seqlen - TQ + t0 + 1 if IS_CAUSAL else seqlen  # keys j < key_end are visible
             n_keys = tl.where(key_end > 0, n_keys, 0)  # so inside the loop key 0 is visible
+            k0 = 0
         else:
-            n_keys = seqlen
+            k0 = 0
+            if HAS_WINDOW:  # the first position any row of this program sees
+                k0 = tl.maximum(seqlen - TQ + row_base // H - WIN_L, 0)
+            n_keys = tl.maximum(seqlen - k0, 0)
         blocks_per_split = ((n_keys + BLOCK_N - 1) // BLOCK_N + n_split - 1) // n_split
-        lo = pid_s * blocks_per_split * BLOCK_N
-        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_keys)
+        lo = k0 + pid_s * blocks_per_split * BLOCK_N
+        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, k0 + n_keys)
 
         # Query tile: rows past the last one re-read the last row (no mask; never stored). The
         # per-row offsets are int32 (a sequence's query block is small) and distinct from the
@@ -278,6 +290,9 @@ if HAS_TRITON:
                 vis = key_ok[None, :] & (pos[None, :] < row_end[:, None])
             else:
                 vis = key_ok[None, :]
+            if HAS_WINDOW:
+                win_lo = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H - WIN_L
+                vis = vis & (pos[None, :] >= win_lo[:, None])
             s = tl.where(vis, s * sm_scale_log2, float("-inf"))  # base-2 logits
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -289,13 +304,20 @@ if HAS_TRITON:
             acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
         # epilogue addressing, int64 (partial buffers can be large)
         rows = row_base + tl.arange(0, BLOCK_H)
         row_ok = rows <= row_last
         rows64 = rows.to(tl.int64)
+        if HAS_SINKS and DIRECT:  # the sink closes each row's softmax: finite lse, empty rows give 0
+            sink = tl.load(SINKS + rows64 % H, mask=row_ok, other=0.0) * 1.4426950408889634
+            o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
+            o = acc * o_scale[:, None]
+            lse = lse2 * 0.6931471805599453
+            empty = l_i < 0.0  # never
+        else:
+            empty = l_i == 0.0
+            o = acc / tl.where(empty, 1.0, l_i)[:, None]
+            lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
         split64 = pid_s.to(tl.int64)
         o_ptr = OUT + b64 * stride_ob + rows64 * stride_or + split64 * stride_os
         offs_o = pid_v.to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV).to(tl.int64)
@@ -320,11 +342,13 @@ if HAS_TRITON:
         stride_ob, stride_ot, stride_oh,
         stride_lb, stride_lh, stride_lt,
         DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+        SINKS=None, HAS_SINKS: tl.constexpr = False,
     ):
         """Merge the splits of one query row (b, t, h) and one block of value columns.
 
         O_PART fp32 [rows, NUM_SPLITS, DV] (row = (b * TQ + t) * H + h), LSE_PART fp32 [rows, NUM_SPLITS].
         out = sum_s exp(lse_s - lse) * o_s with lse = log sum_s exp(lse_s); all splits empty: 0 and +inf.
+        HAS_SINKS: the sink logit ``SINKS[h]`` joins the log-sum-exp here, once (no value), not per split.
         """
         row = tl.program_id(0)
         pid_v = tl.program_id(1)
@@ -350,6 +374,11 @@ if HAS_TRITON:
         total = tl.sum(ssum * tl.exp(m - base_all), 0)
         empty = total == 0.0
         lse = tl.where(empty, float("-inf"), base_all + tl.log(tl.where(empty, 1.0, total)))
+        if HAS_SINKS:
+            sink = tl.load(SINKS + h)
+            mx = tl.maximum(lse, sink)
+            lse = mx + tl.log(tl.exp(lse - mx) + tl.exp(sink - mx))
+            empty = lse != lse  # never: the sink keeps every row finite
 
         # pass 2: weighted sum of the partial outputs
         offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -516,7 +545,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
                    num_splits: int | None = None, *, out: torch.Tensor | None = None,
                    lse: torch.Tensor | None = None, config: dict | None = None, kv_fp8: bool = False,
-                   allow_tf32: bool | None = None):
+                   allow_tf32: bool | None = None, sinks: torch.Tensor | None = None, window_left: int = -1):
     """Multi-head latent attention decode over a paged latent cache (split-KV + combine).
 
     Args:
@@ -554,6 +583,11 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             rounded to ``q``'s dtype for the products); no dequantized copy of the cache is made.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+        sinks: contiguous fp32 ``[H]`` attention-sink logits or None: added once per row, in the combine
+            (or in the split kernel when it writes directly); ``lse`` includes them, a row without keys
+            gives 0 and ``lse = sink``.
+        window_left: sliding window (dense only, -1 = none): query ``j`` sees positions
+            ``>= L - Tq + j - window_left``; only those positions (and their pages) are read.
 
     fp32 inputs use IEEE fp32 products (``input_precision="ieee"``) unless TF32 is allowed, fp16 /
     bf16 inputs tensor-core products with fp32 accumulation; the softmax statistics and the split
@@ -697,6 +731,8 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
         BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         KV_FP8=bool(kv_fp8), FP8_NATIVE=bool(cfg.get("FP8_NATIVE", arch >= 89)),
+        **({} if sinks is None or not direct else dict(SINKS=sinks, HAS_SINKS=True)),
+        **({} if window_left < 0 or has_topk else dict(WIN_L=int(window_left), HAS_WINDOW=True)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -711,6 +747,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             DV=Dv, BLOCK_S=ccfg["BLOCK_S"], BLOCK_DV=ccfg["BLOCK_DV"], num_warps=ccfg["num_warps"],
+            **({} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)),
         )
     return out, lse
 
@@ -748,7 +785,7 @@ def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple
 
 def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int, causal: bool,
                 topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
-                max_pages: int = 33, kv_fp8: bool = False) -> CompileSpec:
+                max_pages: int = 33, kv_fp8: bool = False, sinks: bool = False, window: bool = False) -> CompileSpec:
     fn = _mla_decode_split_kernel
     cfg = _gpu_config(dk, dv, arch, dtype)
     if kv_fp8:
@@ -759,11 +796,12 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
     # row of the cache in elements of KV: dk values, or the fp8_ds_mla bytes (656 for 576/512)
     row = -(-(dv + dv // 32 + 2 * (dk - dv)) // 16) * 16 if kv_fp8 else dk
     pointers = {"Q": f"*{ty}", "KV": "*u8" if kv_fp8 else f"*{ty}", "BLOCK_TABLE": "*i32", "SEQLENS": "*i32",
-                "TOPK": "*i32", "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32"}
+                "TOPK": "*i32", "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
+                "SINKS": "*fp32"}
     # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
     ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * row, stride_kvs=row,
                 stride_btb=max_pages, stride_tkb=T * topk_k, stride_tkt=topk_k,
-                H=H, TQ=T, TOPK_K=topk_k if topk else 0)
+                H=H, TQ=T, TOPK_K=topk_k if topk else 0, WIN_L=127 if window else -1)
     if direct:  # out [B, T, H, dv], lse [B, H, T]
         ints.update(stride_ob=T * H * dv, stride_or=dv, stride_os=0,
                     stride_lb=H * T, stride_lt=1, stride_lh=T, stride_ls=0)
@@ -773,10 +811,11 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
     constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
                       BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
                       DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
-                      DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89)
+                      DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89,
+                      HAS_SINKS=sinks and direct, HAS_WINDOW=window)
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
-    mode += "-fp8kv" if kv_fp8 else ""
+    mode += ("-fp8kv" if kv_fp8 else "") + ("-sinks" if sinks and direct else "") + ("-window" if window else "")
     return CompileSpec(
         kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
@@ -786,20 +825,20 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
 
 
 def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, q_len: int = 1,
-                  num_splits: int = 16) -> CompileSpec:
+                  num_splits: int = 16, sinks: bool = False) -> CompileSpec:
     fn = _mla_decode_combine_kernel
     cfg = _combine_config(dv, num_splits)
     ty = _TL_DTYPE[dtype]
     H, T, S = num_heads, q_len, num_splits
-    pointers = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{ty}", "LSE": "*fp32"}
+    pointers = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{ty}", "LSE": "*fp32", "SINKS": "*fp32"}
     ints = dict(NUM_SPLITS=S, H=H, TQ=T, stride_pr=S * dv, stride_ps=dv, stride_lpr=S,
                 stride_ob=T * H * dv, stride_ot=H * dv, stride_oh=dv, stride_lb=H * T, stride_lh=T, stride_lt=1)
-    constexprs = dict(DV=dv, BLOCK_S=cfg["BLOCK_S"], BLOCK_DV=cfg["BLOCK_DV"])
+    constexprs = dict(DV=dv, BLOCK_S=cfg["BLOCK_S"], BLOCK_DV=cfg["BLOCK_DV"], HAS_SINKS=sinks)
     signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
     return CompileSpec(
         kernel="mla_decode_combine", fn=fn, signature=signature, constexprs=constexprs,
         num_warps=cfg["num_warps"], num_stages=1, arch=arch, dtype=ty, head_dims=(dv, dv),
-        tile=f"S{cfg['BLOCK_S']}xV{cfg['BLOCK_DV']}",
+        tile=f"S{cfg['BLOCK_S']}xV{cfg['BLOCK_DV']}" + ("/sink" if sinks else ""),
         extra={"divisible": divisible, "num_heads": H, "q_len": T, "num_splits": S},
     )
 
@@ -812,7 +851,8 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
     partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
     generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
-    and 64. For fp32 (IEEE products): the absorbed split kernel, dense and top-k, and its combine.
+    and 64; with attention sinks the direct 576/512 split kernel and the Dv = 512 combine. For fp32 (IEEE
+    products): the absorbed split kernel, dense and top-k, and its combine.
     The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
     are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
     names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
@@ -831,6 +871,11 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
         specs.append(_combine_spec(arch, dtype, 512))
         specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
+        # attention sinks (issue 14): added in the direct split kernel, or once in the combine
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True, sinks=True,
+                                 window=True))
+        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=False, direct=False, window=True))
+        specs.append(_combine_spec(arch, dtype, 512, sinks=True))
     # FP8 (fp8_ds_mla) cache, bf16 queries: DeepSeek-V3.2's serving format, in the three 576/512 launch modes
     for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
         specs.append(_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,

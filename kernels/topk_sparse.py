@@ -97,11 +97,14 @@ import torch
 
 from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
 from kernels._launch import dot_precision, launch
+from kernels.attention_bwd import sink_grad
 from kernels.attention_fwd import bwd_outputs, fwd_outputs, is_prefix_alias
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels.attention_fwd import _sink_finish
 else:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
@@ -437,8 +440,10 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
         BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         STREAM: tl.constexpr, DOT: tl.constexpr, OFF64: tl.constexpr,
+        SINKS=None, HAS_SINKS: tl.constexpr = False,
     ):
         """Forward of one (batch, token, kv head, head block, value split); 1-D grid (``_program_coords``).
+        ``HAS_SINKS``: fp32 ``SINKS [Hq]`` logits join each row's softmax (no value; ``lse`` includes them).
 
         ``qk_scale = softmax_scale * log2(e)``. The score uses the own key chunk (columns
         ``[split * BK, +BK)``; also the value tile when ``V_IS_K``), the other split's chunk and both tail
@@ -503,10 +508,16 @@ if HAS_TRITON:
             acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None], input_precision=DOT)
             m_i = m_new
 
-        empty = l_i == 0.0
-        l_div = tl.where(empty, 1.0, l_i)
-        out = acc / l_div[:, None]
         hq_st = _idx(hkv * G, OFF64) + heads
+        if HAS_SINKS:  # the sink closes the softmax: every row has a finite lse, empty rows output 0
+            sink = tl.load(SINKS + hq_st, mask=row_ok, other=0.0) * 1.4426950408889634
+            o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
+            out = acc * o_scale[:, None]
+        else:
+            empty = l_i == 0.0
+            l_div = tl.where(empty, 1.0, l_i)
+            out = acc / l_div[:, None]
+            lse2 = tl.where(empty, float("inf"), m_i + tl.log2(l_div))
         cols = split * BV + tl.arange(0, BV)
         o_ptrs = O + b * sob + t * sot + (hq_st * soh)[:, None] + cols[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (cols < HEAD_DV)[None, :])
@@ -514,7 +525,7 @@ if HAS_TRITON:
         if NSPLIT > 1:
             st_ok = st_ok & ((heads * 0 + split) == 0)  # every split holds the same statistics
         l_ptrs = LSE + b * slb + hq_st * slh + t * slt
-        tl.store(l_ptrs, tl.where(empty, float("inf"), (m_i + tl.log2(l_div)) * _LN2_C), mask=st_ok)
+        tl.store(l_ptrs, lse2 * _LN2_C, mask=st_ok)
         if WRITE_MAXL:
             tl.store(MAXL + (b * (Hkv * G) * T + t) + hq_st.to(tl.int64) * T, m_i * _LN2_C, mask=st_ok)
 
@@ -1077,7 +1088,8 @@ def _plan_consts(kind: str, cfg: TopkConfig, dk: int, dv: int, v_is_k: bool) -> 
 
 
 def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool, *, return_max_logit=False,
-                       out=None, lse=None, config: TopkConfig | None = None, allow_tf32: bool | None = None):
+                       out=None, lse=None, config: TopkConfig | None = None, allow_tf32: bool | None = None,
+                       sinks=None):
     """Top-k sparse attention forward (DeepSeek Sparse Attention layout; see the module docstring).
 
     Args:
@@ -1097,6 +1109,8 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
         config: force a :class:`TopkConfig` (tests, tuning); default :func:`topk_config`.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
             ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+        sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None (join each row's softmax with no
+            value; ``lse`` includes them, so a row without keys gets out 0 and ``lse = sink``).
 
     Inputs are assumed validated by the caller (``mla.functional``). fp32 inputs use IEEE fp32 products
     (unless TF32 is allowed), fp16 / bf16 tensor-core products with fp32 accumulation; softmax
@@ -1137,6 +1151,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
         T, S, Hkv, KTOP, float(softmax_scale) * LOG2E, 0,
         G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, WRITE_MAXL=return_max_logit,
         DOT=dot_precision(q.dtype, allow_tf32), OFF64=_off64((q, o_buf), (k, v, lse)), **pc,
+        **({} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if o_buf is not out:
@@ -1146,8 +1161,9 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
 
 def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float, causal: bool, *, dlse=None,
                        deterministic=True, dq=None, dk=None, dv=None, configs: dict | None = None,
-                       key_index: KeyMajorIndex | None = None, allow_tf32: bool | None = None):
-    """Top-k sparse attention backward: ``(dq, dk, dv)`` like ``q, k, v``.
+                       key_index: KeyMajorIndex | None = None, allow_tf32: bool | None = None, sinks=None):
+    """Top-k sparse attention backward: ``(dq, dk, dv)`` like ``q, k, v`` (plus ``dsinks`` fp32 ``[Hq]`` when
+    the forward's ``sinks`` are given: :func:`kernels.attention_bwd.sink_grad`, deterministic).
 
     Args:
         do: ``[B, T, Hq, Dv]`` gradient of ``out``; q, k, v, topk_indices, softmax_scale, causal: as given
@@ -1179,6 +1195,9 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     Dv = v.shape[3]
     dev = q.device
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    if done and sinks is not None:  # no kernel: no key (P_sink = 1, delta = 0) or no query
+        no_key = dlse is not None and S == 0
+        return dq, dk, dv, (dlse.float().sum((0, 2)) if no_key else torch.zeros(Hq, device=dev))
     if done:
         return dq, dk, dv
     G = Hq // Hkv
@@ -1285,6 +1304,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     for buf, dst in ((dq_buf, dq), (dk_buf, dk), (dv_buf, dv)):
         if buf is not dst:
             dst.copy_(buf)
+    if sinks is not None:  # the kernels need nothing (lse includes the sink); deterministic torch sum
+        return dq, dk, dv, sink_grad(sinks, lse, delta)
     return dq, dk, dv
 
 
@@ -1323,6 +1344,7 @@ def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_i
         DOT=dot_precision(dtype, False),
         OFF64=off64,
         **_plan_consts(kind, cfg, dk, dv, v_is_k),
+        SINKS=Pointer("fp32"), HAS_SINKS=False,
     )
     return vals
 

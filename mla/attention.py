@@ -379,6 +379,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.qk_rope_head_dim, config.rope_parameters, config.max_position_embeddings
         )
         self.softmax_scale = yarn_softmax_scale(self.qk_head_dim, config.rope_parameters)
+        # Sliding window (HF semantics: the token and the sliding_window - 1 before it) and per-head sinks.
+        w = config.sliding_window
+        self.window_size = (-1, -1) if w is None else (w - 1, 0)
+        self.sinks = nn.Parameter(torch.zeros(H, dtype=torch.float32)) if config.attention_sinks else None
 
     # -- pieces shared with LatentSparseAttention and the transformers integration -------------
     def project_q(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -515,12 +519,21 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError("need_weights / attention_mask are not supported when decoding over a PagedLatentCache")
         return True
 
+    def _sinks(self):
+        """The fp32 ``[H]`` sink logits (the parameter stays fp32 even in a half-precision module) or None."""
+        sinks = getattr(self, "sinks", None)
+        return None if sinks is None else sinks.float()
+
+    def _window(self):
+        return getattr(self, "window_size", (-1, -1))
+
     def _decode(self, q_abs, cache, topk_indices=None):
         """``mla_decode`` of absorbed queries over the pages of ``cache`` (causal per sequence)."""
         out, lse = mla_decode(
             q_abs, cache.kv_cache(self.layer_idx), cache.block_table, cache.cache_seqlens,
             softmax_scale=self.softmax_scale, head_dim_v=self.kv_lora_rank, causal=True,
             topk_indices=topk_indices, backend=self.backend, check_inputs=False, kv_format=cache.kv_format,
+            window_size=self._window(), sinks=self._sinks(),
         )
         return out, resolve_backend(self.backend, q_abs.device, q_abs.dtype)
 
@@ -555,7 +568,8 @@ class MultiHeadLatentAttention(nn.Module):
         q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
         keep = self._key_mask(attention_mask, B, S, q.device)
         res = attention_with_stats(
-            q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=keep, backend=self.backend
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=keep, backend=self.backend,
+            window_size=self._window(), sinks=self._sinks(),
         )
         out = self.finish(res.out, form)
         density = causal_density(T, S) if causal else 1.0
@@ -563,7 +577,7 @@ class MultiHeadLatentAttention(nn.Module):
         if need_weights:
             probs = attention_probs(
                 q.detach(), k.detach(), res.lse.detach(), softmax_scale=self.softmax_scale, causal=causal,
-                attn_mask=keep,
+                attn_mask=keep, window_size=self._window(),
             )
             return out, stats, probs
         return out, stats

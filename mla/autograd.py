@@ -48,10 +48,15 @@ def _no_max(lse: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mla::attention_fwd", mutates_args=())
 def attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool,
+    window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``."""
-    out, lse, max_logit = attention_fwd(q, k, v, softmax_scale, causal, return_max_logit=return_max_logit)
+    """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``;
+    ``window_left/right`` the sliding window (-1 unbounded), ``sinks`` fp32 ``[Hq]`` or None."""
+    out, lse, max_logit = attention_fwd(
+        q, k, v, softmax_scale, causal, return_max_logit=return_max_logit,
+        window_size=(window_left, window_right), sinks=sinks,
+    )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
@@ -64,54 +69,66 @@ def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, return_max_logit):
+def _(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1, window_right=-1, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
 @torch.library.custom_op("mla::attention_bwd", mutates_args=())
 def attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
-    softmax_scale: float, causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense fused backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (contiguous)."""
-    return attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse)
+    softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense fused backward: ``(dq, dk, dv, dsinks)`` shaped like ``q, k, v`` (contiguous) and ``sinks``
+    (an empty tensor without sinks)."""
+    res = attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse,
+                        window_size=(window_left, window_right), sinks=sinks)
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left=-1, window_right=-1, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _dense_setup(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, _ = inputs
+    q, k, v, softmax_scale, causal, _ = inputs[:6]
+    wl, wr, sinks = (tuple(inputs[6:9]) + (-1, -1, None)[len(inputs) - 6:])
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.softmax_scale, ctx.causal, ctx.window = softmax_scale, causal, (wl, wr)
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(max_logit)
 
 
 def _dense_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, ds = attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal, *ctx.window, sinks
+    )
+    grads = (dq, dk, dv, None, None, None, None, None, ds if sinks is not None else None)
+    return grads[: ctx.n_inputs]
 
 
 attention_fwd_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
 class LatentAttentionFunction(torch.autograd.Function):
-    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit)``.
+    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1,
+    window_right=-1, sinks=None)``.
 
     Shapes as ``mla.functional.latent_attention``; returns ``(out, lse, max_logit)`` where
     ``max_logit`` is ``[B, Hq]`` or an empty tensor when not requested. Forward and backward run
-    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops.
+    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops; ``sinks`` (fp32 ``[Hq]``) gets a gradient.
     """
 
     @staticmethod
-    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool):
-        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit)
+    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool,
+                window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None):
+        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit, window_left, window_right, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -128,53 +145,65 @@ class LatentAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("mla::topk_attention_fwd", mutates_args=())
 def topk_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, softmax_scale: float, causal: bool,
-    return_max_logit: bool,
+    return_max_logit: bool, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``."""
+    """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``;
+    ``sinks`` fp32 ``[Hq]`` or None."""
     out, lse, max_logit = topk_attention_fwd(
-        q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit
+        q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit, sinks=sinks
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @topk_attention_fwd_op.register_fake
-def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit):
+def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
 @torch.library.custom_op("mla::topk_attention_bwd", mutates_args=())
 def topk_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, topk_indices: Tensor,
-    dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k sparse backward: ``(dq, dk, dv)``; ``deterministic`` uses the key-major index (no atomics)."""
-    return topk_attention_bwd(
-        dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic
+    dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool, sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k sparse backward: ``(dq, dk, dv, dsinks or [0])``; ``deterministic`` uses the key-major index
+    (no atomics)."""
+    res = topk_attention_bwd(
+        dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic,
+        sinks=sinks,
     )
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @topk_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _topk_setup(ctx, inputs, output):
     q, k, v, topk_indices, softmax_scale, causal, _ = inputs[:7]
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, topk_indices)
+    # The op's inputs end (..., return_max_logit[, sinks]); the Function's (..., deterministic[, sinks]).
+    ctx.deterministic = next((x for x in inputs[7:] if isinstance(x, bool)), True)
+    ctx.sinks_pos = next((i for i in range(7, len(inputs)) if isinstance(inputs[i], Tensor)), None)
+    sinks = inputs[ctx.sinks_pos] if ctx.sinks_pos is not None else None
+    ctx.save_for_backward(q, k, v, out, lse, topk_indices, sinks)
     ctx.softmax_scale, ctx.causal = softmax_scale, causal
-    ctx.deterministic = inputs[7] if len(inputs) > 7 else True
     ctx.mark_non_differentiable(max_logit)
 
 
 def _topk_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, topk_indices = ctx.saved_tensors
+    q, k, v, out, lse, topk_indices, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = topk_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic
+    dq, dk, dv, ds = topk_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
+        sinks,
     )
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
+    grads = [dq, dk, dv] + [None] * (len(ctx.needs_input_grad) - 3)
+    if ctx.sinks_pos is not None:
+        grads[ctx.sinks_pos] = ds
+    return tuple(grads)
 
 
 topk_attention_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
@@ -190,8 +219,8 @@ class TopkAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, topk_indices, softmax_scale: float, causal: bool, return_max_logit: bool,
-                deterministic: bool):
-        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit)
+                deterministic: bool, sinks: Tensor | None = None):
+        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -272,20 +301,21 @@ def block_sparse_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
     q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
     kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices``/``q_partial`` are
     carried for the backward only; ``kv_partial``/``partial_bits``: partial blocks of a FlexAttention mask):
-    ``(out, lse, max_logit or [0])``."""
+    ``(out, lse, max_logit or [0])``; ``sinks`` fp32 ``[Hq]`` or None."""
     out, lse, max_logit = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
-        return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits,
+        return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits, sinks=sinks,
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
 
 
 @block_sparse_attention_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
-      return_max_logit, kv_partial=None, q_partial=None, partial_bits=None):
+      return_max_logit, kv_partial=None, q_partial=None, partial_bits=None, sinks=None):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
@@ -295,39 +325,45 @@ def block_sparse_attention_bwd_op(
     kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
     softmax_scale: float, causal: bool,
     kv_partial: Tensor | None = None, q_partial: Tensor | None = None, partial_bits: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv)``."""
-    return block_sparse_attention_bwd(
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block-sparse backward (deterministic, no atomics): ``(dq, dk, dv, dsinks or [0])``."""
+    res = block_sparse_attention_bwd(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, (block_m, block_n),
         softmax_scale, causal, dlse=dlse, kv_partial=kv_partial, q_partial=q_partial, partial_bits=partial_bits,
+        sinks=sinks,
     )
+    return res if sinks is not None else (*res, _no_max(lse))
 
 
 @block_sparse_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
-      softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None, sinks=None):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _block_setup(ctx, inputs, output):
     q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
-    partial = tuple(inputs[12:15]) + (None,) * (15 - len(inputs))
+    extra = tuple(inputs[12:16]) + (None,) * (16 - len(inputs))
+    partial, sinks = extra[:3], extra[3]
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi)
+    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi, sinks)
     ctx.partial = partial  # (kv_partial, q_partial, partial_bits): integer mask data, no gradient
     ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(max_logit)
 
 
 def _block_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, kvn, kvi, qn, qi = ctx.saved_tensors
+    q, k, v, out, lse, kvn, kvi, qn, qi, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = block_sparse_attention_bwd_op(
+    dq, dk, dv, ds = block_sparse_attention_bwd_op(
         dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
-        *ctx.partial,
+        *ctx.partial, sinks,
     )
-    return (dq, dk, dv) + (None,) * 12
+    return ((dq, dk, dv) + (None,) * 12 + (ds if sinks is not None else None,))[: ctx.n_inputs]
 
 
 block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
@@ -344,10 +380,10 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
                 softmax_scale: float, causal: bool, return_max_logit: bool, kv_partial=None, q_partial=None,
-                partial_bits=None):
+                partial_bits=None, sinks: Tensor | None = None):
         return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
                                              block_m, block_n, softmax_scale, causal, return_max_logit,
-                                             kv_partial, q_partial, partial_bits)
+                                             kv_partial, q_partial, partial_bits, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -365,27 +401,29 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 def decode_op(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
     head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None, kv_fp8: bool = False,
+    sinks: Tensor | None = None, window_left: int = -1,
 ) -> tuple[Tensor, Tensor]:
     """Split-KV decode over a paged latent cache: ``(out [B,Tq,H,Dv], lse fp32 [B,H,Tq])``; ``kv_fp8``: the
-    cache is the uint8 ``fp8_ds_mla`` pool."""
+    cache is the uint8 ``fp8_ds_mla`` pool; ``sinks`` fp32 ``[H]`` or None (added once, in the combine);
+    ``window_left``: sliding window (-1: none)."""
     return mla_decode_fwd(
         q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=causal,
-        topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8,
+        topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8, sinks=sinks, window_left=window_left,
     )
 
 
 @decode_op.register_fake
 def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits,
-      kv_fp8=False):
+      kv_fp8=False, sinks=None, window_left=-1):
     B, Tq, H, _ = q.shape
     return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
-                  topk_indices=None, num_splits=None, kv_fp8=False):
+                  topk_indices=None, num_splits=None, kv_fp8=False, sinks=None, window_left=-1):
     """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
     return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
-                     bool(causal), topk_indices, num_splits, bool(kv_fp8))
+                     bool(causal), topk_indices, num_splits, bool(kv_fp8), sinks, int(window_left))
 
 
 #: Every registered op (for ``torch.library.opcheck`` in the tests).
@@ -402,9 +440,11 @@ OPS = {
 }
 
 
-def kernel_supports(q, k, v, block_mask=None, topk_indices=None) -> str:
+def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1, -1), sinks=None) -> str:
     """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
-    dense, block-sparse and top-k layout runs on the kernels)."""
+    dense, block-sparse and top-k layout runs on the kernels; windows on the dense kernels, sinks on all)."""
+    if (block_mask is not None or topk_indices is not None) and tuple(window_size) != (-1, -1):
+        return "window_size with block_mask / topk_indices runs on backend='reference' only"
     return ""
 
 
@@ -419,6 +459,8 @@ def triton_attention(
     topk_indices: Tensor | None = None,
     return_max_logit: bool = False,
     deterministic: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: Tensor | None = None,
 ):
     """Run the fused kernels with autograd: ``(out, lse, max_logit | None)``. Inputs must be validated.
 
@@ -427,20 +469,28 @@ def triton_attention(
     Raises:
         ValueError: a layout the kernels do not support (see ``kernel_supports``).
     """
-    why = kernel_supports(q, k, v, block_mask, topk_indices)
+    why = kernel_supports(q, k, v, block_mask, topk_indices, window_size, sinks)
     if why:
         raise ValueError(why)
     scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
     if topk_indices is not None:
-        out, lse, ml = TopkAttentionFunction.apply(q, k, v, topk_indices, scale, causal, want_max, bool(deterministic))
+        extra = () if sinks is None else (sinks,)
+        out, lse, ml = TopkAttentionFunction.apply(
+            q, k, v, topk_indices, scale, causal, want_max, bool(deterministic), *extra
+        )
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
-        partial = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
-                   if block_mask.has_partial else ())
+        extra = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
+                 if block_mask.has_partial else ())
+        if sinks is not None:
+            extra = (extra or (None, None, None)) + (sinks,)
         out, lse, ml = BlockSparseAttentionFunction.apply(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            int(bm), int(bn), scale, causal, want_max, *partial,
+            int(bm), int(bn), scale, causal, want_max, *extra,
         )
+    elif tuple(window_size) != (-1, -1) or sinks is not None:
+        wl, wr = (int(w) for w in window_size)
+        out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max, wl, wr, sinks)
     else:
         out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)
     return out, lse, (ml if return_max_logit else None)

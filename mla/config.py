@@ -32,6 +32,11 @@ class MLAConfig:
     ``rope_parameters``: transformers-style dict (``rope_type`` ``"default"``/``"yarn"``, ``rope_theta``,
     YaRN keys). ``rope_interleave``: DeepSeek's interleaved rotary layout.
 
+    ``sliding_window`` (transformers' name, gpt-oss / DeepSeek-V4): None, or each token attends to itself
+    and the ``sliding_window - 1`` tokens before it (``window_size = (sliding_window - 1, 0)``).
+    ``attention_sinks``: one learnable fp32 sink logit per head (the module's ``sinks`` parameter, as
+    gpt-oss / DeepSeek-V4 name it) joins every softmax with no value.
+
     Sparse attention (``LatentSparseAttention``): ``sparse_block_size`` tokens per block,
     ``num_sink_blocks``, ``num_local_blocks``, ``topk_blocks``; lightning indexer ``index_n_heads``,
     ``index_head_dim``, ``index_topk`` (DeepSeek-V3.2 names).
@@ -60,6 +65,8 @@ class MLAConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    attention_sinks: bool = False
     # sparse attention
     sparse_block_size: int = 64
     num_sink_blocks: int = 1
@@ -116,6 +123,12 @@ class MLAConfig:
             raise ValueError(f"MLAConfig.rope_parameters: rope_type {kind!r} not supported ('default' or 'yarn')")
         if kind == "yarn" and "factor" not in self.rope_parameters:
             raise ValueError("MLAConfig.rope_parameters: YaRN needs 'factor'")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(f"MLAConfig.sliding_window: expected None or a positive int, got {self.sliding_window!r}")
+        if not isinstance(self.attention_sinks, bool):
+            raise ValueError(f"MLAConfig.attention_sinks: expected a bool, got {self.attention_sinks!r}")
         for name in ("num_sink_blocks", "num_local_blocks", "topk_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MLAConfig.{name}: expected >= 0, got {getattr(self, name)}")

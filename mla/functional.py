@@ -153,8 +153,35 @@ def _check_attn_mask(attn_mask, B: int, Hq: int, T: int, S: int, device) -> None
         )
 
 
+def check_window_size(window_size) -> tuple[int, int]:
+    """``window_size`` as a pair of ints ``>= -1`` (``-1`` = unbounded); raises ValueError naming it."""
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size
+    )
+    if not ok:
+        raise ValueError(
+            f"window_size: expected a pair (left, right) of ints >= -1 (-1 = unbounded), got {window_size!r}"
+        )
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_sinks(sinks, H: int, device) -> None:
+    """``sinks``: float32 ``[H]`` on ``device`` (one logit per query head); raises ValueError naming it."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks: expected a float32 torch.Tensor [Hq={H}], got {type(sinks).__name__}")
+    if sinks.dtype != torch.float32:
+        raise ValueError(f"sinks: expected dtype float32 (one logit per query head), got {sinks.dtype}")
+    if tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks: expected shape [Hq] = [{H}], got {list(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks: on device {sinks.device}, but q is on {device}")
+
+
 def _validate(
-    q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
+    q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices,
+    window_size=(-1, -1), sinks=None,
 ) -> tuple[float, str, torch.Tensor | None, BlockMask | None]:
     _check_qkv(q, k, v, ("[B, T, Hq, Dk]", "[B, S, Hkv, Dk]", "[B, S, Hkv, Dv]"))
     B, T, Hq, Dk = q.shape
@@ -186,11 +213,13 @@ def _validate(
         topk_indices = check_topk_indices(topk_indices, B, T, Hkv, S, q.device, check_values=check_indices)
     if attn_mask is not None:
         _check_attn_mask(attn_mask, B, Hq, T, S, q.device)
+    window_size = check_window_size(window_size)
+    check_sinks(sinks, Hq, q.device)
     path = resolve_backend(backend, q.device, q.dtype)
     if path == "triton":
         from mla.autograd import kernel_supports
 
-        why = kernel_supports(q, k, v, block_mask, topk_indices)
+        why = kernel_supports(q, k, v, block_mask, topk_indices, window_size, sinks)
         if why:
             if backend == "triton":
                 raise ValueError(f"backend='triton': {why}")
@@ -220,6 +249,8 @@ def attention_with_stats(
     check_indices: bool = True,
     deterministic: bool = True,
     lse_grad: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
 ) -> AttentionResult:
     """``latent_attention`` that also returns ``lse``, the per-head max logit and the backend used.
 
@@ -232,20 +263,23 @@ def attention_with_stats(
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     scale, path, topk_indices, block_mask = _validate(
-        q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices
+        q, k, v, causal, softmax_scale, block_mask, topk_indices, attn_mask, backend, check_indices,
+        window_size, sinks,
     )
+    window_size = tuple(int(w) for w in window_size)
     if path == "triton":
         from mla.autograd import triton_attention
 
         out, lse, max_logit = triton_attention(
             q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
             topk_indices=topk_indices, return_max_logit=return_max_logit, deterministic=deterministic,
+            window_size=window_size, sinks=sinks,
         )
     else:
         out, lse, max_logit = _ref.attention_reference(
             q, k, v, causal=causal, softmax_scale=scale, block_mask=block_mask,
             topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=return_max_logit,
-            lse_grad=lse_grad,
+            lse_grad=lse_grad, window_size=window_size, sinks=sinks,
         )
     return AttentionResult(out, lse, max_logit, path)
 
@@ -264,6 +298,8 @@ def latent_attention(
     attn_mask: torch.Tensor | None = None,
     check_indices: bool = True,
     deterministic: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
 ):
     """Fused latent attention ``softmax(q·kᵀ·softmax_scale) · v`` (DESIGN §3–4).
 
@@ -292,16 +328,26 @@ def latent_attention(
             consistent). Eager only: under ``torch.compile`` the value checks are skipped.
         deterministic: top-k backward on the kernels: True (default) builds a key-major index with a sort
             and accumulates dK/dV without atomics (bitwise reproducible); False uses fp32 atomics (faster).
+        window_size: ``(left, right)`` sliding window, ``-1`` = unbounded on that side (FlashAttention
+            semantics, bottom-right aligned like ``causal``): query ``i`` sees key ``j`` iff
+            ``i + S - T - left <= j <= i + S - T + right``; ``causal=True`` is ``right = 0``. Combined with
+            the other masks. Key blocks wholly outside the window are skipped by the dense kernels.
+        sinks: float32 ``[Hq]`` attention-sink logits (gpt-oss, DeepSeek-V4; transformers' ``s_aux``):
+            each row's softmax includes ``exp(sinks[h])`` in its denominator with no value, so
+            ``out = Σ_j exp(s_j − lse) v_j`` with ``lse = log(exp(sinks[h]) + Σ_j exp(s_j))`` — the
+            returned ``lse`` includes the sink term. Differentiable:
+            ``d sinks[h] = −Σ_rows P_sink · rowsum(dO · O)`` (plus the ``lse`` gradient's share).
 
     Returns:
         ``out [B, T, Hq, Dv]`` in the input dtype, or ``(out, lse)`` with ``return_lse``. A row that
-        sees no key gives ``out = 0``, ``lse = +inf`` and zero gradients.
+        sees no key gives ``out = 0``, ``lse = +inf`` (``lse = sinks[h]`` with sinks) and zero gradients.
 
     Raises:
         TypeError: non-tensor inputs, non-float or mismatched dtypes, wrong index dtype.
         ValueError: wrong ranks or shapes, mismatched batch / heads / head dims / devices,
             ``Hq % Hkv != 0``, bad ``softmax_scale``, both ``block_mask`` and ``topk_indices``, index
-            values out of range, or an unavailable backend.
+            values out of range, ``window_size`` not a pair of ints >= -1, ``sinks`` not float32 ``[Hq]``,
+            or an unavailable backend.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
@@ -309,6 +355,7 @@ def latent_attention(
         q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask,
         topk_indices=topk_indices, attn_mask=attn_mask, return_max_logit=False, backend=backend,
         check_indices=check_indices, deterministic=deterministic, lse_grad=return_lse,
+        window_size=window_size, sinks=sinks,
     )
     return (res.out, res.lse) if return_lse else res.out
 
@@ -430,15 +477,18 @@ def attention_probs(
     block_mask: BlockMask | None = None,
     topk_indices: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Exact attention probabilities ``exp(S - lse)`` recomputed from a kernel's ``lse``.
 
     Args:
-        q ``[B, T, Hq, Dk]``, k ``[B, S, Hkv, Dk]``, lse ``[B, Hq, T]``; masks as in ``latent_attention``.
+        q ``[B, T, Hq, Dk]``, k ``[B, S, Hkv, Dk]``, lse ``[B, Hq, T]``; masks (and ``window_size``) as in
+        ``latent_attention``.
 
     Returns:
         ``[B, Hq, T, S]`` float32 (float64 for float64 inputs); rows sum to 1, or are all 0 where the
-        row sees no key. Materialises ``T × S`` per head: meant for ``need_weights`` and tests.
+        row sees no key (with sinks, an ``lse`` that includes them, rows sum to ``1 − P_sink``).
+        Materialises ``T × S`` per head: meant for ``need_weights`` and tests.
     """
     B, T, Hq, Dk = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -449,6 +499,8 @@ def attention_probs(
     if causal:
         rows = torch.arange(T, device=q.device)[:, None]
         keep = keep & (torch.arange(S, device=q.device)[None, :] <= rows + (S - T))
+    if tuple(window_size) != (-1, -1):
+        keep = keep & _ref.window_keep(0, T, T, S, tuple(window_size), q.device)
     if block_mask is not None:
         keep = keep & as_block_mask(block_mask).to_element_mask()
     if topk_indices is not None:
@@ -466,14 +518,20 @@ def attention_probs(
 # ---------------------------------------------------------------------------------------------------
 # Decode over a paged latent cache
 # ---------------------------------------------------------------------------------------------------
-def _decode_keep_mask(cache_seqlens, S: int, Tq: int, causal: bool, topk_indices):
-    """Bool ``[B, 1, Tq, S]``: key ``s`` exists (``s < L``), causal per sequence, listed by top-k."""
+def _decode_keep_mask(cache_seqlens, S: int, Tq: int, causal: bool, topk_indices, window_size=(-1, -1)):
+    """Bool ``[B, 1, Tq, S]``: key ``s`` exists (``s < L``), causal / windowed per sequence (bottom-right:
+    query ``j`` sits at position ``L − Tq + j``), listed by top-k."""
     L = cache_seqlens.long()[:, None, None]
     s = torch.arange(S, device=cache_seqlens.device)[None, None, :]
     keep = s < L
+    j = torch.arange(Tq, device=cache_seqlens.device)[None, :, None]
     if causal:
-        j = torch.arange(Tq, device=cache_seqlens.device)[None, :, None]
         keep = keep & (s <= L - Tq + j)
+    left, right = window_size
+    if left >= 0:
+        keep = keep & (s >= L - Tq + j - left)
+    if right >= 0:
+        keep = keep & (s <= L - Tq + j + right)
     if topk_indices is not None:
         idx = topk_indices.long()
         idx = torch.where((idx < 0) | (idx >= S), S, idx)
@@ -517,6 +575,8 @@ def mla_decode(
     backend: str = "auto",
     check_inputs: bool = True,
     kv_format: str | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
 ):
     """MLA decode: a few query tokens per sequence attend over a paged latent cache (DESIGN §4 "Decode").
 
@@ -546,6 +606,10 @@ def mla_decode(
         kv_format: ``None`` (rows in ``q``'s dtype) or ``"fp8_ds_mla"`` (needs ``head_dim_v``, a multiple
             of 128; ``PagedLatentCache(kv_format="fp8_ds_mla")`` writes it). The reference dequantizes the
             gathered rows to ``q``'s dtype (exact ``code · scale`` in fp32, as the kernel computes it).
+        window_size: ``(left, right)`` sliding window per sequence (``-1`` unbounded), bottom-right aligned:
+            query ``j`` sits at position ``L − Tq + j`` and sees keys ``L − Tq + j − left … L − Tq + j + right``
+            (a DeepSeek-V4 step with ``(127, 0)`` reads the last 128 positions only).
+        sinks: float32 ``[H]`` attention-sink logits (see ``latent_attention``); ``lse`` includes them.
 
     Returns:
         ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
@@ -613,6 +677,8 @@ def mla_decode(
     scale = _check_scale(softmax_scale, Dk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    window_size = check_window_size(window_size)
+    check_sinks(sinks, H, q.device)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_DECODE_SPLITS):
         raise ValueError(f"num_splits: expected None or an int in [1, {MAX_DECODE_SPLITS}], got {num_splits!r}")
@@ -654,12 +720,20 @@ def mla_decode(
                 raise ValueError(f"topk_indices: duplicate key position in row (b, t) = {where}; each row "
                                  f"must list a cached position once")
     path = resolve_backend(backend, q.device, q.dtype)
+    win_left, win_right = window_size
+    if causal:  # FlashAttention: causal is right = 0
+        win_right = 0 if win_right < 0 else min(win_right, 0)
+    if path == "triton" and window_size != (-1, -1) and (topk_indices is not None or win_right > 0):
+        if backend == "triton":
+            raise ValueError("backend='triton': window_size in decode runs on the kernel without topk_indices "
+                             "and with right in {-1, 0} (or causal); use backend='reference'")
+        path = "reference"
     if path == "triton":
         from mla.autograd import triton_decode
 
         out, lse = triton_decode(
-            q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal, topk_indices=topk_indices,
-            num_splits=num_splits, kv_fp8=fp8,
+            q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal or win_right == 0,
+            topk_indices=topk_indices, num_splits=num_splits, kv_fp8=fp8, sinks=sinks, window_left=win_left,
         )
     else:
         # Every position the table addresses (masked past each length): a shape, not a value, so the
@@ -669,6 +743,6 @@ def mla_decode(
         if fp8:  # code · scale exactly in fp32, then q's dtype (what the kernel computes in registers)
             rows = dequantize_fp8_ds_mla(rows, Dv, Dk - Dv, torch.float32).to(q.dtype)
         k = rows[:, :, None, :]
-        keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices)
-        out, lse, _ = _ref.attention_reference(q, k, k[..., :Dv], softmax_scale=scale, attn_mask=keep)
+        keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices, window_size)
+        out, lse, _ = _ref.attention_reference(q, k, k[..., :Dv], softmax_scale=scale, attn_mask=keep, sinks=sinks)
     return (out, lse) if return_lse else out

@@ -5,6 +5,10 @@ The math follows DESIGN §3–4 (FlashAttention-2 conventions, Dao 2023, arXiv 2
 * scores ``S = (q · kᵀ) · softmax_scale`` with ``q [B,T,Hq,Dk]``, ``k [B,S,Hkv,Dk]``; query head ``h``
   reads kv head ``h // (Hq / Hkv)`` (GQA/MQA);
 * causal masking is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + S - T``;
+* a sliding window ``(left, right)`` (FlashAttention semantics, ``-1`` unbounded, bottom-right aligned)
+  keeps key ``j`` for query ``i`` iff ``i + S - T - left <= j <= i + S - T + right``;
+* optional attention sinks (one logit per query head, gpt-oss / DeepSeek-V4) join every row's softmax
+  with no value: ``p_j = exp(s_j - lse)``, ``lse = log(exp(sink_h) + Σ_j exp(s_j))``;
 * optional block mask (``mla.sparsity.BlockMask``), top-k key lists (``-1`` lanes ignored) and a dense
   element mask / additive bias restrict or shift the scores;
 * ``lse = log Σ exp(S)`` in natural log; a row that sees no key returns output 0, ``lse = +inf`` and
@@ -30,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mla.sparsity import as_block_mask
 
-__all__ = ["attention_reference", "attention_reference_varlen", "compute_dtype", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["attention_reference", "attention_reference_varlen", "compute_dtype", "window_keep",
+           "DEFAULT_CHUNK_ELEMENTS"]
 
 #: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -56,6 +61,7 @@ def _allowed_chunk(
     G: int,
     device: torch.device,
     causal: bool,
+    window: tuple[int, int] | None,
     block_grid: torch.Tensor | None,
     block_size: tuple[int, int] | None,
     topk_indices: torch.Tensor | None,
@@ -71,6 +77,8 @@ def _allowed_chunk(
         rows = torch.arange(t0, t1, device=device)[:, None]
         cols = torch.arange(S, device=device)[None, :]
         allowed = _and(allowed, (cols <= rows + (S - T))[None, None, None])
+    if window is not None:
+        allowed = _and(allowed, window_keep(t0, t1, T, S, window, device)[None, None, None])
     if block_grid is not None:
         bm, bn = block_size
         qb = torch.arange(t0, t1, device=device) // bm
@@ -96,6 +104,19 @@ def _allowed_chunk(
             m = rearrange(m, "b (hk g) c s -> b hk g c s", g=G)
         allowed = _and(allowed, m)
     return allowed
+
+
+def window_keep(t0: int, t1: int, T: int, S: int, window: tuple[int, int], device=None) -> torch.Tensor:
+    """Bool ``[t1 - t0, S]``: query rows ``t0:t1`` see key ``j`` iff
+    ``i + S - T - left <= j <= i + S - T + right`` (``-1``: that side unbounded; FlashAttention semantics)."""
+    left, right = window
+    d = torch.arange(S, device=device)[None, :] - torch.arange(t0, t1, device=device)[:, None] - (S - T)
+    keep = torch.ones_like(d, dtype=torch.bool)
+    if left >= 0:
+        keep = keep & (d >= -left)
+    if right >= 0:
+        keep = keep & (d <= right)
+    return keep
 
 
 def _sdpa_cpu(q, k, v, causal: bool, scale: float):
@@ -144,10 +165,11 @@ def _sdpa_cpu(q, k, v, causal: bool, scale: float):
     return (out[..., :Dv].contiguous() if Dv < D else out), lse.detach()
 
 
-def _chunk_forward(q, k, v, allowed, bias, scale: float):
-    """One query chunk. q [B,c,Hkv,G,Dk], k [B,S,Hkv,Dk], v [B,S,Hkv,Dv] (compute dtype).
+def _chunk_forward(q, k, v, allowed, bias, scale: float, sinks=None):
+    """One query chunk. q [B,c,Hkv,G,Dk], k [B,S,Hkv,Dk], v [B,S,Hkv,Dv] (compute dtype);
+    sinks None or [Hkv, G] (compute dtype).
 
-    Returns out [B,c,Hkv,G,Dv], lse [B,Hkv,G,c], row max [B,Hkv,G,c] (-inf where empty).
+    Returns out [B,c,Hkv,G,Dv], lse [B,Hkv,G,c], row max [B,Hkv,G,c] of the scores (-inf where empty).
     """
     s = torch.einsum("bchgd,bshd->bhgcs", q, k) * scale
     if bias is not None:
@@ -156,9 +178,12 @@ def _chunk_forward(q, k, v, allowed, bias, scale: float):
         s = s.masked_fill(~allowed, float("-inf"))
     # The running max is only a stabiliser: detaching it keeps gradients exact and NaN-free.
     m = s.detach().amax(dim=-1, keepdim=True)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m_stab = m if sinks is None else torch.maximum(m, sinks.detach()[None, :, :, None, None])
+    m_safe = torch.where(torch.isfinite(m_stab), m_stab, torch.zeros_like(m_stab))
     e = torch.exp(s - m_safe)
     denom = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:  # the sink joins the normaliser only (it carries no value)
+        denom = denom + torch.exp(sinks[None, :, :, None, None] - m_safe)
     empty = denom == 0
     denom = torch.where(empty, torch.ones_like(denom), denom)
     p = e / denom
@@ -178,6 +203,8 @@ def attention_reference(
     block_mask=None,
     topk_indices: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_max_logit: bool = False,
     lse_grad: bool = True,
@@ -197,6 +224,12 @@ def attention_reference(
         topk_indices: int ``[B, T, Hkv, K]``, key positions in ``[0, S)`` or ``-1`` (ignored).
         attn_mask: bool keep-mask (True = attend) or float additive bias, broadcastable to
             ``[B, Hq, T, S]``. A float ``-inf`` entry removes the key like a False entry.
+        window_size: ``(left, right)`` sliding window, ``-1`` = unbounded on that side (FlashAttention
+            semantics, bottom-right aligned): query ``i`` sees key ``j`` iff
+            ``i + S - T - left <= j <= i + S - T + right``; combined (AND) with every other mask.
+        sinks: ``[Hq]`` attention-sink logits (float32; gradients flow to them): each row's softmax
+            includes ``exp(sinks[h])`` in its denominator, with no value. ``lse`` then includes the sink
+            term, and a row with no visible key gives output 0 and ``lse = sinks[h]`` (finite).
         chunk_size: query rows per chunk (default: so that ``chunk × S × Hq ≤ 2**24`` scores).
         return_max_logit: also return the per-(batch, head) maximum visible scaled score.
         lse_grad: gradients may flow through the returned ``lse`` (False when the caller discards it).
@@ -207,7 +240,8 @@ def attention_reference(
 
     Returns:
         ``(out, lse, max_logit)``: ``out [B, T, Hq, Dv]`` in ``q.dtype``; ``lse [B, Hq, T]`` float32
-        (float64 for float64 inputs), ``+inf`` for rows with no visible key; ``max_logit [B, Hq]``
+        (float64 for float64 inputs), ``+inf`` for rows with no visible key (without sinks; with sinks it
+        includes the sink term); ``max_logit [B, Hq]`` (of the scores; sinks excluded)
         (``-inf`` for heads that see nothing) or None. Inputs are assumed validated
         (``mla.functional.latent_attention`` does that); shapes that do not fit raise from torch.
     """
@@ -221,17 +255,23 @@ def attention_reference(
     device = q.device
     stat_dtype = torch.float64 if cdt == torch.float64 else torch.float32
 
+    window = None if tuple(window_size) == (-1, -1) else tuple(int(w) for w in window_size)
+    sink_c = None if sinks is None else rearrange(sinks.to(cdt), "(hk g) -> hk g", g=G)
     if T == 0 or S == 0:
         out = q.new_zeros(B, T, Hq, Dv)
         lse = torch.full((B, Hq, T), math.inf, dtype=stat_dtype, device=device)
         ml = torch.full((B, Hq), -math.inf, dtype=stat_dtype, device=device) if return_max_logit else None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        tensors = (q, k, v) + (() if sinks is None else (sinks,))
+        if sinks is not None:  # no key: the sink takes the whole row (lse = sink, output 0)
+            lse = sinks.to(stat_dtype)[None, :, None].expand(B, Hq, T)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             # Keep the graph connected so that backward yields zero gradients rather than None.
-            out = out + 0 * (q.sum() + k.sum() + v.sum()).to(out.dtype)
+            out = out + 0 * sum(t.sum() for t in tensors).to(out.dtype)
         return out, lse, ml
 
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if (fused_cpu and device.type == "cpu" and q.dtype == torch.float32 and block_mask is None
+            and window is None and sink_c is None
             and topk_indices is None and attn_mask is None and chunk_size is None and not return_max_logit
             and not (grads and lse_grad) and not torch.compiler.is_compiling()):
         fused = _sdpa_cpu(q, k, v, causal, scale)
@@ -265,7 +305,8 @@ def attention_reference(
     rows = _chunk_rows(T, S, Hq, chunk_size)
     n_chunks = math.ceil(T / rows)
     use_ckpt = n_chunks > 1 and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v) + ((bias,) if bias is not None else ())
+        t.requires_grad
+        for t in (q, k, v) + ((bias,) if bias is not None else ()) + ((sinks,) if sinks is not None else ())
     )
 
     # One chunk needs no Python loop over T: under torch.compile a dynamic T then stays symbolic
@@ -274,7 +315,7 @@ def attention_reference(
     outs, lses, maxes = [], [], []
     for t0, t1 in bounds:
         allowed = _allowed_chunk(
-            t0, t1, T, S, Hkv, G, device, causal, block_grid, block_size, topk_indices, bool_mask
+            t0, t1, T, S, Hkv, G, device, causal, window, block_grid, block_size, topk_indices, bool_mask
         )
         b_chunk = None
         if bias is not None:
@@ -286,10 +327,10 @@ def attention_reference(
             )
         if use_ckpt:
             o, lse, m = checkpoint(
-                _chunk_forward, qc[:, t0:t1], kc, vc, allowed, b_chunk, scale, use_reentrant=False
+                _chunk_forward, qc[:, t0:t1], kc, vc, allowed, b_chunk, scale, sink_c, use_reentrant=False
             )
         else:
-            o, lse, m = _chunk_forward(qc[:, t0:t1], kc, vc, allowed, b_chunk, scale)
+            o, lse, m = _chunk_forward(qc[:, t0:t1], kc, vc, allowed, b_chunk, scale, sink_c)
         outs.append(o)
         lses.append(lse)
         if return_max_logit:

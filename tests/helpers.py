@@ -18,10 +18,24 @@ def causal_keep(T: int, S: int, device=None) -> torch.Tensor:
     return j <= i + (S - T)
 
 
-def full_attention(q, k, v, scale, keep=None):
+def window_keep_oracle(T: int, S: int, left: int, right: int) -> torch.Tensor:
+    """``[T, S]`` bool: FlashAttention window, query i sees key j iff
+    ``i + S - T - left <= j <= i + S - T + right`` (-1 = unbounded), written element by element."""
+    keep = torch.zeros(T, S, dtype=torch.bool)
+    for i in range(T):
+        for j in range(S):
+            lo_ok = left < 0 or j >= i + S - T - left
+            hi_ok = right < 0 or j <= i + S - T + right
+            keep[i, j] = lo_ok and hi_ok
+    return keep
+
+
+def full_attention(q, k, v, scale, keep=None, sinks=None):
     """float64 ``(out [B,T,Hq,Dv], lse [B,Hq,T])`` with ``keep`` broadcastable to ``[B,Hq,T,S]``.
 
-    Rows with no kept key give out 0 and lse +inf.
+    Rows with no kept key give out 0 and lse +inf. ``sinks [Hq]``: an extra score column per head with a
+    zero value (its probability mass leaves the output), included in ``lse``; then empty rows give
+    out 0 and lse = sink. Differentiable in q, k, v and sinks.
     """
     q, k, v = q.double(), k.double(), v.double()
     G = q.shape[2] // k.shape[2]
@@ -30,6 +44,11 @@ def full_attention(q, k, v, scale, keep=None):
     s = torch.einsum("bthd,bshd->bhts", q, kk) * scale
     if keep is not None:
         s = s.masked_fill(~keep, -math.inf)
+    if sinks is not None:
+        B, H, T, _ = s.shape
+        col = sinks.double()[None, :, None, None].expand(B, H, T, 1)
+        s = torch.cat([s, col], dim=-1)
+        vv = torch.cat([vv, vv.new_zeros(vv.shape[0], 1, *vv.shape[2:])], dim=1)
     lse = torch.logsumexp(s, dim=-1)
     empty = torch.isneginf(lse)
     p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])

@@ -123,8 +123,22 @@ def _op_args():
                            0.25, True)),
         ("attention_bwd", (r(*out.shape), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                            r(*lse.shape), 0.25, True)),
+    ]
+    # Sliding window (2, 1) and attention sinks (issue 14); sinks get a gradient.
+    sinks = r(4, grad=True)
+    out_w, lse_w, _ = autograd.OPS["attention_fwd"](q, k, v, 0.25, False, False, 2, 1, sinks)
+    cases += [
+        ("attention_fwd", (q, k, v, 0.25, False, True, 2, 1, sinks)),
+        ("attention_fwd", (q, k, v, 0.25, True, False, 3, -1, None)),
+        ("attention_bwd", (r(*out.shape), q.detach(), k.detach(), v.detach(), out_w.detach(), lse_w.detach(),
+                           r(*lse_w.shape), 0.25, False, 2, 1, sinks.detach())),
+    ]
+    cases += [
         ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 16, False, None, None)),
+        ("decode", (r(2, 1, 4, 24), r(4, 8, 1, 24), torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
+                    torch.tensor([13, 0], dtype=torch.int32, device=DEVICE), 0.2, 16, True, None, 2, False,
+                    r(4))),  # attention sinks (issue 14), split-KV with an empty sequence
         ("decode", (r(2, 1, 4, 160), quantize_fp8_ds_mla(r(4, 8, 1, 160), 128),  # FP8 (fp8_ds_mla) cache
                     torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE),
                     torch.tensor([13, 5], dtype=torch.int32, device=DEVICE), 0.2, 128, True, None, None, True)),
@@ -150,6 +164,13 @@ def _op_args():
         ("topk_attention_bwd", (r(*out_t.shape), qt.detach(), kt.detach(), vt.detach(), out_t.detach(),
                                 lse_t.detach(), idx, None, 0.25, False, False)),
     ]
+    sinks_t = r(2, grad=True)  # attention sinks (issue 14)
+    out_ts, lse_ts, _ = autograd.OPS["topk_attention_fwd"](qt, kt, vt, idx, 0.25, True, False, sinks_t)
+    cases += [
+        ("topk_attention_fwd", (qt, kt, vt, idx, 0.25, True, False, sinks_t)),
+        ("topk_attention_bwd", (r(*out_ts.shape), qt.detach(), kt.detach(), vt.detach(), out_ts.detach(),
+                                lse_ts.detach(), idx, r(*lse_ts.shape), 0.25, True, True, sinks_t.detach())),
+    ]
     from mla.sparsity import block_mask_from_dense
 
     # Blocks (2, 3) over T=5, S=7: per-head lists (heads of a kv group differ) and one broadcast list;
@@ -160,6 +181,13 @@ def _op_args():
         bmask = block_mask_from_dense(hm_grid.to(DEVICE), (2, 3), (5, 7))
         mt = (bmask.kv_num_blocks, bmask.kv_indices, bmask.q_num_blocks, bmask.q_indices, 2, 3)
         out_b, lse_b, _ = autograd.OPS["block_sparse_attention_fwd"](q, k, v, *mt, 0.25, causal, False)
+        if causal:  # with attention sinks (issue 14)
+            out_s, lse_s, _ = autograd.OPS["block_sparse_attention_fwd"](q, k, v, *mt, 0.25, causal, False, sinks)
+            cases += [
+                ("block_sparse_attention_fwd", (q, k, v, *mt, 0.25, causal, False, sinks)),
+                ("block_sparse_attention_bwd", (r(*out_s.shape), q.detach(), k.detach(), v.detach(), out_s.detach(),
+                                                lse_s.detach(), *mt[:4], None, 2, 3, 0.25, causal, sinks.detach())),
+            ]
         cases += [
             ("block_sparse_attention_fwd", (q, k, v, *mt, 0.25, causal, True)),
             ("block_sparse_attention_bwd", (r(*out_b.shape), q.detach(), k.detach(), v.detach(), out_b.detach(),
@@ -213,3 +241,24 @@ def test_checked_indices_compile_fullgraph(layout):
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k: latent_attention(q, k, k, causal=True, **kw), fullgraph=True, backend="aot_eager")
     assert rel_err(fn(q, k), latent_attention(q, k, k, causal=True, **kw)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_window_sinks_compile_fullgraph(backend):
+    """window_size and sinks (issue 14) trace with fullgraph=True, forward and sink gradient."""
+    from mla import latent_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 12, 2, 16, generator=g).to(DEVICE), torch.randn(1, 12, 1, 16, generator=g).to(DEVICE)
+    sinks = torch.randn(2, generator=g).to(DEVICE).requires_grad_(True)
+
+    def f(q, k, sinks):
+        return latent_attention(q, k, k[..., :8], causal=True, window_size=(3, 0), sinks=sinks, backend=backend)
+
+    torch._dynamo.reset()
+    fn = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = fn(q, k, sinks)
+    (gs,) = torch.autograd.grad(out.sum(), sinks)
+    ref = f(q, k, sinks)
+    (gr,) = torch.autograd.grad(ref.sum(), sinks)
+    assert rel_err(out, ref) < 1e-6 and rel_err(gs, gr) < 1e-5
