@@ -345,23 +345,21 @@ def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indice
 
 def _block_setup(ctx, inputs, output):
     q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
-    extra = tuple(inputs[12:16]) + (None,) * (16 - len(inputs))
-    partial, sinks = extra[:3], extra[3]
+    extra = tuple(inputs[12:16]) + (None,) * (16 - len(inputs))  # kv_partial, q_partial, partial_bits, sinks
     out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi, sinks)
-    ctx.partial = partial  # (kv_partial, q_partial, partial_bits): integer mask data, no gradient
+    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi, *extra)
     ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(max_logit)
 
 
 def _block_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, kvn, kvi, qn, qi, sinks = ctx.saved_tensors
+    q, k, v, out, lse, kvn, kvi, qn, qi, kv_part, q_part, bits, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, ds = block_sparse_attention_bwd_op(
         dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
-        *ctx.partial, sinks,
+        kv_part, q_part, bits, sinks,
     )
     return ((dq, dk, dv) + (None,) * 12 + (ds if sinks is not None else None,))[: ctx.n_inputs]
 
@@ -481,9 +479,7 @@ def triton_attention(
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
         extra = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
-                 if block_mask.has_partial else ())
-        if sinks is not None:
-            extra = (extra or (None, None, None)) + (sinks,)
+                 if block_mask.has_partial else (None, None, None)) + (sinks,)
         out, lse, ml = BlockSparseAttentionFunction.apply(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
             int(bm), int(bn), scale, causal, want_max, *extra,
