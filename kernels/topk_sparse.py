@@ -1358,6 +1358,7 @@ class _ParamView:
         from types import SimpleNamespace
 
         raw = getattr(fn, "fn", fn)
+        self.fn = raw  # the Python function: kernels._compile.spec_args reads its defaults
         self.__name__ = raw.__name__
         self.params = [SimpleNamespace(name=n, is_constexpr="constexpr" in str(p.annotation))
                        for n, p in inspect.signature(raw).parameters.items()]
