@@ -322,9 +322,9 @@ def test_launchers_use_pinned_configs_and_never_autotune(clean_tuning, monkeypat
         monkeypatch.setattr(m, "compiled_launch", lambda q: True)
         monkeypatch.setattr(m, "_device_arch", lambda device: 80)
     fixed, tuned = [], []
-    monkeypatch.setattr(attention_fwd, "_launch", lambda *a: fixed.append(a[9]))
-    monkeypatch.setattr(attention_fwd, "_launch_autotuned", lambda *a: tuned.append("fwd"))
-    monkeypatch.setattr(attention_bwd, "_launch_bwd", lambda *a: fixed.append((a[14], a[15])))
+    monkeypatch.setattr(attention_fwd, "_launch", lambda *a, **kw: fixed.append(a[9]))
+    monkeypatch.setattr(attention_fwd, "_launch_autotuned", lambda *a, **kw: tuned.append("fwd"))
+    monkeypatch.setattr(attention_bwd, "_launch_bwd", lambda *a, **kw: fixed.append((a[14], a[15])))
     monkeypatch.setattr(block_sparse, "launch", lambda kernel, grid, *a, **kw: (
         tuned.append("bs") if hasattr(kernel, "configs") else fixed.append(kw.get("BLOCK_M"))))
     q = torch.randn(1, 8, 2, 64)
