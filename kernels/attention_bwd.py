@@ -32,25 +32,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernels import tuning
+from kernels._common import (
+    LOG2E,
+    bwd_outputs,
+    compiled_launch,
+    device_arch,
+    dot_precision,
+    dtype_name,
+    is_prefix_alias,
+    launch,
+    next_pow2,
+)
 from kernels._config import HAS_TRITON, CompileSpec
-from kernels._launch import dot_precision, launch
 from kernels.attention_fwd import (
     DENSE_MASK_ARGS,
-    LOG2E,
     SPEC_DTYPES,
     SPEC_SHAPES,
     SPEC_TF32_SHAPES,
     SPEC_WINDOW_DTYPES,
     SPEC_WINDOW_SHAPES,
-    _device_arch,
     arch_family,
-    bwd_outputs,
-    compiled_launch,
-    dtype_name,
     head_class,
     head_plan,
-    is_prefix_alias,
-    next_pow2,
     window_sink_consts,
     window_spec_values,
     window_tile_suffix,
@@ -823,7 +826,7 @@ def attention_bwd(do, q, k, v, out, lse, softmax_scale: float, causal: bool, *,
             deterministic choice (:mod:`kernels.tuning`), else autotune on GPU; a single small
             config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
-            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._common.dot_precision`).
         window_size, sinks: as in the forward. The kernels need no sink term (``lse`` includes it, so
             ``P = exp(S - lse)`` already excludes the sink's share); the sink gradient is returned.
 
@@ -873,7 +876,7 @@ def sink_grad(sinks, lse, delta):
 def _pinned_configs(q, v, dkdv_config, dq_config, v_is_k: bool):
     """The given configs, else a pinned or deterministic choice (:mod:`kernels.tuning`; None: autotune)."""
     Dk, Dv = q.shape[-1], v.shape[-1]
-    arch, dtype, cls = _device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
+    arch, dtype, cls = device_arch(q.device), dtype_name(q.dtype), head_class(Dk, Dv)
     if dkdv_config is None:
         dkdv_config = tuning.choose("attention_bwd_dkdv", cls, bwd_configs("dkdv", arch, Dk, Dv, dtype, v_is_k))
     if dq_config is None:
@@ -953,7 +956,7 @@ def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal,
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     if compiled and dkdv_config is None:
-        kern = _autotuned("dkdv", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
+        kern = _autotuned("dkdv", device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
         launch(kern, grid, q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **consts)
     else:
@@ -966,7 +969,7 @@ def _launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, softmax_scale, causal,
         )
 
     if compiled and dq_config is None:
-        kern = _autotuned("dq", _device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
+        kern = _autotuned("dq", device_arch(q.device), Dk, Dv, v_is_k, dtype_name(q.dtype))
         grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]) * B * Hkv, meta["NSPLIT"])  # noqa: E731
         launch(kern, grid, q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, **consts)
     else:

@@ -41,8 +41,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernels import tuning
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
-from kernels._launch import dot_precision, launch
+from kernels._common import (
+    LN2,
+    LOG2E,
+    MIN_TILE,
+    compiled_launch,
+    device_arch,
+    dot_precision,
+    dtype_name,
+    fwd_outputs,
+    is_prefix_alias,
+    launch,
+    next_pow2,
+    prev_pow2,
+)
+from kernels._config import HAS_TRITON, CompileSpec, arch_family
 
 if HAS_TRITON:
     import triton
@@ -62,8 +75,6 @@ __all__ = [
     "is_prefix_alias",
 ]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,18 +82,6 @@ LN2 = 0.6931471805599453
 # --------------------------------------------------------------------------------------------
 
 
-def next_pow2(x: int) -> int:
-    """Smallest power of two >= ``x`` (1 for x <= 1)."""
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-def prev_pow2(x: int) -> int:
-    """Largest power of two <= ``x`` (x >= 1)."""
-    return 1 << (x.bit_length() - 1)
-
-
-#: Smallest tile extent along a contraction: mma/wgmma need K >= 16 for 16-bit inputs.
-MIN_TILE = 16
 
 
 @dataclass(frozen=True)
@@ -128,16 +127,6 @@ def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> Head
     rest = dk - nsplit * bk
     bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
     return HeadPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv, bc=min(bc, bk, bv))
-
-
-def is_prefix_alias(k, v) -> bool:
-    """True when ``v`` is ``k[..., :Dv]``: same storage start and same B/S/H/D strides."""
-    return (
-        v.data_ptr() == k.data_ptr()
-        and v.shape[:3] == k.shape[:3]
-        and v.stride() == k.stride()
-        and v.shape[3] <= k.shape[3]
-    )
 
 
 @dataclass(frozen=True)
@@ -233,7 +222,6 @@ _FWD_NO_ALIAS: dict[tuple[int, bool], list[FwdConfig]] = {
     (86, False): [FwdConfig(64, 16, nsplit=2, num_warps=8, num_stages=1)],
 }
 
-_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 #: The one configuration used under the interpreter (autotuning there would run every config).
 _INTERP_CONFIG = FwdConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
@@ -251,11 +239,6 @@ def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool =
         return list(_FWD_NO_ALIAS[(fam, dtype == "fp32")])
     table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
     return list(table[fam][cls])
-
-
-def dtype_name(dtype) -> str:
-    """Triton element type name ("fp16", "bf16", "fp32") of a torch dtype."""
-    return _TRITON_DTYPES[str(dtype).replace("torch.", "")]
 
 
 def interp_config(dk: int, dv: int) -> FwdConfig:
@@ -735,57 +718,6 @@ if HAS_TRITON:
 DENSE_MASK_ARGS = (0,) * 9 + (1,)
 
 
-def fwd_outputs(q, dv: int, out, lse, return_max_logit: bool):
-    """``(out, lse, early)`` for every forward launcher: the given buffers or new ones (``out [B, T, Hq, Dv]``
-    q.dtype, ``lse`` fp32 ``[B, Hq, T]``); ``early`` is the finished result ``(out, lse, max_logit)`` when
-    there is nothing to launch (empty batch, sequence or heads), else None."""
-    import torch
-
-    B, T, Hq = q.shape[:3]
-    if out is None:
-        out = torch.empty((B, T, Hq, dv), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    if B == 0 or T == 0 or Hq == 0:
-        maxl = torch.full((B, Hq), float("-inf"), device=q.device) if return_max_logit else None
-        return out, lse, (out, lse, maxl)
-    return out, lse, None
-
-
-def bwd_outputs(q, k, v, dq, dk, dv) -> tuple:
-    """``(dq, dk, dv, done)`` for every backward launcher: the given buffers or new ones shaped like
-    ``q, k, v``; ``done`` when nothing is left to launch (the empty cases are filled: no query means zero
-    dk/dv, no key zero dq)."""
-    import torch
-
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    B, T, Hq = q.shape[:3]
-    S = k.shape[1]
-    if B == 0 or Hq == 0:
-        return dq, dk, dv, True
-    if T == 0 or S == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-        return dq, dk, dv, True
-    return dq, dk, dv, False
-
-
-def compiled_launch(q) -> bool:
-    """True for a compiled GPU launch (CUDA tensors, no interpreter): tables, pins and autotuning
-    apply; False under the Triton interpreter (one small configuration)."""
-    return q.device.type == "cuda" and not INTERPRET
-
-
-def _device_arch(device) -> int:
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def fold_window(causal: bool, window_size) -> tuple[bool, int, int, bool]:
     """``(causal, win_l, win_r, has_window)`` for the kernels: ``causal`` folded into the window's right
     bound (FlashAttention: causal is ``right = 0``); a window that is plain causal or unbounded becomes
@@ -874,7 +806,7 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
             interpreter.
         allow_tf32: fp32 inputs only: TF32 tensor-core products (10-bit mantissa) instead of IEEE
             fp32; ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (see
-            :func:`kernels._launch.dot_precision`).
+            :func:`kernels._common.dot_precision`).
         window_size: ``(left, right)`` sliding window (FlashAttention semantics, ``-1`` unbounded, bottom-right
             aligned; combined with ``causal``); key blocks wholly outside it are not visited.
         sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None; each joins its head's softmax
@@ -903,7 +835,7 @@ def attention_fwd(q, k, v, softmax_scale: float, causal: bool, *, return_max_log
         cfg = config or interp_config(Dk, Dv)
         return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, cfg, dot, **ws)
     if config is None:
-        cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
+        cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
         config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
     if config is not None:
         return _launch(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_max_logit, config, dot, **ws)
@@ -958,7 +890,7 @@ def attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         res = _launch(*args, config or interp_config(Dk, Dv), dot, vl)
     else:
         if config is None:
-            cands = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
+            cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
             config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
         res = _launch(*args, config, dot, vl) if config is not None else _launch_autotuned(*args, dot, vl)
     return out, lse, res[2]
@@ -996,7 +928,7 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
         B, T = vl["B"], vl["T"]
     Hkv, Dv = k.shape[2], v.shape[3]
     G = Hq // Hkv
-    arch = _device_arch(q.device)
+    arch = device_arch(q.device)
     # The tuner picks BLOCK_M: size the per-row-block max buffer for the smallest candidate; the
     # blocks a larger BLOCK_M does not write stay -inf.
     dtype = dtype_name(q.dtype)

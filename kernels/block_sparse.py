@@ -57,26 +57,25 @@ import math
 from dataclasses import replace
 
 from kernels import tuning
+from kernels._common import (
+    LOG2E,
+    bwd_outputs,
+    compiled_launch,
+    device_arch,
+    dot_precision,
+    dtype_name,
+    fwd_outputs,
+    is_prefix_alias,
+    launch,
+    next_pow2,
+)
 from kernels._config import HAS_TRITON, CompileSpec
-from kernels._launch import dot_precision, launch
 from kernels.attention_bwd import BwdConfig, bwd_delta, sink_grad
 from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
 from kernels.attention_bwd import _spec_values as _bwd_spec_values
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
 from kernels.attention_bwd import interp_config as bwd_interp_config
-from kernels.attention_fwd import (
-    LOG2E,
-    FwdConfig,
-    _device_arch,
-    arch_family,
-    bwd_outputs,
-    compiled_launch,
-    dtype_name,
-    fwd_outputs,
-    head_class,
-    is_prefix_alias,
-    next_pow2,
-)
+from kernels.attention_fwd import FwdConfig, arch_family, head_class
 from kernels.attention_fwd import _plan_constexprs as _fwd_plan_constexprs
 from kernels.attention_fwd import fwd_configs as dense_fwd_configs
 from kernels.attention_fwd import interp_config as fwd_interp_config
@@ -336,7 +335,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             default: a pinned or deterministic choice among :func:`fwd_configs` (:mod:`kernels.tuning`),
             else autotune over them on GPU; one small fitted config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
-            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._common.dot_precision`).
         kv_partial, partial_bits: optional partial blocks (a FlexAttention mask's ``kv_*`` blocks):
             ``kv_partial`` int32 with ``kv_indices``' shape, per listed block the index of its token
             bitmask in ``partial_bits`` (int8/bool ``[P, BLOCK_M, BLOCK_N]``, nonzero = keep), ``-1`` for
@@ -387,7 +386,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         return args, consts
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
-    configs = fwd_configs(_device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k) if compiled else []
+    configs = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k) if compiled else []
     if compiled and config is None:
         config = tuning.choose("block_sparse_fwd", head_class(Dk, Dv), configs)
     if compiled and config is None:
@@ -488,7 +487,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         ``part``: its partial-block keyword arguments."""
         configs = []
         if compiled and fixed is None:
-            configs = bwd_configs(kind, _device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k)
+            configs = bwd_configs(kind, device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k)
             fixed = tuning.choose(f"block_sparse_{kind}", head_class(Dk, Dv), configs)
         if compiled and fixed is None:
             grid = lambda meta: (grid_of(meta[tile]), meta["NSPLIT"])  # noqa: E731

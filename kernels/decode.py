@@ -62,8 +62,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._common import LOG2E, cdiv, dot_precision, dtype_name, launch, next_pow2
 from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
-from kernels._launch import dot_precision, launch
 
 if HAS_TRITON:
     import triton
@@ -79,15 +79,6 @@ __all__ = ["mla_decode_fwd", "choose_num_splits", "compile_specs", "decode_confi
 #: Upper bound on the number of key splits per sequence (chosen or given).
 MAX_SPLITS = 256
 
-_LOG2E = 1.4426950408889634
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,9 +421,9 @@ _MIN_TILES_PER_SPLIT = 2
 
 
 def _dim_blocks(head_dim: int, head_dim_v: int, max_block_dv: int) -> dict:
-    dv_p2 = max(16, _next_pow2(head_dim_v))
+    dv_p2 = max(16, next_pow2(head_dim_v))
     dv_split = 2 if dv_p2 > max_block_dv else 1
-    block_dr = 0 if head_dim == head_dim_v else max(16, _next_pow2(head_dim - head_dim_v))
+    block_dr = 0 if head_dim == head_dim_v else max(16, next_pow2(head_dim - head_dim_v))
     return dict(BLOCK_DV=dv_p2 // dv_split, DV_SPLIT=dv_split, BLOCK_DR=block_dr)
 
 
@@ -478,8 +469,8 @@ def _fp8_tiles(arch: int) -> dict:
 def _combine_config(head_dim_v: int, num_splits: int) -> dict:
     # 4 splits x up to 512 columns per step, 4 warps: 40-56 registers, no spills (8 splits x 512
     # spilled 8 bytes on sm90). One program per query row and 512-column block.
-    block_s = min(64, _next_pow2(num_splits)) if INTERPRET else 4  # interpreter: fewer, wider steps
-    return dict(BLOCK_S=block_s, BLOCK_DV=max(16, min(512, _next_pow2(head_dim_v))), num_warps=4)
+    block_s = min(64, next_pow2(num_splits)) if INTERPRET else 4  # interpreter: fewer, wider steps
+    return dict(BLOCK_S=block_s, BLOCK_DV=max(16, min(512, next_pow2(head_dim_v))), num_warps=4)
 
 
 def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, num_sms: int, *,
@@ -500,14 +491,14 @@ def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, n
     if min(batch, num_heads, q_len, max_seqlen) < 0 or num_sms < 1:
         raise ValueError(f"choose_num_splits: sizes must be >= 0 and num_sms >= 1, got batch={batch}, "
                          f"num_heads={num_heads}, q_len={q_len}, max_seqlen={max_seqlen}, num_sms={num_sms}")
-    base = batch * _cdiv(q_len * num_heads, block_h) * max(1, dv_split)
+    base = batch * cdiv(q_len * num_heads, block_h) * max(1, dv_split)
     if base == 0 or max_seqlen == 0 or base >= num_sms:
         return 1
-    limit = max(1, min(MAX_SPLITS, _cdiv(max_seqlen, block_n) // _MIN_TILES_PER_SPLIT))
+    limit = max(1, min(MAX_SPLITS, cdiv(max_seqlen, block_n) // _MIN_TILES_PER_SPLIT))
 
     def efficiency(n: int) -> float:
         programs = base * n
-        return programs / (_cdiv(programs, num_sms) * num_sms)
+        return programs / (cdiv(programs, num_sms) * num_sms)
 
     best = max(efficiency(n) for n in range(1, limit + 1))
     for n in range(1, limit + 1):
@@ -582,7 +573,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             ``Dv`` must be a multiple of 128. Tiles are dequantized in registers (``code * scale`` in fp32,
             rounded to ``q``'s dtype for the products); no dequantized copy of the cache is made.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
-            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._common.dot_precision`).
         sinks: contiguous fp32 ``[H]`` attention-sink logits or None: added once per row, in the combine
             (or in the split kernel when it writes directly); ``lse`` includes them, a row without keys
             gives 0 and ``lse = sink``.
@@ -700,10 +691,10 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
 
     if has_topk:
-        groups = B * Tq * _cdiv(H, cfg["BLOCK_H"])
+        groups = B * Tq * cdiv(H, cfg["BLOCK_H"])
         tk, tk_strides = topk_indices, (topk_indices.stride(0), topk_indices.stride(1))
     else:
-        groups = B * _cdiv(Tq * H, cfg["BLOCK_H"])
+        groups = B * cdiv(Tq * H, cfg["BLOCK_H"])
         tk, tk_strides = cache_seqlens, (0, 0)  # unused pointer
     direct = num_splits == 1
     if direct:
@@ -719,7 +710,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     launch(
         _mla_decode_split_kernel, grid,
         q, kv_cache, block_table, cache_seqlens, tk, o_buf, l_buf,
-        float(softmax_scale) * _LOG2E,
+        float(softmax_scale) * LOG2E,
         q.stride(0), _row_stride(q),
         kv_cache.stride(0), kv_cache.stride(1),
         block_table.stride(0),
@@ -739,7 +730,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         ccfg = _combine_config(Dv, num_splits)
         rows = B * Tq * H
         launch(
-            _mla_decode_combine_kernel, (rows, _cdiv(Dv, ccfg["BLOCK_DV"])),
+            _mla_decode_combine_kernel, (rows, cdiv(Dv, ccfg["BLOCK_DV"])),
             o_buf, l_buf, out, lse,
             num_splits, H, Tq,
             num_splits * Dv, Dv,
@@ -755,7 +746,6 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specifications (DESIGN §6.3)
 # --------------------------------------------------------------------------------------------
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple[dict, dict, list]:
@@ -790,7 +780,7 @@ def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int,
     cfg = _gpu_config(dk, dv, arch, dtype)
     if kv_fp8:
         cfg.update(_fp8_tiles(arch))
-    ty = _TL_DTYPE[dtype]
+    ty = dtype_name(dtype)
     H, T = num_heads, q_len
     S = 1 if direct else num_splits
     # row of the cache in elements of KV: dk values, or the fp8_ds_mla bytes (656 for 576/512)
@@ -828,7 +818,7 @@ def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, 
                   num_splits: int = 16, sinks: bool = False) -> CompileSpec:
     fn = _mla_decode_combine_kernel
     cfg = _combine_config(dv, num_splits)
-    ty = _TL_DTYPE[dtype]
+    ty = dtype_name(dtype)
     H, T, S = num_heads, q_len, num_splits
     pointers = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{ty}", "LSE": "*fp32", "SINKS": "*fp32"}
     ints = dict(NUM_SPLITS=S, H=H, TQ=T, stride_pr=S * dv, stride_ps=dv, stride_lpr=S,

@@ -26,7 +26,7 @@ Method (our own Triton code; the ideas are published, no code is copied):
   does not fit the register file (docs/design.md §9), so two programs share a
   (token, head block); splitting the tail keeps both programs' accumulators equal.
 * **v a prefix view of k** (absorbed MLA: ``v = k[..., :Dv]``, detected with
-  :func:`kernels.attention_fwd.is_prefix_alias`): the plan takes ``BK == BV`` and the program's own key
+  :func:`kernels._common.is_prefix_alias`): the plan takes ``BK == BV`` and the program's own key
   chunk is also its value tile, loaded once. ``dk`` still holds only the score-path gradient and ``dv``
   the value path (autograd adds them through the view).
 * **dK/dV, deterministic mode** (the default): a key-major transposed index is built on the device with
@@ -95,10 +95,22 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kernels._common import (
+    LN2,
+    LOG2E,
+    MIN_TILE,
+    bwd_outputs,
+    cdiv,
+    dot_precision,
+    dtype_name,
+    fwd_outputs,
+    is_prefix_alias,
+    launch,
+    next_pow2,
+    prev_pow2,
+)
 from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
-from kernels._launch import dot_precision, launch
 from kernels.attention_bwd import sink_grad
-from kernels.attention_fwd import bwd_outputs, fwd_outputs, is_prefix_alias
 
 if HAS_TRITON:
     import triton
@@ -121,24 +133,8 @@ __all__ = [
     "topk_config",
 ]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-#: Smallest tile extent of a matrix-product operand (mma / wgmma need K >= 16 for 16-bit inputs).
-MIN_TILE = 16
 #: The deterministic dK/dV kernel's key-block bit masks are two int32 words: at most 64 keys per block.
 MAX_DET_BLOCK_N = 64
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _prev_pow2(x: int) -> int:
-    return 1 << (int(x).bit_length() - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,20 +166,20 @@ def column_plan(dk: int, dv: int, v_is_k: bool, nsplit: int) -> ColumnPlan:
                          f"nsplit={nsplit}")
     if v_is_k and dv > dk:
         raise ValueError(f"column_plan: v aliasing k needs dv <= dk, got dk={dk}, dv={dv}")
-    bv = max(MIN_TILE, _next_pow2(_cdiv(dv, nsplit)))
-    nsplit = _cdiv(dv, bv)  # never a split without value columns
+    bv = max(MIN_TILE, next_pow2(cdiv(dv, nsplit)))
+    nsplit = cdiv(dv, bv)  # never a split without value columns
     if v_is_k:
         bk = bv
     elif nsplit == 1:
-        lo = max(MIN_TILE, _prev_pow2(dk))
+        lo = max(MIN_TILE, prev_pow2(dk))
         rest = dk - lo
         # one padded tile beats a tile plus a tail when the padding is no larger (24 -> 32, not 16 + 16)
-        bk = _next_pow2(dk) if rest > 0 and lo + max(MIN_TILE, _next_pow2(rest)) >= _next_pow2(dk) else lo
+        bk = next_pow2(dk) if rest > 0 and lo + max(MIN_TILE, next_pow2(rest)) >= next_pow2(dk) else lo
         bk = max(MIN_TILE, bk)
     else:
-        bk = max(MIN_TILE, _prev_pow2(max(1, dk // nsplit)))
+        bk = max(MIN_TILE, prev_pow2(max(1, dk // nsplit)))
     rest = dk - nsplit * bk  # the tail: one piece of bt columns per split
-    bt = max(MIN_TILE, _next_pow2(_cdiv(rest, nsplit))) if rest > 0 else 0
+    bt = max(MIN_TILE, next_pow2(cdiv(rest, nsplit))) if rest > 0 else 0
     return ColumnPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv)
 
 
@@ -293,12 +289,6 @@ def _head_class(dk: int, dv: int) -> str:
     return "big" if max(dk, dv) > 256 else "small"
 
 
-def _dtype_name(dtype) -> str:
-    if isinstance(dtype, str):
-        return dtype
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-
-
 def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16", *, interpret=None,
                 v_is_k: bool = True) -> TopkConfig:
     """The configuration the launchers pick for ``kind`` (one of ``KINDS``: "fwd", "dq", "dkdv_atomic",
@@ -317,7 +307,7 @@ def topk_config(kind: str, arch: int, dk: int, dv: int, group: int, dtype="fp16"
     if INTERPRET if interpret is None else interpret:
         return TopkConfig(16, 16, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1, rows_per_item=64)
     cls = _head_class(dk, dv)
-    if _dtype_name(dtype) == "fp32":
+    if dtype_name(dtype) == "fp32":
         cfg = _GPU_TABLE_FP32[(kind, cls)]
         if (kind, cls) == ("dq", "big") and arch_family(arch) == 86:
             return replace(cfg, stream=2)  # q / dO pieces re-read: 84 KiB (resident: 100 KiB, over 99)
@@ -926,7 +916,7 @@ def _key_major_caps(B: int, T: int, S: int, Hkv: int, K: int, causal: bool, bloc
     kb * block_n``) give ``max(1, ceil(n_e / chunk)) <= 1 + n_e // chunk`` items, and a split segment
     (``n_e > chunk``) ``ceil(n_e / chunk) <= 2 * (n_e // chunk)`` slots; both bounds are summed over the
     per-segment limits and over the entry total, and the smaller is taken."""
-    nkb = max(1, _cdiv(S, block_n))
+    nkb = max(1, cdiv(S, block_n))
     bh = B * Hkv
     n_seg = bh * nkb
     e_cap = bh * T * min(K, nkb)
@@ -934,7 +924,7 @@ def _key_major_caps(B: int, T: int, S: int, Hkv: int, K: int, causal: bool, bloc
     for kb in range(nkb):
         vis = T - max(0, kb * block_n - (S - T)) if causal else T
         vis = max(0, min(T, vis))
-        per = max(1, _cdiv(vis, chunk))
+        per = max(1, cdiv(vis, chunk))
         items_seg += per
         if per > 1:
             slots_seg += per
@@ -969,7 +959,7 @@ def build_key_major_index(topk_indices: torch.Tensor, S: int, causal: bool, bloc
         raise ValueError(f"build_key_major_index: block_n must be in [1, {MAX_DET_BLOCK_N}], got {block_n}")
     B, T, Hkv, K = topk_indices.shape
     dev = topk_indices.device
-    nkb = max(1, _cdiv(S, block_n))
+    nkb = max(1, cdiv(S, block_n))
     n_seg = B * Hkv * nkb
     chunk = max(1, rows_per_item // max(1, group))
     e_cap, i_cap, s_cap, m_cap = _key_major_caps(B, T, S, Hkv, K, causal, block_n, chunk)
@@ -1096,7 +1086,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
         q: ``[B, T, Hq, Dk]``; k: ``[B, S, Hkv, Dk]``; v: ``[B, S, Hkv, Dv]``: fp16 / bf16 / fp32, one
             dtype and device (CUDA, or CPU under ``TRITON_INTERPRET=1``), any strides (a non-unit last
             stride costs a copy), ``Hq % Hkv == 0``. ``v`` may be a prefix view of ``k``
-            (``k[..., :Dv]``, absorbed MLA): detected with ``kernels.attention_fwd.is_prefix_alias``, the
+            (``k[..., :Dv]``, absorbed MLA): detected with ``kernels._common.is_prefix_alias``, the
             shared tile is loaded once.
         topk_indices: int32 ``[B, T, Hkv, K]``: per query token and kv head the keys its heads attend to.
             ``-1`` lanes (anywhere), entries ``< 0`` or ``>= S`` and, with ``causal``, keys past the
@@ -1108,7 +1098,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
             is written). lse: optional preallocated fp32 ``[B, Hq, T]`` (any strides).
         config: force a :class:`TopkConfig` (tests, tuning); default :func:`topk_config`.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
-            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._launch.dot_precision`).
+            ``torch.backends.cuda.matmul.allow_tf32`` (:func:`kernels._common.dot_precision`).
         sinks: contiguous fp32 ``[Hq]`` attention-sink logits or None (join each row's softmax with no
             value; ``lse`` includes them, so a row without keys gets out 0 and ``lse = sink``).
 
@@ -1141,7 +1131,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
     cfg = config or topk_config("fwd", _arch(dev), Dk, Dv, G, q.dtype, v_is_k=v_is_k)
     pc = _plan_consts("fwd", cfg, Dk, Dv, v_is_k)
     maxl = torch.empty((B, Hq, T), dtype=torch.float32, device=dev) if return_max_logit else None
-    grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
+    grid = (B * T * Hkv * cdiv(G, cfg.block_m) * pc["NSPLIT"],)
     launch(
         _topk_fwd_kernel, grid,
         q, k, v, idx, o_buf, lse, maxl if maxl is not None else lse,
@@ -1213,9 +1203,9 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
     has_dlse = dlse is not None
     dl = dlse if has_dlse else delta
-    bd = min(128, max(16, _next_pow2(Dv)))
+    bd = min(128, max(16, next_pow2(Dv)))
     launch(
-        _topk_bwd_pre_kernel, (B * Hq, _cdiv(T, 64)),
+        _topk_bwd_pre_kernel, (B * Hq, cdiv(T, 64)),
         out, do, dl, delta, *out.stride(), *do.stride(), dl.stride(0), dl.stride(1), dl.stride(2), T, Hq,
         HEAD_DV=Dv, HAS_DLSE=has_dlse, BLOCK_T=64, BLOCK_D=bd, num_warps=4,
     )
@@ -1231,7 +1221,7 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
 
     def launch_q(cfg, write_dq, atomic, dka, dva):
         pc = _plan_consts("dq", cfg, Dk, Dv, v_is_k)
-        grid = (B * T * Hkv * _cdiv(G, cfg.block_m) * pc["NSPLIT"],)
+        grid = (B * T * Hkv * cdiv(G, cfg.block_m) * pc["NSPLIT"],)
         launch(
             _topk_bwd_q_kernel, grid,
             q, k, v, do, idx, lse, delta, dq_buf, dka, dva, *q_strides,
@@ -1295,9 +1285,9 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
         n_multi = kmi.multi.shape[0]
         if n_multi:
             for part, dst, D in ((pk, dk_buf, Dk), (pv, dv_buf, Dv)):
-                bd = min(64, max(16, _next_pow2(D)))
+                bd = min(64, max(16, next_pow2(D)))
                 launch(
-                    _topk_reduce_kernel, (n_multi, _cdiv(D, bd)),
+                    _topk_reduce_kernel, (n_multi, cdiv(D, bd)),
                     part, dst, kmi.multi, dst.stride(0), dst.stride(1), dst.stride(2), S, Hkv,
                     kmi.num_key_blocks, D=D, BLOCK_N=cfg.block_n, BLOCK_D=bd, num_warps=4,
                 )
@@ -1337,7 +1327,7 @@ def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_i
         sib=T * hkv * KT, sit=hkv * KT, sih=KT, sob=T * hq * dv, sot=hq * dv, soh=dv,
         slb=hq * T, slh=T, slt=1, sdqb=T * hq * dk, sdqt=hq * dk, sdqh=dk,
         sdkb=S * hkv * dk, sdks=hkv * dk, sdkh=dk, sdvb=S * hkv * dv, sdvs=hkv * dv, sdvh=dv,
-        T=T, S=S, Hkv=hkv, KTOP=KT, NKB=_cdiv(S, cfg.block_n),
+        T=T, S=S, Hkv=hkv, KTOP=KT, NKB=cdiv(S, cfg.block_n),
         qk_scale=0.1, sm_scale=0.07, opaque_zero=0,
         G=hq // hkv, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, WRITE_MAXL=True,
         WRITE_DQ=kind == "dq", ATOMIC_DKDV=part if kind == "dkdv_atomic" else 0, PARTS=part,
@@ -1391,7 +1381,7 @@ def _aux_specs(arch: int, dtype: str, dv: int) -> list[CompileSpec]:
 
     T, hq, S = 4097, 128, 4097
     out = []
-    bd = min(128, max(16, _next_pow2(dv)))
+    bd = min(128, max(16, next_pow2(dv)))
     vals = dict(O=Pointer(dtype), DO=Pointer(dtype), DLSE=Pointer("fp32"), DELTA=Pointer("fp32"),
                 sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1, sdob=T * hq * dv, sdot=hq * dv, sdoh=dv, sdod=1,
                 sdlb=hq * T, sdlh=T, sdlt=1, T=T, Hq=hq, HEAD_DV=dv, HAS_DLSE=True, BLOCK_T=64, BLOCK_D=bd)
@@ -1399,9 +1389,9 @@ def _aux_specs(arch: int, dtype: str, dv: int) -> list[CompileSpec]:
     out.append(CompileSpec(kernel="topk_bwd_pre", fn=_topk_bwd_pre_kernel, signature=sig, constexprs=consts,
                            num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",
                            extra={"divisible": div}))
-    bd = min(64, max(16, _next_pow2(dv)))
+    bd = min(64, max(16, next_pow2(dv)))
     vals = dict(P=Pointer("fp32"), OUT=Pointer(dtype), MULTI=Pointer("i64"), sob=S * dv, sos=dv, soh=dv, S=S,
-                Hkv=1, NKB=_cdiv(S, 64), D=dv, BLOCK_N=64, BLOCK_D=bd)
+                Hkv=1, NKB=cdiv(S, 64), D=dv, BLOCK_N=64, BLOCK_D=bd)
     sig, consts, div = spec_args(_ParamView(_topk_reduce_kernel), vals)
     out.append(CompileSpec(kernel="topk_reduce", fn=_topk_reduce_kernel, signature=sig, constexprs=consts,
                            num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",

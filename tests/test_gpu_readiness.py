@@ -1,7 +1,7 @@
 """GPU-readiness checks that run without a GPU (issue: device guard, fp32 precision, per-arch shared
 memory, relaxed atomics, pinned configurations).
 
-* Every kernel launch in ``kernels/`` goes through ``kernels._launch.launch``, which makes the first
+* Every kernel launch in ``kernels/`` goes through ``kernels._common.launch``, which makes the first
   tensor's CUDA device current (Triton launches on the current device, not the tensors').
 * fp32 matrix products default to IEEE; TF32 only when allowed (argument, or
   ``torch.backends.cuda.matmul.allow_tf32``), checked on the launch arguments under the interpreter
@@ -32,8 +32,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import tuning  # noqa: E402
+from kernels._common import dot_precision, launch, tf32_allowed  # noqa: E402
 from kernels._config import HAS_TRITON, INTERPRET, SMEM_LIMIT_BYTES, arch_family, smem_limit  # noqa: E402
-from kernels._launch import dot_precision, launch, tf32_allowed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_interp = pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or not INTERPRET,
@@ -55,10 +55,10 @@ def _direct_launches(path: Path) -> list[str]:
 def test_every_kernel_launch_goes_through_the_device_helper():
     files = sorted((ROOT / "kernels").glob("*.py"))
     assert len(files) >= 6
-    helper = ROOT / "kernels" / "_launch.py"
+    helper = ROOT / "kernels" / "_common.py"
     assert len(_direct_launches(helper)) == 2  # the helper's own two launches
     offenders = [hit for f in files if f != helper for hit in _direct_launches(f)]
-    assert not offenders, "launch these with kernels._launch.launch:\n" + "\n".join(offenders)
+    assert not offenders, "launch these with kernels._common.launch:\n" + "\n".join(offenders)
 
 
 class _FakeCuda(torch.Tensor):
@@ -320,7 +320,7 @@ def test_launchers_use_pinned_configs_and_never_autotune(clean_tuning, monkeypat
 
     for m in (attention_fwd, attention_bwd, block_sparse):
         monkeypatch.setattr(m, "compiled_launch", lambda q: True)
-        monkeypatch.setattr(m, "_device_arch", lambda device: 80)
+        monkeypatch.setattr(m, "device_arch", lambda device: 80)
     fixed, tuned = [], []
     monkeypatch.setattr(attention_fwd, "_launch", lambda *a, **kw: fixed.append(a[9]))
     monkeypatch.setattr(attention_fwd, "_launch_autotuned", lambda *a, **kw: tuned.append("fwd"))

@@ -417,7 +417,7 @@ def test_autotuned_launch_path(monkeypatch):
     buffer) run under the interpreter: on sm80 with 192/128 heads and this mask every kernel has a
     single candidate, so the autotuner launches it without benchmarking."""
     monkeypatch.setattr(bs, "compiled_launch", lambda q: True)
-    monkeypatch.setattr(bs, "_device_arch", lambda device: 80)
+    monkeypatch.setattr(bs, "device_arch", lambda device: 80)
     rows, bn = 64 * 2, 32
     assert len(bs.fwd_configs(80, 192, 128, "fp32", rows, bn)) == 1
     assert all(len(bs.bwd_configs(kind, 80, 192, 128, "fp32", rows, bn)) == 1 for kind in ("dkdv", "dq"))

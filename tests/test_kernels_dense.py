@@ -326,8 +326,8 @@ def test_autotuned_launch_path(monkeypatch):
     """The GPU launch path (triton.autotune, grid from META, max-logit partial buffer) run under the
     interpreter: sm80's 192/128 tables have one candidate each, so the autotuner launches it
     without benchmarking."""
-    monkeypatch.setattr(fwd_mod, "_device_arch", lambda device: 80)
-    monkeypatch.setattr(bwd_mod, "_device_arch", lambda device: 80)
+    monkeypatch.setattr(fwd_mod, "device_arch", lambda device: 80)
+    monkeypatch.setattr(bwd_mod, "device_arch", lambda device: 80)
     assert len(fwd_mod.fwd_configs(80, 192, 128)) == 1
     assert all(len(bwd_mod.bwd_configs(kind, 80, 192, 128)) == 1 for kind in ("dkdv", "dq"))
     c = Case(40, 50, 4, 2, 192, 128, True)
