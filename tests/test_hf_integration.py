@@ -107,6 +107,14 @@ def greedy_with_logits(model, ids, am, n=NEW_TOKENS):
     return out.sequences, torch.stack(out.logits)
 
 
+def lm_grads(model, ids):
+    """``(loss, {parameter name: gradient})`` of the language-model loss of ``ids`` (grads zeroed first)."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 CONFIGS = {
     "plain": dict(q_lora_rank=None, rope=DEFAULT, interleave=True, bias=False),
     "qlora-halfsplit": dict(q_lora_rank=24, rope=DEFAULT, interleave=False, bias=False),
@@ -343,15 +351,9 @@ def test_training_gradients_match_eager():
     model = build(v3_config(**CONFIGS["qlora-yarn-bias"]), seed=10).train()
     ids, _ = batch(pad=0, seed=10)
 
-    def grads():
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref = grads()
+    ref_loss, ref = lm_grads(model, ids)
     patch_model(model)
-    loss, got = grads()
+    loss, got = lm_grads(model, ids)
     assert rel_err(loss, ref_loss) <= 1e-6
     assert got.keys() == ref.keys() and len(got) > 10
     assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
