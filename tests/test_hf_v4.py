@@ -239,3 +239,17 @@ def test_foreign_mask_is_refused():
         attn(x, position_embeddings=pe, position_ids=pos, attention_mask=full)
     with pytest.raises(ValueError, match="attention_mask"):
         attn(x, position_embeddings=pe, position_ids=pos, attention_mask=None)
+
+
+def test_registry_preset_matches_transformers_v4_flash_sizes():
+    """``deepseek-v4-flash`` carries the sizes of transformers' ``DeepseekV4Config`` defaults (V4-Flash)."""
+    from mla import registry
+
+    hf, ours = transformers.DeepseekV4Config(), registry.get("deepseek-v4-flash")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
+                 "qk_rope_head_dim", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+                 "max_position_embeddings", "rms_norm_eps"):
+        assert getattr(ours, name) == getattr(hf, name), name
+    assert ours.intermediate_size == hf.moe_intermediate_size and ours.attention_sinks
+    assert ours.qk_head_dim == ours.v_head_dim == ours.cache_values_per_token == hf.head_dim == 512
+    assert ours.rope_theta == hf.rope_theta
