@@ -1,6 +1,6 @@
 """Decode throughput of transformers DeepseekV3 / V4 models before and after ``patch_model`` (mla.integrations).
 
-    python -m bench.bench_hf                 # CPU (and CUDA when present): contexts 512, 2k, 8k
+    python -m bench.bench_hf                 # every model, CPU (and CUDA when present): contexts 512, 2k, 8k
     python -m bench.bench_hf --quick         # contexts 128 and 512, short timing budget
     python -m bench.bench_hf --device cuda --contexts 512 2048 8192 32768 --csv hf.csv
     python -m bench.bench_hf --model deepseek_v4 --quick
@@ -193,10 +193,17 @@ def bench_device(args, device: torch.device) -> list[dict]:
     return rows
 
 
+# model family -> (default layers, attention shape, what "before" runs)
+MODELS = {
+    "deepseek_v3": (2, "kv_lora_rank 512, qk 128+64, v 128", "attn_implementation={attn!r}"),
+    "deepseek_v4": (3, "head_dim 512 (64 RoPE), window 128, CSA 4 / top-512, HCA 128", "eager (V4 ships eager only)"),
+}
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=["deepseek_v3", "deepseek_v4"], default="deepseek_v3",
-                   help="model family (model_type); deepseek_v4: see the module docstring")
+    p.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="model families (model_type), default all; deepseek_v4: see the module docstring")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, plus CUDA when available")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -204,7 +211,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--layers", type=int, default=None, help="default 2 (deepseek_v3), 3 (deepseek_v4)")
+    p.add_argument("--layers", type=int, default=None, help="default 2 (deepseek_v3), 3 (deepseek_v4: one per type)")
     p.add_argument("--q-lora-rank", type=int, default=None)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--attn", default="sdpa", help="attn_implementation of the unpatched model (sdpa, eager)")
@@ -222,8 +229,6 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
-    if args.layers is None:
-        args.layers = 3 if args.model == "deepseek_v4" else 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -233,26 +238,25 @@ def main(argv=None) -> list[dict]:
         devices.append(torch.device("cpu"))
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))
-    if args.model == "deepseek_v4":
-        shape = "head_dim 512 (64 RoPE), window 128, CSA 4 / top-512, HCA 128"
-        before = "eager"
-    else:
-        shape, before = "kv_lora_rank 512, qk 128+64, v 128", f"attn_implementation={args.attn!r}"
-    print(
-        f"transformers {args.model} decode, hidden {args.hidden}, {args.heads} heads, {args.layers} layers, "
-        f"{shape}, batch {args.batch}; before = {before}, "
-        f"after = patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
-    )
     rows = []
-    for dev in devices:
-        rows += bench_device(args, dev)
+    for name in args.model:
+        margs = copy.copy(args)
+        margs.model, (layers, shape, before) = name, MODELS[name]
+        margs.layers = args.layers or layers
+        print(
+            f"transformers {name} decode, hidden {args.hidden}, {args.heads} heads, {margs.layers} layers, "
+            f"{shape}, batch {args.batch}; before = {before.format(attn=args.attn)}, after = "
+            f"patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
+        )
+        for dev in devices:
+            rows += bench_device(margs, dev)
     print()
-    print("| device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| model | device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r['device']} | {r['dtype']} | {r['context']} | {r['before_tok_s']} | {r['after_tok_s']} | "
-            f"{r['ratio']}x | {r['same_tokens']} |"
+            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['context']} | {r['before_tok_s']} | "
+            f"{r['after_tok_s']} | {r['ratio']}x | {r['same_tokens']} |"
         )
     if args.csv:
         with open(args.csv, "w", newline="") as f:

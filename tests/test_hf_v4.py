@@ -253,3 +253,21 @@ def test_registry_preset_matches_transformers_v4_flash_sizes():
     assert ours.intermediate_size == hf.moe_intermediate_size and ours.attention_sinks
     assert ours.qk_head_dim == ours.v_head_dim == ours.cache_values_per_token == hf.head_dim == 512
     assert ours.rope_theta == hf.rope_theta
+
+
+@pytest.mark.slow
+def test_hf_dropin_example_deepseek_v4():
+    """``examples/hf_dropin.py --model deepseek_v4`` runs on CPU and reports identical greedy tokens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "hf_dropin.py"), "--model", "deepseek_v4", "--context", "256",
+         "--new-tokens", "3", "--threads", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "identical greedy output: True" in proc.stdout and "LatentDeepseekV4Attention" in proc.stdout
