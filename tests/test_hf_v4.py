@@ -6,6 +6,8 @@ Tiny random config with one layer of each type (sliding, CSA, HCA): window 8, CS
 queries see no key, which with sinks both sides answer with 0 but through different masks.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -271,3 +273,16 @@ def test_hf_dropin_example_deepseek_v4():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "identical greedy output: True" in proc.stdout and "LatentDeepseekV4Attention" in proc.stdout
+
+
+def test_bf16_model_logits():
+    """A model cast to bf16 (sinks too: ``.to`` ignores transformers' fp32 keep-list): logits as close to float32
+    (same bf16 weights) as transformers' own bf16 eager model."""
+    model = build(SEED).to(torch.bfloat16)
+    ids, am = batch(seed=SEED)
+    valid = am.bool()
+    ref32 = logits(copy.deepcopy(model).float(), ids, am)
+    eager_err = rel_err(logits(model, ids, am)[valid].float(), ref32[valid])
+    out = logits(patch_model(model), ids, am)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out[valid].float(), ref32[valid]) <= max(1e-2, 1.25 * eager_err)

@@ -276,9 +276,9 @@ class LatentDeepseekV4Attention(_hf.DeepseekV4Attention):
         idx = v4_topk_indices(window_idx.to(kv.device), S, comp_idx)
         keys = kv.transpose(1, 2)  # [B, S + N, 1, D]
         out = latent_attention(
-            q.transpose(1, 2), keys, keys, topk_indices=idx, softmax_scale=self.scaling, sinks=self.sinks,
+            q.transpose(1, 2), keys, keys, topk_indices=idx, softmax_scale=self.scaling, sinks=self.sinks.float(),
             backend=self.backend, check_indices=False,
-        )  # [B, T, H, D]
+        )  # [B, T, H, D]; sinks: float() is exact (a model cast with .to(bf16) holds bf16 sinks)
         # the model's own tail: conjugate RoPE on the output's rope slice, grouped low-rank output projection
         out = _hf.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
         grouped = self.o_a_proj(out.reshape(B, T, self.config.o_groups, -1)).flatten(2)
