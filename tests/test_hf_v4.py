@@ -7,6 +7,7 @@ queries see no key, which with sinks both sides answer with 0 but through differ
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -107,8 +108,11 @@ def test_logits_greedy_and_index_lists_match_eager(monkeypatch):
     valid = am.bool()
     ref, ref_tokens = logits(model, ids, am), greedy(model, ids, am)
     originals = [layer.self_attn for layer in model.model.layers]
+    keys = list(model.state_dict())
     patch_model(model, backend="reference")
-    assert is_patched(model)
+    assert is_patched(model) and list(model.state_dict()) == keys
+    again = pickle.loads(pickle.dumps(model.model.layers[1].self_attn))
+    assert type(again) is mv4.LatentDeepseekV4Attention and torch.equal(again.sinks, originals[1].sinks)
     for layer, orig in zip(model.model.layers, originals):
         attn = layer.self_attn
         assert isinstance(attn, mv4.LatentDeepseekV4Attention) and isinstance(attn, hf_v4.DeepseekV4Attention)
