@@ -146,11 +146,21 @@ def test_logits_greedy_and_index_lists_match_eager(monkeypatch):
     assert not is_patched(model) and all(a.self_attn is o for a, o in zip(model.model.layers, originals))
 
 
-def test_prefill_chunk_and_decode_equal_full_forward():
-    """Cache across prefill (24), a chunk (6) and single-token steps: same logits as one full forward."""
+def test_prefill_chunk_and_decode_equal_full_forward(monkeypatch):
+    """Cache across prefill (24), a chunk (6) and single-token steps: same logits as one full forward. Without
+    padding the sliding layer runs the dense window kernels (causal + window_size + sinks)."""
     model = patch_model(build(SEED), backend="reference")
     ids, _ = batch(T=40, pad=0, seed=SEED, B=1)
+    calls = []
+    real = mv4.latent_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((kw.get("window_size"), kw.get("topk_indices") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(mv4, "latent_attention", spy)
     full = logits(model, ids)
+    assert calls == [((WINDOW - 1, 0), False), (None, True), (None, True)]
     cache = DynamicCache(config=model.config)
     steps = [ids[:, :24], ids[:, 24:30]] + [ids[:, t:t + 1] for t in range(30, 40)]
     parts = []
@@ -217,6 +227,11 @@ def test_triton_interpreter_logits_and_gradients():
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == ref_g.keys()
     assert max(rel_err(got[n], ref_g[n]) for n in ref_g) <= 1e-4
+    with torch.no_grad():  # no padding: the sliding layer on the dense window kernel with sinks
+        one = ids[:1, :20]
+        got = model(input_ids=one).logits
+        unpatch_model(model)
+        assert rel_err(got, model(input_ids=one).logits) <= 1e-5
 
 
 def test_unsupported_config_fields_are_refused():

@@ -14,14 +14,19 @@ transformers' ``s_aux``). The keys of a layer are the concatenation ``[window | 
   indexer picks ``index_topk`` entries per query (``-1`` where fewer are causally visible);
 * ``sliding_attention``: the window only.
 
-How the mask is expressed: as **top-k index lists** over the concatenated keys — per query
+Sliding layers without padding run the dense window kernels (``latent_attention(causal=True,
+window_size=(sliding_window - 1, 0), sinks=...)``: key blocks outside the band are skipped). Everything else —
+CSA/HCA layers, and sliding layers of left-padded batches — is expressed as **top-k index lists** over the
+concatenated keys — per query
 ``[W window slots | K compressed slots]`` (``W = sliding_window``; ``K = index_topk`` for CSA, the number of
 compressed entries for HCA), ``-1`` for slots a query may not see — run by
 ``mla.functional.latent_attention(..., topk_indices=..., sinks=...)`` (the top-k kernels with sinks on CUDA, the
 reference on CPU). Why not block lists: the CSA selection is per query and arbitrary (block lists would need
 one block per selected entry and a per-query partial mask), and the window is a diagonal band that is not
 block-aligned after the compressed entries are appended; one index list per query carries both exactly, costs
-``W + K`` int32 per query (``128 + 512`` for V4-Flash CSA), and is what the kernels already gather. The HCA list
+``W + K`` int32 per query (``128 + 512`` for V4-Flash CSA), and is what the kernels already gather. The window
+slots share the list (rather than a window-kernel call merged with a compressed-part call through ``lse``) because
+one softmax with one sink spans both: one launch, no merge and no ``lse`` backward. The HCA list
 is a prefix of the compressed entries, so its width grows as ``S / m'`` (``S = 1M``: 8,192 slots per query at
 ``m' = 128``); decode pays that per step, prefill pays ``T·S/m'`` int32 (chunk very long prefills).
 
@@ -75,8 +80,9 @@ def _window_keep(mask: torch.Tensor | None, B: int, T: int, S: int) -> torch.Ten
     return keep.expand(B, T, S)
 
 
-def _window_indices(mask: torch.Tensor | None, B: int, T: int, S: int, window: int) -> torch.Tensor:
-    """Window slots ``[B, T, window]`` int32: key positions in ``[0, S)`` the mask keeps, or ``-1``.
+def _window_indices(mask: torch.Tensor | None, B: int, T: int, S: int, window: int) -> tuple[torch.Tensor, bool]:
+    """Window slots ``[B, T, window]`` int32 (key positions in ``[0, S)`` the mask keeps, or ``-1``) and whether the
+    mask keeps the whole band (no padding: then it is exactly ``causal`` with ``window_size=(window - 1, 0)``).
 
     Query ``i`` sits at key position ``S - T + i`` (transformers' sliding cache returns the kept past then the new
     tokens), so its keys lie in ``[S - T + i - window + 1, S - T + i]``. Computed once per mask and reused by
@@ -99,7 +105,7 @@ def _window_indices(mask: torch.Tensor | None, B: int, T: int, S: int, window: i
             f"attention_mask: keeps keys outside the sliding window of config.sliding_window={window} tokens; "
             "DeepSeek-V4 on the latent attention needs the mask the model builds (a sliding-window causal mask)"
         )
-    value = torch.where(got, cand, -1).to(torch.int32)
+    value = torch.where(got, cand, -1).to(torch.int32), bool((got == inside).all())
     if mask is not None:
         _memo.ref, _memo.key, _memo.value = weakref.ref(mask), key, value
     return value
@@ -267,7 +273,15 @@ class LatentDeepseekV4Attention(_hf.DeepseekV4Attention):
         if cache is not None:  # sliding window, K == V
             kv = cache.update(kv, kv, self.layer_idx, kwargs=kwargs)[0]
         S = kv.shape[2]
-        window_idx = _window_indices(attention_mask, B, T, S, self.sliding_window)
+        window_idx, band = _window_indices(attention_mask, B, T, S, self.sliding_window)
+        sinks = self.sinks.float()  # exact; a model cast with .to(bf16) holds bf16 sinks
+        if self.compressor is None and band:  # sliding layer, no padding: the dense window kernels
+            keys = kv.transpose(1, 2)
+            out = latent_attention(
+                q.transpose(1, 2), keys, keys, causal=True, window_size=(self.sliding_window - 1, 0),
+                softmax_scale=self.scaling, sinks=sinks, backend=self.backend,
+            )
+            return self._output(out, cos, sin)
         compressed, comp_idx = self._compressed_indices(
             hidden_states, q_residual, position_ids, cache, T, attention_mask is None
         )
@@ -276,10 +290,14 @@ class LatentDeepseekV4Attention(_hf.DeepseekV4Attention):
         idx = v4_topk_indices(window_idx.to(kv.device), S, comp_idx)
         keys = kv.transpose(1, 2)  # [B, S + N, 1, D]
         out = latent_attention(
-            q.transpose(1, 2), keys, keys, topk_indices=idx, softmax_scale=self.scaling, sinks=self.sinks.float(),
+            q.transpose(1, 2), keys, keys, topk_indices=idx, softmax_scale=self.scaling, sinks=sinks,
             backend=self.backend, check_indices=False,
-        )  # [B, T, H, D]; sinks: float() is exact (a model cast with .to(bf16) holds bf16 sinks)
-        # the model's own tail: conjugate RoPE on the output's rope slice, grouped low-rank output projection
+        )  # [B, T, H, D]
+        return self._output(out, cos, sin)
+
+    def _output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The model's own tail on ``out [B, T, H, D]``: conjugate RoPE on the rope slice, grouped output proj."""
+        B, T = out.shape[:2]
         out = _hf.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
         grouped = self.o_a_proj(out.reshape(B, T, self.config.o_groups, -1)).flatten(2)
         return self.o_b_proj(grouped), None
