@@ -10,7 +10,8 @@
 3. Measures decode speed before and after at a long context. transformers expands the cached latents to
    per-head keys/values at every step; the patched model attends in latent space over the same cache.
    On a CPU this small model (4 heads) does not gain: measured 0.7x at contexts 512 and 2048 on a busy
-   2-core machine, 1 thread. The saving is in memory traffic at many heads on a GPU (``bench.bench_hf``).
+   2-core machine, 1 thread (``--model deepseek_v4``: 0.8-0.9x at contexts 512 and 1024). The saving is in
+   memory traffic at many heads on a GPU (``bench.bench_hf``).
 4. Shows the other entry point: ``attn_implementation="mla_latent"`` (our attention function in transformers'
    ``AttentionInterface``; naive form, no module replacement; DeepSeek-V3 only).
 

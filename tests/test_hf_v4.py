@@ -168,7 +168,7 @@ def test_prefill_chunk_and_decode_equal_full_forward(monkeypatch):
         for chunk in steps:
             parts.append(model(input_ids=chunk, cache=cache, use_cache=True).logits)
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
-    # and the unpatched model continues a cache the patched one filled (same state layout)
+    # and a patched model continues a cache the unpatched one filled (same state layout)
     unpatch_model(model)
     cache2 = DynamicCache(config=model.config)
     with torch.no_grad():
