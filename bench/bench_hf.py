@@ -1,8 +1,9 @@
-"""Decode throughput of a transformers DeepseekV3 model before and after ``mla.integrations.transformers.patch_model``.
+"""Decode throughput of transformers DeepseekV3 / V4 models before and after ``patch_model`` (mla.integrations).
 
-    python -m bench.bench_hf                 # CPU (and CUDA when present): contexts 512, 2k, 8k
+    python -m bench.bench_hf                 # every model, CPU (and CUDA when present): contexts 512, 2k, 8k
     python -m bench.bench_hf --quick         # contexts 128 and 512, short timing budget
     python -m bench.bench_hf --device cuda --contexts 512 2048 8192 32768 --csv hf.csv
+    python -m bench.bench_hf --model deepseek_v4 --quick
 
 The model is a random-weight ``DeepseekV3ForCausalLM`` built from a config (no download) with DeepSeek's
 attention head sizes (``kv_lora_rank`` 512, ``qk_nope_head_dim`` 128, ``qk_rope_head_dim`` 64,
@@ -18,6 +19,12 @@ from the same cache (``cache.crop`` rewinds it between runs), and the generated 
 The cache of the ``ctx``-token context is filled, by default, with random latents through the cache's own
 ``update`` (a CPU prefill at 8k takes minutes and does not change what a decode step computes);
 ``--prefill model`` runs the real (chunked) prefill instead.
+``--model deepseek_v4``: a random ``DeepseekV4ForCausalLM`` with V4-Flash's attention sizes (one shared key = value
+head of 512 with 64 RoPE channels, window 128, sinks, CSA rate 4 with an indexer of 16 heads x 128 keeping 512
+entries, HCA rate 128, ``o_groups`` 2 x 256) and one layer of each type per three layers (``--layers``, default 3);
+*before* is transformers' eager module (V4 ships eager only: it builds the dense ``[window | compressed]`` mask),
+*after* the patched module (top-k index lists). The V4 cache holds compressor state that ``crop`` cannot rewind,
+so the context is always prefilled through the model (in chunks) and each run decodes from a copy of that cache.
 Tokens/s counts decode steps × batch over wall time (``torch.cuda.synchronize`` on CUDA), after one
 warm-up step; each side runs until ``--budget`` seconds have passed (at least ``--min-steps`` steps).
 """
@@ -25,6 +32,7 @@ warm-up step; each side runs until ``--budget`` seconds have passed (at least ``
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import time
 
@@ -47,6 +55,26 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     )
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM._from_config(cfg, attn_implementation=args.attn, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+
+
+def build_v4_model(args, device: torch.device, dtype: torch.dtype):
+    """A random DeepseekV4ForCausalLM (transformers, eager attention) with V4-Flash's attention sizes."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    cfg = DeepseekV4Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, moe_intermediate_size=64, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, head_dim=512, q_lora_rank=args.q_lora_rank or 1024,
+        partial_rotary_factor=64 / 512, n_routed_experts=2, num_experts_per_tok=1,
+        layer_types=[V4_LAYER_TYPES[i % 3] for i in range(args.layers)], mlp_layer_types=["moe"] * args.layers,
+        sliding_window=128, o_groups=2, o_lora_rank=256, index_n_heads=16, index_head_dim=128, index_topk=512,
+        max_position_embeddings=max(args.contexts) + 4096, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -87,24 +115,23 @@ def _rewind(cache, ctx: int) -> None:
         cache.crop(-extra)
 
 
-def timed_decode(model, cache, ctx: int, first, args, device, steps: int | None = None):
-    """Decode from the cache cropped to ``ctx`` tokens, repeatedly, until ``args.budget`` seconds are spent.
+def timed_decode(model, reset, first, args, device, steps: int | None = None):
+    """Decode from ``reset()`` (the cache of the ``ctx``-token context), repeatedly, until ``args.budget`` seconds
+    are spent.
 
     ``steps`` None: calibrate it first (``args.min_steps`` .. ``args.max_steps``, one run ≈ the budget).
     Returns (tokens of the first run [B, steps + 1], tokens/s, steps).
     """
     B = first.shape[0]
     if steps is None:
-        _rewind(cache, ctx)
-        tokens, t = decode(model, cache, first, args.min_steps + 1, device)
+        tokens, t = decode(model, reset(), first, args.min_steps + 1, device)
         steps = int(min(args.max_steps, max(args.min_steps, args.budget * args.min_steps / max(t, 1e-9))))
         if steps == args.min_steps or t >= args.budget:
             return tokens, args.min_steps * B / t, args.min_steps
     tokens, total_t, total_steps = None, 0.0, 0
     start = time.perf_counter()
     while True:
-        _rewind(cache, ctx)
-        toks, t = decode(model, cache, first, steps + 1, device)
+        toks, t = decode(model, reset(), first, steps + 1, device)
         tokens = toks if tokens is None else tokens
         total_t, total_steps = total_t + t, total_steps + steps
         if time.perf_counter() - start >= args.budget:
@@ -118,7 +145,8 @@ def bench_device(args, device: torch.device) -> list[dict]:
         dtype = getattr(torch, args.dtype)
     from transformers import DynamicCache
 
-    model = build_model(args, device, dtype)
+    v4 = args.model == "deepseek_v4"
+    model = (build_v4_model if v4 else build_model)(args, device, dtype)
     rows = []
     for ctx in args.contexts:
         g = torch.Generator().manual_seed(ctx)
@@ -127,7 +155,7 @@ def bench_device(args, device: torch.device) -> list[dict]:
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            if args.prefill == "model":
+            if args.prefill == "model" or v4:
                 for i in range(0, ctx, args.prefill_chunk):
                     logits = model(input_ids=ids[:, i : i + args.prefill_chunk], cache=cache, use_cache=True).logits
                 first = logits[:, -1:].argmax(-1)
@@ -136,14 +164,22 @@ def bench_device(args, device: torch.device) -> list[dict]:
                 first = ids[:, -1:]
         _sync(device)
         prefill_s = time.perf_counter() - t0
+        if v4:  # compressor state cannot be cropped: decode from copies of the prefilled cache
+            def reset(snapshot=cache):
+                return copy.deepcopy(snapshot)
+        else:
+            def reset(cache=cache, ctx=ctx):
+                _rewind(cache, ctx)
+                return cache
         with torch.no_grad():
-            ref_tokens, before, steps = timed_decode(model, cache, ctx, first, args, device)
+            ref_tokens, before, steps = timed_decode(model, reset, first, args, device)
             patch_model(model, form=args.form, backend=args.backend)
-            tokens, after, _ = timed_decode(model, cache, ctx, first, args, device, steps=steps)
+            tokens, after, _ = timed_decode(model, reset, first, args, device, steps=steps)
             unpatch_model(model)
         same = bool(torch.equal(tokens[:, : ref_tokens.shape[1]], ref_tokens))
         row = {
-            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "context": ctx,
+            "model": args.model, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "batch": args.batch, "context": ctx,
             "prefill": args.prefill, "prefill_s": round(prefill_s, 3), "steps": steps, "before_tok_s": round(before, 2),
             "after_tok_s": round(after, 2), "ratio": round(after / before, 2), "same_tokens": same,
         }
@@ -157,8 +193,17 @@ def bench_device(args, device: torch.device) -> list[dict]:
     return rows
 
 
+# model family -> (default layers, attention shape, what "before" runs)
+MODELS = {
+    "deepseek_v3": (2, "kv_lora_rank 512, qk 128+64, v 128", "attn_implementation={attn!r}"),
+    "deepseek_v4": (3, "head_dim 512 (64 RoPE), window 128, CSA 4 / top-512, HCA 128", "eager (V4 ships eager only)"),
+}
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="model families (model_type), default all; deepseek_v4: see the module docstring")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, plus CUDA when available")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -166,7 +211,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=None, help="default 2 (deepseek_v3), 3 (deepseek_v4: one per type)")
     p.add_argument("--q-lora-rank", type=int, default=None)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--attn", default="sdpa", help="attn_implementation of the unpatched model (sdpa, eager)")
@@ -193,21 +238,25 @@ def main(argv=None) -> list[dict]:
         devices.append(torch.device("cpu"))
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))
-    print(
-        f"transformers DeepseekV3 decode, hidden {args.hidden}, {args.heads} heads, {args.layers} layers, "
-        f"kv_lora_rank 512, qk 128+64, v 128, batch {args.batch}; before = attn_implementation={args.attn!r}, "
-        f"after = patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
-    )
     rows = []
-    for dev in devices:
-        rows += bench_device(args, dev)
+    for name in args.model:
+        margs = copy.copy(args)
+        margs.model, (layers, shape, before) = name, MODELS[name]
+        margs.layers = args.layers or layers
+        print(
+            f"transformers {name} decode, hidden {args.hidden}, {args.heads} heads, {margs.layers} layers, "
+            f"{shape}, batch {args.batch}; before = {before.format(attn=args.attn)}, after = "
+            f"patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
+        )
+        for dev in devices:
+            rows += bench_device(margs, dev)
     print()
-    print("| device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| model | device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r['device']} | {r['dtype']} | {r['context']} | {r['before_tok_s']} | {r['after_tok_s']} | "
-            f"{r['ratio']}x | {r['same_tokens']} |"
+            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['context']} | {r['before_tok_s']} | "
+            f"{r['after_tok_s']} | {r['ratio']}x | {r['same_tokens']} |"
         )
     if args.csv:
         with open(args.csv, "w", newline="") as f:

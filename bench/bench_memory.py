@@ -195,7 +195,7 @@ def run_kv_cache(env: Env, rec: Recorder) -> None:
     """KV-cache bytes per token: computed for the DeepSeek presets, measured on the tiny model."""
     from mla.config import PRESETS
 
-    for name in ("deepseek-v3", "deepseek-v2-lite"):
+    for name in ("deepseek-v3", "deepseek-v2-lite", "deepseek-v4-flash"):
         cfg = PRESETS[name]()
         b = kv_bytes_per_token(cfg, 2)
         L, H = cfg.num_hidden_layers, cfg.num_attention_heads

@@ -1,7 +1,8 @@
-"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 model: one added line.
+"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 or -V4 model: one added line.
 
     python examples/hf_dropin.py            # about half a minute on a laptop CPU
     python examples/hf_dropin.py --context 4096 --threads 1
+    python examples/hf_dropin.py --model deepseek_v4   # sliding window + sinks, CSA (indexer) and HCA layers
 
 1. Builds a small random-weight ``DeepseekV3ForCausalLM`` from a config (no download).
 2. Greedy-generates for a left-padded batch of two prompts with transformers' own attention, then
@@ -9,9 +10,14 @@
 3. Measures decode speed before and after at a long context. transformers expands the cached latents to
    per-head keys/values at every step; the patched model attends in latent space over the same cache.
    On a CPU this small model (4 heads) does not gain: measured 0.7x at contexts 512 and 2048 on a busy
-   2-core machine, 1 thread. The saving is in memory traffic at many heads on a GPU (``bench.bench_hf``).
+   2-core machine, 1 thread (``--model deepseek_v4``: 0.8-0.9x at contexts 512 and 1024). The saving is in
+   memory traffic at many heads on a GPU (``bench.bench_hf``).
 4. Shows the other entry point: ``attn_implementation="mla_latent"`` (our attention function in transformers'
-   ``AttentionInterface``; naive form, no module replacement).
+   ``AttentionInterface``; naive form, no module replacement; DeepSeek-V3 only).
+
+``--model deepseek_v4``: a small random ``DeepseekV4ForCausalLM`` with one layer of each attention type
+(sliding window, compressed-sparse with the lightning indexer, heavily compressed); the patched layers attend
+over top-k index lists of ``[window | compressed]`` keys (``mla.integrations.deepseek_v4``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from _deps import requirements
 
 with requirements():  # needs the [hf] extra: pip install -e ".[hf]"
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
+    from transformers import (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        DeepseekV4Config,
+        DeepseekV4ForCausalLM,
+        LogitsProcessor,
+        LogitsProcessorList,
+    )
 
     from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
     from mla.threads import auto_threads, describe_threads
@@ -47,6 +60,24 @@ def small_config(max_positions: int) -> DeepseekV3Config:
                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
         pad_token_id=0, bos_token_id=None, eos_token_id=None,
     )
+
+
+def small_v4_config(max_positions: int) -> DeepseekV4Config:
+    """DeepSeek-V4's attention layout (one shared key = value head with partial interleaved RoPE, 128-token sliding
+    window, per-head sinks, compressed-sparse layer with rate 4 and an indexer keeping 64 entries, heavily
+    compressed layer with rate 128, grouped low-rank output) with 4 heads of 128, 3 layers (one of each type) and
+    a small MoE."""
+    return DeepseekV4Config(
+        vocab_size=512, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        head_dim=128, q_lora_rank=128, partial_rotary_factor=0.25, n_routed_experts=2, num_experts_per_tok=1,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        mlp_layer_types=["moe"] * 3, hc_mult=2, sliding_window=128, o_groups=2, o_lora_rank=64, index_n_heads=4,
+        index_head_dim=32, index_topk=64, max_position_embeddings=max_positions, pad_token_id=0,
+        bos_token_id=None, eos_token_id=None,
+    )
+
+
+MODELS = {"deepseek_v3": (small_config, DeepseekV3ForCausalLM), "deepseek_v4": (small_v4_config, DeepseekV4ForCausalLM)}
 
 
 def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
@@ -80,6 +111,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="deepseek_v3", help="model family (model_type)")
     p.add_argument("--context", type=int, default=2048, help="prompt length of the speed measurement")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None,
@@ -89,22 +121,24 @@ def main() -> None:
         p.error(f"--threads: expected >= 1, got {args.threads}")
     torch.set_num_threads(args.threads or auto_threads())
     torch.manual_seed(0)
-    config = small_config(max_positions=max(4096, 2 * args.context))
-    model = DeepseekV3ForCausalLM(config).eval()
+    make_config, model_cls = MODELS[args.model]
+    config = make_config(max_positions=max(4096, 2 * args.context))
+    model = model_cls(config).eval()
     random_weights(model)
 
     # -- 1. identical greedy output, batch of two prompts, the second left-padded -----------------------
     g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, config.vocab_size, (2, 12), generator=g)
+    T = 300 if args.model == "deepseek_v4" else 12  # V4: long enough that the window and compression cut keys
+    input_ids = torch.randint(1, config.vocab_size, (2, T), generator=g)
     attention_mask = torch.ones_like(input_ids)
     input_ids[1, :5], attention_mask[1, :5] = 0, 0
     gen = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
     with torch.no_grad():
         before = model.generate(**gen)
-        patch_model(model)  # <- the one line: every DeepseekV3Attention now runs the latent attention
+        patch_model(model)  # <- the one line: every DeepseekV3Attention / DeepseekV4Attention is replaced
         after = model.generate(**gen)
-    print("transformers:", before[:, 12:].tolist())
-    print("patched:     ", after[:, 12:].tolist())
+    print("transformers:", before[:, T:].tolist())
+    print("patched:     ", after[:, T:].tolist())
     print("identical greedy output:", torch.equal(before, after))
     print("layer 0 attention is now:", type(model.model.layers[0].self_attn).__name__)
 
@@ -120,6 +154,8 @@ def main() -> None:
     )
 
     # -- 3. or: our kernel as a transformers attention implementation (naive form) ----------------------
+    if args.model != "deepseek_v3":
+        return
     other = DeepseekV3ForCausalLM._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     other.load_state_dict(model.state_dict())  # the patched model's state dict has the original keys
     with torch.no_grad():

@@ -199,11 +199,29 @@ def _v3() -> MLAConfig:
     )
 
 
+def _v4_flash() -> MLAConfig:
+    """DeepSeek-V4-Flash's attention sizes in MLAConfig's fields (transformers' ``DeepseekV4Config`` defaults, which
+    are V4-Flash's: hidden 4096, 43 layers, 64 heads of ``head_dim`` 512 with 64 RoPE channels, ``q_lora_rank`` 1024,
+    window 128, sinks, indexer 64 heads x 128 keeping 512). V4's one shared key = value head of 512 values is
+    ``kv_lora_rank`` 448 + ``qk_rope_head_dim`` 64 (so ``cache_values_per_token`` is V4's 512), each head's query
+    ``qk_nope_head_dim`` 448 + 64 and its output ``v_head_dim`` 512. An ``MLACausalLM`` built from it is an MLA model
+    of V4's attention shape, window and sinks, not V4 (no compressors, grouped output projection or
+    hyper-connections): run V4 itself through transformers and ``mla.integrations.transformers.patch_model``."""
+    return MLAConfig(
+        vocab_size=129280, hidden_size=4096, intermediate_size=2048, num_hidden_layers=43, num_attention_heads=64,
+        q_lora_rank=1024, kv_lora_rank=448, qk_nope_head_dim=448, qk_rope_head_dim=64, v_head_dim=512,
+        max_position_embeddings=1048576, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_interleave=True, rms_norm_eps=1e-6, sliding_window=128, attention_sinks=True, index_n_heads=64,
+        index_head_dim=128, index_topk=512,
+    )
+
+
 #: Built-in presets; ``mla.registry`` starts with these.
 PRESETS: dict[str, Callable[[], MLAConfig]] = {
     "tiny": _tiny,
     "deepseek-v2-lite": _v2_lite,
     "deepseek-v3": _v3,
+    "deepseek-v4-flash": _v4_flash,
 }
 
 

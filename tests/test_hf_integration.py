@@ -107,6 +107,14 @@ def greedy_with_logits(model, ids, am, n=NEW_TOKENS):
     return out.sequences, torch.stack(out.logits)
 
 
+def lm_grads(model, ids):
+    """``(loss, {parameter name: gradient})`` of the language-model loss of ``ids`` (grads zeroed first)."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 CONFIGS = {
     "plain": dict(q_lora_rank=None, rope=DEFAULT, interleave=True, bias=False),
     "qlora-halfsplit": dict(q_lora_rank=24, rope=DEFAULT, interleave=False, bias=False),
@@ -343,15 +351,9 @@ def test_training_gradients_match_eager():
     model = build(v3_config(**CONFIGS["qlora-yarn-bias"]), seed=10).train()
     ids, _ = batch(pad=0, seed=10)
 
-    def grads():
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref = grads()
+    ref_loss, ref = lm_grads(model, ids)
     patch_model(model)
-    loss, got = grads()
+    loss, got = lm_grads(model, ids)
     assert rel_err(loss, ref_loss) <= 1e-6
     assert got.keys() == ref.keys() and len(got) > 10
     assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
@@ -436,3 +438,26 @@ def test_plan_mask_fast_path_and_padding():
         mt._plan_mask_uncached(additive, 2, T + 1, S, torch.device("cpu"), True)
     with pytest.raises(TypeError, match="BlockMask"):
         mt._plan_mask(object(), 2, T, S, torch.device("cpu"))
+
+
+def test_kimi_k25_wrapper_model():
+    """Kimi-K2.5 (``kimi_k25``): a multimodal wrapper whose text model is a ``DeepseekV3Model`` (its own text config);
+    the MLA layers inside are patched, the vision tower's attention is left alone."""
+    vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, patch_size=4,
+                  pos_emb_height=4, pos_emb_width=4)
+    cfg = transformers.Kimi_K25Config(text_config=v3_config(**CONFIGS["qlora-yarn-bias"]).to_dict(),
+                                      vision_config=vision, projection_hidden_size=32)
+    cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"
+    model = build(cfg, seed=2, cls=transformers.Kimi_K25ForConditionalGeneration)
+    ids, am = batch(seed=2)
+    valid = am.bool()
+    ref, ref_tokens = logits(model, ids, am), greedy(model, ids, am)
+    vision_attn = [m for m in model.modules() if type(m).__name__ == "Kimi_K25VisionAttention"]
+    patch_model(model)
+    text = model.model.language_model
+    assert all(isinstance(layer.self_attn, LatentAttentionForHF) for layer in text.layers)
+    assert text.layers[0].self_attn.config is cfg.text_config
+    still = {id(m) for m in model.modules()}
+    assert vision_attn and all(id(m) in still for m in vision_attn)  # same vision modules, not replaced
+    assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
+    assert torch.equal(greedy(model, ids, am), ref_tokens)

@@ -87,8 +87,17 @@ _SUPPORTED: dict[str, tuple[str, str]] = {
     "MiniCPM3Attention": ("transformers.models.minicpm3.modeling_minicpm3", "half"),
 }
 
+# Attention classes whose replacement lives in another module of this package (not MLA math):
+# class name -> (transformers module, our module, our class). Imported on first use.
+_DELEGATED: dict[str, tuple[str, str, str]] = {
+    "DeepseekV4Attention": (
+        "transformers.models.deepseek_v4.modeling_deepseek_v4", "mla.integrations.deepseek_v4",
+        "LatentDeepseekV4Attention",
+    ),
+}
+
 #: transformers attention classes ``patch_model`` replaces.
-SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED)
+SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED) + tuple(_DELEGATED)
 
 # MLA-weighted classes whose forward does something else: refused with the reason.
 _UNSUPPORTED_REASONS = {
@@ -118,6 +127,19 @@ def _supported_key(cls: type) -> str | None:
     if entry is not None and cls.__module__ == entry[0]:
         return cls.__name__
     return None
+
+
+def _delegated_class(cls: type) -> type | None:
+    """Our replacement class for exactly ``cls`` when it is in ``_DELEGATED`` (imported lazily), else None."""
+    entry = _DELEGATED.get(cls.__name__)
+    if entry is None or cls.__module__ != entry[0]:
+        return None
+    return getattr(importlib.import_module(entry[1]), entry[2])
+
+
+def _is_replacement(module: nn.Module) -> bool:
+    """Whether ``module`` was installed by ``patch_model``."""
+    return isinstance(module, LatentAttentionForHF) or getattr(type(module), "_mla_replacement", False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,7 +503,9 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
 
     Supported (transformers >= 5.0, checked against 5.24): ``DeepseekV3Attention`` (DeepSeek-V3/R1),
     ``DeepseekV2Attention`` (DeepSeek-V2/-Lite, complex RoPE), ``Glm4MoeLiteAttention``, ``YoutuAttention``,
-    ``AXK1Attention`` and ``MiniCPM3Attention`` — exactly these classes, not subclasses. The weights (same
+    ``AXK1Attention`` and ``MiniCPM3Attention`` — exactly these classes, not subclasses — wherever they sit (e.g.
+    Kimi-K2.5's ``Kimi_K25ForConditionalGeneration`` wraps a ``DeepseekV3Model``); and ``DeepseekV4Attention``
+    (all layer types, on top-k index lists: ``mla.integrations.deepseek_v4``). The weights (same
     parameter objects), ``model.config`` (``q_lora_rank`` or none, ``rope_interleave``, any ``rope_parameters``
     transformers supports since its cos/sin are used, ``attention_bias``) and transformers' cache objects are
     kept, so ``model(...)`` and ``model.generate(...)`` (greedy, sampling, batched with left padding) work
@@ -512,9 +536,9 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
     targets, refused = [], []
     for parent in model.modules():
         for child_name, child in parent.named_children():
-            if isinstance(child, LatentAttentionForHF):
+            if _is_replacement(child):
                 targets.append((parent, child_name, child))
-            elif _supported_key(type(child)) is not None:
+            elif _supported_key(type(child)) is not None or _delegated_class(type(child)) is not None:
                 if hasattr(child, "_hf_hook") or "forward" in child.__dict__:
                     refused.append(f"{type(child).__name__} (its forward is wrapped, e.g. by accelerate hooks)")
                 else:
@@ -541,12 +565,12 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
         )
     done: dict[int, nn.Module] = {}
     for parent, child_name, child in targets:
-        if isinstance(child, LatentAttentionForHF):
+        if _is_replacement(child):
             child.form, child.backend = form, backend
             continue
         new = done.get(id(child))
         if new is None:
-            new = _patched_class(type(child))._from_hf(child, form, backend)
+            new = (_delegated_class(type(child)) or _patched_class(type(child)))._from_hf(child, form, backend)
             done[id(child)] = new
         setattr(parent, child_name, new)
     return model
@@ -567,7 +591,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     restored: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if not isinstance(child, LatentAttentionForHF):
+            if not _is_replacement(child):
                 continue
             orig = restored.get(id(child))
             if orig is None:
@@ -583,7 +607,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` contains modules installed by ``patch_model``."""
-    return any(isinstance(m, LatentAttentionForHF) for m in model.modules())
+    return any(_is_replacement(m) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------
