@@ -162,17 +162,14 @@ def prov_ours(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     if not env.is_cuda and not interpreter_allowed(env):
         return CPU_TRITON_REASON
     from mla import latent_attention
+    from mla.functional import WINDOW_WITH_SPARSE
 
     try:
-        from mla.autograd import kernel_supports
-
-        why = kernel_supports(inp.q, inp.k, inp.v, case.block_mask, case.topk, case.window_size)
-        if why:
-            return f"n/a: {why}"
+        import mla.autograd  # noqa: F401  (imports the kernels and triton)
     except ImportError as e:
         return f"n/a: the Triton kernels do not import ({e})"
-    except Exception:  # noqa: BLE001 - the capability query changed: just try the kernels
-        pass
+    if tuple(case.window_size) != (-1, -1) and (case.block_mask is not None or case.topk is not None):
+        return f"n/a: {WINDOW_WITH_SPARSE}"
 
     def run():
         return latent_attention(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
