@@ -700,7 +700,8 @@ def mla_decode(
             ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
         ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
             ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
-            a ``page_size`` of 0, on ``backend="triton"`` a cache without unit last stride (or an FP8 pool not 16-byte aligned),
+            a ``page_size`` of 0, on ``backend="triton"`` a cache without unit last stride (or an FP8 pool
+            not 16-byte aligned),
             ``topk_indices`` below -1 or repeating a cached position in a row (``check_inputs``).
     """
     scale, Dv, window_size, topk_indices = _check_decode(
