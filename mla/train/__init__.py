@@ -19,20 +19,11 @@
 >>> metrics = trainer.fit(); metrics[-1]["val_bpb"]            # doctest: +SKIP
 """
 
+from mla.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mla.train.config import METRIC_KEYS, TrainConfig, bits_per_byte, lr_at
 from mla.train.data import DEFAULT_DATA, ByteDataset, default_corpus, load_bytes
 from mla.train.distributed import DistContext, init_distributed
-from mla.train.loop import (
-    METRIC_KEYS,
-    TrainConfig,
-    Trainer,
-    bits_per_byte,
-    evaluate,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    train,
-)
+from mla.train.trainer import Trainer, evaluate, train
 
 __all__ = [
     "ByteDataset",
