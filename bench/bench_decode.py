@@ -14,7 +14,7 @@ page size 64, causal, every sequence ``S`` tokens long, pages scattered by a ran
 
 GPU grid: ``B`` in {1, 32, 128}, ``S`` in {1k, 4k, 16k, 64k}, ``Tq = 1`` plus ``Tq = 2`` at 4k (``--full``:
 all 24 combinations of ``Tq`` in {1, 2}). Reported: GB/s of compulsory traffic (cache rows, q, out,
-lse; ``bench.common.decode_bytes``) and TFLOP/s (``2 · pairs · (Dk + Dv)``).
+lse; ``bench.work.decode_bytes``) and TFLOP/s (``2 · pairs · (Dk + Dv)``).
 
 Generation (``generate`` group): tokens/s of ``MLACausalLM.generate()`` (paged cache, absorbed decode)
 against a greedy loop with a contiguous ``LatentCache`` in the naive (expanded) form and a loop without any
@@ -29,26 +29,12 @@ import math
 
 import torch
 
-from bench.common import (
-    CaseTimeout,
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    decode_bytes,
-    decode_pairs,
-    force_reference,
-    free_memory,
-    rel_err,
-    rotation_sets,
-    time_fns,
-    time_limit,
-    time_wall,
-    timed_row,
-    to_device_dtype,
-    tolerance,
-)
+from bench.env import Env, rotation_sets
+from bench.guards import after_error, force_reference, free_memory, rel_err, to_device_dtype, tolerance
 from bench.providers import CPU_TRITON_REASON, interpreter_allowed
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import CaseTimeout, time_fns, time_limit, time_wall
+from bench.work import decode_bytes, decode_pairs
 from mla.quant import fp8_ds_mla_row_bytes
 
 DK, DV, PAGE = 576, 512, 64

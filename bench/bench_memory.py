@@ -35,8 +35,11 @@ import gc
 
 import torch
 
-from bench.common import Env, Recorder, Row, after_error, free_memory, time_limit
+from bench.env import Env
+from bench.guards import after_error, free_memory
 from bench.providers import ATTN_PROVIDERS, AttnCase, make_inputs, wrap_mode
+from bench.rows import Recorder, Row
+from bench.timing import time_limit
 
 MIB = float(1 << 20)
 GQA_KV_HEADS, GQA_HEAD_DIM = 8, 128

@@ -13,21 +13,10 @@ import dataclasses
 
 import torch
 
-from bench.common import (
-    CaseTimeout,
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    force_reference,
-    free_memory,
-    rel_err,
-    time_fns,
-    time_limit,
-    timed_row,
-    to_device_dtype,
-    tolerance,
-)
+from bench.env import Env
+from bench.guards import after_error, force_reference, free_memory, rel_err, to_device_dtype, tolerance
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import CaseTimeout, time_fns, time_limit
 
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 

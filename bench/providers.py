@@ -27,24 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    attention_bytes,
-    attention_flops,
-    block_mask_pairs,
-    free_memory,
-    rel_err,
-    rotation_sets,
-    time_fns,
-    time_limit,
-    timed_row,
-    tolerance,
-    topk_pairs,
-    visible_pairs,
-)
+from bench.env import Env, rotation_sets
+from bench.guards import after_error, free_memory, rel_err, tolerance
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import time_fns, time_limit
+from bench.work import attention_bytes, attention_flops, block_mask_pairs, topk_pairs, visible_pairs
 
 CPU_TRITON_REASON = (
     "n/a on CPU: the fused Triton kernels need a CUDA GPU (the Triton interpreter is a correctness tool, "
