@@ -82,9 +82,7 @@ def run_modules(env: Env, rec: Recorder) -> None:
     base = Row("module", f"causal T={T}", "", shape=shape, x=T)
     reason = env.skip_reason()
     if reason:
-        for v in variants:
-            for m in modes:
-                rec.add(dataclasses.replace(base, provider=v, mode=m, status="skip", note=reason))
+        rec.add_all(base, variants, "skip", reason, modes)
         return
     try:
         torch.manual_seed(0)
@@ -148,9 +146,7 @@ def run_modules(env: Env, rec: Recorder) -> None:
         built = None
         for m in modes:
             row = dataclasses.replace(base, provider=name, mode=m)
-            reason = env.skip_reason()
-            if reason:
-                rec.add(dataclasses.replace(row, status="skip", note=reason))
+            if rec.skipped(row):
                 continue
             try:
                 with time_limit(env.case_timeout):

@@ -485,19 +485,12 @@ def run_attention_case(env: Env, rec: Recorder, case: AttnCase, providers: list[
     base = Row(case.group, case.name, "", shape=case.shape_str(), x=case.x)
     reason = env.skip_reason()
     if reason:
-        for p in providers:
-            for m in modes:
-                rows.append(rec.add(dataclasses.replace(base, provider=p, mode=m, status="skip", note=reason)))
-        return rows
+        return rec.add_all(base, providers, "skip", reason, modes)
     try:
         n_sets = rotation_sets(env, input_set_bytes(case, env.elt))
         sets = [make_inputs(case, env, seed=i) for i in range(n_sets)]
     except Exception as e:  # noqa: BLE001
-        note = "could not allocate inputs: " + after_error(env, e)
-        for p in providers:
-            for m in modes:
-                rows.append(rec.add(dataclasses.replace(base, provider=p, mode=m, status="error", note=note)))
-        return rows
+        return rec.add_all(base, providers, "error", "could not allocate inputs: " + after_error(env, e), modes)
     rot = f"{n_sets} rotated input sets" if n_sets > 1 else ""
     baseline, baseline_name = None, ""
     if "reference" in providers and "fwd" in modes and callable(prov_reference(case, sets[0], "fwd", env)):

@@ -148,6 +148,23 @@ class Recorder:
             print(progress_line(row), flush=True)
         return row
 
+    def add_all(self, base: Row, providers, status: str, note: str, modes=(None,)) -> list[Row]:
+        """One row per provider (and per mode, unless ``modes`` is ``(None,)``: ``base``'s mode) with the same
+        ``status`` and ``note``: a case skipped or failed as a whole."""
+        return [
+            self.add(dataclasses.replace(base, provider=p, status=status, note=note,
+                                         **({} if m is None else {"mode": m})))
+            for p in providers for m in modes
+        ]
+
+    def skipped(self, row: Row) -> bool:
+        """When the run must not start another measurement (``Env.skip_reason``: time budget spent, CUDA
+        context lost), record ``row`` as ``skip`` with that reason and return True."""
+        reason = self.env.skip_reason()
+        if reason:
+            self.add(dataclasses.replace(row, status="skip", note=reason))
+        return bool(reason)
+
     def print_skips(self) -> None:
         """Print the ``skip`` rows added since the last call as one line per group: the count and the most
         common reasons (every row, with its reason, is in results.csv / results.md)."""

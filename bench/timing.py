@@ -145,9 +145,7 @@ def measure_ceilings(env: Env, rec: Recorder) -> None:
         n = 1024 if (env.quick or env.smoke) else 2048
         numel = 1 << 24
     for what in ("matmul", "copy"):
-        reason = env.skip_reason()
-        if reason:
-            rec.add(Row("ceiling", what, "torch", status="skip", note=reason))
+        if rec.skipped(Row("ceiling", what, "torch")):
             continue
         try:
             with time_limit(env.case_timeout):
