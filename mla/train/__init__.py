@@ -14,6 +14,10 @@
   load on any world size); see ``mla.train.distributed``.
 * CLI: ``python -m mla.train --help``.
 
+Modules: ``data`` (``ByteDataset``), ``config`` (``TrainConfig``, ``lr_at``, metric units), ``checkpoint``
+(safetensors checkpoint I/O), ``trainer`` (``Trainer``, ``train``, ``evaluate``), ``distributed``, ``__main__``
+(the CLI). Every name below is importable from ``mla.train`` itself.
+
 >>> from mla.train import TrainConfig, Trainer
 >>> trainer = Trainer(TrainConfig(steps=200, max_time=60))    # doctest: +SKIP
 >>> metrics = trainer.fit(); metrics[-1]["val_bpb"]            # doctest: +SKIP
