@@ -14,7 +14,7 @@ page size 64, causal, every sequence ``S`` tokens long, pages scattered by a ran
 
 GPU grid: ``B`` in {1, 32, 128}, ``S`` in {1k, 4k, 16k, 64k}, ``Tq = 1`` plus ``Tq = 2`` at 4k (``--full``:
 all 24 combinations of ``Tq`` in {1, 2}). Reported: GB/s of compulsory traffic (cache rows, q, out,
-lse; ``bench.common.decode_bytes``) and TFLOP/s (``2 · pairs · (Dk + Dv)``).
+lse; ``bench.work.decode_bytes``) and TFLOP/s (``2 · pairs · (Dk + Dv)``).
 
 Generation (``generate`` group): tokens/s of ``MLACausalLM.generate()`` (paged cache, absorbed decode)
 against a greedy loop with a contiguous ``LatentCache`` in the naive (expanded) form and a loop without any
@@ -29,26 +29,12 @@ import math
 
 import torch
 
-from bench.common import (
-    CaseTimeout,
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    decode_bytes,
-    decode_pairs,
-    force_reference,
-    free_memory,
-    rel_err,
-    rotation_sets,
-    time_fns,
-    time_limit,
-    time_wall,
-    timed_row,
-    to_device_dtype,
-    tolerance,
-)
+from bench.env import Env, rotation_sets
+from bench.guards import after_error, force_reference, free_memory, rel_err, to_device_dtype, tolerance
 from bench.providers import CPU_TRITON_REASON, interpreter_allowed
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import CaseTimeout, time_fns, time_limit, time_wall
+from bench.work import decode_bytes, decode_pairs
 from mla.quant import fp8_ds_mla_row_bytes
 
 DK, DV, PAGE = 576, 512, 64
@@ -122,44 +108,38 @@ def _reference_ok(env: Env, B: int, S: int) -> str:
     return ""
 
 
+def _decode_call(d: DecodeInputs, pool: torch.Tensor, backend: str, kv_format: str | None = None):
+    """A no-grad causal ``mla_decode`` of ``d``'s queries over ``pool`` (``d.pool`` or its FP8 copy)."""
+    from mla.functional import mla_decode
+
+    def run():
+        with torch.no_grad():
+            return mla_decode(d.q, pool, d.block_table, d.seqlens, softmax_scale=MLA_SCALE, head_dim_v=DV,
+                              causal=True, return_lse=False, backend=backend, check_inputs=False,
+                              kv_format=kv_format)
+
+    return run
+
+
 def dec_provider(name: str, env: Env, d: DecodeInputs, B: int, S: int):
     """Callable computing the decode output for provider ``name``, or the reason it cannot run."""
     from mla import latent_attention
-    from mla.functional import mla_decode, resolve_backend
+    from mla.functional import resolve_backend
 
     if name == "ours":
         if not env.is_cuda and not interpreter_allowed(env):
             return CPU_TRITON_REASON
-
-        def run():
-            with torch.no_grad():
-                return mla_decode(d.q, d.pool, d.block_table, d.seqlens, softmax_scale=MLA_SCALE, head_dim_v=DV,
-                                  causal=True, return_lse=False, backend="triton", check_inputs=False)
-
-        return run
+        return _decode_call(d, d.pool, "triton")
     if name == "ours fp8 cache":
         if not env.is_cuda and not interpreter_allowed(env):
             return CPU_TRITON_REASON
-        pool = d.fp8()
-
-        def run():
-            with torch.no_grad():
-                return mla_decode(d.q, pool, d.block_table, d.seqlens, softmax_scale=MLA_SCALE, head_dim_v=DV,
-                                  causal=True, return_lse=False, backend="triton", check_inputs=False,
-                                  kv_format="fp8_ds_mla")
-
-        return run, f"fp8_ds_mla cache, {FP8_ROW} B/token (bf16: {DK * 2})"
+        note = f"fp8_ds_mla cache, {FP8_ROW} B/token (bf16: {DK * 2})"
+        return _decode_call(d, d.fp8(), "triton", kv_format="fp8_ds_mla"), note
     if name == "reference":
         why = _reference_ok(env, B, S)
         if why:
             return why
-
-        def run():
-            with torch.no_grad():
-                return mla_decode(d.q, d.pool, d.block_table, d.seqlens, softmax_scale=MLA_SCALE, head_dim_v=DV,
-                                  causal=True, return_lse=False, backend="reference", check_inputs=False)
-
-        return run
+        return _decode_call(d, d.pool, "reference")
     if name == "dense latent_attention":
         kc = d.contiguous_cache()
         backend = resolve_backend("auto", kc.device, kc.dtype)
@@ -196,15 +176,12 @@ def run_decode(env: Env, rec: Recorder) -> None:
             if need > 0.8 * free:
                 reason = f"skipped: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
         if reason:
-            for p in DECODE_PROVIDERS:
-                rec.add(dataclasses.replace(base, provider=p, status="skip", note=reason))
+            rec.add_all(base, DECODE_PROVIDERS, "skip", reason)
             continue
         try:
             sets = [make_decode_inputs(env, B, S, Tq, H, seed=i) for i in range(n_sets)]
         except Exception as e:  # noqa: BLE001
-            note = "could not allocate inputs: " + after_error(env, e)
-            for p in DECODE_PROVIDERS:
-                rec.add(dataclasses.replace(base, provider=p, status="error", note=note))
+            rec.add_all(base, DECODE_PROVIDERS, "error", "could not allocate inputs: " + after_error(env, e))
             continue
         rot = f"{n_sets} rotated input sets" if n_sets > 1 else ""
         baseline, baseline_name = None, ""
@@ -216,9 +193,7 @@ def run_decode(env: Env, rec: Recorder) -> None:
                 after_error(env, e)
         for p in DECODE_PROVIDERS:
             row = dataclasses.replace(base, provider=p)
-            reason = env.skip_reason()
-            if reason:
-                rec.add(dataclasses.replace(row, status="skip", note=reason))
+            if rec.skipped(row):
                 continue
             try:
                 with time_limit(env.case_timeout):
@@ -298,8 +273,7 @@ def run_generate(env: Env, rec: Recorder) -> None:
     base = Row("generate", f"greedy B={B} prompt={P} new={N}", "", "decode", shape=shape, unit="tok/s", x=B)
     reason = env.skip_reason()
     if reason:
-        for n in names:
-            rec.add(dataclasses.replace(base, provider=n, status="skip", note=reason))
+        rec.add_all(base, names, "skip", reason)
         return
     try:
         torch.manual_seed(0)
@@ -309,9 +283,7 @@ def run_generate(env: Env, rec: Recorder) -> None:
         naive.load_state_dict(model.state_dict())
         prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(1)).to(env.device)
     except Exception as e:  # noqa: BLE001
-        note = after_error(env, e)
-        for n in names:
-            rec.add(dataclasses.replace(base, provider=n, status="error", note=note))
+        rec.add_all(base, names, "error", after_error(env, e))
         return
     fns = {
         names[0]: lambda: model.generate(prompt, N, temperature=0.0),
@@ -322,9 +294,7 @@ def run_generate(env: Env, rec: Recorder) -> None:
     fallback = ""
     for name, fn in fns.items():
         row = dataclasses.replace(base, provider=name)
-        reason = env.skip_reason()
-        if reason:
-            rec.add(dataclasses.replace(row, status="skip", note=reason))
+        if rec.skipped(row):
             continue
         try:
             with time_limit(env.case_timeout):

@@ -25,8 +25,12 @@ import math
 
 import torch
 
-from bench.common import Env, Recorder, Row, after_error, causal_pairs, time_fns, time_limit, timed_row
+from bench.env import Env
+from bench.guards import after_error
 from bench.providers import CPU_TRITON_REASON, AttnCase, interpreter_allowed, run_attention_case
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import time_fns, time_limit
+from bench.work import causal_pairs
 
 MLA_SCALE = 192**-0.5
 DENSE_PROVIDERS = ["ours", "flex", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "reference"]

@@ -35,8 +35,11 @@ import gc
 
 import torch
 
-from bench.common import Env, Recorder, Row, after_error, free_memory, time_limit
+from bench.env import Env
+from bench.guards import after_error, free_memory
 from bench.providers import ATTN_PROVIDERS, AttnCase, make_inputs, wrap_mode
+from bench.rows import Recorder, Row
+from bench.timing import time_limit
 
 MIB = float(1 << 20)
 GQA_KV_HEADS, GQA_HEAD_DIM = 8, 128
@@ -135,22 +138,17 @@ def _run_memory_case(env: Env, rec: Recorder, case: AttnCase) -> None:
                                 value=score / MIB, note="formula; the math path keeps several (scores, probs, grads)"))
     reason = env.skip_reason()
     if reason:
-        for p in MEMORY_PROVIDERS:
-            rec.add(dataclasses.replace(base, provider=p, status="skip", note=reason))
+        rec.add_all(base, MEMORY_PROVIDERS, "skip", reason)
         return
     try:
         inp = make_inputs(case, env, seed=0)
     except Exception as e:  # noqa: BLE001
-        note = "could not allocate inputs: " + after_error(env, e)
-        for p in MEMORY_PROVIDERS:
-            rec.add(dataclasses.replace(base, provider=p, status="error", note=note))
+        rec.add_all(base, MEMORY_PROVIDERS, "error", "could not allocate inputs: " + after_error(env, e))
         return
     env.extra["reference_limit"] = 1e10  # one call only: the reference is measured at the long length too
     for p in MEMORY_PROVIDERS:
         row = dataclasses.replace(base, provider=p)
-        reason = env.skip_reason()
-        if reason:
-            rec.add(dataclasses.replace(row, status="skip", note=reason))
+        if rec.skipped(row):
             continue
         try:
             with time_limit(env.case_timeout):

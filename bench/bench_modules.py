@@ -13,21 +13,10 @@ import dataclasses
 
 import torch
 
-from bench.common import (
-    CaseTimeout,
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    force_reference,
-    free_memory,
-    rel_err,
-    time_fns,
-    time_limit,
-    timed_row,
-    to_device_dtype,
-    tolerance,
-)
+from bench.env import Env
+from bench.guards import after_error, force_reference, free_memory, rel_err, to_device_dtype, tolerance
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import CaseTimeout, time_fns, time_limit
 
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -93,9 +82,7 @@ def run_modules(env: Env, rec: Recorder) -> None:
     base = Row("module", f"causal T={T}", "", shape=shape, x=T)
     reason = env.skip_reason()
     if reason:
-        for v in variants:
-            for m in modes:
-                rec.add(dataclasses.replace(base, provider=v, mode=m, status="skip", note=reason))
+        rec.add_all(base, variants, "skip", reason, modes)
         return
     try:
         torch.manual_seed(0)
@@ -159,9 +146,7 @@ def run_modules(env: Env, rec: Recorder) -> None:
         built = None
         for m in modes:
             row = dataclasses.replace(base, provider=name, mode=m)
-            reason = env.skip_reason()
-            if reason:
-                rec.add(dataclasses.replace(row, status="skip", note=reason))
+            if rec.skipped(row):
                 continue
             try:
                 with time_limit(env.case_timeout):

@@ -25,6 +25,15 @@ import sys
 import time
 
 
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned fixed-width table: ``header``, a dash rule, then ``rows`` (cells already strings)."""
+    cells = [header, *rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _format_table(rows: list[dict]) -> str:
     cols = [
         ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("head_dims", "dk/dv"), ("group", "G"),
@@ -32,31 +41,43 @@ def _format_table(rows: list[dict]) -> str:
         ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("smem_limit", "limit B"), ("wgmma", "wgmma"),
         ("tf32", "tf32"), ("fp8_cvt", "fp8 cvt"), ("status", "status"),
     ]
-    cells = [[h for _, h in cols]]
-    for r in rows:
-        cells.append([("yes" if r.get(k) else "no") if k in ("wgmma", "tf32") else str(r.get(k, ""))
-                      for k, _ in cols])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    lines = []
-    for n, c in enumerate(cells):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table([h for _, h in cols],
+                      [[("yes" if r.get(k) else "no") if k in ("wgmma", "tf32") else str(r.get(k, "")) for k, _ in cols]
+                       for r in rows])
+
+
+def add_compile_args(ap: argparse.ArgumentParser, arch_default: str, arch_help: str, quick_help: str) -> None:
+    """The options every compile-without-a-GPU tool takes: ``--json``, ``--kernels``, ``--arch``, ``--dtypes``,
+    ``--quick`` and ``--jobs``."""
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
+    ap.add_argument("--arch", default=arch_default, help=arch_help)
+    ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+
+
+def cannot_compile() -> str:
+    """Why kernels cannot be compiled in this process (Triton missing, or the interpreter on), or ``""``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 'triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"'
+    from kernels._config import INTERPRET
+
+    if INTERPRET:
+        return ("TRITON_INTERPRET is set: kernels are interpreter wrappers and cannot be compiled; "
+                "run with TRITON_INTERPRET=0")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.splitlines()[0])
-    ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
-    ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
-    ap.add_argument("--arch", default="",
-                    help="comma-separated compute capabilities (default: 80,86,89,90 and 100,120 if targetable)")
-    ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
-    ap.add_argument("--quick", action="store_true",
-                    help="fp16 specs plus every dtype of the absorbed 576/512 shape with 128 heads "
-                         "(the compile check's set)")
-    ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    add_compile_args(ap, "", "comma-separated compute capabilities (default: 80,86,89,90 and 100,120 if "
+                         "targetable)",
+                     "fp16 specs plus every dtype of the absorbed 576/512 shape with 128 heads (the compile check's "
+                     "set)")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a configuration is not clean")
     args = ap.parse_args(argv)
     from kernels._config import KERNEL_MODULES, SMEM_LIMIT_BYTES
@@ -70,17 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--arch: unknown {', '.join(map(repr, bad_arch)) or repr(args.arch)}; valid: "
                  f"{', '.join(map(str, SMEM_LIMIT_BYTES))}")
 
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print('triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"',
-              file=sys.stderr)
-        return 2
-    from kernels._config import INTERPRET
-
-    if INTERPRET:
-        print("TRITON_INTERPRET is set: kernels are interpreter wrappers and cannot be compiled; "
-              "run with TRITON_INTERPRET=0", file=sys.stderr)
+    why = cannot_compile()
+    if why:
+        print(why, file=sys.stderr)
         return 2
     from kernels._compile import compile_all, find_ptxas, quick_selection, target_archs
 

@@ -32,8 +32,12 @@ from mla import registry  # noqa: E402
 from mla.cache import PagedLatentCache  # noqa: E402
 from mla.functional import mla_decode  # noqa: E402
 from mla.quant import FP8_DS_MLA, quantize_fp8_ds_mla  # noqa: E402
-from mla.train import ByteDataset, TrainConfig, Trainer  # noqa: E402
-from mla.train.loop import bits_per_byte  # noqa: E402
+from mla.train import (  # noqa: E402
+    ByteDataset,
+    TrainConfig,
+    Trainer,
+    bits_per_byte,  # noqa: E402
+)
 
 FORMATS = ("fp32", "bf16", "fp8")
 

@@ -27,24 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
-    Env,
-    Recorder,
-    Row,
-    after_error,
-    attention_bytes,
-    attention_flops,
-    block_mask_pairs,
-    free_memory,
-    rel_err,
-    rotation_sets,
-    time_fns,
-    time_limit,
-    timed_row,
-    tolerance,
-    topk_pairs,
-    visible_pairs,
-)
+from bench.env import Env, rotation_sets
+from bench.guards import after_error, free_memory, rel_err, tolerance
+from bench.rows import Recorder, Row, timed_row
+from bench.timing import time_fns, time_limit
+from bench.work import attention_bytes, attention_flops, block_mask_pairs, topk_pairs, visible_pairs
 
 CPU_TRITON_REASON = (
     "n/a on CPU: the fused Triton kernels need a CUDA GPU (the Triton interpreter is a correctness tool, "
@@ -162,17 +149,14 @@ def prov_ours(case: AttnCase, inp: AttnInputs, mode: str, env: Env):
     if not env.is_cuda and not interpreter_allowed(env):
         return CPU_TRITON_REASON
     from mla import latent_attention
+    from mla.functional import WINDOW_WITH_SPARSE
 
     try:
-        from mla.autograd import kernel_supports
-
-        why = kernel_supports(inp.q, inp.k, inp.v, case.block_mask, case.topk, case.window_size)
-        if why:
-            return f"n/a: {why}"
+        import mla.autograd  # noqa: F401  (imports the kernels and triton)
     except ImportError as e:
         return f"n/a: the Triton kernels do not import ({e})"
-    except Exception:  # noqa: BLE001 - the capability query changed: just try the kernels
-        pass
+    if tuple(case.window_size) != (-1, -1) and (case.block_mask is not None or case.topk is not None):
+        return f"n/a: {WINDOW_WITH_SPARSE}"
 
     def run():
         return latent_attention(inp.q, inp.k, inp.v, causal=case.causal, softmax_scale=case.softmax_scale,
@@ -501,19 +485,12 @@ def run_attention_case(env: Env, rec: Recorder, case: AttnCase, providers: list[
     base = Row(case.group, case.name, "", shape=case.shape_str(), x=case.x)
     reason = env.skip_reason()
     if reason:
-        for p in providers:
-            for m in modes:
-                rows.append(rec.add(dataclasses.replace(base, provider=p, mode=m, status="skip", note=reason)))
-        return rows
+        return rec.add_all(base, providers, "skip", reason, modes)
     try:
         n_sets = rotation_sets(env, input_set_bytes(case, env.elt))
         sets = [make_inputs(case, env, seed=i) for i in range(n_sets)]
     except Exception as e:  # noqa: BLE001
-        note = "could not allocate inputs: " + after_error(env, e)
-        for p in providers:
-            for m in modes:
-                rows.append(rec.add(dataclasses.replace(base, provider=p, mode=m, status="error", note=note)))
-        return rows
+        return rec.add_all(base, providers, "error", "could not allocate inputs: " + after_error(env, e), modes)
     rot = f"{n_sets} rotated input sets" if n_sets > 1 else ""
     baseline, baseline_name = None, ""
     if "reference" in providers and "fwd" in modes and callable(prov_reference(case, sets[0], "fwd", env)):

@@ -13,7 +13,7 @@ import textwrap
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from bench.common import Row, read_rows, summarize_skips
+from bench.rows import Row, read_rows, summarize_skips
 
 GROUP_ORDER = ["ceiling", "dense", "fallback", "sparse", "topk", "packed", "decode", "generate", "module", "memory",
                "kv-cache"]

@@ -26,17 +26,9 @@ from pathlib import Path
 import torch
 
 from bench import report
-from bench.common import (
-    Env,
-    Recorder,
-    Row,
-    device_name,
-    l2_cache_bytes,
-    load_ceilings,
-    measure_ceilings,
-    metadata,
-    read_rows,
-)
+from bench.env import Env, device_name, l2_cache_bytes, metadata
+from bench.rows import Recorder, Row, read_rows
+from bench.timing import load_ceilings, measure_ceilings
 from mla.threads import auto_threads
 
 GROUPS = ["ceiling", "dense", "fallback", "decode", "memory", "kv-cache", "sparse", "topk", "packed", "module",
@@ -157,7 +149,7 @@ def _fill_missing(out: Path) -> None:
     """Append a ``skip`` row for each group with no row in ``out/results.csv`` (no silent holes)."""
     import csv
 
-    from bench.common import FIELDS, row_to_dict
+    from bench.rows import FIELDS, row_to_dict
 
     path = out / "results.csv"
     rows = read_rows(path)
@@ -221,7 +213,7 @@ def main(argv=None) -> int:
             except (_Terminated, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001 - a bug in one group must not lose the others
-                from bench.common import after_error
+                from bench.guards import after_error
 
                 rec.add(Row(g, "(group)", "-", status="error", note="group aborted: " + after_error(env, e)))
             rec.print_skips()

@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from bench import sass
+from bench.compile_report import add_compile_args, cannot_compile, text_table
 
 #: Dense fp16/bf16 tensor-core MACs per clock per SM (H100/H200: 989 TFLOP/s at 1.83 GHz over 132
 #: SMs; A100: 312 TFLOP/s at 1.41 GHz over 108 SMs). tf32 runs at half that rate.
@@ -419,24 +420,15 @@ def _cell(key: str, row: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of :func:`run` rows."""
-    cells = [[h for _, h in _COLUMNS]] + [[_cell(k, r) for k, _ in _COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table([h for _, h in _COLUMNS], [[_cell(k, r) for k, _ in _COLUMNS] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see module docstring)."""
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph (its first line stops mid-sentence)
     ap = argparse.ArgumentParser(prog="python -m bench.static_model", description=summary)
-    ap.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
-    ap.add_argument("--kernels", default="", help="comma-separated kernel module names (e.g. attention_fwd)")
-    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
-    ap.add_argument("--dtypes", default="", help="only these dtypes (e.g. fp16); default: all the specs list")
-    ap.add_argument("--quick", action="store_true",
-                    help="fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
-    ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: CPU count)")
+    add_compile_args(ap, "80,90", "comma-separated compute capabilities (default 80,90)",
+                     "fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
     ap.add_argument("--write-baseline", metavar="PATH",
                     help="record the per-configuration summary for the ratchet test (tests/static_model_baseline.json)")
     args = ap.parse_args(argv)
@@ -446,16 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"python -m bench.static_model: {e}", file=sys.stderr)
         return 2
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print('triton is not installed: nothing to compile. Install it with:  pip install -e ".[triton]"',
-              file=sys.stderr)
-        return 2
-    from kernels._config import INTERPRET
-
-    if INTERPRET:
-        print("TRITON_INTERPRET is set: kernels cannot be compiled; run with TRITON_INTERPRET=0", file=sys.stderr)
+    why = cannot_compile()
+    if why:
+        print(why, file=sys.stderr)
         return 2
     dtypes = tuple(d for d in args.dtypes.split(",") if d) or None
     t0 = time.perf_counter()

@@ -1,13 +1,14 @@
-"""The Triton kernels as ``torch.library`` custom ops, and the ``torch.autograd.Function`` wrappers.
+"""The Triton kernels as ``torch.library`` custom ops, each forward op with its registered autograd formula.
 
-Every kernel launcher is registered as an opaque operator in the ``mla`` namespace with a fake (meta)
-implementation, so ``torch.compile`` traces through it without graph breaks and without looking
-inside Triton; forward ops also carry a registered autograd formula, so ``torch.library.opcheck``
-passes for them. The modules call the ``torch.autograd.Function`` classes below (one per op), whose
-forward and backward run the same ops.
+This is the one autograd path of the kernels: every launcher is registered as an opaque operator in the
+``mla`` namespace with a fake (meta) implementation, so ``torch.compile`` traces through it without graph
+breaks and without looking inside Triton, and each forward op carries its backward through
+``register_autograd`` (so ``torch.library.opcheck`` passes and eager, ``aot_eager`` and inductor all run
+the same formula). ``mla.functional`` calls the ops through ``triton_attention`` /
+``triton_attention_varlen`` / ``triton_decode`` below; there are no ``torch.autograd.Function`` wrappers.
 
-Each forward saves ``q, k, v, out, lse``; each backward recomputes the probabilities from ``lse``
-(FlashAttention-2, Dao 2023, arXiv 2307.08691). ``lse`` is differentiable: its gradient ``dlse``
+Each forward saves its tensor inputs and ``out, lse``; each backward recomputes the probabilities from
+``lse`` (FlashAttention-2, Dao 2023, arXiv 2307.08691). ``lse`` is differentiable: its gradient ``dlse``
 enters the backward as ``delta - dlse`` (``∂lse/∂S = P``). The per-head max logit is a statistic and
 carries no gradient.
 
@@ -27,20 +28,63 @@ from kernels.decode import mla_decode_fwd
 from kernels.topk_sparse import topk_attention_bwd, topk_attention_fwd
 
 __all__ = [
-    "BlockSparseAttentionFunction",
-    "LatentAttentionFunction",
-    "TopkAttentionFunction",
     "triton_attention",
     "triton_attention_varlen",
     "triton_decode",
-    "kernel_supports",
     "OPS",
 ]
 
 
 def _no_max(lse: Tensor) -> Tensor:
-    # Custom ops cannot return None: an empty tensor stands for "max logit not requested".
+    # Custom ops cannot return None: an empty tensor stands for "max logit (or dsinks) not requested".
     return lse.new_empty(0)
+
+
+def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
+    """Meta outputs of every attention forward op: out [B,T,Hq,Dv], lse [B,Hq,T], max_logit [B,Hq] or [0]."""
+    B, T, Hq, _ = q.shape
+    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
+    ml = q.new_empty((B, Hq) if return_max_logit else (0,), dtype=torch.float32)
+    return q.new_empty(B, T, Hq, v.shape[-1]), lse, ml
+
+
+def _fake_grads(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, sinks: Tensor | None):
+    """Meta outputs of every attention backward op: dq, dk, dv like q, k, v; dsinks like sinks or [0]."""
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else _no_max(lse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+
+
+def _register_autograd(fwd_op, backward_call, sinks_pos: int | None) -> None:
+    """Attach the backward of ``fwd_op`` (outputs ``(out, lse[, max_logit])``, inputs ``q, k, v, ...``).
+
+    ``backward_call(dout, dlse, out, lse, *inputs)`` runs the backward op and returns
+    ``(dq, dk, dv, dsinks)``; ``sinks_pos`` is the position of ``sinks`` among the inputs (it gets
+    ``dsinks`` when given). The op's inputs arrive with their defaults filled, so every op keeps one
+    arity here; tensors are saved with ``save_for_backward``, the rest on ``ctx``.
+    """
+
+    def setup_context(ctx, inputs, output):
+        out, lse = output[0], output[1]
+        if len(output) > 2:
+            ctx.mark_non_differentiable(output[2])
+        ctx.tensor_pos = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+        ctx.consts = [None if isinstance(x, Tensor) else x for x in inputs]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_pos), out, lse)
+
+    def backward(ctx, dout, dlse, *_no_grad_stats):
+        *saved, out, lse = ctx.saved_tensors
+        inputs = list(ctx.consts)
+        for i, t in zip(ctx.tensor_pos, saved):
+            inputs[i] = t
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, ds = backward_call(dout.contiguous(), dlse, out, lse, *inputs)
+        grads = [dq, dk, dv] + [None] * (len(inputs) - 3)
+        if sinks_pos is not None and inputs[sinks_pos] is not None:
+            grads[sinks_pos] = ds
+        return tuple(grads)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,14 +102,6 @@ def attention_fwd_op(
         window_size=(window_left, window_right), sinks=sinks,
     )
     return out, lse, (max_logit if max_logit is not None else _no_max(lse))
-
-
-def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
-    """Meta outputs of every attention forward op: out [B,T,Hq,Dv], lse [B,Hq,T], max_logit [B,Hq] or [0]."""
-    B, T, Hq, _ = q.shape
-    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
-    ml = q.new_empty((B, Hq) if return_max_logit else (0,), dtype=torch.float32)
-    return q.new_empty(B, T, Hq, v.shape[-1]), lse, ml
 
 
 @attention_fwd_op.register_fake
@@ -88,55 +124,15 @@ def attention_bwd_op(
 
 @attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left=-1, window_right=-1, sinks=None):
-    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    return _fake_grads(q, k, v, lse, sinks)
 
 
-def _dense_setup(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, _ = inputs[:6]
-    wl, wr, sinks = (tuple(inputs[6:9]) + (-1, -1, None)[len(inputs) - 6:])
-    out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks)
-    ctx.softmax_scale, ctx.causal, ctx.window = softmax_scale, causal, (wl, wr)
-    ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(max_logit)
-
-
-def _dense_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, sinks = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, ds = attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal, *ctx.window, sinks
-    )
-    grads = (dq, dk, dv, None, None, None, None, None, ds if sinks is not None else None)
-    return grads[: ctx.n_inputs]
-
-
-attention_fwd_op.register_autograd(_dense_backward, setup_context=_dense_setup)
-
-
-class LatentAttentionFunction(torch.autograd.Function):
-    """Dense fused attention: ``apply(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1,
-    window_right=-1, sinks=None)``.
-
-    Shapes as ``mla.functional.latent_attention``; returns ``(out, lse, max_logit)`` where
-    ``max_logit`` is ``[B, Hq]`` or an empty tensor when not requested. Forward and backward run
-    the ``mla::attention_fwd`` / ``mla::attention_bwd`` ops; ``sinks`` (fp32 ``[Hq]``) gets a gradient.
-    """
-
-    @staticmethod
-    def forward(q, k, v, softmax_scale: float, causal: bool, return_max_logit: bool,
-                window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None):
-        return attention_fwd_op(q, k, v, softmax_scale, causal, return_max_logit, window_left, window_right, sinks)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _dense_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dout, dlse, dmax):
-        return _dense_backward(ctx, dout, dlse, dmax)
+_register_autograd(
+    attention_fwd_op,
+    lambda dout, dlse, out, lse, q, k, v, scale, causal, _want_max, wl, wr, sinks: attention_bwd_op(
+        dout, q, k, v, out, lse, dlse, scale, causal, wl, wr, sinks),
+    sinks_pos=8,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,10 +141,12 @@ class LatentAttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("mla::topk_attention_fwd", mutates_args=())
 def topk_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, softmax_scale: float, causal: bool,
-    return_max_logit: bool, sinks: Tensor | None = None,
+    return_max_logit: bool, sinks: Tensor | None = None, deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k sparse forward (``topk_indices`` int32 ``[B,T,Hkv,K]``): ``(out, lse, max_logit or [0])``;
-    ``sinks`` fp32 ``[Hq]`` or None."""
+    ``sinks`` fp32 ``[Hq]`` or None. ``deterministic`` is for the backward only: True computes dK/dV from
+    a key-major transposed index built with a sort (bitwise reproducible, no atomics), False uses fp32
+    atomics."""
     out, lse, max_logit = topk_attention_fwd(
         q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit, sinks=sinks
     )
@@ -156,7 +154,7 @@ def topk_attention_fwd_op(
 
 
 @topk_attention_fwd_op.register_fake
-def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks=None):
+def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks=None, deterministic=True):
     return _fake_attention_outputs(q, v, return_max_logit)
 
 
@@ -176,59 +174,15 @@ def topk_attention_bwd_op(
 
 @topk_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic, sinks=None):
-    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    return _fake_grads(q, k, v, lse, sinks)
 
 
-def _topk_setup(ctx, inputs, output):
-    q, k, v, topk_indices, softmax_scale, causal, _ = inputs[:7]
-    out, lse, max_logit = output
-    # The op's inputs end (..., return_max_logit[, sinks]); the Function's (..., deterministic[, sinks]).
-    ctx.deterministic = next((x for x in inputs[7:] if isinstance(x, bool)), True)
-    ctx.sinks_pos = next((i for i in range(7, len(inputs)) if isinstance(inputs[i], Tensor)), None)
-    sinks = inputs[ctx.sinks_pos] if ctx.sinks_pos is not None else None
-    ctx.save_for_backward(q, k, v, out, lse, topk_indices, sinks)
-    ctx.softmax_scale, ctx.causal = softmax_scale, causal
-    ctx.mark_non_differentiable(max_logit)
-
-
-def _topk_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, topk_indices, sinks = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, ds = topk_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, topk_indices, dlse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
-        sinks,
-    )
-    grads = [dq, dk, dv] + [None] * (len(ctx.needs_input_grad) - 3)
-    if ctx.sinks_pos is not None:
-        grads[ctx.sinks_pos] = ds
-    return tuple(grads)
-
-
-topk_attention_fwd_op.register_autograd(_topk_backward, setup_context=_topk_setup)
-
-
-class TopkAttentionFunction(torch.autograd.Function):
-    """Top-k sparse attention: ``apply(q, k, v, topk_indices, softmax_scale, causal, return_max_logit,
-    deterministic)`` -> ``(out, lse, max_logit)``.
-
-    ``deterministic=True`` (the default of ``latent_attention``) computes dK/dV from a key-major
-    transposed index built with a sort: bitwise reproducible, no atomics; ``False`` uses fp32 atomics.
-    """
-
-    @staticmethod
-    def forward(q, k, v, topk_indices, softmax_scale: float, causal: bool, return_max_logit: bool,
-                deterministic: bool, sinks: Tensor | None = None):
-        return topk_attention_fwd_op(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _topk_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dout, dlse, dmax):
-        return _topk_backward(ctx, dout, dlse, dmax)
+_register_autograd(
+    topk_attention_fwd_op,
+    lambda dout, dlse, out, lse, q, k, v, idx, scale, causal, _want_max, sinks, det: topk_attention_bwd_op(
+        dout, q, k, v, out, lse, idx, dlse, scale, causal, det, sinks),
+    sinks_pos=7,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,30 +221,12 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, softmax_scale, causal)
-
-
-def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = attention_varlen_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
-
-
-def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                            softmax_scale: float, causal: bool):
-    """``mla::attention_varlen_fwd`` with autograd (see ``mla.functional.latent_attention_varlen``);
-    inputs must be validated. Returns ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
-    return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                   float(softmax_scale), bool(causal))
+_register_autograd(
+    attention_varlen_fwd_op,
+    lambda dout, dlse, out, lse, q, k, v, *rest: (
+        *attention_varlen_bwd_op(dout, q, k, v, out, lse, dlse, *rest), None),
+    sinks_pos=None,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +241,8 @@ def block_sparse_attention_fwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block-sparse forward over a ``BlockMask``'s tensors (``q_num_blocks``/``q_indices``/``q_partial`` are
     carried for the backward only; ``kv_partial``/``partial_bits``: partial blocks of a FlexAttention mask):
-    ``(out, lse, max_logit or [0])``; ``sinks`` fp32 ``[Hq]`` or None."""
+    ``(out, lse, max_logit or [0])``; ``sinks`` fp32 ``[Hq]`` or None. Inside a listed block every key is
+    kept unless ``causal`` (or a partial block's bits) hides it; the backward is deterministic."""
     out, lse, max_logit = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
         return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits, sinks=sinks,
@@ -339,57 +276,16 @@ def block_sparse_attention_bwd_op(
 @block_sparse_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
       softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None, sinks=None):
-    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    return _fake_grads(q, k, v, lse, sinks)
 
 
-def _block_setup(ctx, inputs, output):
-    q, k, v, kvn, kvi, qn, qi, block_m, block_n, softmax_scale, causal, _ = inputs[:12]
-    extra = tuple(inputs[12:16]) + (None,) * (16 - len(inputs))  # kv_partial, q_partial, partial_bits, sinks
-    out, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, out, lse, kvn, kvi, qn, qi, *extra)
-    ctx.block_size, ctx.softmax_scale, ctx.causal = (block_m, block_n), softmax_scale, causal
-    ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(max_logit)
-
-
-def _block_backward(ctx, dout, dlse, _dmax):
-    q, k, v, out, lse, kvn, kvi, qn, qi, kv_part, q_part, bits, sinks = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, ds = block_sparse_attention_bwd_op(
-        dout.contiguous(), q, k, v, out, lse, kvn, kvi, qn, qi, dlse, *ctx.block_size, ctx.softmax_scale, ctx.causal,
-        kv_part, q_part, bits, sinks,
-    )
-    return ((dq, dk, dv) + (None,) * 12 + (ds if sinks is not None else None,))[: ctx.n_inputs]
-
-
-block_sparse_attention_fwd_op.register_autograd(_block_backward, setup_context=_block_setup)
-
-
-class BlockSparseAttentionFunction(torch.autograd.Function):
-    """Block-sparse attention: ``apply(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m,
-    block_n, softmax_scale, causal, return_max_logit)`` -> ``(out, lse, max_logit)``.
-
-    The mask tensors are ``mla.sparsity.BlockMask`` fields (int32, batch/head dims 1 or B/Hq); inside a
-    listed block every key is kept unless ``causal`` hides it. The backward is deterministic.
-    """
-
-    @staticmethod
-    def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m: int, block_n: int,
-                softmax_scale: float, causal: bool, return_max_logit: bool, kv_partial=None, q_partial=None,
-                partial_bits=None, sinks: Tensor | None = None):
-        return block_sparse_attention_fwd_op(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                                             block_m, block_n, softmax_scale, causal, return_max_logit,
-                                             kv_partial, q_partial, partial_bits, sinks)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _block_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dout, dlse, dmax):
-        return _block_backward(ctx, dout, dlse, dmax)
+_register_autograd(
+    block_sparse_attention_fwd_op,
+    lambda dout, dlse, out, lse, q, k, v, kvn, kvi, qn, qi, bm, bn, scale, causal, _want_max, *extra: (
+        block_sparse_attention_bwd_op(dout, q, k, v, out, lse, kvn, kvi, qn, qi, dlse, bm, bn, scale, causal,
+                                      *extra)),
+    sinks_pos=15,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,13 +313,6 @@ def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal
     return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
-def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
-                  topk_indices=None, num_splits=None, kv_fp8=False, sinks=None, window_left=-1):
-    """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
-    return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
-                     bool(causal), topk_indices, num_splits, bool(kv_fp8), sinks, int(window_left))
-
-
 #: Every registered op (for ``torch.library.opcheck`` in the tests).
 OPS = {
     "attention_fwd": attention_fwd_op,
@@ -438,14 +327,9 @@ OPS = {
 }
 
 
-def kernel_supports(q, k, v, block_mask=None, topk_indices=None, window_size=(-1, -1), sinks=None) -> str:
-    """Why the kernels cannot run these (validated) inputs, or ``""`` when they can (every validated
-    dense, block-sparse and top-k layout runs on the kernels; windows on the dense kernels, sinks on all)."""
-    if (block_mask is not None or topk_indices is not None) and tuple(window_size) != (-1, -1):
-        return "window_size with block_mask / topk_indices runs on backend='reference' only"
-    return ""
-
-
+# ------------------------------------------------------------------------------------------------
+# what mla.functional calls (validated inputs)
+# ------------------------------------------------------------------------------------------------
 def triton_attention(
     q: Tensor,
     k: Tensor,
@@ -460,33 +344,40 @@ def triton_attention(
     window_size: tuple[int, int] = (-1, -1),
     sinks: Tensor | None = None,
 ):
-    """Run the fused kernels with autograd: ``(out, lse, max_logit | None)``. Inputs must be validated.
+    """Run the fused kernels with autograd: ``(out, lse, max_logit | None)``.
 
-    ``deterministic`` applies to the top-k backward (the dense one never uses atomics).
-
-    Raises:
-        ValueError: a layout the kernels do not support (see ``kernel_supports``).
+    Inputs must be validated by ``mla.functional`` (which also keeps ``window_size`` with a
+    ``block_mask``/``topk_indices`` off this path). ``deterministic`` applies to the top-k backward (the
+    dense and block-sparse ones never use atomics). Every op argument is passed explicitly.
     """
-    why = kernel_supports(q, k, v, block_mask, topk_indices, window_size, sinks)
-    if why:
-        raise ValueError(why)
     scale, causal, want_max = float(softmax_scale), bool(causal), bool(return_max_logit)
     if topk_indices is not None:
-        extra = () if sinks is None else (sinks,)
-        out, lse, ml = TopkAttentionFunction.apply(
-            q, k, v, topk_indices, scale, causal, want_max, bool(deterministic), *extra
-        )
+        out, lse, ml = topk_attention_fwd_op(q, k, v, topk_indices, scale, causal, want_max, sinks,
+                                             bool(deterministic))
     elif block_mask is not None:
         bm, bn = block_mask.BLOCK_SIZE
-        extra = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
-                 if block_mask.has_partial else (None, None, None)) + (sinks,)
-        out, lse, ml = BlockSparseAttentionFunction.apply(
+        partial = ((block_mask.kv_partial, block_mask.q_partial, block_mask.partial_bits)
+                   if block_mask.has_partial else (None, None, None))
+        out, lse, ml = block_sparse_attention_fwd_op(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            int(bm), int(bn), scale, causal, want_max, *extra,
+            int(bm), int(bn), scale, causal, want_max, *partial, sinks,
         )
-    elif tuple(window_size) != (-1, -1) or sinks is not None:
-        wl, wr = (int(w) for w in window_size)
-        out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max, wl, wr, sinks)
     else:
-        out, lse, ml = LatentAttentionFunction.apply(q, k, v, scale, causal, want_max)
+        wl, wr = (int(w) for w in window_size)
+        out, lse, ml = attention_fwd_op(q, k, v, scale, causal, want_max, wl, wr, sinks)
     return out, lse, (ml if return_max_logit else None)
+
+
+def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                            softmax_scale: float, causal: bool):
+    """``mla::attention_varlen_fwd`` with autograd (see ``mla.functional.latent_attention_varlen``);
+    inputs must be validated. Returns ``(out [total_q, Hq, Dv], lse fp32 [Hq, total_q])``."""
+    return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   float(softmax_scale), bool(causal))
+
+
+def triton_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=False,
+                  topk_indices=None, num_splits=None, kv_fp8=False, sinks=None, window_left=-1):
+    """``mla::decode`` (see ``mla.functional.mla_decode`` for shapes). Inputs must be validated."""
+    return decode_op(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), int(head_dim_v),
+                     bool(causal), topk_indices, num_splits, bool(kv_fp8), sinks, int(window_left))

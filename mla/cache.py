@@ -17,6 +17,7 @@ import operator
 import torch
 
 from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes, quantize_fp8_ds_mla
+from mla.reference import gather_pages
 
 __all__ = ["LatentCache", "PagedLatentCache", "PagedTokenStore", "PooledKeyStore"]
 
@@ -498,9 +499,7 @@ class PagedLatentCache:
         an FP8 cache's rows are dequantized to ``dtype``).
 
         Reads every cached row and syncs (``max_seqlen``): for inspection and tests, not for decode."""
-        from mla.functional import _gather_pages
-
-        rows = _gather_pages(self.kv_cache(layer_idx), self.block_table, self.cache_seqlens, self.max_seqlen())
+        rows = gather_pages(self.kv_cache(layer_idx), self.block_table, self.cache_seqlens, self.max_seqlen())
         if self.kv_format == FP8_DS_MLA:
             rows = dequantize_fp8_ds_mla(rows, self.kv_lora_rank, self.head_dim - self.kv_lora_rank, self.dtype)
         return rows

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from mla import reference as _ref
-from mla.quant import FP8_DS_MLA, KV_FORMATS, dequantize_fp8_ds_mla, fp8_ds_mla_row_bytes
+from mla.quant import FP8_DS_MLA, KV_FORMATS, fp8_ds_mla_row_bytes
 from mla.sparsity import (
     BlockMask,
     as_block_mask,
@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "triton")
+#: Why ``window_size`` with a ``block_mask`` / ``topk_indices`` does not run on the kernels.
+WINDOW_WITH_SPARSE = "window_size with block_mask / topk_indices runs on backend='reference' only"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -216,14 +218,11 @@ def _validate(
     window_size = check_window_size(window_size)
     check_sinks(sinks, Hq, q.device)
     path = resolve_backend(backend, q.device, q.dtype)
-    if path == "triton":
-        from mla.autograd import kernel_supports
-
-        why = kernel_supports(q, k, v, block_mask, topk_indices, window_size, sinks)
-        if why:
-            if backend == "triton":
-                raise ValueError(f"backend='triton': {why}")
-            path = "reference"
+    if path == "triton" and window_size != (-1, -1) and (block_mask is not None or topk_indices is not None):
+        # The sparse kernels take no window (the dense ones do): combined masks run on the reference.
+        if backend == "triton":
+            raise ValueError(f"backend='triton': {WINDOW_WITH_SPARSE}")
+        path = "reference"
     if attn_mask is not None:
         if backend == "triton":
             raise ValueError(
@@ -518,108 +517,16 @@ def attention_probs(
 # ---------------------------------------------------------------------------------------------------
 # Decode over a paged latent cache
 # ---------------------------------------------------------------------------------------------------
-def _decode_keep_mask(cache_seqlens, S: int, Tq: int, causal: bool, topk_indices, window_size=(-1, -1)):
-    """Bool ``[B, 1, Tq, S]``: key ``s`` exists (``s < L``), causal / windowed per sequence (bottom-right:
-    query ``j`` sits at position ``L − Tq + j``), listed by top-k."""
-    L = cache_seqlens.long()[:, None, None]
-    s = torch.arange(S, device=cache_seqlens.device)[None, None, :]
-    keep = s < L
-    j = torch.arange(Tq, device=cache_seqlens.device)[None, :, None]
-    if causal:
-        keep = keep & (s <= L - Tq + j)
-    left, right = window_size
-    if left >= 0:
-        keep = keep & (s >= L - Tq + j - left)
-    if right >= 0:
-        keep = keep & (s <= L - Tq + j + right)
-    if topk_indices is not None:
-        idx = topk_indices.long()
-        idx = torch.where((idx < 0) | (idx >= S), S, idx)
-        sel = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
-        sel.scatter_(-1, idx, True)
-        keep = keep & sel[..., :S]
-    return keep[:, None]
-
-
-def _gather_pages(kv_cache, block_table, cache_seqlens, S: int):
-    """Contiguous ``[B, S, Dk]`` rows of each sequence (zeros past its length; unused pages never read)."""
-    page_size = kv_cache.shape[1]
-    n_pages = -(-S // page_size)
-    B = block_table.shape[0]
-    used = torch.arange(n_pages, device=block_table.device)[None, :] < (
-        (cache_seqlens.long()[:, None] + page_size - 1) // page_size
-    )
-    pages = torch.where(used, block_table[:, :n_pages].long(), torch.zeros((), dtype=torch.long, device=used.device))
-    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, kv_cache.shape[3])[:, :S]
-    valid = torch.arange(S, device=rows.device)[None, :] < cache_seqlens.long()[:, None]
-    # Unused slots may hold NaN/garbage: zero them so that 0-probability keys contribute exactly 0.
-    return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-
-
 #: Largest ``num_splits`` of ``mla_decode`` (``kernels.decode.MAX_SPLITS``; checked for every backend).
 MAX_DECODE_SPLITS = 256
 
 
-def mla_decode(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    *,
-    softmax_scale: float | None = None,
-    head_dim_v: int | None = None,
-    causal: bool = False,
-    topk_indices: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    return_lse: bool = True,
-    backend: str = "auto",
-    check_inputs: bool = True,
-    kv_format: str | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    sinks: torch.Tensor | None = None,
-):
-    """MLA decode: a few query tokens per sequence attend over a paged latent cache (DESIGN §4 "Decode").
+def _check_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices,
+                  num_splits, check_inputs, kv_format, window_size, sinks):
+    """Every check of ``mla_decode``'s arguments (see its Raises); also those of the kernel launcher
+    ``kernels.decode.mla_decode_fwd`` except the layout ones of ``_check_decode_kernel_layout``.
 
-    All heads share one cache row per token (absorbed MLA: ``[c_kv | k_rope]``); the value is the first
-    ``head_dim_v`` columns of the same row. On CUDA the split-KV Triton kernel runs (FlashMLA-style head
-    packing, Flash-Decoding split + log-sum-exp combine); elsewhere the reference gathers the pages.
-
-    Args:
-        q: ``[B, Tq, H, Dk]`` fp16 / bf16 / fp32 (fp64 on the reference), ``Tq`` small (1, or 2–8 for
-            multi-token prediction / speculative decoding). In MLA ``Dk = kv_lora_rank + qk_rope_head_dim``.
-        kv_cache: ``[num_pages, page_size, 1, Dk]``, same dtype and device; with ``kv_format="fp8_ds_mla"``
-            the uint8 pool ``[num_pages, page_size, 1, row_bytes]`` of ``mla.quant`` (656 bytes per row for
-            Dk = 576, Dv = 512), read by the kernel and dequantized in registers.
-        block_table: int32 ``[B, max_pages]`` page ids; entries past a sequence's length are never read.
-        cache_seqlens: int32 ``[B]`` tokens cached per sequence (0 allowed: output 0, ``lse = +inf``).
-        softmax_scale: default ``Dk ** -0.5``; MLA passes ``(qk_nope + qk_rope) ** -0.5`` (· YaRN mscale²).
-        head_dim_v: ``Dv``, a prefix of each row (``kv_lora_rank`` for MLA); default ``Dk``.
-        causal: bottom-right per sequence: query ``j`` sees keys ``0 … L − Tq + j`` (``L = cache_seqlens[b]``).
-        topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
-            shared by all heads, as in DeepSeek Sparse Attention; a position in ``[0, L)`` at most once
-            per row (checked with ``check_inputs``).
-        num_splits: key splits per sequence for the kernel, ``<= 256`` (None: chosen from B, H and the SM
-            count; the reference ignores it).
-        return_lse: also return ``lse [B, H, Tq]`` fp32.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
-        check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
-        kv_format: ``None`` (rows in ``q``'s dtype) or ``"fp8_ds_mla"`` (needs ``head_dim_v``, a multiple
-            of 128; ``PagedLatentCache(kv_format="fp8_ds_mla")`` writes it). The reference dequantizes the
-            gathered rows to ``q``'s dtype (exact ``code · scale`` in fp32, as the kernel computes it).
-        window_size: ``(left, right)`` sliding window per sequence (``-1`` unbounded), bottom-right aligned:
-            query ``j`` sits at position ``L − Tq + j`` and sees keys ``L − Tq + j − left … L − Tq + j + right``
-            (a DeepSeek-V4 step with ``(127, 0)`` reads the last 128 positions only).
-        sinks: float32 ``[H]`` attention-sink logits (see ``latent_attention``); ``lse`` includes them.
-
-    Returns:
-        ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
-
-    Raises:
-        TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
-            ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
-        ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
-            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
-            ``topk_indices`` below -1 or repeating a cached position in a row (``check_inputs``).
+    Returns ``(softmax_scale, head_dim_v, window_size, topk_indices as int32 or None)``.
     """
     _check_tensor("q", q, 4, "[B, Tq, H, Dk]")
     if kv_format not in KV_FORMATS:
@@ -641,6 +548,8 @@ def mla_decode(
     if H < 1 or Dk < 1:
         raise ValueError(f"q: heads and head dim must be >= 1, got shape {tuple(q.shape)}")
     num_pages, page_size = kv_cache.shape[0], kv_cache.shape[1]
+    if page_size < 1:
+        raise ValueError(f"kv_cache: page_size (dim 1) must be >= 1, got shape {tuple(kv_cache.shape)}")
     if kv_cache.shape[2] != 1:
         raise ValueError(
             f"kv_cache: expected one latent head [num_pages, page_size, 1, Dk], got {tuple(kv_cache.shape)}"
@@ -719,6 +628,87 @@ def mla_decode(
                 where = tuple(int(x) for x in dup.nonzero()[0][:2])
                 raise ValueError(f"topk_indices: duplicate key position in row (b, t) = {where}; each row "
                                  f"must list a cached position once")
+    return scale, Dv, window_size, topk_indices
+
+
+def _check_decode_kernel_layout(kv_cache, kv_fp8: bool) -> None:
+    """Memory layout the decode kernel reads (the reference takes any strides): unit last stride and, for the
+    FP8 pool, 16-byte aligned rows (its fp32 scales are loaded as words)."""
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache: backend='triton' needs last stride 1, got strides {kv_cache.stride()}")
+    if kv_fp8 and (kv_cache.stride(0) % 16 or kv_cache.stride(1) % 16 or kv_cache.data_ptr() % 16):
+        raise ValueError(f"kv_cache: backend='triton' with kv_format={FP8_DS_MLA!r} needs a 16-byte aligned pool "
+                         f"with page and slot strides multiples of 16 bytes, got strides {kv_cache.stride()}")
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    head_dim_v: int | None = None,
+    causal: bool = False,
+    topk_indices: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = True,
+    backend: str = "auto",
+    check_inputs: bool = True,
+    kv_format: str | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
+):
+    """MLA decode: a few query tokens per sequence attend over a paged latent cache (DESIGN §4 "Decode").
+
+    All heads share one cache row per token (absorbed MLA: ``[c_kv | k_rope]``); the value is the first
+    ``head_dim_v`` columns of the same row. On CUDA the split-KV Triton kernel runs (FlashMLA-style head
+    packing, Flash-Decoding split + log-sum-exp combine); elsewhere the reference gathers the pages.
+
+    Args:
+        q: ``[B, Tq, H, Dk]`` fp16 / bf16 / fp32 (fp64 on the reference), ``Tq`` small (1, or 2–8 for
+            multi-token prediction / speculative decoding). In MLA ``Dk = kv_lora_rank + qk_rope_head_dim``.
+        kv_cache: ``[num_pages, page_size, 1, Dk]``, same dtype and device; with ``kv_format="fp8_ds_mla"``
+            the uint8 pool ``[num_pages, page_size, 1, row_bytes]`` of ``mla.quant`` (656 bytes per row for
+            Dk = 576, Dv = 512), read by the kernel and dequantized in registers.
+        block_table: int32 ``[B, max_pages]`` page ids; entries past a sequence's length are never read.
+        cache_seqlens: int32 ``[B]`` tokens cached per sequence (0 allowed: output 0, ``lse = +inf``).
+        softmax_scale: default ``Dk ** -0.5``; MLA passes ``(qk_nope + qk_rope) ** -0.5`` (· YaRN mscale²).
+        head_dim_v: ``Dv``, a prefix of each row (``kv_lora_rank`` for MLA); default ``Dk``.
+        causal: bottom-right per sequence: query ``j`` sees keys ``0 … L − Tq + j`` (``L = cache_seqlens[b]``).
+        topk_indices: int32 ``[B, Tq, K]`` token positions (``-1`` and positions ``>= L`` are skipped),
+            shared by all heads, as in DeepSeek Sparse Attention; a position in ``[0, L)`` at most once
+            per row (checked with ``check_inputs``).
+        num_splits: key splits per sequence for the kernel, ``<= 256`` (None: chosen from B, H and the SM
+            count; the reference ignores it).
+        return_lse: also return ``lse [B, H, Tq]`` fp32.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        check_inputs: validate ``cache_seqlens`` against the block table and page ids (one device sync).
+        kv_format: ``None`` (rows in ``q``'s dtype) or ``"fp8_ds_mla"`` (needs ``head_dim_v``, a multiple
+            of 128; ``PagedLatentCache(kv_format="fp8_ds_mla")`` writes it). The reference dequantizes the
+            gathered rows to ``q``'s dtype (exact ``code · scale`` in fp32, as the kernel computes it).
+        window_size: ``(left, right)`` sliding window per sequence (``-1`` unbounded), bottom-right aligned:
+            query ``j`` sits at position ``L − Tq + j`` and sees keys ``L − Tq + j − left … L − Tq + j + right``
+            (a DeepSeek-V4 step with ``(127, 0)`` reads the last 128 positions only).
+        sinks: float32 ``[H]`` attention-sink logits (see ``latent_attention``); ``lse`` includes them.
+
+    Returns:
+        ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
+
+    Raises:
+        TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
+            ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
+        ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
+            ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
+            a ``page_size`` of 0, on ``backend="triton"`` a cache without unit last stride (or an FP8 pool
+            not 16-byte aligned),
+            ``topk_indices`` below -1 or repeating a cached position in a row (``check_inputs``).
+    """
+    scale, Dv, window_size, topk_indices = _check_decode(
+        q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits,
+        check_inputs, kv_format, window_size, sinks,
+    )
+    fp8 = kv_format == FP8_DS_MLA
     path = resolve_backend(backend, q.device, q.dtype)
     win_left, win_right = window_size
     if causal:  # FlashAttention: causal is right = 0
@@ -731,18 +721,15 @@ def mla_decode(
     if path == "triton":
         from mla.autograd import triton_decode
 
+        _check_decode_kernel_layout(kv_cache, fp8)
         out, lse = triton_decode(
             q, kv_cache, block_table, cache_seqlens, scale, Dv, causal=causal or win_right == 0,
             topk_indices=topk_indices, num_splits=num_splits, kv_fp8=fp8, sinks=sinks, window_left=win_left,
         )
     else:
-        # Every position the table addresses (masked past each length): a shape, not a value, so the
-        # reference decode has no host sync either (torch.compile / CUDA graphs).
-        S = capacity
-        rows = _gather_pages(kv_cache, block_table, cache_seqlens, S)
-        if fp8:  # code · scale exactly in fp32, then q's dtype (what the kernel computes in registers)
-            rows = dequantize_fp8_ds_mla(rows, Dv, Dk - Dv, torch.float32).to(q.dtype)
-        k = rows[:, :, None, :]
-        keep = _decode_keep_mask(cache_seqlens, S, Tq, causal, topk_indices, window_size)
-        out, lse, _ = _ref.attention_reference(q, k, k[..., :Dv], softmax_scale=scale, attn_mask=keep, sinks=sinks)
+        out, lse = _ref.decode_reference(
+            q, kv_cache, block_table, cache_seqlens, softmax_scale=scale, head_dim_v=Dv, causal=causal,
+            topk_indices=topk_indices, window_size=window_size, sinks=sinks, kv_fp8=fp8,
+        )
     return (out, lse) if return_lse else out
+

@@ -32,10 +32,11 @@ import torch
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from mla.quant import dequantize_fp8_ds_mla
 from mla.sparsity import as_block_mask
 
 __all__ = ["attention_reference", "attention_reference_varlen", "compute_dtype", "window_keep",
-           "DEFAULT_CHUNK_ELEMENTS"]
+           "decode_reference", "decode_keep_mask", "gather_pages", "DEFAULT_CHUNK_ELEMENTS"]
 
 #: Upper bound on the number of score elements (all heads of one chunk) materialised at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -379,3 +380,89 @@ def attention_reference_varlen(
         stat = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_zeros(0, Hq, Dv), torch.zeros(Hq, 0, dtype=stat, device=q.device)
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode over a paged latent cache
+# ---------------------------------------------------------------------------------------------------
+def gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                 S: int) -> torch.Tensor:
+    """Contiguous rows of each sequence from a paged cache.
+
+    Args:
+        kv_cache: ``[num_pages, page_size, 1, row]`` (any dtype; the uint8 FP8 pool too).
+        block_table: int32 ``[B, max_pages]`` page ids; entries past a sequence's pages are never read.
+        cache_seqlens: int ``[B]`` tokens cached per sequence. S: rows to return per sequence.
+
+    Returns:
+        ``[B, S, row]`` in ``kv_cache``'s dtype, zeros past each sequence's length (unused slots may hold
+        NaN or garbage; zeroing them makes 0-probability keys contribute exactly 0). No host sync.
+    """
+    page_size = kv_cache.shape[1]
+    n_pages = -(-S // page_size)
+    B = block_table.shape[0]
+    used = torch.arange(n_pages, device=block_table.device)[None, :] < (
+        (cache_seqlens.long()[:, None] + page_size - 1) // page_size
+    )
+    pages = torch.where(used, block_table[:, :n_pages].long(), torch.zeros((), dtype=torch.long, device=used.device))
+    rows = kv_cache[pages][:, :, :, 0].reshape(B, n_pages * page_size, kv_cache.shape[3])[:, :S]
+    valid = torch.arange(S, device=rows.device)[None, :] < cache_seqlens.long()[:, None]
+    return torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def decode_keep_mask(cache_seqlens: torch.Tensor, S: int, Tq: int, causal: bool,
+                     topk_indices: torch.Tensor | None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """Bool ``[B, 1, Tq, S]``: key ``s`` exists (``s < L``, ``L = cache_seqlens[b]``), is causal / inside the
+    window per sequence (bottom-right: query ``j`` sits at position ``L − Tq + j``) and, with
+    ``topk_indices`` int ``[B, Tq, K]``, is listed (``-1`` and out-of-range lanes ignored)."""
+    L = cache_seqlens.long()[:, None, None]
+    s = torch.arange(S, device=cache_seqlens.device)[None, None, :]
+    keep = s < L
+    j = torch.arange(Tq, device=cache_seqlens.device)[None, :, None]
+    if causal:
+        keep = keep & (s <= L - Tq + j)
+    left, right = window_size
+    if left >= 0:
+        keep = keep & (s >= L - Tq + j - left)
+    if right >= 0:
+        keep = keep & (s <= L - Tq + j + right)
+    if topk_indices is not None:
+        idx = topk_indices.long()
+        idx = torch.where((idx < 0) | (idx >= S), S, idx)
+        sel = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
+        sel.scatter_(-1, idx, True)
+        keep = keep & sel[..., :S]
+    return keep[:, None]
+
+
+def decode_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    head_dim_v: int,
+    causal: bool = False,
+    topk_indices: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
+    kv_fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mla.functional.mla_decode`` in plain PyTorch (inputs validated there; shapes as documented there).
+
+    Gathers every position the block table addresses (``max_pages · page_size``, masked past each length:
+    a shape, not a value, so no host sync under ``torch.compile`` / CUDA graphs), dequantizes an FP8
+    ``fp8_ds_mla`` pool exactly (``code · scale`` in fp32, then ``q``'s dtype, as the kernel computes it in
+    registers) and runs :func:`attention_reference` with :func:`decode_keep_mask`. Returns
+    ``(out [B, Tq, H, head_dim_v] q.dtype, lse [B, H, Tq])``.
+    """
+    S = block_table.shape[1] * kv_cache.shape[1]
+    Dk, Dv = q.shape[-1], int(head_dim_v)
+    rows = gather_pages(kv_cache, block_table, cache_seqlens, S)
+    if kv_fp8:
+        rows = dequantize_fp8_ds_mla(rows, Dv, Dk - Dv, torch.float32).to(q.dtype)
+    k = rows[:, :, None, :]
+    keep = decode_keep_mask(cache_seqlens, S, q.shape[1], causal, topk_indices, window_size)
+    out, lse, _ = attention_reference(q, k, k[..., :Dv], softmax_scale=softmax_scale, attn_mask=keep, sinks=sinks)
+    return out, lse

@@ -14,19 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import common, report
-from bench.common import (
-    Env,
-    Row,
-    Timing,
+from bench import report
+from bench.env import Env, rotation_sets
+from bench.rows import Recorder, Row, read_rows, timed_row
+from bench.timing import CaseTimeout, Timing, time_cpu, time_limit
+from bench.work import (
     attention_bytes,
     attention_flops,
     block_mask_pairs,
     causal_pairs,
     decode_bytes,
     decode_pairs,
-    rotation_sets,
-    timed_row,
     topk_pairs,
     visible_pairs,
 )
@@ -122,11 +120,11 @@ def _env(**kw) -> Env:
 
 def test_timed_row_and_fractions(tmp_path):
     env = _env(peak_flops=2e12, peak_bw=1e11)
-    rec = common.Recorder(tmp_path, env, verbose=False)
+    rec = Recorder(tmp_path, env, verbose=False)
     r = rec.add(timed_row(Row("dense", "c", "p", "fwd"), Timing(2.0, 0.1), flops=2e9, nbytes=1e8))
     assert r.tflops == pytest.approx(1.0) and r.gbps == pytest.approx(50.0)
     assert r.frac_flops == pytest.approx(0.5) and r.frac_bw == pytest.approx(0.5)
-    back = common.read_rows(tmp_path / "results.csv")
+    back = read_rows(tmp_path / "results.csv")
     assert len(back) == 1 and back[0].tflops == pytest.approx(1.0) and back[0].mode == "fwd"
 
 
@@ -140,15 +138,15 @@ def test_rotation_sets():
 
 
 def test_time_limit_raises():
-    with pytest.raises(common.CaseTimeout):
-        with common.time_limit(0.2):
+    with pytest.raises(CaseTimeout):
+        with time_limit(0.2):
             t0 = time.monotonic()
             while time.monotonic() - t0 < 5:
                 pass
 
 
 def test_time_cpu_returns_positive():
-    t = common.time_cpu([lambda: torch.ones(64, 64) @ torch.ones(64, 64)], min_run_time=0.01)
+    t = time_cpu([lambda: torch.ones(64, 64) @ torch.ones(64, 64)], min_run_time=0.01)
     assert t.median_ms > 0 and t.iqr_ms >= 0
 
 
@@ -264,10 +262,10 @@ def test_compile_tools_without_triton_say_what_to_install(module, monkeypatch, c
 
 
 def test_skip_rows_fold_into_one_line_per_group(tmp_path, capsys):
-    from bench.common import summarize_skips
     from bench.report import console_text
+    from bench.rows import summarize_skips
 
-    rec = common.Recorder(tmp_path, _env())
+    rec = Recorder(tmp_path, _env())
     rec.add(Row("dense", "T=64", "ref", "fwd", status="ok", median_ms=1.0))
     for i in range(30):
         rec.add(Row("dense", f"T={i}", "ours", "fwd", status="skip", note="CUDA only; the interpreter is not timed"))

@@ -209,6 +209,15 @@ def test_bad_inputs():
     dup[0, 0, 1] = -1
     out = mla_decode(q, pool, table, sl, topk_indices=dup, return_lse=False)  # -1 and >= L repeats are fine
     assert torch.isfinite(out).all()
+    # the kernel launcher's layout checks, made before the launch with the argument named
+    with pytest.raises(ValueError, match=r"kv_cache: page_size \(dim 1\) must be >= 1"):
+        mla_decode(q, pool[:, :0], table, sl, backend="reference")
+    strided = torch.empty(*pool.shape[:3], 96, device=DEVICE)[..., ::2]
+    strided.copy_(pool)
+    with pytest.raises(ValueError, match="kv_cache: backend='triton' needs last stride 1"):
+        mla_decode(q, strided, table, sl, backend="triton")
+    assert torch.equal(mla_decode(q, strided, table, sl, backend="reference", return_lse=False),
+                       mla_decode(q, pool, table, sl, backend="reference", return_lse=False))
 
 
 # -- PagedLatentCache --------------------------------------------------------------------------------

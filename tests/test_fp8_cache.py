@@ -333,7 +333,7 @@ def test_accuracy_script_cached_bpb_equals_full_forward():
     """bench/fp8_cache_accuracy.py scores bytes one decode step at a time; over the fp32 cache that must equal
     the full forward's loss (so its fp8 / bf16 differences measure the cache, nothing else)."""
     from bench.fp8_cache_accuracy import cached_bits_per_byte
-    from mla.train.loop import bits_per_byte
+    from mla.train import bits_per_byte
 
     model = _tiny_fp8_model()
     g = torch.Generator().manual_seed(0)

@@ -257,6 +257,10 @@ def test_sparse_indexer_loss_trains_indexer_only():
     assert x.grad is None or (x.grad == 0).all()  # indexer inputs are detached
     with pytest.raises(ValueError, match="mode"):
         LatentSparseAttention(cfg, mode="dense")
+    with pytest.raises(ValueError, match="form: LatentSparseAttention always runs the absorbed form"):
+        LatentSparseAttention(cfg, mode="topk", form="naive")
+    with pytest.raises(ValueError, match="form"):
+        sparse(torch.randn(1, 3, cfg.hidden_size), form="naive")
 
 
 # -- blocks, LM, registry ----------------------------------------------------------------------------

@@ -100,6 +100,16 @@ def test_block_mask_and_topk_exclusive():
            block_mask=causal_block_mask(4, 6, 2), topk_indices=idx)
 
 
+def test_window_with_sparse_masks_is_reference_only():
+    """The sparse kernels take no window: backend='triton' says so before any launch."""
+    pytest.importorskip("triton")
+    q, k, v = _qkv()
+    idx = torch.zeros(2, 4, 2, 1, dtype=torch.int32)
+    for kw in (dict(block_mask=causal_block_mask(4, 6, 2)), dict(topk_indices=idx)):
+        _check(ValueError, r"^backend='triton': window_size with block_mask / topk_indices runs on "
+               r"backend='reference' only", q, k, v, window_size=(2, 0), backend="triton", **kw)
+
+
 def test_bad_softmax_scale_causal_backend():
     q, k, v = _qkv()
     _check(ValueError, r"^softmax_scale: expected a finite positive", q, k, v, softmax_scale=float("nan"))

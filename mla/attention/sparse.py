@@ -8,17 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mla.attention.common import (
-    AttentionStats,
-    _head_max,
-)
+from mla.attention.common import AttentionStats, _head_max
 from mla.attention.mla import MultiHeadLatentAttention
 from mla.cache import LatentCache, PagedLatentCache
 from mla.config import MLAConfig
-from mla.functional import (
-    attention_probs,
-    attention_with_stats,
-)
+from mla.functional import attention_probs, attention_with_stats
 from mla.rope import apply_rotary
 from mla.sparsity import BlockMask, select_topk_blocks, topk_indices_from_scores
 
@@ -87,6 +81,15 @@ def indexer_kl_loss(index_scores: torch.Tensor, attn_probs: torch.Tensor) -> tor
     return kl[valid].mean() if bool(valid.any()) else kl.sum() * 0
 
 
+def _check_sparse_form(form: str | None) -> None:
+    """``LatentSparseAttention`` runs the absorbed form only: ``None``/``"auto"``/``"absorbed"`` pass."""
+    if form not in (None, "auto", "absorbed"):
+        raise ValueError(
+            f"form: LatentSparseAttention always runs the absorbed form (one latent kv head, as DeepSeek-V3.2's "
+            f"sparse attention); expected 'absorbed' or 'auto', got {form!r}"
+        )
+
+
 class LatentSparseAttention(MultiHeadLatentAttention):
     """MLA with a sparse key set per query token: the hybrid of DESIGN §5.
 
@@ -112,8 +115,13 @@ class LatentSparseAttention(MultiHeadLatentAttention):
     differentiable; gradients flow through the attention over the kept keys (and the indexer's KL loss).
     Returns ``(out, stats)`` like its parent, with ``density`` and ``visited_blocks``/``visited_tokens``.
 
+    ``form`` (constructor and ``forward``) is accepted for signature compatibility with
+    ``MultiHeadLatentAttention`` only: the sparse paths always run the absorbed form, so ``"absorbed"``,
+    ``"auto"`` (and ``None`` in ``forward``) select it and ``"naive"`` raises.
+
     Raises:
-        ValueError: unknown mode, ``num_local_blocks < 1`` in block mode, ``causal=False``.
+        ValueError: unknown mode, ``num_local_blocks < 1`` in block mode, ``causal=False``, ``form="naive"``
+            or an unknown form.
     """
 
     MODES = ("block", "topk")
@@ -128,6 +136,7 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         backend: str = "auto",
         indexer_loss: bool = False,
     ):
+        _check_sparse_form(form)
         super().__init__(config, layer_idx, form="absorbed", backend=backend)
         if mode not in self.MODES:
             raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
@@ -218,6 +227,7 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         form: str | None = None,
         need_weights: bool = False,
     ):
+        _check_sparse_form(form)
         if not causal:
             raise ValueError("LatentSparseAttention is causal: sinks, local blocks and the indexer assume causal order")
         q_nope, q_rope, q_latent, latent, position_ids = self._prepare(hidden_states, position_ids, cache)

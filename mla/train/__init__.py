@@ -14,25 +14,20 @@
   load on any world size); see ``mla.train.distributed``.
 * CLI: ``python -m mla.train --help``.
 
+Modules: ``data`` (``ByteDataset``), ``config`` (``TrainConfig``, ``lr_at``, metric units), ``checkpoint``
+(safetensors checkpoint I/O), ``trainer`` (``Trainer``, ``train``, ``evaluate``), ``distributed``, ``__main__``
+(the CLI). Every name below is importable from ``mla.train`` itself.
+
 >>> from mla.train import TrainConfig, Trainer
 >>> trainer = Trainer(TrainConfig(steps=200, max_time=60))    # doctest: +SKIP
 >>> metrics = trainer.fit(); metrics[-1]["val_bpb"]            # doctest: +SKIP
 """
 
+from mla.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mla.train.config import METRIC_KEYS, TrainConfig, bits_per_byte, lr_at
 from mla.train.data import DEFAULT_DATA, ByteDataset, default_corpus, load_bytes
 from mla.train.distributed import DistContext, init_distributed
-from mla.train.loop import (
-    METRIC_KEYS,
-    TrainConfig,
-    Trainer,
-    bits_per_byte,
-    evaluate,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    train,
-)
+from mla.train.trainer import Trainer, evaluate, train
 
 __all__ = [
     "ByteDataset",

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from mla import registry
 from mla.threads import auto_threads, describe_threads
+from mla.train import TrainConfig, Trainer
 from mla.train.data import DEFAULT_DATA
-from mla.train.loop import TrainConfig, Trainer
 
 # CLI flag -> MLAConfig field
 _OVERRIDES = {
