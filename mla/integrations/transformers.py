@@ -90,6 +90,12 @@ _SUPPORTED: dict[str, tuple[str, str]] = {
 #: transformers attention classes ``patch_model`` replaces.
 SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED)
 
+# Hooks filled by model-family modules (``mla.integrations.dsa``): class name -> replacement base class, a check
+# returning why a module cannot be patched (or None), and extra class attributes of the ``Latent<C>`` class.
+_BASES: dict[str, type] = {}
+_PATCH_CHECKS: dict[str, Callable[[nn.Module], str | None]] = {}
+_CLASS_ATTRS: dict[str, dict] = {}
+
 # MLA-weighted classes whose forward does something else: refused with the reason.
 _UNSUPPORTED_REASONS = {
     "Mistral4Attention": "scales queries by a position-dependent Llama-4 factor",
@@ -97,8 +103,6 @@ _UNSUPPORTED_REASONS = {
     "LongcatFlashMLA": "rescales the q/kv latents (LoRA scaling)",
     "BailingHybridAttention": "multiplies the output by a head-wise sigmoid gate",
     "KimiLinearAttention": "uses no RoPE (NoPE) on its keys",
-    "DeepseekV32Attention": "is sparse (DeepSeek Sparse Attention indexer)",
-    "GlmMoeDsaAttention": "is sparse (DeepSeek Sparse Attention indexer)",
     "HYV4Attention": "is sparse (indexer)",
     "AXK2Attention": "is sparse (indexer)",
     "Dots3NoteTextAttention": "is sparse (indexer)",
@@ -444,11 +448,12 @@ def _patched_class(hf_cls: type) -> type:
         ]
         cls = type(
             name,
-            (LatentAttentionForHF, hf_cls),
+            (_BASES.get(hf_cls.__name__, LatentAttentionForHF), hf_cls),
             {
                 "__module__": __name__, "__qualname__": name, "_hf_rope": _SUPPORTED[hf_cls.__name__][1],
                 "_hf_params": tuple(params), "__doc__": f"``{hf_cls.__name__}`` running the latent attention "
                 "(created by ``patch_model``; see ``LatentAttentionForHF``).",
+                **_CLASS_ATTRS.get(hf_cls.__name__, {}),
             },
         )
         _PATCHED_CLASSES[hf_cls] = cls
@@ -481,7 +486,8 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
 
     Supported (transformers >= 5.0, checked against 5.24): ``DeepseekV3Attention`` (DeepSeek-V3/R1),
     ``DeepseekV2Attention`` (DeepSeek-V2/-Lite, complex RoPE), ``Glm4MoeLiteAttention``, ``YoutuAttention``,
-    ``AXK1Attention`` and ``MiniCPM3Attention`` — exactly these classes, not subclasses. The weights (same
+    ``AXK1Attention``, ``MiniCPM3Attention`` and the DSA-sparse ``DeepseekV32Attention`` / ``GlmMoeDsaAttention``
+    (DeepSeek-V3.2, GLM-5; ``mla.integrations.dsa``) — exactly these classes, not subclasses. The weights (same
     parameter objects), ``model.config`` (``q_lora_rank`` or none, ``rope_interleave``, any ``rope_parameters``
     transformers supports since its cos/sin are used, ``attention_bias``) and transformers' cache objects are
     kept, so ``model(...)`` and ``model.generate(...)`` (greedy, sampling, batched with left padding) work
@@ -500,7 +506,8 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
     Raises:
         ValueError: bad ``form``/``backend``; no MLA attention module (the message lists the attention modules
             found); MLA-like modules of a class whose forward is not the supported MLA (e.g. ``Mistral4Attention``,
-            ``LongcatFlashMLA``, the DSA-sparse ``DeepseekV32Attention``) or a subclass of a supported one; modules
+            ``LongcatFlashMLA``) or a subclass of a supported one, or a config field the class's integration does
+            not support (the field is named); modules
             dispatched with accelerate hooks (patch before ``dispatch_model``/``device_map`` offloading).
     """
     if form not in FORMS:
@@ -515,8 +522,12 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
             if isinstance(child, LatentAttentionForHF):
                 targets.append((parent, child_name, child))
             elif _supported_key(type(child)) is not None:
+                check = _PATCH_CHECKS.get(type(child).__name__)
+                why = check(child) if check is not None else None
                 if hasattr(child, "_hf_hook") or "forward" in child.__dict__:
                     refused.append(f"{type(child).__name__} (its forward is wrapped, e.g. by accelerate hooks)")
+                elif why is not None:
+                    refused.append(f"{type(child).__name__} (unsupported {why})")
                 else:
                     targets.append((parent, child_name, child))
             elif _is_mla_like(child):
@@ -624,6 +635,10 @@ def latent_attention_forward(
         raise ValueError(f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported")
     if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
         raise ValueError(f"{ATTN_IMPLEMENTATION}: attention sinks (s_aux) and soft-capping are not supported")
+    if kwargs.get("indices") is not None:  # DSA (DeepSeek-V3.2, GLM-5): the indexer's top-k choice
+        return _dsa.sparse_attention_forward(
+            module, query, key, value, attention_mask, scaling, kwargs["indices"], backend=backend
+        )
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -673,3 +688,5 @@ def register_attention_implementation(name: str = ATTN_IMPLEMENTATION, *, backen
 
 
 register_attention_implementation()
+
+from mla.integrations import dsa as _dsa  # noqa: E402  (registers DeepSeek-V3.2 / GLM-5 in the tables above)
