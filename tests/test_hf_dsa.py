@@ -1,0 +1,201 @@
+"""DSA drop-in (DeepSeek-V3.2 ``deepseek_v32``, GLM-5 ``glm_moe_dsa``): patched models against transformers' eager.
+
+Tiny random configs (hidden 64, 2 layers, dense MLPs, ``index_topk`` 8) on sequences of 24+ tokens, so the
+indexer really cuts keys (asserted). The indexer is the model's own module in both runs; its inputs differ by
+rounding from layer 2 on, so every test first asserts that its seed leaves a clear margin between the
+``index_topk``-th and the next visible score (near-ties would let the two runs pick different keys).
+"""
+
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from helpers import rel_err  # noqa: E402
+from test_hf_integration import MOE_OFF, SIZES, batch, greedy, logits, randomize  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+import mla.integrations.dsa as dsa  # noqa: E402
+from mla.integrations.transformers import ATTN_IMPLEMENTATION, is_patched, patch_model, unpatch_model  # noqa: E402
+
+TOPK = 8
+DSA_SIZES = dict(q_lora_rank=24, index_topk=TOPK, index_head_dim=16, index_n_heads=8)
+T_PROMPT = 24  # > TOPK: the indexer drops keys for most rows
+MODELS = ["deepseek_v32", "glm_moe_dsa"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dsa_config(model_type, **extra):
+    kw = {**SIZES, **MOE_OFF, **DSA_SIZES, **extra}
+    if model_type == "deepseek_v32":
+        cfg = transformers.DeepseekV32Config(**kw)
+    else:
+        kw.setdefault("indexer_types", ["full", "shared"])  # layer 1 reuses layer 0's choice
+        cfg = transformers.GlmMoeDsaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build(model_type, seed=0, **extra):
+    cls = transformers.DeepseekV32ForCausalLM if model_type == "deepseek_v32" else transformers.GlmMoeDsaForCausalLM
+    torch.manual_seed(seed)
+    return randomize(cls(dsa_config(model_type, **extra)), seed)
+
+
+def indexer_margins(model, ids, am):
+    """Run ``model`` and return, over every indexer call, ``(min relative gap between the index_topk-th and the
+    next visible score over rows that see more than index_topk keys, number of such rows)``."""
+    calls = []
+    hooks = [
+        layer.self_attn.indexer.register_forward_pre_hook(lambda m, a, kw: calls.append((m, a)), with_kwargs=True)
+        for layer in model.model.layers if layer.self_attn.indexer is not None
+    ]
+    try:
+        logits(model, ids, am)
+    finally:
+        for h in hooks:
+            h.remove()
+    gap, cut_rows = float("inf"), 0
+    for mod, (hs, q_resid, (cos, sin), mask) in [(m, a[:4]) for m, a in calls]:
+        hf = sys.modules[type(mod).__module__]
+        rope = hf.apply_rotary_pos_emb if "V32" in type(mod).__name__ else hf.apply_rotary_pos_emb_interleave
+        B, T, _ = hs.shape
+        with torch.no_grad():
+            q = mod.wq_b(q_resid).view(B, T, mod.n_heads, mod.head_dim)
+            k = mod.k_norm(mod.wk(hs))[:, :, None]
+            dr = mod.qk_rope_head_dim
+            q_rot, k_rot = rope(q[..., :dr], k[..., :dr], cos, sin, unsqueeze_dim=2)
+            q, k = torch.cat([q_rot, q[..., dr:]], -1), torch.cat([k_rot, k[..., dr:]], -1)[:, :, 0]
+            s = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), k.float()))
+            w = mod.weights_proj(hs).float()
+            scores = torch.einsum("bth,bths->bts", w, s)
+        keep = mask if mask.dtype == torch.bool else mask == 0
+        for b in range(B):
+            for t in range(T):
+                vis = scores[b, t][keep[b, t]].sort(descending=True).values
+                if vis.numel() > mod.index_topk:
+                    cut_rows += 1
+                    scale = vis.abs().max().clamp_min(1e-30)
+                    gap = min(gap, float((vis[mod.index_topk - 1] - vis[mod.index_topk]) / scale))
+    return gap, cut_rows
+
+
+def assert_clear_margin(model, ids, am):
+    gap, cut_rows = indexer_margins(model, ids, am)
+    assert cut_rows > 0, "index_topk must cut keys in this test"
+    assert gap > 1e-4, f"seed leaves near-tied indexer scores (relative gap {gap:.2e}): pick another seed"
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_logits_greedy_and_mla_latent_match_eager(model_type):
+    model = build(model_type)
+    ids, am = batch(T=T_PROMPT, pad=3)
+    assert_clear_margin(model, ids, am)
+    ref, ref_tokens = logits(model, ids, am), greedy(model, ids, am, n=16)
+    # The selection matters: the same model attending densely gives other logits.
+    dense = build(model_type, index_topk=4 * T_PROMPT)
+    assert rel_err(logits(dense, ids, am), ref) > 1e-3
+    valid = am.bool()
+    patch_model(model, backend="reference")
+    assert is_patched(model) and isinstance(model.model.layers[0].self_attn, dsa.LatentDSAAttentionForHF)
+    assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
+    assert torch.equal(greedy(model, ids, am, n=16), ref_tokens)
+    # attn_implementation="mla_latent" without patching: transformers passes the choice as ``indices``.
+    unpatch_model(model)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
+    assert torch.equal(greedy(model, ids, am, n=16), ref_tokens)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_prefill_then_decode_equals_full_forward(model_type, monkeypatch):
+    model = patch_model(build(model_type, seed=1), backend="reference")
+    ids, am = batch(T=T_PROMPT + 4, pad=0, seed=1)
+    full = logits(model, ids, am)
+    calls = []
+    orig = dsa.mla_decode
+
+    def spy(q, kv, table, lens, **kw):
+        calls.append((q.shape[1], kw["topk_indices"].shape[-1], int((kw["topk_indices"] >= 0).sum(-1).max())))
+        return orig(q, kv, table, lens, **kw)
+
+    monkeypatch.setattr(dsa, "mla_decode", spy)
+    cache = DynamicCache(config=model.config)
+    steps = []
+    with torch.no_grad():
+        steps.append(model(input_ids=ids[:, :T_PROMPT], cache=cache, use_cache=True).logits)
+        for t in range(T_PROMPT, ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+    # Decode ran mla_decode with index lists of index_topk live keys out of more cached ones.
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    assert all(c[0] == 1 and c[1] == TOPK and c[2] == TOPK for c in calls)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_training_gradients_match_eager(model_type):
+    """Eager runs the indexer under no_grad: its parameters get no gradient; every other attention parameter
+    gets eager's."""
+    model = build(model_type, seed=4).train()
+    ids, _ = batch(T=T_PROMPT, pad=0, seed=4)
+    assert_clear_margin(model, ids, torch.ones_like(ids))
+
+    def grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = grads()
+    patch_model(model, backend="reference")
+    loss, got = grads()
+    assert rel_err(loss, ref_loss) <= 1e-6
+    attn = {n for n, _ in model.named_parameters() if ".self_attn." in n and ".indexer." not in n}
+    assert got.keys() == ref.keys() and attn <= got.keys()
+    assert not any(".indexer." in n for n in got)
+    assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_triton_interpreter_matches_eager(model_type):
+    """The top-k prefill kernel and the top-k decode kernel (interpreter, fp32) inside the patched model."""
+    model = build(model_type, seed=3)
+    ids, am = batch(T=T_PROMPT, pad=0, seed=3)
+    assert_clear_margin(model, ids, am)
+    ref, ref_tokens = logits(model, ids, am), greedy(model, ids, am, n=3)
+    patch_model(model, backend="triton")
+    assert rel_err(logits(model, ids, am), ref) <= 1e-5
+    assert torch.equal(greedy(model, ids, am, n=3), ref_tokens)
+
+
+def test_unsupported_config_fields_are_refused():
+    model = build("glm_moe_dsa", indexer_types=["shared", "full"])
+    with pytest.raises(ValueError, match=r"indexer_types\[0\]"):
+        patch_model(model)
+    model = build("glm_moe_dsa", indexer_types=["full", "sliding"])
+    with pytest.raises(ValueError, match=r"indexer_types\[1\]"):
+        patch_model(model)
+    model = build("deepseek_v32")
+    model.config.index_topk = 0
+    with pytest.raises(ValueError, match="index_topk"):
+        patch_model(model)
+    assert not is_patched(model)
+    model = patch_model(build("deepseek_v32", attention_dropout=0.1)).train()
+    with pytest.raises(ValueError, match="attention_dropout"):
+        model(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_topk_from_hf_pads_invisible_lanes():
+    keep = torch.tensor([[[True, False, True, False], [False, False, False, False]]])
+    got = dsa.topk_from_hf(torch.tensor([[[3, 2, 0], [0, 1, 2]]], dtype=torch.int32), keep)
+    assert got.dtype == torch.int32 and got.tolist() == [[[0, 2, -1], [-1, -1, -1]]]
+    with pytest.raises(ValueError, match="indices"):
+        dsa.topk_from_hf(torch.tensor([[[4, 0, 1], [0, 1, 2]]]), keep)
