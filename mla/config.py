@@ -39,7 +39,8 @@ class MLAConfig:
 
     Sparse attention (``LatentSparseAttention``): ``sparse_block_size`` tokens per block,
     ``num_sink_blocks``, ``num_local_blocks``, ``topk_blocks``; lightning indexer ``index_n_heads``,
-    ``index_head_dim``, ``index_topk`` (DeepSeek-V3.2 names).
+    ``index_head_dim``, ``index_topk`` (DeepSeek-V3.2 names); ``index_rope_interleave``: the indexer's RoPE on
+    interleaved pairs (GLM-5) instead of DeepSeek-V3.2's half-split layout.
 
     Raises:
         ValueError: from ``validate()`` on inconsistent sizes.
@@ -75,6 +76,7 @@ class MLAConfig:
     index_n_heads: int = 4
     index_head_dim: int = 32
     index_topk: int = 256
+    index_rope_interleave: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -127,6 +129,8 @@ class MLAConfig:
             isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
         ):
             raise ValueError(f"MLAConfig.sliding_window: expected None or a positive int, got {self.sliding_window!r}")
+        if not isinstance(self.index_rope_interleave, bool):
+            raise ValueError(f"MLAConfig.index_rope_interleave: expected a bool, got {self.index_rope_interleave!r}")
         if not isinstance(self.attention_sinks, bool):
             raise ValueError(f"MLAConfig.attention_sinks: expected a bool, got {self.attention_sinks!r}")
         for name in ("num_sink_blocks", "num_local_blocks", "topk_blocks"):
@@ -165,6 +169,8 @@ class MLAConfig:
         d["rope_parameters"] = dict(rp)
         if "rope_interleave" not in d:
             d["rope_interleave"] = True
+        if getattr(hf_config, "model_type", None) == "glm_moe_dsa":  # GLM-5's indexer interleaves its RoPE pairs
+            d.setdefault("index_rope_interleave", True)
         return cls(**d).validate()
 
 

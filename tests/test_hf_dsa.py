@@ -199,3 +199,30 @@ def test_topk_from_hf_pads_invisible_lanes():
     assert got.dtype == torch.int32 and got.tolist() == [[[0, 2, -1], [-1, -1, -1]]]
     with pytest.raises(ValueError, match="indices"):
         dsa.topk_from_hf(torch.tensor([[[4, 0, 1], [0, 1, 2]]]), keep)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_latent_sparse_attention_loads_hf_state_dict(model_type):
+    """Our ``LatentSparseAttention(mode="topk")`` takes a V3.2 / GLM-5 attention state dict unchanged (strict) and
+    gives the original's output; a state dict with our old indexer name ``wq`` still loads."""
+    from mla import LatentSparseAttention, MLAConfig
+
+    model = build(model_type, seed=5)
+    hf_attn = model.model.layers[0].self_attn
+    cfg = MLAConfig.from_transformers(model.config)
+    assert cfg.index_rope_interleave == (model_type == "glm_moe_dsa")
+    ours = LatentSparseAttention(cfg, 0, mode="topk", backend="reference")
+    ours.load_state_dict(hf_attn.state_dict(), strict=True)
+    assert ours.indexer.k_norm.eps == hf_attn.indexer.k_norm.eps == 1e-6
+    x = torch.randn(2, T_PROMPT, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(T_PROMPT)[None].expand(2, -1)
+    mask = torch.full((T_PROMPT, T_PROMPT), torch.finfo(torch.float32).min).triu(1)[None, None].expand(2, 1, -1, -1)
+    with torch.no_grad():
+        ref = hf_attn(x, model.model.rotary_emb(x, pos), mask, position_ids=pos)[0]
+        got, stats = ours(x)
+    assert rel_err(got, ref) <= 1e-5
+    assert stats.visited_tokens < 2 * T_PROMPT * (T_PROMPT + 1) // 2  # index_topk cut keys
+    old = {k.replace("indexer.wq_b.", "indexer.wq."): v for k, v in hf_attn.state_dict().items()}
+    fresh = LatentSparseAttention(cfg, 0, mode="topk", backend="reference")
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.indexer.wq_b.weight, hf_attn.indexer.wq_b.weight)
