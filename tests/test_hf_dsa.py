@@ -226,3 +226,16 @@ def test_latent_sparse_attention_loads_hf_state_dict(model_type):
     fresh = LatentSparseAttention(cfg, 0, mode="topk", backend="reference")
     fresh.load_state_dict(old, strict=True)
     assert torch.equal(fresh.indexer.wq_b.weight, hf_attn.indexer.wq_b.weight)
+
+
+@pytest.mark.parametrize("name,config_cls", [("deepseek-v3.2", "DeepseekV32Config"), ("glm-5", "GlmMoeDsaConfig")])
+def test_registry_presets_match_transformers_sizes(name, config_cls):
+    """The presets carry the public sizes (transformers' config defaults are the released models')."""
+    from mla import MLAConfig, registry
+
+    ours, hf = registry.get(name), MLAConfig.from_transformers(getattr(transformers, config_cls)())
+    fields = ["hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "vocab_size", "intermediate_size",
+              "max_position_embeddings", "rms_norm_eps", "index_n_heads", "index_head_dim", "index_topk",
+              "index_rope_interleave"]
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(hf, f) for f in fields}
