@@ -1,9 +1,13 @@
-"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 model: one added line.
+"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 / V3.2 / GLM-5 model: one added line.
 
     python examples/hf_dropin.py            # about half a minute on a laptop CPU
     python examples/hf_dropin.py --context 4096 --threads 1
+    python examples/hf_dropin.py --model deepseek_v32   # or glm_moe_dsa: DeepSeek Sparse Attention (DSA)
 
-1. Builds a small random-weight ``DeepseekV3ForCausalLM`` from a config (no download).
+1. Builds a small random-weight ``DeepseekV3ForCausalLM`` (``--model deepseek_v3``, the default),
+   ``DeepseekV32ForCausalLM`` or ``GlmMoeDsaForCausalLM`` from a config (no download). The DSA models keep
+   ``index_topk`` = 256 keys per token chosen by their lightning indexer; patched, the same indexer chooses and
+   our top-k attention (prefill) and top-k decode run over the latent cache.
 2. Greedy-generates for a left-padded batch of two prompts with transformers' own attention, then
    ``patch_model(model)`` — the one line — and generates again: the tokens are identical.
 3. Measures decode speed before and after at a long context. transformers expands the cached latents to
@@ -28,20 +32,33 @@ from _deps import requirements
 
 with requirements():  # needs the [hf] extra: pip install -e ".[hf]"
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
+    import transformers
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
     from mla.threads import auto_threads, describe_threads
 
 
-def small_config(max_positions: int) -> DeepseekV3Config:
+#: --model -> (config class, model class, extra config fields). DSA: a small indexer (4 heads of 64) keeping 256
+#: keys per token; GLM-5's second layer reuses the first one's choice ("shared"), as GLM-5 does.
+MODELS = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {"rope_interleave": True}),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                     {"index_topk": 256, "index_n_heads": 4, "index_head_dim": 64}),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                    {"index_topk": 256, "index_n_heads": 4, "index_head_dim": 64, "indexer_types": ["full", "shared"]}),
+}
+
+
+def small_config(max_positions: int, model: str = "deepseek_v3"):
     """DeepSeek-V3's attention (q LoRA, 512-wide latent KV, 128 + 64 qk and 128 v head dims, interleaved RoPE,
-    YaRN) with 4 heads, 2 layers and dense MLPs."""
-    return DeepseekV3Config(
+    YaRN) with 4 heads, 2 layers and dense MLPs; for the DSA models plus their indexer (``MODELS``)."""
+    config_cls, _, extra = MODELS[model]
+    return getattr(transformers, config_cls)(
         vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, first_k_dense_replace=2, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
-        moe_intermediate_size=64, max_position_embeddings=max_positions, rope_interleave=True,
+        moe_intermediate_size=64, max_position_embeddings=max_positions, **extra,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": max_positions // 4, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
@@ -80,6 +97,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="deepseek_v3", help="transformers model type")
     p.add_argument("--context", type=int, default=2048, help="prompt length of the speed measurement")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None,
@@ -89,8 +107,9 @@ def main() -> None:
         p.error(f"--threads: expected >= 1, got {args.threads}")
     torch.set_num_threads(args.threads or auto_threads())
     torch.manual_seed(0)
-    config = small_config(max_positions=max(4096, 2 * args.context))
-    model = DeepseekV3ForCausalLM(config).eval()
+    config = small_config(max_positions=max(4096, 2 * args.context), model=args.model)
+    model_cls = getattr(transformers, MODELS[args.model][1])
+    model = model_cls(config).eval()
     random_weights(model)
 
     # -- 1. identical greedy output, batch of two prompts, the second left-padded -----------------------
@@ -101,7 +120,7 @@ def main() -> None:
     gen = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
     with torch.no_grad():
         before = model.generate(**gen)
-        patch_model(model)  # <- the one line: every DeepseekV3Attention now runs the latent attention
+        patch_model(model)  # <- the one line: every MLA attention module now runs the latent attention
         after = model.generate(**gen)
     print("transformers:", before[:, 12:].tolist())
     print("patched:     ", after[:, 12:].tolist())
@@ -120,7 +139,7 @@ def main() -> None:
     )
 
     # -- 3. or: our kernel as a transformers attention implementation (naive form) ----------------------
-    other = DeepseekV3ForCausalLM._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    other = model_cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     other.load_state_dict(model.state_dict())  # the patched model's state dict has the original keys
     with torch.no_grad():
         same = torch.equal(other.generate(**gen), before)
