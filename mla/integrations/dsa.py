@@ -119,37 +119,16 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
     """
 
     _returns_topk = False
-
-    def _rotate(self, q_rope, k_rope, position_embeddings):
-        """Interleaved RoPE on ``q_rope [B,T,H,dr]`` / ``k_rope [B,T,dr]`` (output de-interleaved), as both
-        models' ``apply_rotary_pos_emb_interleave``."""
-        if position_embeddings is None:
-            raise ValueError(f"{type(self).__name__}: position_embeddings is required (transformers' decoder "
-                             "layers pass the rotary (cos, sin) of the new tokens)")
-        cos, sin = position_embeddings
-        q_rope = _mt.apply_rotary(q_rope, cos, sin, True)
-        k_rope = _mt.apply_rotary(k_rope[:, :, None], cos, sin, True)[:, :, 0]
-        return q_rope, k_rope
+    # Both models rotate q_rope / k_rope with ``apply_rotary_pos_emb_interleave`` whatever ``rope_interleave`` says.
+    _hf_rope = "interleave"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        kwargs = self._bind(args, kwargs)
-        position_embeddings = kwargs.pop("position_embeddings", None)
-        attention_mask = kwargs.pop("attention_mask", None)
-        cache = kwargs.pop("cache", None)
-        legacy = kwargs.pop("past_key_values", None)
-        cache = legacy if cache is None else cache
+        kwargs, position_embeddings, attention_mask, cache = self._call_args(hidden_states, args, kwargs)
         position_ids = kwargs.pop("position_ids", None)
         prev_topk = kwargs.pop("prev_topk_indices", None)
-        if self.training and getattr(self, "attention_dropout", 0.0):
-            raise ValueError(
-                f"{type(self).__name__}: attention_dropout={self.attention_dropout} in training mode is not "
-                "supported by the latent attention (no dropout on probabilities); set config.attention_dropout=0"
-            )
         if isinstance(cache, _mt.FP8LatentCache):
             raise ValueError(f"{type(self).__name__}: FP8LatentCache is not supported for DSA models (their indexer "
                              "keys live in transformers' indexed cache layers); use the model's default cache")
-        if hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states: expected [B, T, E], got shape {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
         dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
 

@@ -77,6 +77,7 @@ ATTN_IMPLEMENTATION = "mla_latent"
 # checked (transformers 5.24) to be DeepseekV3Attention's up to the RoPE convention:
 #   "config":  cos/sin, interleaved pairs iff ``config.rope_interleave`` (output de-interleaved), else half-split
 #   "half":    cos/sin, half-split pairs always
+#   "interleave": cos/sin, interleaved pairs always (output de-interleaved)
 #   "complex": DeepSeek-V2's complex ``freqs_cis`` on interleaved pairs (output stays interleaved)
 _SUPPORTED: dict[str, tuple[str, str]] = {
     "DeepseekV3Attention": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "config"),
@@ -287,12 +288,13 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
                 k_rope[:, :, None], position_embeddings
             )[:, :, 0]
         cos, sin = position_embeddings
-        interleaved = self._hf_rope == "config" and bool(self.config.rope_interleave)
+        interleaved = self._hf_rope == "interleave" or (self._hf_rope == "config" and bool(self.config.rope_interleave))
         q_rope = apply_rotary(q_rope, cos, sin, interleaved)
         k_rope = apply_rotary(k_rope[:, :, None], cos, sin, interleaved)[:, :, 0]
         return q_rope, k_rope
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def _call_args(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """``(kwargs left, position_embeddings, attention_mask, cache)`` of a forward call, checked."""
         kwargs = self._bind(args, kwargs)
         position_embeddings = kwargs.pop("position_embeddings", None)
         attention_mask = kwargs.pop("attention_mask", None)
@@ -306,6 +308,10 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
             )
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states: expected [B, T, E], got shape {tuple(hidden_states.shape)}")
+        return kwargs, position_embeddings, attention_mask, cache
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        kwargs, position_embeddings, attention_mask, cache = self._call_args(hidden_states, args, kwargs)
         B, T, _ = hidden_states.shape
         dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
 
