@@ -6,6 +6,7 @@ rounding from layer 2 on, so every test first asserts that its seed leaves a cle
 ``index_topk``-th and the next visible score (near-ties would let the two runs pick different keys).
 """
 
+import os
 import sys
 
 import pytest
@@ -23,6 +24,9 @@ TOPK = 8
 DSA_SIZES = dict(q_lora_rank=24, index_topk=TOPK, index_head_dim=16, index_n_heads=8)
 T_PROMPT = 24  # > TOPK: the indexer drops keys for most rows
 MODELS = ["deepseek_v32", "glm_moe_dsa"]
+# The backend="triton" tests run the kernels on CPU tensors: under the interpreter only.
+INTERPRETER = [pytest.mark.interpreter, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                           reason="runs the kernels on CPU under TRITON_INTERPRET=1")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -140,10 +144,14 @@ def test_prefill_then_decode_equals_full_forward(model_type, monkeypatch):
     assert all(c[0] == 1 and c[1] == TOPK and c[2] == TOPK for c in calls)
 
 
-@pytest.mark.parametrize("model_type", MODELS)
-def test_training_gradients_match_eager(model_type):
+@pytest.mark.parametrize(
+    "model_type,backend",
+    [(m, "reference") for m in MODELS]
+    + [pytest.param("deepseek_v32", "triton", marks=[pytest.mark.slow, *INTERPRETER])],
+)
+def test_training_gradients_match_eager(model_type, backend):
     """Eager runs the indexer under no_grad: its parameters get no gradient; every other attention parameter
-    gets eager's."""
+    gets eager's (also through the top-k kernel's backward under the Triton interpreter)."""
     model = build(model_type, seed=4).train()
     ids, _ = batch(T=T_PROMPT, pad=0, seed=4)
     assert_clear_margin(model, ids, torch.ones_like(ids))
@@ -155,7 +163,7 @@ def test_training_gradients_match_eager(model_type):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref_loss, ref = grads()
-    patch_model(model, backend="reference")
+    patch_model(model, backend=backend)
     loss, got = grads()
     assert rel_err(loss, ref_loss) <= 1e-6
     attn = {n for n, _ in model.named_parameters() if ".self_attn." in n and ".indexer." not in n}
@@ -164,7 +172,7 @@ def test_training_gradients_match_eager(model_type):
     assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
 
 
-@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("model_type", [pytest.param(m, marks=INTERPRETER) for m in MODELS])
 def test_triton_interpreter_matches_eager(model_type):
     """The top-k prefill kernel and the top-k decode kernel (interpreter, fp32) inside the patched model."""
     model = build(model_type, seed=3)
