@@ -247,3 +247,26 @@ def test_registry_presets_match_transformers_sizes(name, config_cls):
               "max_position_embeddings", "rms_norm_eps", "index_n_heads", "index_head_dim", "index_topk",
               "index_rope_interleave"]
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(hf, f) for f in fields}
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_static_cache_pickle_unpatch_and_fp8_refusal(model_type):
+    import pickle
+
+    from mla.integrations.transformers import FP8LatentCache
+
+    model = build(model_type)
+    ids, am = batch(T=T_PROMPT, pad=3)
+    ref = greedy(model, ids, am, n=6, cache_implementation="static")
+    keys = list(model.state_dict())
+    patch_model(model, backend="reference")
+    # A static cache returns its whole buffer: unfilled slots must be neither chosen nor attended.
+    assert torch.equal(greedy(model, ids, am, n=6, cache_implementation="static"), ref)
+    clone = pickle.loads(pickle.dumps(model))
+    assert isinstance(clone.model.layers[1].self_attn, dsa.LatentDSAAttentionForHF)
+    assert torch.equal(logits(clone, ids, am), logits(model, ids, am))
+    with pytest.raises(ValueError, match="FP8LatentCache"):
+        greedy(model, ids, am, n=2, cache=FP8LatentCache())
+    assert list(model.state_dict()) == keys  # weights shared under the original names
+    unpatch_model(model)
+    assert not is_patched(model) and type(model.model.layers[0].self_attn).__name__ in dsa.DSA_ATTENTION_CLASSES
