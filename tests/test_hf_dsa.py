@@ -112,6 +112,9 @@ def test_logits_greedy_and_mla_latent_match_eager(model_type):
     assert is_patched(model) and isinstance(model.model.layers[0].self_attn, dsa.LatentDSAAttentionForHF)
     assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
     assert torch.equal(greedy(model, ids, am, n=16), ref_tokens)
+    patch_model(model, form="naive", backend="reference")  # per-head K/V, the index list repeated over heads
+    assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
+    assert torch.equal(greedy(model, ids, am, n=16), ref_tokens)
     # attn_implementation="mla_latent" without patching: transformers passes the choice as ``indices``.
     unpatch_model(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -270,3 +273,23 @@ def test_static_cache_pickle_unpatch_and_fp8_refusal(model_type):
     assert list(model.state_dict()) == keys  # weights shared under the original names
     unpatch_model(model)
     assert not is_patched(model) and type(model.model.layers[0].self_attn).__name__ in dsa.DSA_ATTENTION_CLASSES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", MODELS)
+def test_hf_dropin_example_runs(model_type):
+    """``examples/hf_dropin.py --model deepseek_v32|glm_moe_dsa``, shortened: identical tokens both ways."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(root))
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it: reference path on CPU
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "hf_dropin.py"), "--model", model_type, "--context", "320",
+         "--new-tokens", "3", "--threads", "1"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "identical greedy output: True" in proc.stdout
+    assert 'attn_implementation="mla_latent" gives the same greedy output: True' in proc.stdout
