@@ -51,6 +51,8 @@ DSA_ATTENTION_CLASSES: tuple[str, ...] = tuple(_DSA)
 
 #: Decode steps of at most this many new tokens run ``mla_decode`` over the cached rows.
 DECODE_MAX_Q = 8
+#: Rows per page when the cached rows are handed to ``mla_decode`` (FlashMLA's page size).
+PAGE_SIZE = 64
 
 
 def _keep_mask(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
@@ -74,13 +76,14 @@ def _keep_mask(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
     return out
 
 
-def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """transformers' indexer output as ``topk_indices``: int32 ``[B, T, K]``, ascending, ``-1`` padded.
 
     Args:
         indices: int ``[B, T, K]`` key positions from ``DeepseekV32Indexer`` / ``GlmMoeDsaIndexer`` (``topk`` of
             the masked scores: when fewer than ``K`` keys are visible it also lists masked ones).
         keep: bool ``[B, T, S]`` visibility (``_keep_mask``); lanes naming an invisible key become ``-1``.
+        check: validate the positions (one device sync); the module skips it for its own indexer's output.
 
     Raises:
         ValueError: shapes that do not fit, or positions outside ``[0, S)``.
@@ -90,12 +93,25 @@ def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
                          f"{tuple(indices.shape)}")
     S = keep.shape[-1]
     idx = indices.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= S):
+    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= S):
         raise ValueError(f"indices: key positions must be in [0, S={S}), got [{int(idx.min())}, {int(idx.max())}]")
     visible = keep.gather(-1, idx)
     # Ascending order (invisible lanes last): the kernels walk keys in memory order.
     idx = torch.where(visible, idx, S).sort(dim=-1).values
     return torch.where(idx >= S, -1, idx).to(torch.int32)
+
+
+def _as_pages(latent: torch.Tensor, page_size: int = PAGE_SIZE):
+    """``latent [B, S, D]`` as ``mla_decode``'s paged cache: ``(pages [B·n, page_size, 1, D], block_table int32
+    [B, n], cache_seqlens int32 [B] = S)`` with ``n = ceil(S / page_size)`` (rows past ``S`` zero, never read).
+    A fixed page size: the decode kernel is specialised on it, so it is not recompiled as the cache grows."""
+    B, S, D = latent.shape
+    n = -(-S // page_size)
+    pages = latent.new_zeros(B, n * page_size, D)
+    pages[:, :S] = latent
+    table = torch.arange(B * n, dtype=torch.int32, device=latent.device).view(B, n)
+    lens = torch.full((B,), S, dtype=torch.int32, device=latent.device)
+    return pages.view(B * n, page_size, 1, D), table, lens
 
 
 class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
@@ -153,16 +169,15 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
                              "prev_topk_indices from the previous 'full' indexer layer")
         else:
             raw = prev_topk
-        topk = topk_from_hf(raw, keep)
+        # The indexer's own top-k lies in [0, S): no value check (a device sync per layer) for it.
+        topk = topk_from_hf(raw, keep, check=indexer is None)
 
         if cache is not None and T <= DECODE_MAX_Q and S > T:
             q_abs = self.absorb_q(q_nope, q_rope)
-            table = torch.arange(B, dtype=torch.int32, device=q_abs.device)[:, None]
-            lens = torch.full((B,), S, dtype=torch.int32, device=q_abs.device)
+            pages, table, lens = _as_pages(latent)
             out = mla_decode(
-                q_abs, latent[:, :, None, :].contiguous(), table, lens, softmax_scale=self.softmax_scale,
-                head_dim_v=dc, causal=True, topk_indices=topk, return_lse=False, backend=self.backend,
-                check_inputs=False,
+                q_abs, pages, table, lens, softmax_scale=self.softmax_scale, head_dim_v=dc, causal=True,
+                topk_indices=topk, return_lse=False, backend=self.backend, check_inputs=False,
             )
             out = self.finish(out, "absorbed")
         else:
