@@ -126,6 +126,7 @@ def test_logits_greedy_and_mla_latent_match_eager(model_type):
 def test_prefill_then_decode_equals_full_forward(model_type, monkeypatch):
     model = patch_model(build(model_type, seed=1), backend="reference")
     ids, am = batch(T=T_PROMPT + 4, pad=0, seed=1)
+    assert_clear_margin(model, ids, am)
     full = logits(model, ids, am)
     calls = []
     orig = dsa.mla_decode
@@ -199,6 +200,11 @@ def test_unsupported_config_fields_are_refused():
     with pytest.raises(ValueError, match="index_topk"):
         patch_model(model)
     assert not is_patched(model)
+    glm = patch_model(build("glm_moe_dsa"))
+    x = torch.randn(1, 4, glm.config.hidden_size)
+    pe = glm.model.rotary_emb(x, torch.arange(4)[None])
+    with pytest.raises(ValueError, match="prev_topk_indices"):  # a "shared" layer alone
+        glm.model.layers[1].self_attn(x, pe, None)
     model = patch_model(build("deepseek_v32", attention_dropout=0.1)).train()
     with pytest.raises(ValueError, match="attention_dropout"):
         model(input_ids=torch.ones(1, 4, dtype=torch.long))
@@ -260,6 +266,7 @@ def test_static_cache_pickle_unpatch_and_fp8_refusal(model_type):
 
     model = build(model_type)
     ids, am = batch(T=T_PROMPT, pad=3)
+    assert_clear_margin(model, ids, am)
     ref = greedy(model, ids, am, n=6, cache_implementation="static")
     keys = list(model.state_dict())
     patch_model(model, backend="reference")
