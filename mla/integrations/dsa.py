@@ -16,7 +16,7 @@ the same weights, cache and indexer module but
 * prefill: the absorbed form (one latent kv head ``[c_kv | k_rope]``, as DeepSeek runs DSA) through the top-k
   attention of ``mla.functional.attention_with_stats`` (a top-k Triton kernel with a backward on CUDA);
 * decode (a cache and at most ``DECODE_MAX_Q`` new tokens): ``mla.functional.mla_decode`` with the top-k
-  index lists over the cached latent rows (the batch's rows are the pages of one block table).
+  index lists over the cached latent rows (handed over as ``PAGE_SIZE``-row pages of one block table).
 
 With ``attn_implementation="mla_latent"`` (no patching) transformers passes the indexer's choice as the
 ``indices`` keyword: ``latent_attention_forward`` hands it to ``sparse_attention_forward`` here, which runs the
@@ -35,8 +35,8 @@ from torch import nn
 from mla.functional import attention_with_stats, mla_decode
 from mla.integrations import transformers as _mt
 
-__all__ = ["DSA_ATTENTION_CLASSES", "DECODE_MAX_Q", "LatentDSAAttentionForHF", "sparse_attention_forward",
-           "topk_from_hf"]
+__all__ = ["DSA_ATTENTION_CLASSES", "DECODE_MAX_Q", "PAGE_SIZE", "LatentDSAAttentionForHF",
+           "sparse_attention_forward", "topk_from_hf"]
 
 # class name -> transformers module. Both forwards were checked (transformers 5.24) to be DeepseekV3's MLA with
 # interleaved RoPE on q_rope / k_rope (``apply_rotary_pos_emb_interleave``, whatever ``rope_interleave`` says),
