@@ -218,13 +218,17 @@ def test_topk_from_hf_pads_invisible_lanes():
         dsa.topk_from_hf(torch.tensor([[[4, 0, 1], [0, 1, 2]]]), keep)
 
 
+@pytest.mark.parametrize("yarn", [False, True], ids=["default-rope", "yarn"])
 @pytest.mark.parametrize("model_type", MODELS)
-def test_latent_sparse_attention_loads_hf_state_dict(model_type):
+def test_latent_sparse_attention_loads_hf_state_dict(model_type, yarn):
     """Our ``LatentSparseAttention(mode="topk")`` takes a V3.2 / GLM-5 attention state dict unchanged (strict) and
-    gives the original's output; a state dict with our old indexer name ``wq`` still loads."""
+    gives the original's output (the indexer's RoPE too, YaRN-scaled cos/sin included); a state dict with our
+    old indexer name ``wq`` still loads."""
+    from test_hf_integration import YARN
+
     from mla import LatentSparseAttention, MLAConfig
 
-    model = build(model_type, seed=5)
+    model = build(model_type, seed=5, **({"rope_parameters": dict(YARN)} if yarn else {}))
     hf_attn = model.model.layers[0].self_attn
     cfg = MLAConfig.from_transformers(model.config)
     assert cfg.index_rope_interleave == (model_type == "glm_moe_dsa")
