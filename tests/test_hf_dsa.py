@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from helpers import rel_err  # noqa: E402
-from test_hf_integration import MOE_OFF, SIZES, batch, greedy, logits, randomize  # noqa: E402
+from test_hf_integration import MOE_OFF, SIZES, YARN, batch, greedy, logits, randomize  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import mla.integrations.dsa as dsa  # noqa: E402
@@ -224,8 +224,6 @@ def test_latent_sparse_attention_loads_hf_state_dict(model_type, yarn):
     """Our ``LatentSparseAttention(mode="topk")`` takes a V3.2 / GLM-5 attention state dict unchanged (strict) and
     gives the original's output (the indexer's RoPE too, YaRN-scaled cos/sin included); a state dict with our
     old indexer name ``wq`` still loads."""
-    from test_hf_integration import YARN
-
     from mla import LatentSparseAttention, MLAConfig
 
     model = build(model_type, seed=5, **({"rope_parameters": dict(YARN)} if yarn else {}))
