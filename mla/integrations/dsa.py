@@ -101,16 +101,23 @@ def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = Tru
     return torch.where(idx >= S, -1, idx).to(torch.int32)
 
 
-def _as_pages(latent: torch.Tensor, page_size: int = PAGE_SIZE):
-    """``latent [B, S, D]`` as ``mla_decode``'s paged cache: ``(pages [B·n, page_size, 1, D], block_table int32
-    [B, n], cache_seqlens int32 [B] = S)`` with ``n = ceil(S / page_size)`` (rows past ``S`` zero, never read).
-    A fixed page size: the decode kernel is specialised on it, so it is not recompiled as the cache grows."""
-    B, S, D = latent.shape
+def _as_pages(parts: tuple[torch.Tensor, ...], page_size: int = PAGE_SIZE):
+    """Rows ``cat(parts, -1)`` (each ``[B, S, ·]``, e.g. ``c_kv`` and ``k_rope``) as ``mla_decode``'s paged cache:
+    ``(pages [B·n, page_size, 1, D], block_table int32 [B, n], cache_seqlens int32 [B] = S)`` with
+    ``n = ceil(S / page_size)``; rows past ``S`` are zero (never read). Written in one pass (no concatenated
+    copy first). A fixed page size: the decode kernel is specialised on it, so it is not recompiled as the
+    cache grows."""
+    B, S = parts[0].shape[:2]
+    D = sum(p.shape[-1] for p in parts)
     n = -(-S // page_size)
-    pages = latent.new_zeros(B, n * page_size, D)
-    pages[:, :S] = latent
-    table = torch.arange(B * n, dtype=torch.int32, device=latent.device).view(B, n)
-    lens = torch.full((B,), S, dtype=torch.int32, device=latent.device)
+    pages = parts[0].new_empty(B, n * page_size, D)
+    pages[:, S:] = 0
+    col = 0
+    for p in parts:
+        pages[:, :S, col:col + p.shape[-1]] = p
+        col += p.shape[-1]
+    table = torch.arange(B * n, dtype=torch.int32, device=pages.device).view(B, n)
+    lens = torch.full((B,), S, dtype=torch.int32, device=pages.device)
     return pages.view(B * n, page_size, 1, D), table, lens
 
 
@@ -156,10 +163,10 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
             c_all, kr_all = cache.update(
                 c_kv.reshape(B, 1, T, dc), k_rope.reshape(B, 1, T, dr), self.layer_idx, kwargs=kwargs
             )
-            latent = torch.cat([c_all[:, 0], kr_all[:, 0]], dim=-1)
+            c_all, kr_all = c_all[:, 0], kr_all[:, 0]
         else:
-            latent = torch.cat([c_kv, k_rope], dim=-1)
-        S = latent.shape[1]
+            c_all, kr_all = c_kv, k_rope
+        S = c_all.shape[1]
         keep = _keep_mask(attention_mask, B, T, S, hidden_states.device)
         indexer = getattr(self, "indexer", None)
         if indexer is not None:
@@ -174,7 +181,7 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
 
         if cache is not None and T <= DECODE_MAX_Q and S > T:
             q_abs = self.absorb_q(q_nope, q_rope)
-            pages, table, lens = _as_pages(latent)
+            pages, table, lens = _as_pages((c_all, kr_all))
             out = mla_decode(
                 q_abs, pages, table, lens, softmax_scale=self.softmax_scale, head_dim_v=dc, causal=True,
                 topk_indices=topk, return_lse=False, backend=self.backend, check_inputs=False,
@@ -182,7 +189,7 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
             out = self.finish(out, "absorbed")
         else:
             form = "naive" if self.form == "naive" else "absorbed"
-            q, k, v = self.build_qkv(q_nope, q_rope, latent, form)
+            q, k, v = self.build_qkv(q_nope, q_rope, torch.cat([c_all, kr_all], dim=-1), form)
             idx = topk[:, :, None].expand(B, T, k.shape[2], topk.shape[-1])
             res = attention_with_stats(
                 q, k, v, softmax_scale=self.softmax_scale, topk_indices=idx, return_max_logit=False,
