@@ -153,12 +153,8 @@ class LatentDSAAttentionForHF(_mt.LatentAttentionForHF):
             raise ValueError(f"{type(self).__name__}: FP8LatentCache is not supported for DSA models (their indexer "
                              "keys live in transformers' indexed cache layers); use the model's default cache")
         B, T, _ = hidden_states.shape
-        dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-
-        q, q_resid = self.project_q(hidden_states)
-        q_nope, q_rope = torch.split(q, [dn, dr], dim=-1)
-        c_kv, k_rope = self.project_kv_latent(hidden_states)
-        q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        dr, dc = self.qk_rope_head_dim, self.kv_lora_rank
+        q_nope, q_rope, q_resid, c_kv, k_rope = self._project(hidden_states, position_embeddings)
         if cache is not None:  # before the indexer's own update, as the original
             c_all, kr_all = cache.update(
                 c_kv.reshape(B, 1, T, dc), k_rope.reshape(B, 1, T, dr), self.layer_idx, kwargs=kwargs

@@ -310,15 +310,20 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
             raise ValueError(f"hidden_states: expected [B, T, E], got shape {tuple(hidden_states.shape)}")
         return kwargs, position_embeddings, attention_mask, cache
 
+    def _project(self, hidden_states: torch.Tensor, position_embeddings):
+        """``(q_nope, q_rope, q_latent, c_kv, k_rope)`` of the new tokens, RoPE applied (``q_latent``: the normed
+        query latent, None without q LoRA)."""
+        q, q_latent = self.project_q(hidden_states)
+        q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_rope = self.project_kv_latent(hidden_states)
+        q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        return q_nope, q_rope, q_latent, c_kv, k_rope
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         kwargs, position_embeddings, attention_mask, cache = self._call_args(hidden_states, args, kwargs)
         B, T, _ = hidden_states.shape
-        dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-
-        q, _ = self.project_q(hidden_states)
-        q_nope, q_rope = torch.split(q, [dn, dr], dim=-1)
-        c_kv, k_rope = self.project_kv_latent(hidden_states)
-        q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        dr, dc = self.qk_rope_head_dim, self.kv_lora_rank
+        q_nope, q_rope, _, c_kv, k_rope = self._project(hidden_states, position_embeddings)
         if isinstance(cache, FP8LatentCache):
             return self._forward_fp8(cache, q_nope, q_rope, c_kv, k_rope, attention_mask, kwargs)
         if cache is not None:
