@@ -14,7 +14,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from helpers import rel_err  # noqa: E402
-from test_hf_integration import MOE_OFF, SIZES, YARN, batch, greedy, logits, randomize  # noqa: E402
+from test_hf_integration import (  # noqa: E402
+    MOE_OFF,
+    SIZES,
+    YARN,
+    _one_thread,  # noqa: F401  (the module-scoped autouse fixture: tiny models run on one thread)
+    batch,
+    greedy,
+    logits,
+    loss_and_grads,
+    randomize,
+)
 from transformers import DynamicCache  # noqa: E402
 
 import mla.integrations.dsa as dsa  # noqa: E402
@@ -27,14 +37,6 @@ MODELS = ["deepseek_v32", "glm_moe_dsa"]
 # The backend="triton" tests run the kernels on CPU tensors: under the interpreter only.
 INTERPRETER = [pytest.mark.interpreter, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                                            reason="runs the kernels on CPU under TRITON_INTERPRET=1")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dsa_config(model_type, **extra):
@@ -159,16 +161,9 @@ def test_training_gradients_match_eager(model_type, backend):
     model = build(model_type, seed=4).train()
     ids, _ = batch(T=T_PROMPT, pad=0, seed=4)
     assert_clear_margin(model, ids, torch.ones_like(ids))
-
-    def grads():
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref = grads()
+    ref_loss, ref = loss_and_grads(model, ids)
     patch_model(model, backend=backend)
-    loss, got = grads()
+    loss, got = loss_and_grads(model, ids)
     assert rel_err(loss, ref_loss) <= 1e-6
     attn = {n for n, _ in model.named_parameters() if ".self_attn." in n and ".indexer." not in n}
     assert got.keys() == ref.keys() and attn <= got.keys()

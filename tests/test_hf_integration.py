@@ -337,21 +337,22 @@ def test_registered_attention_implementation_generic_gqa_model():
     assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
 
 
+def loss_and_grads(model, ids):
+    """``(LM loss on ids, {name: grad})`` of one backward pass (parameters without a gradient left out)."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_training_gradients_match_eager():
     """Backward through the patched model (reference path) gives eager's gradients (no padding: rows of pad
     queries see no key and answer 0 here, a uniform average in eager, which a shifted LM loss would read)."""
     model = build(v3_config(**CONFIGS["qlora-yarn-bias"]), seed=10).train()
     ids, _ = batch(pad=0, seed=10)
-
-    def grads():
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref = grads()
+    ref_loss, ref = loss_and_grads(model, ids)
     patch_model(model)
-    loss, got = grads()
+    loss, got = loss_and_grads(model, ids)
     assert rel_err(loss, ref_loss) <= 1e-6
     assert got.keys() == ref.keys() and len(got) > 10
     assert max(rel_err(got[n], ref[n]) for n in ref) <= 1e-4
