@@ -204,12 +204,17 @@ class LatentDeepseekV4Attention(_hf.DeepseekV4Attention):
         raise TypeError("LatentDeepseekV4Attention is created by mla.integrations.transformers.patch_model(model)")
 
     @classmethod
+    def _unsupported(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be patched, naming the config field (``patch_model`` refuses it), or None."""
+        window = module.sliding_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            return f"config.sliding_window={window!r} (expected a positive int)"
+        return None
+
+    @classmethod
     def _from_hf(cls, original: nn.Module, form: str, backend: str) -> LatentDeepseekV4Attention:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        window = original.sliding_window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"config.sliding_window: expected a positive int for DeepSeek-V4, got {window!r}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name, value in original.__dict__.items():
