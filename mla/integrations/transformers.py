@@ -26,6 +26,11 @@ attention function to transformers' ``AttentionInterface`` (naive form: it recei
 ``query/key/value`` like every other implementation), so ``attn_implementation="mla_latent"`` works without
 patching.
 
+The sparse models' replacements live in their own modules, imported when a model has such a class (the
+``_BASES`` table): ``mla.integrations.dsa`` (DeepSeek-V3.2, GLM-5: the model's DSA indexer picks the keys of
+our top-k attention) and ``mla.integrations.deepseek_v4`` (DeepSeek-V4: top-k index lists over window and
+compressed keys). ``patch_model`` / ``unpatch_model`` / ``is_patched`` treat all of them alike.
+
 Masks: the 4-D mask transformers builds (additive float for ``eager``, bool keep-mask for ``sdpa``/ours,
 ``None`` when purely causal) or the 2-D padding mask of the flash implementations is reduced, once per
 forward pass and shared by all layers, to (a) trailing never-attended cache slots dropped (static caches),
@@ -136,8 +141,23 @@ def _supported_key(cls: type) -> str | None:
 
 
 def _is_replacement(module: nn.Module) -> bool:
-    """Whether ``module`` was installed by ``patch_model``."""
-    return isinstance(module, LatentAttentionForHF) or getattr(type(module), "_mla_replacement", False)
+    """Whether ``module`` was installed by ``patch_model`` (``_share_module`` keeps the original in it)."""
+    return "_mla_original" in module.__dict__
+
+
+def _share_module(cls: type, original: nn.Module, form: str, backend: str) -> nn.Module:
+    """A ``cls`` instance (``cls.__init__`` not run) sharing ``original``'s submodules, parameters, attributes and
+    hooks, with ``form`` / ``backend`` set; ``original`` is kept for ``unpatch_model``. The replacement classes'
+    ``_from_hf`` build on it."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, value in original.__dict__.items():
+        # nn.Module's registries (parameters, buffers, submodules, hooks) are copied shallowly, so the two
+        # modules share every submodule and parameter but can be re-pointed independently.
+        new.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+    new.__dict__["_mla_original"] = original  # not registered as a submodule: no state-dict keys
+    new.form, new.backend = form, backend
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,14 +293,7 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
 
     @classmethod
     def _from_hf(cls, original: nn.Module, form: str, backend: str) -> LatentAttentionForHF:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, value in original.__dict__.items():
-            # nn.Module's registries (parameters, buffers, submodules, hooks) are copied shallowly, so the two
-            # modules share every submodule and parameter but can be re-pointed independently.
-            new.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
-        new.__dict__["_mla_original"] = original  # not registered as a submodule: no state-dict keys
-        new.form, new.backend = form, backend
+        new = _share_module(cls, original, form, backend)
         new.softmax_scale = float(original.scaling)
         return new
 
