@@ -1,25 +1,32 @@
-"""Decode throughput of transformers DeepseekV3 / V4 models before and after ``patch_model`` (mla.integrations).
+"""Decode throughput of transformers MLA-family models (DeepSeek-V3, -V3.2, GLM-5, -V4) before and after
+``patch_model`` (mla.integrations).
 
     python -m bench.bench_hf                 # every model, CPU (and CUDA when present): contexts 512, 2k, 8k
+    python -m bench.bench_hf --model deepseek_v32 glm_moe_dsa   # the DeepSeek Sparse Attention models only
+    python -m bench.bench_hf --model deepseek_v4 --quick
     python -m bench.bench_hf --quick         # contexts 128 and 512, short timing budget
     python -m bench.bench_hf --device cuda --contexts 512 2048 8192 32768 --csv hf.csv
-    python -m bench.bench_hf --model deepseek_v4 --quick
 
-The model is a random-weight ``DeepseekV3ForCausalLM`` built from a config (no download) with DeepSeek's
-attention head sizes (``kv_lora_rank`` 512, ``qk_nope_head_dim`` 128, ``qk_rope_head_dim`` 64,
+Each model (``--model`` / ``--models``: ``deepseek_v3``, ``deepseek_v32``, ``glm_moe_dsa``, ``deepseek_v4``;
+default all) is a random-weight ``<Model>ForCausalLM`` built from a config (no download). The MLA ones have
+DeepSeek's attention head sizes (``kv_lora_rank`` 512, ``qk_nope_head_dim`` 128, ``qk_rope_head_dim`` 64,
 ``v_head_dim`` 128) but few heads and layers and dense MLPs, so the CPU run stays short; change them with
-``--heads/--hidden/--layers``. For each context length a transformers ``DynamicCache`` holding the
-compressed latents of the context is filled once (see below), then greedy decoding runs
+``--heads/--hidden/--layers``. The DSA models (V3.2, GLM-5) add their lightning indexer at its real size (V3.2:
+64 heads, GLM-5: 32 heads, of 128; ``index_topk`` 2048, so the 8k context is cut to 2048 keys per token;
+``q_lora_rank`` 256 unless given), and GLM-5's odd layers reuse the previous layer's choice. For each context
+length a transformers ``DynamicCache`` holding the compressed latents of the context is filled once (see below),
+then greedy decoding runs
 
 * *before*: transformers' module (default ``attn_implementation="sdpa"``), which expands the cached latents to
   per-head K/V with ``kv_b_proj`` at every step: ``~2·S·dc·H·(dn+dv)`` FLOPs per layer and token;
-* *after*: the patched model, absorbed form over the same compressed cache: ``~4·S·H·(dc+dr)`` FLOPs,
+* *after*: the patched model, absorbed form over the same compressed cache: ``~4·S·H·(dc+dr)`` FLOPs
+  (DSA: over at most ``index_topk`` of them, chosen by the same indexer; ``mla_decode`` with index lists),
 
 from the same cache (``cache.crop`` rewinds it between runs), and the generated tokens are compared.
 The cache of the ``ctx``-token context is filled, by default, with random latents through the cache's own
-``update`` (a CPU prefill at 8k takes minutes and does not change what a decode step computes);
-``--prefill model`` runs the real (chunked) prefill instead.
-``--model deepseek_v4``: a random ``DeepseekV4ForCausalLM`` with V4-Flash's attention sizes (one shared key = value
+``update`` (for DSA also random indexer keys through ``update_indexer``; a CPU prefill at 8k takes minutes and
+does not change what a decode step computes); ``--prefill model`` runs the real (chunked) prefill instead.
+``deepseek_v4``: a random ``DeepseekV4ForCausalLM`` with V4-Flash's attention sizes (one shared key = value
 head of 512 with 64 RoPE channels, window 128, sinks, CSA rate 4 with an indexer of 16 heads x 128 keeping 512
 entries, HCA rate 128, ``o_groups`` 2 x 256) and one layer of each type per three layers (``--layers``, default 3);
 *before* is transformers' eager module (V4 ships eager only: it builds the dense ``[window | compressed]`` mask),
@@ -40,21 +47,44 @@ import torch
 
 from mla.integrations.transformers import patch_model, unpatch_model
 
+MLA_SHAPE = "kv_lora_rank 512, qk 128+64, v 128"
+#: --model -> (transformers config class, model class, extra config fields, attention shape). DSA: the real
+#: indexer sizes. deepseek_v4: built by ``build_v4_model``.
+MODELS = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {}, MLA_SHAPE),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                     {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128},
+                     MLA_SHAPE + ", indexer 64 x 128 top-2048"),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                    {"index_topk": 2048, "index_n_heads": 32, "index_head_dim": 128},
+                    MLA_SHAPE + ", indexer 32 x 128 top-2048"),
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", {},
+                    "head_dim 512 (64 RoPE), window 128, CSA 4 / top-512, HCA 128"),
+}
+DSA_MODELS = ("deepseek_v32", "glm_moe_dsa")
 
-def build_model(args, device: torch.device, dtype: torch.dtype):
-    """A random DeepseekV3ForCausalLM (transformers) on ``device`` in ``dtype``."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(
+def build_model(args, device: torch.device, dtype: torch.dtype, name: str = "deepseek_v3"):
+    """A random ``MODELS[name]`` causal LM (transformers) on ``device`` in ``dtype`` (V4: ``build_v4_model``)."""
+    import transformers
+
+    if name == "deepseek_v4":
+        return build_v4_model(args, device, dtype)
+    config_cls, model_cls, extra, _ = MODELS[name]
+    extra = dict(extra)
+    if name == "glm_moe_dsa":
+        extra["indexer_types"] = ["full"] + ["shared" if i % 2 else "full" for i in range(1, args.layers)]
+    q_lora = args.q_lora_rank or (256 if name in DSA_MODELS else None)  # the DSA indexer reads the q latent
+    cfg = getattr(transformers, config_cls)(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         moe_intermediate_size=64, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.heads, q_lora_rank=args.q_lora_rank, kv_lora_rank=512, qk_nope_head_dim=128,
+        num_key_value_heads=args.heads, q_lora_rank=q_lora, kv_lora_rank=512, qk_nope_head_dim=128,
         qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=args.layers, n_routed_experts=2,
         num_experts_per_tok=1, n_group=1, topk_group=1, max_position_embeddings=max(args.contexts) + 4096,
-        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, **extra,
     )
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM._from_config(cfg, attn_implementation=args.attn, dtype=torch.float32)
+    model = getattr(transformers, model_cls)._from_config(cfg, attn_implementation=args.attn, dtype=torch.float32)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -87,6 +117,9 @@ def fill_random_cache(model, cache, B: int, ctx: int, g: torch.Generator, device
         kv = torch.randn(B, 1, ctx, cfg.kv_lora_rank, generator=g).to(device=device, dtype=dtype)
         kr = torch.randn(B, 1, ctx, cfg.qk_rope_head_dim, generator=g).to(device=device, dtype=dtype)
         cache.update(kv, kr, layer)
+        if hasattr(cache.layers[layer], "update_indexer"):  # DSA: the lightning indexer's keys (LayerNorm'd)
+            idx = torch.randn(B, ctx, cfg.index_head_dim, generator=g).to(device=device, dtype=dtype)
+            cache.update_indexer(idx, layer)
 
 
 def _sync(device: torch.device) -> None:
@@ -115,6 +148,7 @@ def _rewind(cache, ctx: int) -> None:
         cache.crop(-extra)
 
 
+
 def timed_decode(model, reset, first, args, device, steps: int | None = None):
     """Decode from ``reset()`` (the cache of the ``ctx``-token context), repeatedly, until ``args.budget`` seconds
     are spent.
@@ -139,14 +173,14 @@ def timed_decode(model, reset, first, args, device, steps: int | None = None):
     return tokens, total_steps * B / total_t, steps
 
 
-def bench_device(args, device: torch.device) -> list[dict]:
+def bench_device(args, device: torch.device, name: str = "deepseek_v3") -> list[dict]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.dtype:
         dtype = getattr(torch, args.dtype)
     from transformers import DynamicCache
 
-    v4 = args.model == "deepseek_v4"
-    model = (build_v4_model if v4 else build_model)(args, device, dtype)
+    v4 = name == "deepseek_v4"
+    model = build_model(args, device, dtype, name)
     rows = []
     for ctx in args.contexts:
         g = torch.Generator().manual_seed(ctx)
@@ -178,32 +212,27 @@ def bench_device(args, device: torch.device) -> list[dict]:
             unpatch_model(model)
         same = bool(torch.equal(tokens[:, : ref_tokens.shape[1]], ref_tokens))
         row = {
-            "model": args.model, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "model": name, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
             "batch": args.batch, "context": ctx,
             "prefill": args.prefill, "prefill_s": round(prefill_s, 3), "steps": steps, "before_tok_s": round(before, 2),
             "after_tok_s": round(after, 2), "ratio": round(after / before, 2), "same_tokens": same,
         }
         rows.append(row)
         print(
-            f"  {device.type:4s} {row['dtype']:8s} context {ctx:6d}: before {before:9.2f} tok/s, after {after:9.2f} "
-            f"tok/s, ratio {after / before:6.2f}x, same greedy tokens: {same} (prefill {prefill_s:.1f}s)",
+            f"  {name:12s} {device.type:4s} {row['dtype']:8s} context {ctx:6d}: before {before:9.2f} tok/s, "
+            f"after {after:9.2f} tok/s, ratio {after / before:6.2f}x, same greedy tokens: {same} "
+            f"(prefill {prefill_s:.1f}s)",
             flush=True,
         )
         del cache
     return rows
 
 
-# model family -> (default layers, attention shape, what "before" runs)
-MODELS = {
-    "deepseek_v3": (2, "kv_lora_rank 512, qk 128+64, v 128", "attn_implementation={attn!r}"),
-    "deepseek_v4": (3, "head_dim 512 (64 RoPE), window 128, CSA 4 / top-512, HCA 128", "eager (V4 ships eager only)"),
-}
-
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="model families (model_type), default all; deepseek_v4: see the module docstring")
+    p.add_argument("--model", "--models", dest="models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="transformers model types, default all (see the module docstring)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, plus CUDA when available")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -239,17 +268,18 @@ def main(argv=None) -> list[dict]:
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))
     rows = []
-    for name in args.model:
+    for name in args.models:
+        v4 = name == "deepseek_v4"
         margs = copy.copy(args)
-        margs.model, (layers, shape, before) = name, MODELS[name]
-        margs.layers = args.layers or layers
+        margs.layers = args.layers or (3 if v4 else 2)
+        before = "eager (V4 ships eager only)" if v4 else f"attn_implementation={args.attn!r}"
         print(
             f"transformers {name} decode, hidden {args.hidden}, {args.heads} heads, {margs.layers} layers, "
-            f"{shape}, batch {args.batch}; before = {before.format(attn=args.attn)}, after = "
+            f"{MODELS[name][3]}, batch {args.batch}; before = {before}, after = "
             f"patch_model(form={args.form!r}, backend={args.backend!r}); CPU threads {torch.get_num_threads()}"
         )
         for dev in devices:
-            rows += bench_device(margs, dev)
+            rows += bench_device(margs, dev, name)
     print()
     print("| model | device | dtype | context | before tok/s | after tok/s | ratio | same tokens |")
     print("|---|---|---|---:|---:|---:|---:|---|")

@@ -22,7 +22,8 @@ KV cache (group ``kv-cache``), bytes per token over all layers, bf16 (2 bytes pe
   (``L · 2 · 8 · 128 · 2``), the configuration of common GQA models (Llama-3-70B-style). Whether such a
   model has equal quality is an assumption, not something this benchmark measures.
 
-Computed for the ``deepseek-v3`` and ``deepseek-v2-lite`` presets, and measured on the ``tiny`` model:
+Computed for the ``deepseek-v3``, ``deepseek-v3.2``, ``glm-5``, ``deepseek-v2-lite`` and ``deepseek-v4-flash``
+presets (the DSA ones with their indexer keys), and measured on the ``tiny`` model:
 ``LatentCache.bytes_per_token()`` and ``PagedLatentCache`` pool bytes per token slot against the bytes of
 an expanded K/V cache actually allocated from the same latents (``kv_b_proj``).
 """
@@ -189,11 +190,15 @@ def kv_bytes_per_token(cfg, elt: int = 2) -> dict[str, int]:
     }
 
 
+#: Presets with DeepSeek Sparse Attention: their cache also holds the indexer's keys.
+DSA_PRESETS = ("deepseek-v3.2", "glm-5")
+
+
 def run_kv_cache(env: Env, rec: Recorder) -> None:
     """KV-cache bytes per token: computed for the DeepSeek presets, measured on the tiny model."""
     from mla.config import PRESETS
 
-    for name in ("deepseek-v3", "deepseek-v2-lite", "deepseek-v4-flash"):
+    for name in ("deepseek-v3", "deepseek-v3.2", "glm-5", "deepseek-v2-lite", "deepseek-v4-flash"):
         cfg = PRESETS[name]()
         b = kv_bytes_per_token(cfg, 2)
         L, H = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -205,6 +210,12 @@ def run_kv_cache(env: Env, rec: Recorder) -> None:
         rec.add(dataclasses.replace(
             base, provider="expanded multi-head K/V", value=b["expanded"],
             note=f"{L} x {H} heads x ({cfg.qk_head_dim}+{cfg.v_head_dim}) x 2 B; {b['expanded'] / b['mla']:.1f}x MLA"))
+        if name in DSA_PRESETS:  # the lightning indexer caches one key per token and layer too
+            idx = L * cfg.index_head_dim * 2
+            rec.add(dataclasses.replace(
+                base, provider="DSA indexer keys (k_idx, bf16)", value=idx,
+                note=f"{L} layers x {cfg.index_head_dim} values x 2 B; latent + indexer {b['mla'] + idx:,} B, "
+                     f"{b['expanded'] / (b['mla'] + idx):.1f}x smaller than expanded"))
         rec.add(dataclasses.replace(
             base, provider=f"GQA {GQA_KV_HEADS} kv heads x {GQA_HEAD_DIM} (assumed)", value=b["gqa"],
             note=(f"ASSUMPTION: same depth, {GQA_KV_HEADS} KV heads of dim {GQA_HEAD_DIM} (K and V), as in common "

@@ -1,10 +1,14 @@
-"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 or -V4 model: one added line.
+"""Drop-in latent attention for a Hugging Face transformers DeepSeek-V3 / V3.2 / GLM-5 / V4 model: one added line.
 
     python examples/hf_dropin.py            # about half a minute on a laptop CPU
     python examples/hf_dropin.py --context 4096 --threads 1
-    python examples/hf_dropin.py --model deepseek_v4   # sliding window + sinks, CSA (indexer) and HCA layers
+    python examples/hf_dropin.py --model deepseek_v32   # or glm_moe_dsa: DeepSeek Sparse Attention (DSA)
+    python examples/hf_dropin.py --model deepseek_v4    # sliding window + sinks, CSA (indexer) and HCA layers
 
-1. Builds a small random-weight ``DeepseekV3ForCausalLM`` from a config (no download).
+1. Builds a small random-weight ``DeepseekV3ForCausalLM`` (``--model deepseek_v3``, the default),
+   ``DeepseekV32ForCausalLM``, ``GlmMoeDsaForCausalLM`` or ``DeepseekV4ForCausalLM`` from a config (no download).
+   The DSA models keep ``index_topk`` = 256 keys per token chosen by their lightning indexer; patched, the same
+   indexer chooses and our top-k attention (prefill) and top-k decode run over the latent cache.
 2. Greedy-generates for a left-padded batch of two prompts with transformers' own attention, then
    ``patch_model(model)`` — the one line — and generates again: the tokens are identical.
 3. Measures decode speed before and after at a long context. transformers expands the cached latents to
@@ -13,7 +17,7 @@
    2-core machine, 1 thread (``--model deepseek_v4``: 0.8-0.9x at contexts 512 and 1024). The saving is in
    memory traffic at many heads on a GPU (``bench.bench_hf``).
 4. Shows the other entry point: ``attn_implementation="mla_latent"`` (our attention function in transformers'
-   ``AttentionInterface``; naive form, no module replacement; DeepSeek-V3 only).
+   ``AttentionInterface``; naive form, no module replacement; not for DeepSeek-V4, whose attention is no MLA).
 
 ``--model deepseek_v4``: a small random ``DeepseekV4ForCausalLM`` with one layer of each attention type
 (sliding window, compressed-sparse with the lightning indexer, heavily compressed); the patched layers attend
@@ -34,27 +38,38 @@ from _deps import requirements
 
 with requirements():  # needs the [hf] extra: pip install -e ".[hf]"
     import torch
-    from transformers import (
-        DeepseekV3Config,
-        DeepseekV3ForCausalLM,
-        DeepseekV4Config,
-        DeepseekV4ForCausalLM,
-        LogitsProcessor,
-        LogitsProcessorList,
-    )
+    import transformers
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     from mla.integrations.transformers import ATTN_IMPLEMENTATION, patch_model, unpatch_model
     from mla.threads import auto_threads, describe_threads
 
 
-def small_config(max_positions: int) -> DeepseekV3Config:
+#: --model -> (config class, model class, extra config fields). DSA: a small indexer (4 heads of 64) keeping 256
+#: keys per token; GLM-5's second layer reuses the first one's choice ("shared"), as GLM-5 does. V4: its own
+#: layout (``small_v4_config``).
+MODELS = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {"rope_interleave": True}),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                     {"index_topk": 256, "index_n_heads": 4, "index_head_dim": 64}),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                    {"index_topk": 256, "index_n_heads": 4, "index_head_dim": 64, "indexer_types": ["full", "shared"]}),
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", {}),
+}
+
+
+def small_config(max_positions: int, model: str = "deepseek_v3"):
     """DeepSeek-V3's attention (q LoRA, 512-wide latent KV, 128 + 64 qk and 128 v head dims, interleaved RoPE,
-    YaRN) with 4 heads, 2 layers and dense MLPs."""
-    return DeepseekV3Config(
+    YaRN) with 4 heads, 2 layers and dense MLPs; for the DSA models plus their indexer (``MODELS``); for
+    ``deepseek_v4`` ``small_v4_config``."""
+    if model == "deepseek_v4":
+        return small_v4_config(max_positions)
+    config_cls, _, extra = MODELS[model]
+    return getattr(transformers, config_cls)(
         vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, first_k_dense_replace=2, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
-        moe_intermediate_size=64, max_position_embeddings=max_positions, rope_interleave=True,
+        moe_intermediate_size=64, max_position_embeddings=max_positions, **extra,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": max_positions // 4, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
@@ -62,12 +77,12 @@ def small_config(max_positions: int) -> DeepseekV3Config:
     )
 
 
-def small_v4_config(max_positions: int) -> DeepseekV4Config:
+def small_v4_config(max_positions: int):
     """DeepSeek-V4's attention layout (one shared key = value head with partial interleaved RoPE, 128-token sliding
     window, per-head sinks, compressed-sparse layer with rate 4 and an indexer keeping 64 entries, heavily
     compressed layer with rate 128, grouped low-rank output) with 4 heads of 128, 3 layers (one of each type) and
     a small MoE."""
-    return DeepseekV4Config(
+    return transformers.DeepseekV4Config(
         vocab_size=512, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         head_dim=128, q_lora_rank=128, partial_rotary_factor=0.25, n_routed_experts=2, num_experts_per_tok=1,
         layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
@@ -75,9 +90,6 @@ def small_v4_config(max_positions: int) -> DeepseekV4Config:
         index_head_dim=32, index_topk=64, max_position_embeddings=max_positions, pad_token_id=0,
         bos_token_id=None, eos_token_id=None,
     )
-
-
-MODELS = {"deepseek_v3": (small_config, DeepseekV3ForCausalLM), "deepseek_v4": (small_v4_config, DeepseekV4ForCausalLM)}
 
 
 def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
@@ -111,7 +123,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=list(MODELS), default="deepseek_v3", help="model family (model_type)")
+    p.add_argument("--model", choices=list(MODELS), default="deepseek_v3", help="transformers model type")
     p.add_argument("--context", type=int, default=2048, help="prompt length of the speed measurement")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None,
@@ -121,8 +133,8 @@ def main() -> None:
         p.error(f"--threads: expected >= 1, got {args.threads}")
     torch.set_num_threads(args.threads or auto_threads())
     torch.manual_seed(0)
-    make_config, model_cls = MODELS[args.model]
-    config = make_config(max_positions=max(4096, 2 * args.context))
+    config = small_config(max_positions=max(4096, 2 * args.context), model=args.model)
+    model_cls = getattr(transformers, MODELS[args.model][1])
     model = model_cls(config).eval()
     random_weights(model)
 
@@ -135,7 +147,7 @@ def main() -> None:
     gen = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
     with torch.no_grad():
         before = model.generate(**gen)
-        patch_model(model)  # <- the one line: every DeepseekV3Attention / DeepseekV4Attention is replaced
+        patch_model(model)  # <- the one line: every supported attention module (MLA, DSA, V4) is replaced
         after = model.generate(**gen)
     print("transformers:", before[:, T:].tolist())
     print("patched:     ", after[:, T:].tolist())
@@ -154,9 +166,9 @@ def main() -> None:
     )
 
     # -- 3. or: our kernel as a transformers attention implementation (naive form) ----------------------
-    if args.model != "deepseek_v3":
+    if args.model == "deepseek_v4":  # no MLA attention: nothing for the attention function to run
         return
-    other = DeepseekV3ForCausalLM._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    other = model_cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     other.load_state_dict(model.state_dict())  # the patched model's state dict has the original keys
     with torch.no_grad():
         same = torch.equal(other.generate(**gen), before)

@@ -7,7 +7,8 @@ Entry points:
 * Modules: ``LatentAttention`` (``nn.MultiheadAttention``-style), ``MultiHeadLatentAttention``
   (DeepSeek-V2/V3 MLA with transformers weight names), ``LatentSparseAttention`` (block / top-k hybrid),
   ``TransformerBlock``, ``MLACausalLM``.
-* ``MLAConfig`` and ``mla.registry`` presets (``tiny``, ``deepseek-v2-lite``, ``deepseek-v3``).
+* ``MLAConfig`` and ``mla.registry`` presets (``tiny``, ``deepseek-v2-lite``, ``deepseek-v3``,
+  ``deepseek-v3.2``, ``glm-5``).
 
 ``import mla`` works without Triton installed (reference backend only).
 """

@@ -7,6 +7,11 @@ Presets (attention sizes as published):
   hidden 2048, 16 heads, no query compression, ``kv_lora_rank`` 512, 128 + 64 qk dims, YaRN x40.
 * ``deepseek-v3``: DeepSeek-V3 (arXiv 2412.19437, HF ``deepseek-ai/DeepSeek-V3``): hidden 7168, 128
   heads, ``q_lora_rank`` 1536, ``kv_lora_rank`` 512, 128 + 64 qk dims, ``v_head_dim`` 128, YaRN x40.
+* ``deepseek-v3.2``: DeepSeek-V3.2 (HF ``deepseek-ai/DeepSeek-V3.2``, transformers ``deepseek_v32``): DeepSeek-V3's
+  attention plus the DSA lightning indexer, 64 heads x 128, ``index_topk`` 2048, half-split indexer RoPE.
+* ``glm-5``: GLM-5 (HF ``zai-org/GLM-5``, transformers ``glm_moe_dsa``): hidden 6144, 78 layers, 64 heads,
+  ``q_lora_rank`` 2048, ``kv_lora_rank`` 512, 192 + 64 qk dims, ``v_head_dim`` 256, RoPE theta 1e6 (no YaRN),
+  indexer 32 heads x 128, ``index_topk`` 2048, interleaved indexer RoPE.
 
 Our ``TransformerBlock`` uses a dense SwiGLU MLP of ``intermediate_size``; the DeepSeek presets carry
 their dense-layer ``intermediate_size`` (their MoE layers are out of this package's scope).
@@ -39,7 +44,8 @@ class MLAConfig:
 
     Sparse attention (``LatentSparseAttention``): ``sparse_block_size`` tokens per block,
     ``num_sink_blocks``, ``num_local_blocks``, ``topk_blocks``; lightning indexer ``index_n_heads``,
-    ``index_head_dim``, ``index_topk`` (DeepSeek-V3.2 names).
+    ``index_head_dim``, ``index_topk`` (DeepSeek-V3.2 names); ``index_rope_interleave``: the indexer's RoPE on
+    interleaved pairs (GLM-5) instead of DeepSeek-V3.2's half-split layout.
 
     Raises:
         ValueError: from ``validate()`` on inconsistent sizes.
@@ -75,6 +81,7 @@ class MLAConfig:
     index_n_heads: int = 4
     index_head_dim: int = 32
     index_topk: int = 256
+    index_rope_interleave: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -127,6 +134,8 @@ class MLAConfig:
             isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
         ):
             raise ValueError(f"MLAConfig.sliding_window: expected None or a positive int, got {self.sliding_window!r}")
+        if not isinstance(self.index_rope_interleave, bool):
+            raise ValueError(f"MLAConfig.index_rope_interleave: expected a bool, got {self.index_rope_interleave!r}")
         if not isinstance(self.attention_sinks, bool):
             raise ValueError(f"MLAConfig.attention_sinks: expected a bool, got {self.attention_sinks!r}")
         for name in ("num_sink_blocks", "num_local_blocks", "topk_blocks"):
@@ -165,6 +174,8 @@ class MLAConfig:
         d["rope_parameters"] = dict(rp)
         if "rope_interleave" not in d:
             d["rope_interleave"] = True
+        if getattr(hf_config, "model_type", None) == "glm_moe_dsa":  # GLM-5's indexer interleaves its RoPE pairs
+            d.setdefault("index_rope_interleave", True)
         return cls(**d).validate()
 
 
@@ -216,11 +227,29 @@ def _v4_flash() -> MLAConfig:
     )
 
 
+def _v32() -> MLAConfig:
+    # DeepSeek-V3.2's config.json: V3's sizes; its indexer fields were already V3.2's in the v3 preset.
+    return _v3()
+
+
+def _glm5() -> MLAConfig:
+    return MLAConfig(
+        vocab_size=154880, hidden_size=6144, intermediate_size=12288, num_hidden_layers=78,
+        num_attention_heads=64, q_lora_rank=2048, kv_lora_rank=512, qk_nope_head_dim=192,
+        qk_rope_head_dim=64, v_head_dim=256, max_position_embeddings=202752,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rope_interleave=True, rms_norm_eps=1e-5, index_n_heads=32, index_head_dim=128, index_topk=2048,
+        index_rope_interleave=True, sparse_block_size=64,
+    )
+
+
 #: Built-in presets; ``mla.registry`` starts with these.
 PRESETS: dict[str, Callable[[], MLAConfig]] = {
     "tiny": _tiny,
     "deepseek-v2-lite": _v2_lite,
     "deepseek-v3": _v3,
+    "deepseek-v3.2": _v32,
+    "glm-5": _glm5,
     "deepseek-v4-flash": _v4_flash,
 }
 

@@ -350,7 +350,6 @@ def test_training_gradients_match_eager():
     queries see no key and answer 0 here, a uniform average in eager, which a shifted LM loss would read)."""
     model = build(v3_config(**CONFIGS["qlora-yarn-bias"]), seed=10).train()
     ids, _ = batch(pad=0, seed=10)
-
     ref_loss, ref = lm_grads(model, ids)
     patch_model(model)
     loss, got = lm_grads(model, ids)

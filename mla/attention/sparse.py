@@ -21,28 +21,48 @@ class LightningIndexer(nn.Module):
     """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2 report): cheap scores that pick keys.
 
     ``I[t, s] = Σ_j w[t, j] · ReLU(q_idx[t, j] · k_idx[s])`` with ``n_heads`` small indexer heads of
-    ``head_dim`` channels; the first ``rope_dim`` channels of ``q_idx``/``k_idx`` carry non-interleaved
-    (half-split) RoPE. ``w = weights_proj(x) · n_heads^-0.5 · head_dim^-0.5``.
+    ``head_dim`` channels; the first ``rope_dim`` channels of ``q_idx``/``k_idx`` carry RoPE, half-split as
+    DeepSeek-V3.2 applies it (``rope_interleave=False``; GLM-5 interleaves its pairs: ``True``).
+    ``w = weights_proj(x) · n_heads^-0.5 · head_dim^-0.5``; ``k_idx = LayerNorm(wk(x))`` with eps 1e-6.
+
+    Parameter names are DeepSeek-V3.2's (transformers ``DeepseekV32Indexer``): ``wq_b`` (``[n_heads·head_dim,
+    q_in_dim]``), ``wk``, ``k_norm`` (weight and bias), ``weights_proj``; a state dict of ours from before the
+    rename (``wq.weight``) still loads.
 
     Args:
         hidden_size: E; q_in_dim: width of the query input (the q latent, or E); n_heads, head_dim,
-        rope_dim: indexer sizes.
+        rope_dim: indexer sizes; rope_interleave: RoPE on interleaved pairs (default half-split).
 
     ``forward(hidden_states [B,T,E], q_input [B,T,q_in_dim], cos, sin, keys=None)`` returns
     ``scores [B, T, S]`` float32 over ``keys [B, S, head_dim]`` (all cached + new keys) when given, else
     over the new tokens' own keys (``S = T``).
     """
 
-    def __init__(self, hidden_size: int, q_in_dim: int, n_heads: int, head_dim: int, rope_dim: int):
+    def __init__(
+        self, hidden_size: int, q_in_dim: int, n_heads: int, head_dim: int, rope_dim: int, *,
+        rope_interleave: bool = False,
+    ):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim = n_heads, head_dim, rope_dim
-        self.wq = nn.Linear(q_in_dim, n_heads * head_dim, bias=False)
+        self.rope_interleave = rope_interleave
+        self.wq_b = nn.Linear(q_in_dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(head_dim)
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)  # DeepSeek-V3.2's reference and transformers: 1e-6
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
 
+    @property
+    def wq(self) -> nn.Linear:
+        """The query projection under its old name (now ``wq_b``, as DeepSeek-V3.2 names it)."""
+        return self.wq_b
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "wq.weight"
+        if old in state_dict and prefix + "wq_b.weight" not in state_dict:  # checkpoints from before the rename
+            state_dict[prefix + "wq_b.weight"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _rope(self, x, cos, sin):
-        r = apply_rotary(x[..., : self.rope_dim], cos, sin, interleaved=False)
+        r = apply_rotary(x[..., : self.rope_dim], cos, sin, interleaved=self.rope_interleave)
         return torch.cat([r, x[..., self.rope_dim :]], dim=-1)
 
     def keys(self, hidden_states, cos, sin):
@@ -52,7 +72,7 @@ class LightningIndexer(nn.Module):
 
     def forward(self, hidden_states, q_input, cos, sin, keys=None):
         B, T, _ = hidden_states.shape
-        q = self.wq(q_input).view(B, T, self.n_heads, self.head_dim)
+        q = self.wq_b(q_input).view(B, T, self.n_heads, self.head_dim)
         q = self._rope(q, cos, sin)
         k = self.keys(hidden_states, cos, sin) if keys is None else keys
         w = self.weights_proj(hidden_states).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
@@ -147,7 +167,7 @@ class LatentSparseAttention(MultiHeadLatentAttention):
         if mode == "topk":
             self.indexer = LightningIndexer(
                 config.hidden_size, config.q_lora_rank or config.hidden_size, config.index_n_heads,
-                config.index_head_dim, config.qk_rope_head_dim,
+                config.index_head_dim, config.qk_rope_head_dim, rope_interleave=config.index_rope_interleave,
             )
 
     def _block_grid(self, q_abs, block_sums, key_len, pos):

@@ -47,6 +47,7 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _hf
 from transformers.utils.deprecation import deprecate_kwarg
 
 from mla.functional import BACKENDS, latent_attention
+from mla.integrations.transformers import _share_module
 
 __all__ = ["LatentDeepseekV4Attention", "v4_topk_indices"]
 
@@ -198,25 +199,22 @@ class LatentDeepseekV4Attention(_hf.DeepseekV4Attention):
             than one new token (transformers would then attend without any mask).
     """
 
-    _mla_replacement = True
-
     def __init__(self, *args, **kwargs):
         raise TypeError("LatentDeepseekV4Attention is created by mla.integrations.transformers.patch_model(model)")
+
+    @classmethod
+    def _unsupported(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be patched, naming the config field (``patch_model`` refuses it), or None."""
+        window = module.sliding_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            return f"config.sliding_window={window!r} (expected a positive int)"
+        return None
 
     @classmethod
     def _from_hf(cls, original: nn.Module, form: str, backend: str) -> LatentDeepseekV4Attention:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        window = original.sliding_window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"config.sliding_window: expected a positive int for DeepSeek-V4, got {window!r}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, value in original.__dict__.items():
-            new.__dict__[name] = value.copy() if isinstance(value, (dict, set, list)) else value
-        new.__dict__["_mla_original"] = original  # not a registered submodule: no state-dict keys
-        new.form, new.backend = form, backend
-        return new
+        return _share_module(cls, original, form, backend)
 
     def extra_repr(self) -> str:
         return f"layer_type={self.layer_type!r}, backend={self.backend!r}, layer_idx={self.layer_idx}"

@@ -26,6 +26,11 @@ attention function to transformers' ``AttentionInterface`` (naive form: it recei
 ``query/key/value`` like every other implementation), so ``attn_implementation="mla_latent"`` works without
 patching.
 
+The sparse models' replacements live in their own modules, imported when a model has such a class (the
+``_BASES`` table): ``mla.integrations.dsa`` (DeepSeek-V3.2, GLM-5: the model's DSA indexer picks the keys of
+our top-k attention) and ``mla.integrations.deepseek_v4`` (DeepSeek-V4: top-k index lists over window and
+compressed keys). ``patch_model`` / ``unpatch_model`` / ``is_patched`` treat all of them alike.
+
 Masks: the 4-D mask transformers builds (additive float for ``eager``, bool keep-mask for ``sdpa``/ours,
 ``None`` when purely causal) or the 2-D padding mask of the flash implementations is reduced, once per
 forward pass and shared by all layers, to (a) trailing never-attended cache slots dropped (static caches),
@@ -77,7 +82,11 @@ ATTN_IMPLEMENTATION = "mla_latent"
 # checked (transformers 5.24) to be DeepseekV3Attention's up to the RoPE convention:
 #   "config":  cos/sin, interleaved pairs iff ``config.rope_interleave`` (output de-interleaved), else half-split
 #   "half":    cos/sin, half-split pairs always
+#   "interleave": cos/sin, interleaved pairs always (output de-interleaved)
 #   "complex": DeepSeek-V2's complex ``freqs_cis`` on interleaved pairs (output stays interleaved)
+#   "own":     not MLA math; the replacement class (``_BASES``) handles RoPE itself
+# DeepseekV32Attention / GlmMoeDsaAttention: DeepseekV3's MLA with interleaved RoPE whatever ``rope_interleave``
+# says (``apply_rotary_pos_emb_interleave``), plus the DSA indexer's top-k folded into the mask.
 _SUPPORTED: dict[str, tuple[str, str]] = {
     "DeepseekV3Attention": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "config"),
     "DeepseekV2Attention": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "complex"),
@@ -85,19 +94,23 @@ _SUPPORTED: dict[str, tuple[str, str]] = {
     "YoutuAttention": ("transformers.models.youtu.modeling_youtu", "config"),
     "AXK1Attention": ("transformers.models.axk1.modeling_axk1", "config"),
     "MiniCPM3Attention": ("transformers.models.minicpm3.modeling_minicpm3", "half"),
+    "DeepseekV32Attention": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "interleave"),
+    "GlmMoeDsaAttention": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "interleave"),
+    "DeepseekV4Attention": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "own"),
 }
 
-# Attention classes whose replacement lives in another module of this package (not MLA math):
-# class name -> (transformers module, our module, our class). Imported on first use.
-_DELEGATED: dict[str, tuple[str, str, str]] = {
-    "DeepseekV4Attention": (
-        "transformers.models.deepseek_v4.modeling_deepseek_v4", "mla.integrations.deepseek_v4",
-        "LatentDeepseekV4Attention",
-    ),
+# Classes whose replacement is built on a class of another module of this package (imported on first use):
+# class name -> (our module, our class). A class that already subclasses the transformers class is the
+# replacement itself (DeepSeek-V4); otherwise ``Latent<C>`` derives from it and ``C`` (DSA). Default:
+# ``LatentAttentionForHF``.
+_BASES: dict[str, tuple[str, str]] = {
+    "DeepseekV32Attention": ("mla.integrations.dsa", "LatentDSAAttentionForHF"),
+    "GlmMoeDsaAttention": ("mla.integrations.dsa", "LatentDSAAttentionForHF"),
+    "DeepseekV4Attention": ("mla.integrations.deepseek_v4", "LatentDeepseekV4Attention"),
 }
 
 #: transformers attention classes ``patch_model`` replaces.
-SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED) + tuple(_DELEGATED)
+SUPPORTED_ATTENTION_CLASSES: tuple[str, ...] = tuple(_SUPPORTED)
 
 # MLA-weighted classes whose forward does something else: refused with the reason.
 _UNSUPPORTED_REASONS = {
@@ -106,8 +119,6 @@ _UNSUPPORTED_REASONS = {
     "LongcatFlashMLA": "rescales the q/kv latents (LoRA scaling)",
     "BailingHybridAttention": "multiplies the output by a head-wise sigmoid gate",
     "KimiLinearAttention": "uses no RoPE (NoPE) on its keys",
-    "DeepseekV32Attention": "is sparse (DeepSeek Sparse Attention indexer)",
-    "GlmMoeDsaAttention": "is sparse (DeepSeek Sparse Attention indexer)",
     "HYV4Attention": "is sparse (indexer)",
     "AXK2Attention": "is sparse (indexer)",
     "Dots3NoteTextAttention": "is sparse (indexer)",
@@ -129,17 +140,24 @@ def _supported_key(cls: type) -> str | None:
     return None
 
 
-def _delegated_class(cls: type) -> type | None:
-    """Our replacement class for exactly ``cls`` when it is in ``_DELEGATED`` (imported lazily), else None."""
-    entry = _DELEGATED.get(cls.__name__)
-    if entry is None or cls.__module__ != entry[0]:
-        return None
-    return getattr(importlib.import_module(entry[1]), entry[2])
-
-
 def _is_replacement(module: nn.Module) -> bool:
-    """Whether ``module`` was installed by ``patch_model``."""
-    return isinstance(module, LatentAttentionForHF) or getattr(type(module), "_mla_replacement", False)
+    """Whether ``module`` was installed by ``patch_model`` (``_share_module`` keeps the original in it)."""
+    return "_mla_original" in module.__dict__
+
+
+def _share_module(cls: type, original: nn.Module, form: str, backend: str) -> nn.Module:
+    """A ``cls`` instance (``cls.__init__`` not run) sharing ``original``'s submodules, parameters, attributes and
+    hooks, with ``form`` / ``backend`` set; ``original`` is kept for ``unpatch_model``. The replacement classes'
+    ``_from_hf`` build on it."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, value in original.__dict__.items():
+        # nn.Module's registries (parameters, buffers, submodules, hooks) are copied shallowly, so the two
+        # modules share every submodule and parameter but can be re-pointed independently.
+        new.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+    new.__dict__["_mla_original"] = original  # not registered as a submodule: no state-dict keys
+    new.form, new.backend = form, backend
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,15 +287,13 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         raise TypeError("LatentAttentionForHF is created by mla.integrations.transformers.patch_model(model)")
 
     @classmethod
+    def _unsupported(cls, original: nn.Module) -> str | None:
+        """Why ``original`` cannot be replaced, naming the config field (``patch_model`` refuses it), or None."""
+        return None
+
+    @classmethod
     def _from_hf(cls, original: nn.Module, form: str, backend: str) -> LatentAttentionForHF:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, value in original.__dict__.items():
-            # nn.Module's registries (parameters, buffers, submodules, hooks) are copied shallowly, so the two
-            # modules share every submodule and parameter but can be re-pointed independently.
-            new.__dict__[name] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
-        new.__dict__["_mla_original"] = original  # not registered as a submodule: no state-dict keys
-        new.form, new.backend = form, backend
+        new = _share_module(cls, original, form, backend)
         new.softmax_scale = float(original.scaling)
         return new
 
@@ -305,12 +321,13 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
                 k_rope[:, :, None], position_embeddings
             )[:, :, 0]
         cos, sin = position_embeddings
-        interleaved = self._hf_rope == "config" and bool(self.config.rope_interleave)
+        interleaved = self._hf_rope == "interleave" or (self._hf_rope == "config" and bool(self.config.rope_interleave))
         q_rope = apply_rotary(q_rope, cos, sin, interleaved)
         k_rope = apply_rotary(k_rope[:, :, None], cos, sin, interleaved)[:, :, 0]
         return q_rope, k_rope
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def _call_args(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """``(kwargs left, position_embeddings, attention_mask, cache)`` of a forward call, checked."""
         kwargs = self._bind(args, kwargs)
         position_embeddings = kwargs.pop("position_embeddings", None)
         attention_mask = kwargs.pop("attention_mask", None)
@@ -324,13 +341,22 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
             )
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states: expected [B, T, E], got shape {tuple(hidden_states.shape)}")
-        B, T, _ = hidden_states.shape
-        dn, dr, dc = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        return kwargs, position_embeddings, attention_mask, cache
 
-        q, _ = self.project_q(hidden_states)
-        q_nope, q_rope = torch.split(q, [dn, dr], dim=-1)
+    def _project(self, hidden_states: torch.Tensor, position_embeddings):
+        """``(q_nope, q_rope, q_latent, c_kv, k_rope)`` of the new tokens, RoPE applied (``q_latent``: the normed
+        query latent, None without q LoRA)."""
+        q, q_latent = self.project_q(hidden_states)
+        q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.project_kv_latent(hidden_states)
         q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        return q_nope, q_rope, q_latent, c_kv, k_rope
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        kwargs, position_embeddings, attention_mask, cache = self._call_args(hidden_states, args, kwargs)
+        B, T, _ = hidden_states.shape
+        dr, dc = self.qk_rope_head_dim, self.kv_lora_rank
+        q_nope, q_rope, _, c_kv, k_rope = self._project(hidden_states, position_embeddings)
         if isinstance(cache, FP8LatentCache):
             return self._forward_fp8(cache, q_nope, q_rope, c_kv, k_rope, attention_mask, kwargs)
         if cache is not None:
@@ -456,9 +482,17 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 
 def _patched_class(hf_cls: type) -> type:
-    """``Latent<hf_cls>``: ``LatentAttentionForHF`` first in the MRO, then ``hf_cls`` (cached, picklable)."""
+    """The replacement class of ``hf_cls`` (a ``_SUPPORTED`` class): ``Latent<hf_cls>``, its base (``_BASES``,
+    default ``LatentAttentionForHF``) first in the MRO, then ``hf_cls`` (cached, picklable); or the base itself when
+    it already subclasses ``hf_cls``."""
     cls = _PATCHED_CLASSES.get(hf_cls)
-    if cls is None:
+    if cls is not None:
+        return cls
+    mod, attr = _BASES.get(hf_cls.__name__, (__name__, "LatentAttentionForHF"))
+    base = getattr(importlib.import_module(mod), attr)
+    if issubclass(base, hf_cls):
+        cls = base
+    else:
         name = "Latent" + hf_cls.__name__
         params = [
             p.name for p in list(inspect.signature(hf_cls.forward).parameters.values())[2:]
@@ -466,14 +500,14 @@ def _patched_class(hf_cls: type) -> type:
         ]
         cls = type(
             name,
-            (LatentAttentionForHF, hf_cls),
+            (base, hf_cls),
             {
                 "__module__": __name__, "__qualname__": name, "_hf_rope": _SUPPORTED[hf_cls.__name__][1],
                 "_hf_params": tuple(params), "__doc__": f"``{hf_cls.__name__}`` running the latent attention "
-                "(created by ``patch_model``; see ``LatentAttentionForHF``).",
+                f"(created by ``patch_model``; see ``{base.__name__}``).",
             },
         )
-        _PATCHED_CLASSES[hf_cls] = cls
+    _PATCHED_CLASSES[hf_cls] = cls
     return cls
 
 
@@ -503,9 +537,10 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
 
     Supported (transformers >= 5.0, checked against 5.24): ``DeepseekV3Attention`` (DeepSeek-V3/R1),
     ``DeepseekV2Attention`` (DeepSeek-V2/-Lite, complex RoPE), ``Glm4MoeLiteAttention``, ``YoutuAttention``,
-    ``AXK1Attention`` and ``MiniCPM3Attention`` — exactly these classes, not subclasses — wherever they sit (e.g.
-    Kimi-K2.5's ``Kimi_K25ForConditionalGeneration`` wraps a ``DeepseekV3Model``); and ``DeepseekV4Attention``
-    (all layer types, on top-k index lists: ``mla.integrations.deepseek_v4``). The weights (same
+    ``AXK1Attention``, ``MiniCPM3Attention``, the DSA-sparse ``DeepseekV32Attention`` / ``GlmMoeDsaAttention``
+    (DeepSeek-V3.2, GLM-5; ``mla.integrations.dsa``) and ``DeepseekV4Attention`` (all layer types, on top-k index
+    lists: ``mla.integrations.deepseek_v4``) — exactly these classes, not subclasses — wherever they sit (e.g.
+    Kimi-K2.5's ``Kimi_K25ForConditionalGeneration`` wraps a ``DeepseekV3Model``). The weights (same
     parameter objects), ``model.config`` (``q_lora_rank`` or none, ``rope_interleave``, any ``rope_parameters``
     transformers supports since its cos/sin are used, ``attention_bias``) and transformers' cache objects are
     kept, so ``model(...)`` and ``model.generate(...)`` (greedy, sampling, batched with left padding) work
@@ -524,7 +559,8 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
     Raises:
         ValueError: bad ``form``/``backend``; no MLA attention module (the message lists the attention modules
             found); MLA-like modules of a class whose forward is not the supported MLA (e.g. ``Mistral4Attention``,
-            ``LongcatFlashMLA``, the DSA-sparse ``DeepseekV32Attention``) or a subclass of a supported one; modules
+            ``LongcatFlashMLA``) or a subclass of a supported one, or a config field the class's integration does
+            not support (the field is named); modules
             dispatched with accelerate hooks (patch before ``dispatch_model``/``device_map`` offloading).
     """
     if form not in FORMS:
@@ -538,9 +574,12 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
         for child_name, child in parent.named_children():
             if _is_replacement(child):
                 targets.append((parent, child_name, child))
-            elif _supported_key(type(child)) is not None or _delegated_class(type(child)) is not None:
+            elif _supported_key(type(child)) is not None:
+                why = _patched_class(type(child))._unsupported(child)
                 if hasattr(child, "_hf_hook") or "forward" in child.__dict__:
                     refused.append(f"{type(child).__name__} (its forward is wrapped, e.g. by accelerate hooks)")
+                elif why is not None:
+                    refused.append(f"{type(child).__name__} (unsupported {why})")
                 else:
                     targets.append((parent, child_name, child))
             elif _is_mla_like(child):
@@ -570,7 +609,7 @@ def patch_model(model: nn.Module, *, form: str = "auto", backend: str = "auto") 
             continue
         new = done.get(id(child))
         if new is None:
-            new = (_delegated_class(type(child)) or _patched_class(type(child)))._from_hf(child, form, backend)
+            new = _patched_class(type(child))._from_hf(child, form, backend)
             done[id(child)] = new
         setattr(parent, child_name, new)
     return model
@@ -648,6 +687,12 @@ def latent_attention_forward(
         raise ValueError(f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported")
     if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
         raise ValueError(f"{ATTN_IMPLEMENTATION}: attention sinks (s_aux) and soft-capping are not supported")
+    if kwargs.get("indices") is not None:  # DSA (DeepSeek-V3.2, GLM-5): the indexer's top-k choice
+        from mla.integrations.dsa import sparse_attention_forward
+
+        return sparse_attention_forward(
+            module, query, key, value, attention_mask, scaling, kwargs["indices"], backend=backend
+        )
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
