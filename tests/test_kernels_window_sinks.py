@@ -13,7 +13,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import causal_keep, full_attention, kernel_tol, rel_err, window_keep_oracle  # noqa: E402
+from helpers import kernel_tol, rel_err  # noqa: E402
+from oracle import attention, causal_keep, window_keep  # noqa: E402
 
 from kernels import attention_bwd as bwd_mod  # noqa: E402
 from kernels import attention_fwd as fwd_mod  # noqa: E402
@@ -38,7 +39,7 @@ CASES = [
 
 
 def _keep(T, S, window, causal):
-    keep = window_keep_oracle(T, S, *window)
+    keep = window_keep(T, S, *window)
     return keep & causal_keep(T, S) if causal else keep
 
 
@@ -65,7 +66,7 @@ def test_window_sinks_forward_backward(case, dtype):
     keep = _keep(T, S, window, causal).to(DEVICE)
     ts = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     s64 = sinks.double().requires_grad_(True) if sinks is not None else None
-    ref, ref_lse = full_attention(*ts, scale, keep, sinks=s64)
+    ref, ref_lse, _ = attention(*ts, scale, keep, sinks=s64)
     tol = kernel_tol(dtype, INTERPRET)
     assert rel_err(o, ref) <= tol
     assert torch.equal(torch.isinf(l_).cpu(), torch.isinf(ref_lse).cpu()) and not torch.isnan(l_).any()
@@ -129,7 +130,7 @@ def test_window_loop_bounds_visit_exactly_the_blocks_with_visible_keys(T, S, G, 
     of = torch.full((2 * n,), -7, dtype=torch.int32, device=DEVICE)
     ob = torch.full((2 * n,), -7, dtype=torch.int32, device=DEVICE)
     _ranges_kernel[(n,)](of, ob, T, S, window[0], window[1], G=G, BLOCK_M=BM, BLOCK_N=BN)
-    keep = window_keep_oracle(T, S, *window).repeat_interleave(G, dim=0)  # packed rows x keys
+    keep = window_keep(T, S, *window).repeat_interleave(G, dim=0)  # packed rows x keys
     visited = 0
     for i in range(n_m):
         rows = keep[i * BM:(i + 1) * BM]
@@ -165,7 +166,7 @@ def test_block_sparse_sinks_values_and_grads(dtype):
     out, lse = latent_attention(q, k, v, block_mask=bmask, sinks=sinks, backend="triton", return_lse=True)
     keep = bmask.to_element_mask().to(DEVICE)
     ts = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
-    ref, ref_lse = full_attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
+    ref, ref_lse, _ = attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
     tol = kernel_tol(dtype, INTERPRET)
     assert rel_err(out, ref) <= tol and rel_err(lse, ref_lse) <= max(tol, 1e-5)
     assert (out[0, 4:8, 0] == 0).all() and torch.isfinite(lse).all()
@@ -194,7 +195,7 @@ def test_topk_sinks_values_and_grads(dtype):
     idx = idx.to(DEVICE)
     keep = topk_to_dense_mask(idx, S).repeat_interleave(Hq // Hkv, dim=1)
     ts = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
-    ref, ref_lse = full_attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
+    ref, ref_lse, _ = attention(*ts[:3], D**-0.5, keep, sinks=ts[3])
     do = torch.randn_like(ref)
     torch.autograd.backward(ref, do)
     tol = kernel_tol(dtype, INTERPRET)
