@@ -38,12 +38,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, na
     fails); ``+inf`` / ``-inf`` exactly where ``expected`` has them, with the same sign (empty rows:
     lse ``+inf``, max_logit ``-inf``); over the finite entries ``‖actual − expected‖ / ‖expected‖ <= tol``
     (absolute norm when ``expected`` is all 0). ``tol`` defaults to :func:`kernel_tol` of ``dtype``
-    (default ``actual.dtype``), with the tf32 allowance for fp32 results on a CUDA device. ``name`` names
-    the tensor in the failure message.
+    (default ``actual.dtype``), with the tf32 allowance for fp32 results on a CUDA device with TF32
+    allowed. ``name`` names the tensor in the failure message.
     """
     dtype = actual.dtype if dtype is None else dtype
-    if tol is None:
-        tol = kernel_tol(dtype, interpret=actual.device.type != "cuda")
+    if tol is None:  # fp32 dots run in tf32 only on a GPU with TF32 allowed (kernels._launch.dot_precision)
+        tol = kernel_tol(dtype, interpret=not (actual.is_cuda and torch.backends.cuda.matmul.allow_tf32))
     a = actual.detach().cpu().double()
     e = expected.detach().cpu().double()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
