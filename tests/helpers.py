@@ -6,7 +6,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+CUDA = torch.cuda.is_available()
+#: Where the kernel tests run: compiled on a GPU, else under the Triton interpreter on the CPU.
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _kernels_runnable() -> bool:
+    from kernels._config import HAS_TRITON, INTERPRET
+
+    return HAS_TRITON and (CUDA or INTERPRET)
+
+
+#: Skip mark of tests that launch the Triton kernels directly.
+needs_kernels = pytest.mark.skipif(not _kernels_runnable(),
+                                   reason="needs triton with CUDA, or the triton interpreter (TRITON_INTERPRET=1)")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

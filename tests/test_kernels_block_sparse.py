@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import Case, assert_close, make_inputs, nan_buffer  # noqa: E402
+from helpers import CUDA, DEVICE, Case, assert_close, make_inputs, nan_buffer, needs_kernels  # noqa: E402
 from helpers import rel_err as rel  # noqa: E402
 from oracle import attention, attention_grads  # noqa: E402
 
@@ -31,9 +31,7 @@ from mla.sparsity import (  # noqa: E402
     sliding_window_block_mask,
 )
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_kernels
 F32, F16 = torch.float32, torch.float16
 
 

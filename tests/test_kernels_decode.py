@@ -1,31 +1,22 @@
 """Split-KV MLA decode kernel (kernels.decode) against the float64 oracle (tests/oracle.py).
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before triton is imported; the guard below does the same when this file runs alone). fp32 and
+before triton is imported). fp32 and
 fp16 only there: the interpreter's bf16 ``tl.dot`` is broken (docs/design.md §6), bf16 runs on CUDA.
 Every launch writes into NaN-poisoned ``out`` / ``lse`` buffers, so an element the kernel
 forgets to write fails the comparison.
 """
 
 import math
-import os
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close, needs_kernels, paged_cache
+from oracle import paged_decode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels._config import HAS_TRITON
 
-from helpers import assert_close, paged_cache  # noqa: E402
-from oracle import paged_decode  # noqa: E402
-
-from kernels._config import HAS_TRITON, INTERPRET  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not INTERPRET),
-    reason="needs triton with CUDA, or the triton interpreter (TRITON_INTERPRET=1) on CPU",
-)
+pytestmark = needs_kernels
 
 if HAS_TRITON:
     from kernels.decode import MAX_SPLITS, choose_num_splits, compile_specs, decode_config, mla_decode_fwd
@@ -328,7 +319,7 @@ def test_validation_errors():
         mla_decode_fwd(q, cache, table, seq, 0.2, dv, topk_indices=torch.zeros(1, 2, 3, dtype=torch.int32))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is broken under the interpreter")
+@pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter
 def test_bf16_absorbed_cuda():
     dtype, dk, dv, H = torch.bfloat16, 576, 512, 128
     lens = [1, 700, 4096, 0]

@@ -16,16 +16,13 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import Case, assert_close, make_inputs, nan_buffer  # noqa: E402
+from helpers import CUDA, DEVICE, Case, assert_close, make_inputs, nan_buffer, needs_kernels  # noqa: E402
 from oracle import attention, attention_grads, causal_keep  # noqa: E402
 
 from kernels import attention_bwd as bwd_mod  # noqa: E402
 from kernels import attention_fwd as fwd_mod  # noqa: E402
-from kernels._config import INTERPRET  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_kernels
 
 
 def formula(q, k, v, scale: float, causal: bool):

@@ -13,25 +13,15 @@ element a kernel forgets fails the comparison.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, assert_close, needs_kernels
+from helpers import rel_err as rel
+from oracle import attention, attention_grads, topk_keep
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels._config import HAS_TRITON, INTERPRET
 
-from helpers import assert_close  # noqa: E402
-from helpers import rel_err as rel  # noqa: E402
-from oracle import attention, attention_grads, topk_keep  # noqa: E402
-
-from kernels._config import HAS_TRITON, INTERPRET  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not INTERPRET),
-    reason="needs triton with CUDA, or the triton interpreter (TRITON_INTERPRET=1) on CPU",
-)
+pytestmark = needs_kernels
 
 if HAS_TRITON:
     from kernels.topk_sparse import (
@@ -305,7 +295,7 @@ def test_empty_sizes():
     assert (dq == 0).all() and dk.shape == (2, 0, 1, 16)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is broken under the interpreter; large shape")
+@pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter; large shape
 def test_bf16_absorbed_cuda_large():
     """The GPU configurations at the DeepSeek shape: 128 heads, K = 2048 of S = 4096, causal, bf16."""
     dtype = torch.bfloat16

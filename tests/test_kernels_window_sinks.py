@@ -13,16 +13,14 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import assert_close, kernel_tol, rel_err  # noqa: E402
+from helpers import CUDA, DEVICE, assert_close, kernel_tol, needs_kernels, rel_err  # noqa: E402
 from oracle import attention, causal_keep, window_keep  # noqa: E402
 
 from kernels import attention_bwd as bwd_mod  # noqa: E402
 from kernels import attention_fwd as fwd_mod  # noqa: E402
 from kernels._config import INTERPRET  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_kernels
 
 # (T, S, Hq, Hkv, Dk, Dv, (left, right), causal, sinks, alias): every left in {0, 1, 7, 128, >= S}, every
 # right in {0, 3, -1}, T < S, T > S (rows without keys), GQA, Dk != Dv, v a prefix view of k.
