@@ -76,11 +76,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, na
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g} ({str(dtype).replace('torch.', '')})"
 
 
-def random_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype=torch.float64, device="cpu", seed=0, requires_grad=False):
+def random_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype=torch.float64, device="cpu", seed=0, requires_grad=False,
+               alias=False):
+    """Random ``q [B,T,Hq,Dk]``, ``k [B,S,Hkv,Dk]``, ``v [B,S,Hkv,Dv]`` (float64 masters rounded to ``dtype``);
+    ``alias``: v is the prefix view ``k[..., :Dv]``."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(B, T, Hq, Dk, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     k = torch.randn(B, S, Hkv, Dk, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    v = torch.randn(B, S, Hkv, Dv, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    if alias:
+        v = k[..., :Dv]
+    else:
+        v = torch.randn(B, S, Hkv, Dv, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     if requires_grad:
         for t in (q, k, v):
             t.requires_grad_(True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, needs_kernels
+from helpers import DEVICE, assert_close, needs_kernels, random_qkv
 from helpers import rel_err as rel
 from oracle import attention, attention_grads, topk_keep
 
@@ -43,12 +43,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 # inputs and the float64 oracle
 # ------------------------------------------------------------------------------------------------
 def make_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype, *, alias=False, seed=0):
-    """Random q, k, v (float64 masters rounded to ``dtype``); with ``alias`` v is ``k[..., :Dv]``."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, Hq, Dk, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    k = torch.randn(B, S, Hkv, Dk, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    v = k[..., :Dv] if alias else torch.randn(B, S, Hkv, Dv, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    return q, k, v
+    """helpers.random_qkv on this file's device."""
+    return random_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype, DEVICE, seed, alias=alias)
 
 
 def make_idx(B, T, Hkv, K, S, *, seed=1, holes=True):
