@@ -138,6 +138,12 @@ class Case:
         return "-".join(parts)
 
 
+def case_params(cases, slow) -> list:
+    """``pytest.param`` per case with ``id=case.id``; a case for which ``slow(case)`` is true carries the slow
+    mark (left out of the everyday ``pytest -m "not slow"``)."""
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if slow(c) else []) for c in cases]
+
+
 def make_inputs(c: Case, device="cpu"):
     """Random ``(q, k, v)`` of case ``c`` in ``c.dtype`` (seed ``c.seed``). ``strided``: q a head-major
     ``[B, H, T, 2·Dk]`` buffer seen as ``[B, T, H, Dk]`` with last stride 2, k rows padded (row stride

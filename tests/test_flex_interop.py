@@ -97,7 +97,8 @@ def _flex_out(q, k, v, fmask, scale):
     return o.transpose(1, 2)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("documents", "default_block_128")
+                                  else n for n in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_matches_flex_attention(name, dtype, backend):
@@ -138,6 +139,7 @@ def test_block_aligned_mask_is_not_empty():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.slow
 def test_kernels_poisoned_outputs_with_causal_flag(dtype):
     """Launchers with partial blocks write every element (outputs pre-filled with NaN); ``causal=True``
     combines with the mask (prefix-LM & causal = causal); a query block listing no key block gives 0 /
@@ -224,6 +226,7 @@ def test_wrong_type_message_names_both_classes():
         latent_attention(q, k, v, block_mask=object())
 
 
+@pytest.mark.slow
 def test_opcheck_with_partial_blocks():
     fmask, _, B, Hq, Hkv, T = _make("window")
     m = as_block_mask(fmask)

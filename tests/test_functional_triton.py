@@ -110,6 +110,7 @@ def test_modules_through_kernels():
     ],
     ids=["gqa-per-head", "absorbed-per-token", "uneven"],
 )
+@pytest.mark.slow
 def test_block_mask_through_kernels(Hq, Hkv, Dk, Dv, alias, block, per_head, causal):
     B, T, S = 2, 19, 23
     q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, torch.float32, seed=3, alias=alias)
@@ -139,7 +140,7 @@ def test_causal_block_mask_through_kernels_equals_dense():
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("alias", [False, True])
+@pytest.mark.parametrize("alias", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_topk_through_kernels(deterministic, alias):
     B, T, S, Hq, Hkv, Dk, Dv, K = 1, 6, 13, 4, 1 if alias else 2, 32, 16, 5
     q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, torch.float32, seed=4, alias=alias)
@@ -173,6 +174,7 @@ def test_sparse_module_topk_through_kernels():
     assert st.backend == "triton" and rel_err(a, b) < 1e-4
 
 
+@pytest.mark.slow
 def test_sparse_module_block_mode_through_kernels():
     from mla import LatentSparseAttention, registry
 

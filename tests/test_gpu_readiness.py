@@ -171,6 +171,7 @@ def test_dense_and_block_sparse_launchers_pass_dot_precision(monkeypatch, set_tf
 
 @needs_interp
 @pytest.mark.parametrize("allow", [None, True])
+@pytest.mark.slow
 def test_topk_and_decode_launchers_pass_dot_precision(monkeypatch, set_tf32, allow):
     from kernels import decode, topk_sparse
 

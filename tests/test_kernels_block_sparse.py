@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import CUDA, DEVICE, Case, assert_close, make_inputs, nan_buffer, needs_kernels  # noqa: E402
+from helpers import CUDA, DEVICE, Case, assert_close, case_params, make_inputs, nan_buffer, needs_kernels  # noqa: E402
 from helpers import rel_err as rel  # noqa: E402
 from oracle import attention, attention_grads  # noqa: E402
 
@@ -154,13 +154,18 @@ if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
     CASES += [replace(c, dtype=torch.bfloat16, name=c.name + "-bf16") for c in CASES if c.dtype == F16]
 
 
+#: The everyday run's block-sparse parity cases (the others take 4-30 s each on a 2-core CPU).
+QUICK = {"per-head-mha", "empty-mask"}
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("c", case_params(CASES, slow=lambda c: c.id not in QUICK))
 def test_block_sparse_matches_element_mask(c: Case):
     check_case(c)
 
 
 @pytest.mark.interpreter
+@pytest.mark.slow
 def test_lse_gradient():
     """``dlse`` enters the backward as ``delta - dlse`` (``d lse / dS = P``)."""
     check_case(Case(20, 50, **GQA, block=(16, 16), pattern="random", causal=True, name="dlse"), with_dlse=True)
@@ -168,6 +173,7 @@ def test_lse_gradient():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("T,S,Hkv,block", [(40, 1025, 2, 32), (70, 200, 6, 64)], ids=["gqa-S1025", "mha-block64"])
+@pytest.mark.slow
 def test_causal_block_list_equals_dense_kernel(T, S, Hkv, block):
     """causal_block_mask + causal=True walks the same tiles as the dense causal kernel (mask blocks of
     64 in 32-wide sub-tiles too): same results (bitwise on the interpreter), forward and gradients."""

@@ -90,7 +90,7 @@ def test_scattered_pages_equal_contiguous(dtype):
     check(o1, l1, *paged_decode(q, rows, 0.2, dv), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_nan_pages_and_garbage_block_table(num_splits):
     """NaN in every unused slot and page, -1 / huge ids in unused block-table entries (and a table
     much wider than needed): finite output, equal to the launch over a clean cache."""
@@ -118,7 +118,8 @@ def test_lengths_and_page_sizes(page_size, dtype):
     check(o, lse, *paged_decode(q, rows, dk**-0.5, dv), dtype)
 
 
-@pytest.mark.parametrize("tq,causal", [(1, False), (2, False), (3, True), (1, True)])
+@pytest.mark.parametrize("tq,causal", [(1, False), (2, False), pytest.param(3, True, marks=pytest.mark.slow),
+                                       (1, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_query_tokens_and_causal(tq, causal, dtype):
     """Tq query tokens packed with the heads (Tq * H > BLOCK_H: several head groups); causal is
@@ -135,7 +136,7 @@ def test_query_tokens_and_causal(tq, causal, dtype):
         assert torch.isposinf(lse[1, :, 0]).all() and (o[1, 0] == 0).all()  # L=2: row 0 sees nothing
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("num_splits", [1, 2, 7, pytest.param(64, marks=pytest.mark.slow)])
 def test_num_splits(num_splits):
     """Any split count gives the same answer, also more splits than pages / key tiles (empty
     splits contribute exactly 0)."""
@@ -227,6 +228,7 @@ def _topk(B, Tq, K, lens, seed=5):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_topk_decode(causal, dtype):
     """Top-k indices shared by the heads of a token: -1 lanes (first, last, all), indices >= L
     ignored, causal limits per query token; split and direct, value split."""

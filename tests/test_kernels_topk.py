@@ -124,6 +124,7 @@ def full_check(q, k, v, idx, scale, causal, dtype, *, dlse=False, modes=(True, F
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_gqa_random_indices(dtype, causal):
     """GQA (Hq = 6, Hkv = 2), Dk = 24, Dv = 16 (padded tiles), random indices with -1 lanes first / last
     / a whole row; forward out / lse / max_logit, backward in both modes."""
@@ -135,6 +136,7 @@ def test_gqa_random_indices(dtype, causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_k_larger_than_s_and_bottom_right_causal(dtype):
     """K = 7 lanes over S = 4 keys (3 lanes -1 per row), T = 6 > S causal: bottom-right aligned, the
     first two tokens see no key (out 0, lse +inf, zero dq, no NaN); the dlse path."""
@@ -148,6 +150,7 @@ def test_k_larger_than_s_and_bottom_right_causal(dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.slow
 def test_heavy_sharing_and_determinism(causal):
     """Every query selects the same few keys (sinks, the last keys) plus a few random ones; the key
     blocks' lists are long enough to be split over several work items (fp32 partials, ordered
@@ -181,6 +184,7 @@ def test_heavy_sharing_and_determinism(causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_absorbed_mla_shape(dtype):
     """Absorbed MLA: Dk = 576 (512 latent + 64 rope), Dv = 512, one latent kv head, v = k[..., :512]
     (the shared tile is loaded once), value dim split over two programs, causal; small T and H."""
@@ -208,7 +212,7 @@ def test_alias_equals_copy():
         assert rel(a, b) <= 1e-6
 
 
-@pytest.mark.parametrize("stream", [0, 1, 2])
+@pytest.mark.parametrize("stream", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
 def test_gpu_code_paths(stream):
     """The structure of the GPU configurations at small size: two column splits (own / other chunk, a
     two-piece tail), every stream level (fixed-side tiles resident or re-read), dV and dK in one launch
@@ -241,6 +245,7 @@ def test_rows_without_keys():
                 assert (g == 0).all()
 
 
+@pytest.mark.slow
 def test_strided_inputs_and_outputs():
     """Non-contiguous q (a transposed view), k / v / indices sliced from larger tensors, a column-strided
     q (copied), outputs and lse written through strided views; dlse path in both modes."""

@@ -145,7 +145,7 @@ def test_window_loop_bounds_visit_exactly_the_blocks_with_visible_keys(T, S, G, 
         assert visited < n_m * n_n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_block_sparse_sinks_values_and_grads(dtype):
     """Block-sparse kernels with sinks (issue 14): query block 1 of head 0 lists no block (rows without
     keys: output 0, lse = sink); per-head lists."""
@@ -175,6 +175,7 @@ def test_block_sparse_sinks_values_and_grads(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.slow
 def test_topk_sinks_values_and_grads(dtype):
     """Top-k kernels with sinks (issue 14), with -1 lanes and a row whose lanes are all -1 (output 0,
     lse = sink), deterministic and atomic dK/dV."""

@@ -90,6 +90,7 @@ ATTENTIONS = [("mla", "block"), ("sparse", "block"), ("sparse", "topk")]
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("attention,mode", ATTENTIONS, ids=["dense", "sparse-block", "sparse-topk"])
+@pytest.mark.slow
 def test_paged_decode_step_is_one_sync_free_graph(attention, mode, backend):
     """One whole decode step (all layers, cache writes, sparse selection, attention over the pages:
     the reference, or the decode kernel's op) compiles with fullgraph and no data-dependent value; later
@@ -244,6 +245,7 @@ def test_key_major_index_slot_budget():
     assert int(used.max()) < max(1, capped.n_slots)
 
 
+@pytest.mark.slow
 def test_topk_forward_backward_triton_compiles_without_syncs():
     """Top-k sparse attention forward + deterministic backward on the Triton path (the interpreter on
     CPU) through torch.compile: one graph, no data-dependent values, gradients as eager."""
@@ -273,6 +275,7 @@ def test_topk_forward_backward_triton_compiles_without_syncs():
 
 
 @pytest.mark.parametrize("mode", ["block", "topk"])
+@pytest.mark.slow
 def test_sparse_module_training_step_is_sync_free(mode):
     """LatentSparseAttention forward + backward (selection, block mask / top-k indices, the Triton ops,
     tensor stats) is one graph with no data-dependent value."""
