@@ -138,6 +138,11 @@ class Case:
         return "-".join(parts)
 
 
+def backend_params(backends=("reference", "triton")) -> list:
+    """``backend`` parameters: ``"triton"`` carries the interpreter mark (it launches the Triton kernels)."""
+    return [pytest.param(b, marks=pytest.mark.interpreter) if b == "triton" else b for b in backends]
+
+
 def case_params(cases, slow) -> list:
     """``pytest.param`` per case with ``id=case.id``; a case for which ``slow(case)`` is true carries the slow
     mark (left out of the everyday ``pytest -m "not slow"``)."""

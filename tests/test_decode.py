@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from helpers import assert_close, paged_cache
+from helpers import assert_close, backend_params, paged_cache
 from oracle import paged_decode
 
 from mla.cache import PagedLatentCache
@@ -39,7 +39,7 @@ def _check(out, lse, ref, ref_lse, dtype):
     assert_close(lse, ref_lse, name="lse")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_empty_row_scattered_pages_nan_slots(backend, dtype):
     L = 37
@@ -57,7 +57,7 @@ def test_empty_row_scattered_pages_nan_slots(backend, dtype):
     assert_close(out2, out, dtype=dtype, name="out (contiguous pages)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("seqlens,ps,Tq,causal", [
     ([1, 5], 4, 1, False),
     ([19, 7, 33], 8, 3, True),
@@ -74,6 +74,7 @@ def test_lengths_pages_causal(backend, seqlens, ps, Tq, causal):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.interpreter
 def test_num_splits(num_splits):
     backend = BACKENDS[-1]
     seqlens = [45, 12]
@@ -85,7 +86,7 @@ def test_num_splits(num_splits):
     _check(out, lse, ref, ref_lse, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_topk_decode(backend):
     seqlens = [30, 9, 20]
     Dk, Dv, H, Tq, K = 48, 32, 4, 2, 8
@@ -106,7 +107,7 @@ def test_topk_decode(backend):
         assert (out[2, 0] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_absorbed_shape(backend):
     seqlens = [70, 3]
     pool, table, sl, rows = make_paged(seqlens, 576, 64, torch.float16, seed=5)

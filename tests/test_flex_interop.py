@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import kernel_tol, rel_err
+from helpers import backend_params, kernel_tol, rel_err
 from oracle import attention, causal_keep
 
 from kernels import block_sparse as bs
@@ -100,7 +100,7 @@ def _flex_out(q, k, v, fmask, scale):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("documents", "default_block_128")
                                   else n for n in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_matches_flex_attention(name, dtype, backend):
     fmask, keep, B, Hq, Hkv, T = _make(name)
     assert fmask.kv_num_blocks.sum() > 0 or fmask.full_kv_num_blocks.sum() > 0
@@ -122,6 +122,7 @@ def test_matches_flex_attention(name, dtype, backend):
         assert rel_err(g, r) <= tol * 4, f"d{what}"
 
 
+@pytest.mark.interpreter
 def test_block_aligned_mask_is_not_empty():
     """A block-aligned mask keeps every block in ``full_kv_*`` (``kv_*`` empty): it must not run as empty."""
     T, bsz = 48, 16
@@ -140,6 +141,7 @@ def test_block_aligned_mask_is_not_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_kernels_poisoned_outputs_with_causal_flag(dtype):
     """Launchers with partial blocks write every element (outputs pre-filled with NaN); ``causal=True``
     combines with the mask (prefix-LM & causal = causal); a query block listing no key block gives 0 /
@@ -184,6 +186,7 @@ def test_kernels_poisoned_outputs_with_causal_flag(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.interpreter
 def test_hand_built_mask_without_blocks_allowed():
     T = 32
     kvn = torch.tensor([[[1, 0]]], dtype=torch.int32)
@@ -227,6 +230,7 @@ def test_wrong_type_message_names_both_classes():
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_opcheck_with_partial_blocks():
     fmask, _, B, Hq, Hkv, T = _make("window")
     m = as_block_mask(fmask)
@@ -243,6 +247,7 @@ def test_opcheck_with_partial_blocks():
         assert all(r == "SUCCESS" for r in result.values()), result
 
 
+@pytest.mark.interpreter
 def test_compile_fullgraph_with_converted_mask():
     fmask, keep, B, Hq, Hkv, T = _make("window")
     m = BlockMask.from_flex(fmask)
@@ -254,7 +259,7 @@ def test_compile_fullgraph_with_converted_mask():
     assert rel_err(fn(q, k, v), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_queries_differ_from_keys_with_causal_flag(backend):
     """T != S (a chunk of 30 queries after 20 cached keys): a shifted window mask_mod combined with our
     bottom-right ``causal`` flag equals the oracle on (mask & causal); gradients included."""

@@ -219,6 +219,7 @@ def test_no_keys_at_all():
     assert (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
 
 
+@pytest.mark.interpreter
 def test_mask_mismatch_is_rejected():
     q = torch.randn(1, 20, 4, 16)
     k = v = torch.randn(1, 30, 2, 16)

@@ -61,6 +61,7 @@ def check(o, lse, ref_o, ref_lse, dtype):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.interpreter
 def test_empty_sequence_row(dtype, num_splits):
     """cache_seqlens = [L, L, L, 0]: the empty sequence gives 0 and lse = +inf, the others are
     unaffected (equal to a launch without it)."""
@@ -76,6 +77,7 @@ def test_empty_sequence_row(dtype, num_splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_scattered_pages_equal_contiguous(dtype):
     """The same rows in randomly ordered pages and in consecutive pages give the same result."""
     dk, dv, H = 48, 32, 4
@@ -91,6 +93,7 @@ def test_scattered_pages_equal_contiguous(dtype):
 
 
 @pytest.mark.parametrize("num_splits", [1, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.interpreter
 def test_nan_pages_and_garbage_block_table(num_splits):
     """NaN in every unused slot and page, -1 / huge ids in unused block-table entries (and a table
     much wider than needed): finite output, equal to the launch over a clean cache."""
@@ -108,6 +111,7 @@ def test_nan_pages_and_garbage_block_table(num_splits):
 
 @pytest.mark.parametrize("page_size", [16, 64, 7])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_lengths_and_page_sizes(page_size, dtype):
     """S = 1, S not a multiple of the page or of the key tile; key tiles that span pages (7)."""
     dk, dv, H = 48, 32, 4
@@ -121,6 +125,7 @@ def test_lengths_and_page_sizes(page_size, dtype):
 @pytest.mark.parametrize("tq,causal", [(1, False), (2, False), pytest.param(3, True, marks=pytest.mark.slow),
                                        (1, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_query_tokens_and_causal(tq, causal, dtype):
     """Tq query tokens packed with the heads (Tq * H > BLOCK_H: several head groups); causal is
     bottom-right aligned per sequence; a causal row before the cache (L < Tq) is empty."""
@@ -137,6 +142,7 @@ def test_query_tokens_and_causal(tq, causal, dtype):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.interpreter
 def test_num_splits(num_splits):
     """Any split count gives the same answer, also more splits than pages / key tiles (empty
     splits contribute exactly 0)."""
@@ -149,6 +155,7 @@ def test_num_splits(num_splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_value_split_across_programs(dtype):
     """DV_SPLIT = 2 (the GPU configuration for Dv = 512): two programs own half the value columns
     each; same result, with and without the split merge."""
@@ -161,6 +168,7 @@ def test_value_split_across_programs(dtype):
 
 
 @pytest.mark.parametrize("dk,dv", [(48, 32), (80, 64), (64, 64), (40, 24)])
+@pytest.mark.interpreter
 def test_generic_head_dims(dk, dv):
     """Padded / masked tiles for head dims that are not powers of two, and Dk == Dv (no rope part)."""
     dtype, H = torch.float32, 3
@@ -171,6 +179,7 @@ def test_generic_head_dims(dk, dv):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_absorbed_deepseek_shape(dtype):
     """Dk = 576 (512 latent + 64 rope), Dv = 512, H = 16, with the scale of the absorbed form;
     the direct path, the split merge, and the Hopper value split (2 x 256 columns)."""
@@ -184,6 +193,7 @@ def test_absorbed_deepseek_shape(dtype):
         check(o, lse, ro, rl, dtype)
 
 
+@pytest.mark.interpreter
 def test_query_strides_and_layouts():
     """q with non-packed strides (a transposed view) and an lse view with odd strides."""
     dtype, dk, dv, H, Tq = torch.float32, 48, 32, 4, 2
@@ -196,6 +206,7 @@ def test_query_strides_and_layouts():
     assert torch.isfinite(lse_store).all()
 
 
+@pytest.mark.interpreter
 def test_default_num_splits_and_empty_batch():
     dtype, dk, dv, H = torch.float32, 48, 32, 4
     cache, table, seq, rows = make_cache([25, 3], dk, 16, dtype)
@@ -229,6 +240,7 @@ def _topk(B, Tq, K, lens, seed=5):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_topk_decode(causal, dtype):
     """Top-k indices shared by the heads of a token: -1 lanes (first, last, all), indices >= L
     ignored, causal limits per query token; split and direct, value split."""
@@ -246,6 +258,7 @@ def test_topk_decode(causal, dtype):
     assert torch.isposinf(lse[3]).all()  # empty sequence
 
 
+@pytest.mark.interpreter
 def test_topk_four_dim_indices_and_causal_empty_row():
     """[B, Tq, 1, K] indices are accepted; a causal token whose limit is below 0 sees nothing."""
     dtype, dk, dv, H, Tq = torch.float32, 48, 32, 2, 3
@@ -322,6 +335,7 @@ def test_validation_errors():
 
 
 @pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter
+@pytest.mark.interpreter
 def test_bf16_absorbed_cuda():
     dtype, dk, dv, H = torch.bfloat16, 576, 512, 128
     lens = [1, 700, 4096, 0]

@@ -155,7 +155,6 @@ def test_no_keys_at_all():
     assert (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
 
 
-@pytest.mark.interpreter
 def test_empty_query():
     """T = 0: nothing to compute; gradients of k and v are zero."""
     c = Case(0, 7, 4, 2, 32, 16, True)

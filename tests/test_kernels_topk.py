@@ -125,6 +125,7 @@ def full_check(q, k, v, idx, scale, causal, dtype, *, dlse=False, modes=(True, F
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_gqa_random_indices(dtype, causal):
     """GQA (Hq = 6, Hkv = 2), Dk = 24, Dv = 16 (padded tiles), random indices with -1 lanes first / last
     / a whole row; forward out / lse / max_logit, backward in both modes."""
@@ -137,6 +138,7 @@ def test_gqa_random_indices(dtype, causal):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_k_larger_than_s_and_bottom_right_causal(dtype):
     """K = 7 lanes over S = 4 keys (3 lanes -1 per row), T = 6 > S causal: bottom-right aligned, the
     first two tokens see no key (out 0, lse +inf, zero dq, no NaN); the dlse path."""
@@ -151,6 +153,7 @@ def test_k_larger_than_s_and_bottom_right_causal(dtype):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_heavy_sharing_and_determinism(causal):
     """Every query selects the same few keys (sinks, the last keys) plus a few random ones; the key
     blocks' lists are long enough to be split over several work items (fp32 partials, ordered
@@ -185,6 +188,7 @@ def test_heavy_sharing_and_determinism(causal):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_absorbed_mla_shape(dtype):
     """Absorbed MLA: Dk = 576 (512 latent + 64 rope), Dv = 512, one latent kv head, v = k[..., :512]
     (the shared tile is loaded once), value dim split over two programs, causal; small T and H."""
@@ -195,6 +199,7 @@ def test_absorbed_mla_shape(dtype):
     full_check(q, k, v, idx, 192**-0.5, True, dtype)
 
 
+@pytest.mark.interpreter
 def test_alias_equals_copy():
     """v a prefix view of k (with a rope tail): same results as an independent copy of those columns;
     dk holds only the score path, dv the value path."""
@@ -213,6 +218,7 @@ def test_alias_equals_copy():
 
 
 @pytest.mark.parametrize("stream", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
+@pytest.mark.interpreter
 def test_gpu_code_paths(stream):
     """The structure of the GPU configurations at small size: two column splits (own / other chunk, a
     two-piece tail), every stream level (fixed-side tiles resident or re-read), dV and dK in one launch
@@ -228,6 +234,7 @@ def test_gpu_code_paths(stream):
                configs={"dq": cfg, "dkdv_atomic": cfg, "dkdv_det": det})
 
 
+@pytest.mark.interpreter
 def test_rows_without_keys():
     """Every lane -1, or every listed key causally hidden: out 0, lse +inf, max_logit -inf, all
     gradients 0 (dk / dv written as zeros), nothing NaN."""
@@ -246,6 +253,7 @@ def test_rows_without_keys():
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_strided_inputs_and_outputs():
     """Non-contiguous q (a transposed view), k / v / indices sliced from larger tensors, a column-strided
     q (copied), outputs and lse written through strided views; dlse path in both modes."""
@@ -278,6 +286,7 @@ def test_strided_inputs_and_outputs():
     assert_close(o2, oracle(qcol, k, v, idx, 0.2, False)[0], name="out (column-strided q)")
 
 
+@pytest.mark.interpreter
 def test_empty_sizes():
     """B = 0 and T = 0 return empty results; S = 0 (no keys) gives out 0, lse +inf, zero gradients."""
     dtype = torch.float32
@@ -297,6 +306,7 @@ def test_empty_sizes():
 
 
 @pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter; large shape
+@pytest.mark.interpreter
 def test_bf16_absorbed_cuda_large():
     """The GPU configurations at the DeepSeek shape: 128 heads, K = 2048 of S = 4096, causal, bf16."""
     dtype = torch.bfloat16

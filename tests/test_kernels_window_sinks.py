@@ -20,7 +20,7 @@ from kernels import attention_bwd as bwd_mod  # noqa: E402
 from kernels import attention_fwd as fwd_mod  # noqa: E402
 from kernels._config import INTERPRET  # noqa: E402
 
-pytestmark = needs_kernels
+pytestmark = [needs_kernels, pytest.mark.interpreter]
 
 # (T, S, Hq, Hkv, Dk, Dv, (left, right), causal, sinks, alias): every left in {0, 1, 7, 128, >= S}, every
 # right in {0, 3, -1}, T < S, T > S (rows without keys), GQA, Dk != Dv, v a prefix view of k.

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import kernel_tol, rel_err
+from helpers import backend_params, kernel_tol, rel_err
 from oracle import attention, causal_keep
 
 from kernels.attention_bwd import attention_bwd_varlen
@@ -62,6 +62,7 @@ def _check(x, ref, tol, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [pytest.param("mixed", marks=pytest.mark.slow), "short_qk_differ"])
+@pytest.mark.interpreter
 def test_kernels_match_each_sequence_alone(dtype, causal, lengths):
     lq, lk = LENGTHS if lengths == "mixed" else SHORT
     if lengths == "mixed" and dtype == torch.float16 and not causal:
@@ -91,7 +92,7 @@ def test_kernels_match_each_sequence_alone(dtype, causal, lengths):
         assert torch.equal(a, b), "backward is not bitwise deterministic"
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_functional_gqa_alias_and_lse_grad(backend):
     """``latent_attention_varlen`` with GQA, the absorbed alias (v a prefix of k), and a loss on lse."""
     lq, lk = SHORT
@@ -110,6 +111,7 @@ def test_functional_gqa_alias_and_lse_grad(backend):
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(gq, rq) <= 1e-5 and rel_err(gk, rk) <= 1e-5
 
 
+@pytest.mark.interpreter
 def test_compile_fullgraph():
     lq, lk = SHORT
     q, k, v = _inputs(lq, lk, 2, 1, 16, 16, torch.float32)
@@ -146,7 +148,7 @@ def test_bad_offsets_raise(bad, match):
         latent_attention_varlen(q, k, v, **args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_causal_lm_packed_documents_match_separate_runs(backend):
     """``MLACausalLM(..., cu_seqlens=)``: each packed document gives the logits of running it alone
     (no attention across documents, positions restart per document)."""
