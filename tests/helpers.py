@@ -99,7 +99,8 @@ class Case:
 
     ``alias``: v is the prefix view ``k[..., :Dv]`` (absorbed MLA); ``strided``: non-contiguous inputs and
     output buffers; ``fwd_cfg`` / ``bwd_cfg``: forced kernel tile configurations. Block-sparse cases add
-    the mask: ``block`` (BLOCK_SIZE), ``pattern`` and ``bh`` (mask batch/head dims, 1 or B / Hq).
+    the mask: ``block`` (BLOCK_SIZE), ``pattern`` and ``bh`` (mask batch/head dims, 1 or B / Hq);
+    ``window`` / ``sinks``: a sliding window and attention sinks.
     ``name`` overrides the id built from the shape.
     """
 
@@ -121,6 +122,8 @@ class Case:
     bh: tuple[int, int] = (1, 1)
     check_determinism: bool = False
     seed: int = 0
+    window: tuple[int, int] = (-1, -1)  # (left, right) sliding window, -1 unbounded
+    sinks: bool = False  # one attention-sink logit per query head
     name: str = ""
 
     @property

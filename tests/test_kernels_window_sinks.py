@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import CUDA, DEVICE, assert_close, kernel_tol, needs_kernels, rel_err  # noqa: E402
+from helpers import CUDA, DEVICE, Case, assert_close, kernel_tol, needs_kernels, rel_err  # noqa: E402
 from oracle import attention, causal_keep, window_keep  # noqa: E402
 
 from kernels import attention_bwd as bwd_mod  # noqa: E402
@@ -22,17 +22,18 @@ from kernels._config import INTERPRET  # noqa: E402
 
 pytestmark = [needs_kernels, pytest.mark.interpreter]
 
-# (T, S, Hq, Hkv, Dk, Dv, (left, right), causal, sinks, alias): every left in {0, 1, 7, 128, >= S}, every
-# right in {0, 3, -1}, T < S, T > S (rows without keys), GQA, Dk != Dv, v a prefix view of k.
+# Every left in {0, 1, 7, 128, >= S}, every right in {0, 3, -1}, T < S, T > S (rows without keys), GQA,
+# Dk != Dv, v a prefix view of k.
 CASES = [
-    (9, 40, 4, 2, 16, 8, (0, 0), False, True, False),
-    (40, 9, 2, 1, 16, 16, (1, 3), True, False, False),
-    (33, 70, 2, 2, 24, 16, (7, -1), False, True, False),
-    (20, 20, 4, 1, 32, 16, (128, 3), False, False, True),
-    (12, 37, 2, 2, 16, 16, (-1, 3), False, True, False),
-    (35, 35, 2, 1, 16, 16, (7, 0), False, False, False),
-    (17, 50, 2, 2, 16, 16, (60, -1), True, True, True),
-    (45, 12, 2, 2, 16, 16, (1, -1), False, True, False),
+    Case(9, 40, 4, 2, 16, 8, window=(0, 0), sinks=True, name="T9S40w(0, 0)c0s1a0"),
+    Case(40, 9, 2, 1, 16, 16, causal=True, window=(1, 3), name="T40S9w(1, 3)c1s0a0"),
+    Case(33, 70, 2, 2, 24, 16, window=(7, -1), sinks=True, name="T33S70w(7, -1)c0s1a0"),
+    Case(20, 20, 4, 1, 32, 16, window=(128, 3), alias=True, name="T20S20w(128, 3)c0s0a1"),
+    Case(12, 37, 2, 2, 16, 16, window=(-1, 3), sinks=True, name="T12S37w(-1, 3)c0s1a0"),
+    Case(35, 35, 2, 1, 16, 16, window=(7, 0), name="T35S35w(7, 0)c0s0a0"),
+    Case(17, 50, 2, 2, 16, 16, causal=True, window=(60, -1), sinks=True, alias=True,
+         name="T17S50w(60, -1)c1s1a1"),
+    Case(45, 12, 2, 2, 16, 16, window=(1, -1), sinks=True, name="T45S12w(1, -1)c0s1a0"),
 ]
 
 
@@ -41,20 +42,21 @@ def _keep(T, S, window, causal):
     return keep & causal_keep(T, S) if causal else keep
 
 
-def _inputs(case, dtype, seed=0):
-    T, S, Hq, Hkv, Dk, Dv, _, _, sink, alias = case
+def _inputs(case: Case, dtype, seed=0):
+    c = case
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, T, Hq, Dk, generator=g).to(DEVICE, dtype)
-    k = torch.randn(1, S, Hkv, Dk, generator=g).to(DEVICE, dtype)
-    v = k[..., :Dv] if alias else torch.randn(1, S, Hkv, Dv, generator=g).to(DEVICE, dtype)
-    sinks = (torch.randn(Hq, generator=g) * 2).to(DEVICE) if sink else None
+    q = torch.randn(1, c.T, c.Hq, c.Dk, generator=g).to(DEVICE, dtype)
+    k = torch.randn(1, c.S, c.Hkv, c.Dk, generator=g).to(DEVICE, dtype)
+    v = k[..., :c.Dv] if c.alias else torch.randn(1, c.S, c.Hkv, c.Dv, generator=g).to(DEVICE, dtype)
+    sinks = (torch.randn(c.Hq, generator=g) * 2).to(DEVICE) if c.sinks else None
     return q, k, v, sinks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}S{c[1]}w{c[6]}c{c[7]:d}s{c[8]:d}a{c[9]:d}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_window_sinks_forward_backward(case, dtype):
-    T, S, Hq, Hkv, Dk, Dv, window, causal, _, alias = case
+    T, S, Hq, Dk, Dv, alias = case.T, case.S, case.Hq, case.Dk, case.Dv, case.alias
+    window, causal = case.window, case.causal
     q, k, v, sinks = _inputs(case, dtype)
     scale = Dk**-0.5
     nan = float("nan")
@@ -94,10 +96,10 @@ def test_window_sinks_forward_backward(case, dtype):
 def test_sinks_backward_is_deterministic():
     case = CASES[2]
     q, k, v, sinks = _inputs(case, torch.float32, seed=1)
-    o, l_, _ = fwd_mod.attention_fwd(q, k, v, 0.25, False, window_size=case[6], sinks=sinks)
+    o, l_, _ = fwd_mod.attention_fwd(q, k, v, 0.25, False, window_size=case.window, sinks=sinks)
     do = torch.randn_like(o)
-    a = bwd_mod.attention_bwd(do, q, k, v, o, l_, 0.25, False, window_size=case[6], sinks=sinks)
-    b = bwd_mod.attention_bwd(do, q, k, v, o, l_, 0.25, False, window_size=case[6], sinks=sinks)
+    a = bwd_mod.attention_bwd(do, q, k, v, o, l_, 0.25, False, window_size=case.window, sinks=sinks)
+    b = bwd_mod.attention_bwd(do, q, k, v, o, l_, 0.25, False, window_size=case.window, sinks=sinks)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
