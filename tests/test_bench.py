@@ -178,6 +178,7 @@ def test_targets_from_rows():
 # ---------------------------------------------------------------------------------------------------
 # The CPU quick suite end to end (the CI-sized run)
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cpu_quick_suite_writes_all_outputs(tmp_path):
     out = tmp_path / "bench"
     env = dict(os.environ)

@@ -9,7 +9,7 @@ uses the default (inductor) backend end to end.
 import pytest
 import torch
 import torch._dynamo
-from helpers import rel_err
+from helpers import backend_params, rel_err
 from torch._dynamo.utils import counters
 
 from mla import LatentAttention, LatentSparseAttention, MLACausalLM, MultiHeadLatentAttention, registry
@@ -71,8 +71,9 @@ MODULES = ["LatentAttention", "MultiHeadLatentAttention", "LatentSparseAttention
            "LatentSparseAttention-topk", "MLACausalLM"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name", MODULES)
+@pytest.mark.slow
 def test_fullgraph_no_recompile_matches_eager(name, backend):
     mod = _module(name, backend).to(DEVICE)
     torch._dynamo.reset()
@@ -92,6 +93,7 @@ def test_fullgraph_no_recompile_matches_eager(name, backend):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 def test_inductor_end_to_end_lm():
     mod = _module("MLACausalLM", "auto").to(DEVICE)
     torch._dynamo.reset()
@@ -196,6 +198,7 @@ def _op_args():
     return cases
 
 
+@pytest.mark.interpreter
 def test_every_op_has_an_opcheck_case():
     from mla import autograd
 
@@ -203,7 +206,14 @@ def test_every_op_has_an_opcheck_case():
     assert covered == set(autograd.OPS), set(autograd.OPS) - covered
 
 
-@pytest.mark.parametrize("case", range(len(_op_args())))
+#: opcheck cases left to the full suite (3-15 s each on a 2-core CPU); the everyday run keeps one forward and
+#: one backward dense case, the window/sink case, one decode, varlen forward, one top-k and one block-sparse case.
+SLOW_OPCHECK = {1, 3, 5, 6, 8, 9, 11, 12, 13, 14, 15, 17, 18, 19, 20, 21}
+
+
+@pytest.mark.parametrize("case", [pytest.param(i, marks=pytest.mark.slow) if i in SLOW_OPCHECK else i
+                                  for i in range(len(_op_args()))])
+@pytest.mark.interpreter
 def test_opcheck(case):
     from mla import autograd
 
@@ -212,7 +222,8 @@ def test_opcheck(case):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.slow
 def test_dynamic_true_fullgraph(backend):
     """``torch.compile(dynamic=True)`` makes float attributes (the softmax scale) symbolic: validation
     must not call math functions on them."""
@@ -243,7 +254,7 @@ def test_checked_indices_compile_fullgraph(layout):
     assert rel_err(fn(q, k), latent_attention(q, k, k, causal=True, **kw)) < 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_window_sinks_compile_fullgraph(backend):
     """window_size and sinks (issue 14) trace with fullgraph=True, forward and sink gradient."""
     from mla import latent_attention

@@ -1,12 +1,11 @@
 """mla_decode over a PagedLatentCache: reference and kernel against latent_attention on the gathered cache."""
 
-import math
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import assert_close, backend_params, paged_cache
+from oracle import paged_decode
 
-from mla import latent_attention
 from mla.cache import PagedLatentCache
 from mla.functional import mla_decode
 
@@ -29,68 +28,18 @@ def _backends():
 BACKENDS = _backends()
 
 
-def _tol(dtype):
-    return {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
-
-
 def make_paged(seqlens, Dk, page_size, dtype, scatter=True, seed=0, extra_pages=3, poison=True):
-    """Random rows per sequence placed into pages (scattered or in order); unused slots/pages hold NaN."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(seqlens)
-    n_pages = [math.ceil(L / page_size) for L in seqlens]
-    total = sum(n_pages) + extra_pages
-    perm = torch.randperm(total, generator=g)  # drawn either way so that the rows are the same
-    order = perm if scatter else torch.arange(total)
-    pool = torch.full((total, page_size, 1, Dk), float("nan") if poison else 0.0, dtype=torch.float64)
-    width = max(n_pages + [1]) + 2
-    table = torch.full((B, width), -1, dtype=torch.int32)
-    rows = []
-    nxt = 0
-    for b, L in enumerate(seqlens):
-        r = torch.randn(L, Dk, generator=g, dtype=torch.float64)
-        rows.append(r)
-        for p in range(n_pages[b]):
-            pid = int(order[nxt])
-            nxt += 1
-            table[b, p] = pid
-            chunk = r[p * page_size:(p + 1) * page_size]
-            pool[pid, : chunk.shape[0], 0] = chunk
-        table[b, n_pages[b]:] = 10**6 if b % 2 else -1  # garbage past the length: never read
-    return pool.to(DEVICE, dtype), table.to(DEVICE), torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), rows
-
-
-def expected(q, rows, seqlens, Dv, scale, causal, topk=None):
-    """latent_attention (reference, float64) per sequence over its gathered contiguous rows."""
-    B, Tq, H, Dk = q.shape
-    outs, lses = [], []
-    for b, L in enumerate(seqlens):
-        if L == 0:
-            outs.append(torch.zeros(Tq, H, Dv, dtype=torch.float64))
-            lses.append(torch.full((H, Tq), math.inf, dtype=torch.float64))
-            continue
-        k = rows[b][None, :, None, :]
-        idx = None
-        if topk is not None:
-            t = topk[b].clone().long()
-            t = torch.where(t >= L, -1, t)
-            idx = t[None, :, None, :].to(torch.int32)
-            # drop duplicates of -1 only (indices are unique by construction)
-        o, lse = latent_attention(q[b:b + 1].double().cpu(), k, k[..., :Dv], causal=causal, softmax_scale=scale,
-                                  topk_indices=idx, return_lse=True, backend="reference")
-        outs.append(o[0])
-        lses.append(lse[0])
-    return torch.stack(outs), torch.stack(lses)
+    """helpers.paged_cache on this file's device: ``(kv_cache, block_table, cache_seqlens, rows)``."""
+    return paged_cache(seqlens, Dk, page_size, dtype, scatter=scatter, seed=seed, extra_pages=extra_pages,
+                       poison=poison, device=DEVICE)
 
 
 def _check(out, lse, ref, ref_lse, dtype):
-    assert torch.isfinite(out).all()
-    assert rel_err(out.cpu(), ref) < _tol(dtype)
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
-    fin = torch.isfinite(ref_lse)
-    assert torch.allclose(lse.cpu().double()[fin], ref_lse[fin], atol=1e-3 if dtype != torch.float32 else 1e-5)
+    assert_close(out, ref, dtype=dtype, name="out")
+    assert_close(lse, ref_lse, name="lse")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_empty_row_scattered_pages_nan_slots(backend, dtype):
     L = 37
@@ -99,16 +48,16 @@ def test_empty_row_scattered_pages_nan_slots(backend, dtype):
     pool, table, sl, rows = make_paged(seqlens, Dk, ps, dtype)
     q = torch.randn(4, 1, H, Dk, dtype=torch.float64).to(DEVICE, dtype)
     out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.2, head_dim_v=Dv, backend=backend)
-    ref, ref_lse = expected(q, rows, seqlens, Dv, 0.2, False)
+    ref, ref_lse = paged_decode(q, rows, 0.2, Dv, False)
     _check(out, lse, ref, ref_lse, dtype)
     assert (out[3] == 0).all() and torch.isinf(lse[3]).all()
     # the same data laid out contiguously gives the same result
     pool2, table2, sl2, _ = make_paged(seqlens, Dk, ps, dtype, scatter=False)
     out2, _ = mla_decode(q, pool2, table2, sl2, softmax_scale=0.2, head_dim_v=Dv, backend=backend)
-    assert rel_err(out2.cpu(), out.cpu()) < _tol(dtype)
+    assert_close(out2, out, dtype=dtype, name="out (contiguous pages)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("seqlens,ps,Tq,causal", [
     ([1, 5], 4, 1, False),
     ([19, 7, 33], 8, 3, True),
@@ -120,11 +69,12 @@ def test_lengths_pages_causal(backend, seqlens, ps, Tq, causal):
     pool, table, sl, rows = make_paged(seqlens, Dk, ps, dtype, seed=1)
     q = torch.randn(len(seqlens), Tq, H, Dk, dtype=torch.float64).to(DEVICE, dtype)
     out, lse = mla_decode(q, pool, table, sl, softmax_scale=Dk**-0.5, head_dim_v=Dv, causal=causal, backend=backend)
-    ref, ref_lse = expected(q, rows, seqlens, Dv, Dk**-0.5, causal)
+    ref, ref_lse = paged_decode(q, rows, Dk**-0.5, Dv, causal)
     _check(out, lse, ref, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.interpreter
 def test_num_splits(num_splits):
     backend = BACKENDS[-1]
     seqlens = [45, 12]
@@ -132,11 +82,11 @@ def test_num_splits(num_splits):
     q = torch.randn(2, 1, 4, 48, dtype=torch.float64).to(DEVICE, torch.float32)
     out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.15, head_dim_v=32, num_splits=num_splits,
                           backend=backend)
-    ref, ref_lse = expected(q, rows, seqlens, 32, 0.15, False)
+    ref, ref_lse = paged_decode(q, rows, 0.15, 32, False)
     _check(out, lse, ref, ref_lse, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_topk_decode(backend):
     seqlens = [30, 9, 20]
     Dk, Dv, H, Tq, K = 48, 32, 4, 2, 8
@@ -152,18 +102,18 @@ def test_topk_decode(backend):
     for causal in (False, True):
         out, lse = mla_decode(q, pool, table, sl, softmax_scale=0.2, head_dim_v=Dv, topk_indices=topk,
                               causal=causal, backend=backend)
-        ref, ref_lse = expected(q, rows, seqlens, Dv, 0.2, causal, topk.cpu())
+        ref, ref_lse = paged_decode(q, rows, 0.2, Dv, causal, topk.cpu())
         _check(out, lse, ref, ref_lse, torch.float32)
         assert (out[2, 0] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_absorbed_shape(backend):
     seqlens = [70, 3]
     pool, table, sl, rows = make_paged(seqlens, 576, 64, torch.float16, seed=5)
     q = (torch.randn(2, 1, 16, 576, dtype=torch.float64) * 0.3).to(DEVICE, torch.float16)
     out, lse = mla_decode(q, pool, table, sl, softmax_scale=192**-0.5, head_dim_v=512, backend=backend)
-    ref, ref_lse = expected(q, rows, seqlens, 512, 192**-0.5, False)
+    ref, ref_lse = paged_decode(q, rows, 192**-0.5, 512, False)
     _check(out, lse, ref, ref_lse, torch.float16)
 
 

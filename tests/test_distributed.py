@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
-)
+)]
 
 SMALL = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2, kv_lora_rank=32)
 MODEL_FLAGS = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--kv-lora-rank", "32"]

@@ -36,6 +36,7 @@ def _env(**extra) -> dict:
         ("quickstart.py", ["--steps", "3", "--new-tokens", "8", "--no-progress"]),
     ],
 )
+@pytest.mark.slow
 def test_example_runs(script, args, tmp_path):
     # Triton hidden: a CPU user with the plain `pip install -e .` has none.
     env = _env(PYTHONPATH=os.pathsep.join(filter(None, [_hide(tmp_path, "triton"), os.environ.get("PYTHONPATH")])))

@@ -12,12 +12,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import backend_params, kernel_tol, rel_err
+from oracle import attention, causal_keep
 
 from kernels import block_sparse as bs
 from mla import autograd
 from mla.functional import latent_attention
 from mla.sparsity import BlockMask, as_block_mask
-from tests.helpers import causal_keep, full_attention, kernel_tol, rel_err
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -96,16 +97,17 @@ def _flex_out(q, k, v, fmask, scale):
     return o.transpose(1, 2)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("documents", "default_block_128")
+                                  else n for n in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_matches_flex_attention(name, dtype, backend):
     fmask, keep, B, Hq, Hkv, T = _make(name)
     assert fmask.kv_num_blocks.sum() > 0 or fmask.full_kv_num_blocks.sum() > 0
     q, k, v = _qkv(B, T, Hq, Hkv, 24, 16, dtype)
     scale = 0.3
     out, lse = latent_attention(q, k, v, block_mask=fmask, softmax_scale=scale, backend=backend, return_lse=True)
-    ref_out, ref_lse = full_attention(q.detach(), k.detach(), v.detach(), scale, keep)
+    ref_out, ref_lse, _ = attention(q.detach(), k.detach(), v.detach(), scale, keep)
     tol = kernel_tol(dtype)
     assert rel_err(out, _flex_out(q, k, v, fmask, scale)) <= max(tol, 2e-6)
     assert rel_err(out, ref_out) <= tol
@@ -114,12 +116,13 @@ def test_matches_flex_attention(name, dtype, backend):
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref64, _ = full_attention(q64, k64, v64, scale, keep)
+    ref64, _, _ = attention(q64, k64, v64, scale, keep)
     ref_grads = torch.autograd.grad(ref64, (q64, k64, v64), do.double())
     for what, g, r in zip("qkv", grads, ref_grads):
         assert rel_err(g, r) <= tol * 4, f"d{what}"
 
 
+@pytest.mark.interpreter
 def test_block_aligned_mask_is_not_empty():
     """A block-aligned mask keeps every block in ``full_kv_*`` (``kv_*`` empty): it must not run as empty."""
     T, bsz = 48, 16
@@ -137,6 +140,8 @@ def test_block_aligned_mask_is_not_empty():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_kernels_poisoned_outputs_with_causal_flag(dtype):
     """Launchers with partial blocks write every element (outputs pre-filled with NaN); ``causal=True``
     combines with the mask (prefix-LM & causal = causal); a query block listing no key block gives 0 /
@@ -159,7 +164,7 @@ def test_kernels_poisoned_outputs_with_causal_flag(dtype):
     lse = torch.full((1, Hq, T), math.nan)
     bs.block_sparse_attention_fwd(q, k, v, hole.kv_num_blocks, hole.kv_indices, hole.BLOCK_SIZE, scale, True,
                                   out=out, lse=lse, kv_partial=hole.kv_partial, partial_bits=hole.partial_bits)
-    ref_out, ref_lse = full_attention(q, k, v, scale, keep)
+    ref_out, ref_lse, _ = attention(q, k, v, scale, keep)
     tol = kernel_tol(dtype)
     assert rel_err(out, ref_out) <= tol
     assert torch.isinf(lse[..., bm:2 * bm]).all() and (out[:, bm:2 * bm] == 0).all()
@@ -173,7 +178,7 @@ def test_kernels_poisoned_outputs_with_causal_flag(dtype):
                                          partial_bits=hole.partial_bits)
            for x, y, z in ((dq, dk, dv), tuple(torch.full(t.shape, math.nan, dtype=dtype) for t in (q, k, v)))]
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref64, _ = full_attention(q64, k64, v64, scale, keep)
+    ref64, _, _ = attention(q64, k64, v64, scale, keep)
     ref_grads = torch.autograd.grad(ref64, (q64, k64, v64), do.double())
     for what, g, r in zip("qkv", res[0], ref_grads):
         assert rel_err(g, r) <= tol * 4, f"d{what}"
@@ -181,6 +186,7 @@ def test_kernels_poisoned_outputs_with_causal_flag(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.interpreter
 def test_hand_built_mask_without_blocks_allowed():
     T = 32
     kvn = torch.tensor([[[1, 0]]], dtype=torch.int32)
@@ -194,7 +200,7 @@ def test_hand_built_mask_without_blocks_allowed():
     # The block lists rule, as in FlexAttention's kernels (its eager CPU path reads only mask_mod).
     keep = torch.zeros(T, T, dtype=torch.bool)
     keep[:16, :16] = True
-    ref, _ = full_attention(q.detach(), k.detach(), v.detach(), 16**-0.5, keep)
+    ref, _, _ = attention(q.detach(), k.detach(), v.detach(), 16**-0.5, keep)
     assert rel_err(out, ref) <= 1e-5
 
 
@@ -223,6 +229,8 @@ def test_wrong_type_message_names_both_classes():
         latent_attention(q, k, v, block_mask=object())
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_opcheck_with_partial_blocks():
     fmask, _, B, Hq, Hkv, T = _make("window")
     m = as_block_mask(fmask)
@@ -239,6 +247,7 @@ def test_opcheck_with_partial_blocks():
         assert all(r == "SUCCESS" for r in result.values()), result
 
 
+@pytest.mark.interpreter
 def test_compile_fullgraph_with_converted_mask():
     fmask, keep, B, Hq, Hkv, T = _make("window")
     m = BlockMask.from_flex(fmask)
@@ -246,11 +255,11 @@ def test_compile_fullgraph_with_converted_mask():
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: latent_attention(q, k, v, block_mask=m, backend="triton"),
                        fullgraph=True, backend="aot_eager")
-    ref, _ = full_attention(q, k, v, 16**-0.5, keep)
+    ref, _, _ = attention(q, k, v, 16**-0.5, keep)
     assert rel_err(fn(q, k, v), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_queries_differ_from_keys_with_causal_flag(backend):
     """T != S (a chunk of 30 queries after 20 cached keys): a shifted window mask_mod combined with our
     bottom-right ``causal`` flag equals the oracle on (mask & causal); gradients included."""
@@ -267,7 +276,7 @@ def test_queries_differ_from_keys_with_causal_flag(backend):
     q, k, v = (torch.randn(*s, generator=g).requires_grad_() for s in ((1, T, 2, 16), (1, S, 1, 16), (1, S, 1, 8)))
     out = latent_attention(q, k, v, block_mask=fmask, causal=True, softmax_scale=0.3, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = full_attention(q64, k64, v64, 0.3, keep)
+    ref, _, _ = attention(q64, k64, v64, 0.3, keep)
     assert rel_err(out, ref) <= 1e-5
     do = torch.randn(out.shape, generator=g)
     for what, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), do),

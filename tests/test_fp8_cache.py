@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import backend_params, rel_err
 from test_decode import BACKENDS, make_paged
 
 from mla import MLACausalLM, MLAConfig
@@ -111,6 +111,7 @@ def _topk(Tq, K=12, seed=0):
 @pytest.mark.parametrize("topk", [False, True])
 @pytest.mark.parametrize("Tq", [1, 2])
 @pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.interpreter
 def test_kernel_equals_reference_over_dequantized(topk, Tq, num_splits):
     from kernels.decode import mla_decode_fwd
 
@@ -141,6 +142,7 @@ def test_kernel_equals_reference_over_dequantized(topk, Tq, num_splits):
     (256, 0, {"BLOCK_DV": 128, "DV_SPLIT": 2}),  # value columns split over two programs, no rope
     (384, 16, {"BLOCK_DV": 256, "DV_SPLIT": 2, "BLOCK_DR": 16}),  # masked partial latent block
 ])
+@pytest.mark.interpreter
 def test_kernel_variants(Dv, dr, config):
     from kernels.decode import mla_decode_fwd
 
@@ -154,6 +156,7 @@ def test_kernel_variants(Dv, dr, config):
 
 
 @pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
+@pytest.mark.interpreter
 def test_kernel_fp16_queries():
     Dv, dr = 128, 32
     data, deq, table, sl = _fp8_paged(Dv, dr, seed=5)
@@ -171,7 +174,7 @@ def test_kernel_fp16_queries():
 FP8_VS_FULL_TOL = 0.04
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_fp8_close_to_unquantized(backend):
     Dv, dr = 256, 32
     pool, table, sl, _ = make_paged([40, 17], Dv + dr, 8, torch.float32, seed=3)

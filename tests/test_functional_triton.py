@@ -58,6 +58,7 @@ def _run(backend, q, k, v, Dv, causal, with_lse_loss, **kw):
     ],
     ids=["gqa-causal", "empty-rows", "mqa", "alias"],
 )
+@pytest.mark.interpreter
 def test_triton_matches_reference_with_grads(dtype, B, T, S, Hq, Hkv, Dk, Dv, causal, alias):
     q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, dtype, alias=alias)
     ref, ref_g = _run("reference", q, k, v, Dv, causal, True, return_max_logit=True)
@@ -78,6 +79,7 @@ def test_auto_backend_picks_reference_on_cpu_and_triton_on_cuda():
     assert res.backend == ("triton" if DEVICE == "cuda" else "reference")
 
 
+@pytest.mark.interpreter
 def test_modules_through_kernels():
     torch.manual_seed(0)
     attn = LatentAttention(64, 4, 0.5, backend="triton").to(DEVICE)
@@ -110,6 +112,8 @@ def test_modules_through_kernels():
     ],
     ids=["gqa-per-head", "absorbed-per-token", "uneven"],
 )
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_block_mask_through_kernels(Hq, Hkv, Dk, Dv, alias, block, per_head, causal):
     B, T, S = 2, 19, 23
     q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, torch.float32, seed=3, alias=alias)
@@ -130,6 +134,7 @@ def test_block_mask_through_kernels(Hq, Hkv, Dk, Dv, alias, block, per_head, cau
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.interpreter
 def test_causal_block_mask_through_kernels_equals_dense():
     q, k, v = _inputs(1, 20, 20, 2, 1, 16, 16, torch.float32, seed=3)
     bm = causal_block_mask(20, 20, 8, device=DEVICE)
@@ -139,7 +144,8 @@ def test_causal_block_mask_through_kernels_equals_dense():
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("alias", [False, True])
+@pytest.mark.parametrize("alias", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.interpreter
 def test_topk_through_kernels(deterministic, alias):
     B, T, S, Hq, Hkv, Dk, Dv, K = 1, 6, 13, 4, 1 if alias else 2, 32, 16, 5
     q, k, v = _inputs(B, T, S, Hq, Hkv, Dk, Dv, torch.float32, seed=4, alias=alias)
@@ -157,6 +163,7 @@ def test_topk_through_kernels(deterministic, alias):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.interpreter
 def test_sparse_module_topk_through_kernels():
     from mla import registry
 
@@ -173,6 +180,8 @@ def test_sparse_module_topk_through_kernels():
     assert st.backend == "triton" and rel_err(a, b) < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_sparse_module_block_mode_through_kernels():
     from mla import LatentSparseAttention, registry
 

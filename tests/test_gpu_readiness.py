@@ -142,6 +142,7 @@ def _precisions(seen) -> set:
 
 @needs_interp
 @pytest.mark.parametrize("allow", [None, True, False, "torch"])
+@pytest.mark.interpreter
 def test_dense_and_block_sparse_launchers_pass_dot_precision(monkeypatch, set_tf32, allow):
     from kernels import attention_bwd, attention_fwd, block_sparse
 
@@ -171,6 +172,8 @@ def test_dense_and_block_sparse_launchers_pass_dot_precision(monkeypatch, set_tf
 
 @needs_interp
 @pytest.mark.parametrize("allow", [None, True])
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_topk_and_decode_launchers_pass_dot_precision(monkeypatch, set_tf32, allow):
     from kernels import decode, topk_sparse
 

@@ -1,33 +1,26 @@
-"""Split-KV MLA decode kernel (kernels.decode) against an independent float64 formula.
+"""Split-KV MLA decode kernel (kernels.decode) against the float64 oracle (tests/oracle.py).
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before triton is imported; the guard below does the same when this file runs alone). fp32 and
-fp16 only there: the interpreter's bf16 ``tl.dot`` is broken (DESIGN §6), bf16 runs on CUDA.
+before triton is imported). fp32 and
+fp16 only there: the interpreter's bf16 ``tl.dot`` is broken (docs/design.md §6), bf16 runs on CUDA.
 Every launch writes into NaN-poisoned ``out`` / ``lse`` buffers, so an element the kernel
 forgets to write fails the comparison.
 """
 
 import math
-import os
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close, needs_kernels, paged_cache
+from oracle import paged_decode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels._config import HAS_TRITON
 
-from kernels._config import HAS_TRITON, INTERPRET  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not INTERPRET),
-    reason="needs triton with CUDA, or the triton interpreter (TRITON_INTERPRET=1) on CPU",
-)
+pytestmark = needs_kernels
 
 if HAS_TRITON:
     from kernels.decode import MAX_SPLITS, choose_num_splits, compile_specs, decode_config, mla_decode_fwd
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # the Hopper configuration splits a 512-wide value dim over two programs; run that path here too
 SPLIT_DV = {"BLOCK_DV": 32, "DV_SPLIT": 2}
@@ -36,75 +29,14 @@ SPLIT_DV = {"BLOCK_DV": 32, "DV_SPLIT": 2}
 # ------------------------------------------------------------------------------------------------
 # inputs and the float64 oracle
 # ------------------------------------------------------------------------------------------------
-def make_cache(seqlens, dk, page_size, dtype, *, scatter=True, extra_pages=2, seed=0, poison=True,
-               table_width=None):
-    """Random cache rows per sequence (float64 masters) placed into pages, in random page order
-    (``scatter``) or in order. Unused slots and spare pages hold NaN (``poison``); block-table
-    entries past a sequence's pages are -1 (even b) or a huge garbage id (odd b)."""
-    g = torch.Generator().manual_seed(seed)
-    n_pages = [math.ceil(L / page_size) for L in seqlens]
-    total = sum(n_pages) + extra_pages
-    perm = torch.randperm(total, generator=g)
-    order = perm if scatter else torch.arange(total)
-    fill = float("nan") if poison else 0.0
-    pool = torch.full((total, page_size, 1, dk), fill, dtype=torch.float64)
-    width = table_width or max(n_pages + [0]) + 2
-    table = torch.full((len(seqlens), width), -1, dtype=torch.int32)
-    rows, nxt = [], 0
-    for b, L in enumerate(seqlens):
-        r = torch.randn(L, dk, generator=g, dtype=torch.float64)
-        rows.append(r.to(dtype).double())
-        for p in range(n_pages[b]):
-            pid = int(order[nxt])
-            nxt += 1
-            table[b, p] = pid
-            chunk = r[p * page_size:(p + 1) * page_size]
-            pool[pid, :chunk.shape[0], 0] = chunk
-        table[b, n_pages[b]:] = -1 if b % 2 == 0 else 2**30 + 7
-    seq = torch.tensor(seqlens, dtype=torch.int32)
-    return pool.to(DEVICE, dtype), table.to(DEVICE), seq.to(DEVICE), rows
+def make_cache(seqlens, dk, page_size, dtype, **kw):
+    """helpers.paged_cache on this file's device: ``(kv_cache, block_table, cache_seqlens, rows)``."""
+    return paged_cache(seqlens, dk, page_size, dtype, device=DEVICE, **kw)
 
 
 def make_q(B, Tq, H, dk, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, Tq, H, dk, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-
-
-def oracle(q, rows, scale, dv, causal=False, topk=None):
-    """float64 (out [B, Tq, H, dv], lse [B, H, Tq]) from the gathered per-sequence rows; the full
-    score matrix with masks; a row with no visible key gives 0 and +inf."""
-    B, Tq, H, _ = q.shape
-    out = torch.zeros(B, Tq, H, dv, dtype=torch.float64)
-    lse = torch.full((B, H, Tq), math.inf, dtype=torch.float64)
-    for b in range(B):
-        k = rows[b]
-        L = k.shape[0]
-        keep = torch.ones(Tq, L, dtype=torch.bool)
-        if causal:
-            keep &= torch.arange(L)[None, :] <= (L - Tq + torch.arange(Tq))[:, None]
-        if topk is not None:
-            sel = torch.zeros(Tq, L, dtype=torch.bool)
-            for t in range(Tq):
-                for j in topk[b, t].tolist():
-                    if 0 <= j < L:
-                        sel[t, j] = True
-            keep &= sel
-        s = torch.einsum("thd,sd->ths", q[b].double().cpu(), k) * scale
-        s = s.masked_fill(~keep[:, None, :], -math.inf)
-        m = torch.logsumexp(s, -1)  # [Tq, H]
-        empty = torch.isneginf(m)
-        p = torch.exp(s - torch.where(empty, 0.0, m)[..., None])
-        out[b] = torch.einsum("ths,sd->thd", p, k[:, :dv])
-        lse[b] = torch.where(empty, math.inf, m).T
-    return out, lse
-
-
-def rel(x, ref):
-    x = x.double().cpu()
-    if not torch.isfinite(x).all():
-        return math.inf
-    den = ref.norm()
-    return float((x - ref).norm() / den) if den > 0 else float((x - ref).norm())
 
 
 def run(q, cache, table, seq, scale, dv, **kw):
@@ -118,16 +50,10 @@ def run(q, cache, table, seq, scale, dv, **kw):
 
 
 def check(o, lse, ref_o, ref_lse, dtype):
-    """Output within the dtype's tolerance; lse +inf exactly where the oracle's is, close elsewhere."""
+    """Output and lse against the oracle (lse +inf exactly where the oracle's is)."""
     assert o.dtype == dtype and lse.dtype == torch.float32
-    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
-    err = rel(o, ref_o)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
-    lse = lse.double().cpu()
-    inf = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse), inf) and (lse[inf] > 0).all()
-    if (~inf).any():
-        assert (lse[~inf] - ref_lse[~inf]).abs().max() <= 1e-4 * max(1.0, ref_lse[~inf].abs().max())
+    assert_close(o, ref_o, name="out")
+    assert_close(lse, ref_lse, name="lse")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,6 +61,7 @@ def check(o, lse, ref_o, ref_lse, dtype):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.interpreter
 def test_empty_sequence_row(dtype, num_splits):
     """cache_seqlens = [L, L, L, 0]: the empty sequence gives 0 and lse = +inf, the others are
     unaffected (equal to a launch without it)."""
@@ -142,7 +69,7 @@ def test_empty_sequence_row(dtype, num_splits):
     cache, table, seq, rows = make_cache([L, L, L, 0], dk, 16, dtype)
     q = make_q(4, 1, H, dk, dtype)
     o, lse = run(q, cache, table, seq, dk**-0.5, dv, num_splits=num_splits)
-    ro, rl = oracle(q, rows, dk**-0.5, dv)
+    ro, rl = paged_decode(q, rows, dk**-0.5, dv)
     check(o, lse, ro, rl, dtype)
     assert (o[3] == 0).all() and torch.isposinf(lse[3]).all()
     o3, lse3 = run(q[:3], cache, table[:3], seq[:3], dk**-0.5, dv, num_splits=num_splits)
@@ -150,6 +77,7 @@ def test_empty_sequence_row(dtype, num_splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_scattered_pages_equal_contiguous(dtype):
     """The same rows in randomly ordered pages and in consecutive pages give the same result."""
     dk, dv, H = 48, 32, 4
@@ -161,10 +89,11 @@ def test_scattered_pages_equal_contiguous(dtype):
     o1, l1 = run(q, c1, t1, s1, 0.2, dv, num_splits=2)
     o2, l2 = run(q, c2, t2, s2, 0.2, dv, num_splits=2)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
-    check(o1, l1, *oracle(q, rows, 0.2, dv), dtype)
+    check(o1, l1, *paged_decode(q, rows, 0.2, dv), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.interpreter
 def test_nan_pages_and_garbage_block_table(num_splits):
     """NaN in every unused slot and page, -1 / huge ids in unused block-table entries (and a table
     much wider than needed): finite output, equal to the launch over a clean cache."""
@@ -177,11 +106,12 @@ def test_nan_pages_and_garbage_block_table(num_splits):
     o1, l1 = run(q, c1, t1, s1, 0.3, dv, num_splits=num_splits)
     o2, l2 = run(q, c2, t2, s2, 0.3, dv, num_splits=num_splits)
     assert torch.isfinite(o1).all() and torch.equal(o1, o2) and torch.equal(l1, l2)
-    check(o1, l1, *oracle(q, rows, 0.3, dv), dtype)
+    check(o1, l1, *paged_decode(q, rows, 0.3, dv), dtype)
 
 
 @pytest.mark.parametrize("page_size", [16, 64, 7])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_lengths_and_page_sizes(page_size, dtype):
     """S = 1, S not a multiple of the page or of the key tile; key tiles that span pages (7)."""
     dk, dv, H = 48, 32, 4
@@ -189,11 +119,13 @@ def test_lengths_and_page_sizes(page_size, dtype):
     cache, table, seq, rows = make_cache(lens, dk, page_size, dtype)
     q = make_q(4, 1, H, dk, dtype)
     o, lse = run(q, cache, table, seq, dk**-0.5, dv, num_splits=2)
-    check(o, lse, *oracle(q, rows, dk**-0.5, dv), dtype)
+    check(o, lse, *paged_decode(q, rows, dk**-0.5, dv), dtype)
 
 
-@pytest.mark.parametrize("tq,causal", [(1, False), (2, False), (3, True), (1, True)])
+@pytest.mark.parametrize("tq,causal", [(1, False), (2, False), pytest.param(3, True, marks=pytest.mark.slow),
+                                       (1, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_query_tokens_and_causal(tq, causal, dtype):
     """Tq query tokens packed with the heads (Tq * H > BLOCK_H: several head groups); causal is
     bottom-right aligned per sequence; a causal row before the cache (L < Tq) is empty."""
@@ -203,13 +135,14 @@ def test_query_tokens_and_causal(tq, causal, dtype):
     q = make_q(3, tq, H, dk, dtype)
     for ns in (1, 3):
         o, lse = run(q, cache, table, seq, 0.25, dv, causal=causal, num_splits=ns)
-        ro, rl = oracle(q, rows, 0.25, dv, causal=causal)
+        ro, rl = paged_decode(q, rows, 0.25, dv, causal=causal)
         check(o, lse, ro, rl, dtype)
     if causal and tq == 3:
         assert torch.isposinf(lse[1, :, 0]).all() and (o[1, 0] == 0).all()  # L=2: row 0 sees nothing
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("num_splits", [1, 2, 7, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.interpreter
 def test_num_splits(num_splits):
     """Any split count gives the same answer, also more splits than pages / key tiles (empty
     splits contribute exactly 0)."""
@@ -218,10 +151,11 @@ def test_num_splits(num_splits):
     cache, table, seq, rows = make_cache(lens, dk, 16, dtype)
     q = make_q(2, 2, H, dk, dtype)
     o, lse = run(q, cache, table, seq, 0.2, dv, causal=True, num_splits=num_splits)
-    check(o, lse, *oracle(q, rows, 0.2, dv, causal=True), dtype)
+    check(o, lse, *paged_decode(q, rows, 0.2, dv, causal=True), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_value_split_across_programs(dtype):
     """DV_SPLIT = 2 (the GPU configuration for Dv = 512): two programs own half the value columns
     each; same result, with and without the split merge."""
@@ -230,20 +164,22 @@ def test_value_split_across_programs(dtype):
     q = make_q(3, 2, H, dk, dtype)
     for ns, causal in ((1, False), (3, True)):
         o, lse = run(q, cache, table, seq, 0.2, dv, causal=causal, num_splits=ns, config=SPLIT_DV)
-        check(o, lse, *oracle(q, rows, 0.2, dv, causal=causal), dtype)
+        check(o, lse, *paged_decode(q, rows, 0.2, dv, causal=causal), dtype)
 
 
 @pytest.mark.parametrize("dk,dv", [(48, 32), (80, 64), (64, 64), (40, 24)])
+@pytest.mark.interpreter
 def test_generic_head_dims(dk, dv):
     """Padded / masked tiles for head dims that are not powers of two, and Dk == Dv (no rope part)."""
     dtype, H = torch.float32, 3
     cache, table, seq, rows = make_cache([21, 6], dk, 16, dtype)
     q = make_q(2, 2, H, dk, dtype)
     o, lse = run(q, cache, table, seq, dk**-0.5, dv, causal=True, num_splits=2)
-    check(o, lse, *oracle(q, rows, dk**-0.5, dv, causal=True), dtype)
+    check(o, lse, *paged_decode(q, rows, dk**-0.5, dv, causal=True), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
 def test_absorbed_deepseek_shape(dtype):
     """Dk = 576 (512 latent + 64 rope), Dv = 512, H = 16, with the scale of the absorbed form;
     the direct path, the split merge, and the Hopper value split (2 x 256 columns)."""
@@ -251,12 +187,13 @@ def test_absorbed_deepseek_shape(dtype):
     cache, table, seq, rows = make_cache([40, 7], dk, 16, dtype, seed=3)
     q = make_q(2, 1, H, dk, dtype, seed=4)
     scale = 192**-0.5
-    ro, rl = oracle(q, rows, scale, dv)
+    ro, rl = paged_decode(q, rows, scale, dv)
     for ns, cfg in ((1, None), (2, None), (2, {"BLOCK_DV": 256, "DV_SPLIT": 2})):
         o, lse = run(q, cache, table, seq, scale, dv, num_splits=ns, config=cfg)
         check(o, lse, ro, rl, dtype)
 
 
+@pytest.mark.interpreter
 def test_query_strides_and_layouts():
     """q with non-packed strides (a transposed view) and an lse view with odd strides."""
     dtype, dk, dv, H, Tq = torch.float32, 48, 32, 4, 2
@@ -265,16 +202,17 @@ def test_query_strides_and_layouts():
     assert q.stride(1) != H * q.stride(2)
     lse_store = torch.full((2, Tq, H), float("nan"), device=DEVICE)
     o, lse = mla_decode_fwd(q, cache, table, seq, 0.2, dv, num_splits=2, lse=lse_store.transpose(1, 2))
-    check(o, lse, *oracle(q, rows, 0.2, dv), dtype)
+    check(o, lse, *paged_decode(q, rows, 0.2, dv), dtype)
     assert torch.isfinite(lse_store).all()
 
 
+@pytest.mark.interpreter
 def test_default_num_splits_and_empty_batch():
     dtype, dk, dv, H = torch.float32, 48, 32, 4
     cache, table, seq, rows = make_cache([25, 3], dk, 16, dtype)
     q = make_q(2, 1, H, dk, dtype)
     o, lse = mla_decode_fwd(q, cache, table, seq, 0.2, dv)  # num_splits chosen
-    check(o, lse, *oracle(q, rows, 0.2, dv), dtype)
+    check(o, lse, *paged_decode(q, rows, 0.2, dv), dtype)
     o0, l0 = mla_decode_fwd(q[:0], cache, table[:0], seq[:0], 0.2, dv)
     assert o0.shape == (0, 1, H, dv) and l0.shape == (0, H, 1)
 
@@ -301,6 +239,8 @@ def _topk(B, Tq, K, lens, seed=5):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_topk_decode(causal, dtype):
     """Top-k indices shared by the heads of a token: -1 lanes (first, last, all), indices >= L
     ignored, causal limits per query token; split and direct, value split."""
@@ -309,7 +249,7 @@ def test_topk_decode(causal, dtype):
     cache, table, seq, rows = make_cache(lens, dk, 16, dtype)
     idx = _topk(4, Tq, K, lens)
     q = make_q(4, Tq, H, dk, dtype)
-    ro, rl = oracle(q, rows, 0.2, dv, causal=causal, topk=idx)
+    ro, rl = paged_decode(q, rows, 0.2, dv, causal=causal, topk=idx)
     for ns, cfg in ((1, None), (3, None), (2, SPLIT_DV)):
         o, lse = run(q, cache, table, seq, 0.2, dv, causal=causal, topk_indices=idx.to(DEVICE),
                      num_splits=ns, config=cfg)
@@ -318,6 +258,7 @@ def test_topk_decode(causal, dtype):
     assert torch.isposinf(lse[3]).all()  # empty sequence
 
 
+@pytest.mark.interpreter
 def test_topk_four_dim_indices_and_causal_empty_row():
     """[B, Tq, 1, K] indices are accepted; a causal token whose limit is below 0 sees nothing."""
     dtype, dk, dv, H, Tq = torch.float32, 48, 32, 2, 3
@@ -326,7 +267,7 @@ def test_topk_four_dim_indices_and_causal_empty_row():
     q = make_q(2, Tq, H, dk, dtype)
     o, lse = run(q, cache, table, seq, 0.2, dv, causal=True, topk_indices=idx[:, :, None].to(DEVICE),
                  num_splits=2)
-    check(o, lse, *oracle(q, rows, 0.2, dv, causal=True, topk=idx), dtype)
+    check(o, lse, *paged_decode(q, rows, 0.2, dv, causal=True, topk=idx), dtype)
     assert torch.isposinf(lse[0, :, 0]).all()  # L = 2, Tq = 3: token 0 sees no key
 
 
@@ -393,7 +334,8 @@ def test_validation_errors():
         mla_decode_fwd(q, cache, table, seq, 0.2, dv, topk_indices=torch.zeros(1, 2, 3, dtype=torch.int32))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is broken under the interpreter")
+@pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter
+@pytest.mark.interpreter
 def test_bf16_absorbed_cuda():
     dtype, dk, dv, H = torch.bfloat16, 576, 512, 128
     lens = [1, 700, 4096, 0]
@@ -401,4 +343,4 @@ def test_bf16_absorbed_cuda():
     q = make_q(4, 2, H, dk, dtype)
     for ns in (None, 1, 5):
         o, lse = run(q, cache, table, seq, 192**-0.5, dv, causal=True, num_splits=ns)
-        check(o, lse, *oracle(q, rows, 192**-0.5, dv, causal=True), dtype)
+        check(o, lse, *paged_decode(q, rows, 192**-0.5, dv, causal=True), dtype)

@@ -1,36 +1,27 @@
 """Top-k sparse attention kernels (kernels.topk_sparse), forward and backward, against a float64 formula.
 
-The oracle is dense attention with the equivalent element mask (a key is kept for a query iff it is
-listed in the query's top-k row, is in ``[0, S)`` and, with causal, at most ``i + S - T``), written
-here independently of the kernels and of ``mla.reference``; its gradients come from autograd.
+The oracle (tests/oracle.py) is dense attention with the equivalent element mask (a key is kept for a
+query iff it is listed in the query's top-k row, is in ``[0, S)`` and, with causal, at most
+``i + S - T``); its gradients come from autograd.
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
 shapes stay small and the dtypes are fp32 and fp16 (the interpreter's bf16 ``tl.dot`` is broken,
-DESIGN §6); on CUDA the same cases run compiled with the GPU configurations, plus bf16. Every output
+docs/design.md §6); on CUDA the same cases run compiled with the GPU configurations, plus bf16. Every output
 is written into a NaN-poisoned buffer (``out=`` / ``lse=`` / ``dq=`` / ``dk=`` / ``dv=``), so an
 element a kernel forgets fails the comparison.
 """
 
 from __future__ import annotations
 
-import math
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, assert_close, needs_kernels, random_qkv
+from helpers import rel_err as rel
+from oracle import attention, attention_grads, topk_keep
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels._config import HAS_TRITON, INTERPRET
 
-from helpers import rel_err as rel  # noqa: E402
-
-from kernels._config import HAS_TRITON, INTERPRET  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or (DEVICE == "cpu" and not INTERPRET),
-    reason="needs triton with CUDA, or the triton interpreter (TRITON_INTERPRET=1) on CPU",
-)
+pytestmark = needs_kernels
 
 if HAS_TRITON:
     from kernels.topk_sparse import (
@@ -45,7 +36,6 @@ if HAS_TRITON:
         topk_config,
     )
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
@@ -53,12 +43,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 # inputs and the float64 oracle
 # ------------------------------------------------------------------------------------------------
 def make_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype, *, alias=False, seed=0):
-    """Random q, k, v (float64 masters rounded to ``dtype``); with ``alias`` v is ``k[..., :Dv]``."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, Hq, Dk, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    k = torch.randn(B, S, Hkv, Dk, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    v = k[..., :Dv] if alias else torch.randn(B, S, Hkv, Dv, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    return q, k, v
+    """helpers.random_qkv on this file's device."""
+    return random_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype, DEVICE, seed, alias=alias)
 
 
 def make_idx(B, T, Hkv, K, S, *, seed=1, holes=True):
@@ -82,66 +68,13 @@ def make_idx(B, T, Hkv, K, S, *, seed=1, holes=True):
     return idx.to(DEVICE)
 
 
-def keep_mask(idx, T, S, Hq, causal):
-    """bool ``[B, Hq, T, S]``: query (b, h, t) attends to key s."""
-    B, _, Hkv, _ = idx.shape
-    j = idx.long().cpu()
-    t = torch.arange(T).view(1, T, 1, 1)
-    valid = (j >= 0) & (j < S)
-    if causal:
-        valid &= j <= t + (S - T)
-    keep = torch.zeros(B, Hkv, T, S + 1, dtype=torch.bool)
-    keep.scatter_(3, torch.where(valid, j, S).permute(0, 2, 1, 3), True)
-    return keep[..., :S].repeat_interleave(Hq // Hkv, dim=1)
-
-
 def oracle(q, k, v, idx, scale, causal, do=None, dlse=None):
-    """float64 ``(out, lse, max_logit, grads)``: dense attention under ``keep_mask``; rows without keys
-    give out 0 and lse +inf, heads without keys max_logit -inf. ``grads`` = (dq, dk, dv) of
-    ``sum(out * do) + sum(lse * dlse)`` over the rows with keys (None without ``do``); v is its own
-    leaf, so dk is the score path and dv the value path even when v aliases k."""
-    B, T, Hq, _ = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    qd, kd, vd = (x.detach().cpu().double().clone().requires_grad_(True) for x in (q, k, v))
-    keep = keep_mask(idx, T, S, Hq, causal)
-    s = torch.einsum("bthd,bshd->bhts", qd, kd.repeat_interleave(G, dim=2)) * scale
-    s = s.masked_fill(~keep, -math.inf)
-    m = s.amax(dim=-1, keepdim=True).detach() if S > 0 else s.new_full((B, Hq, T, 1), -math.inf)
-    empty = torch.isneginf(m)
-    m0 = torch.where(empty, 0.0, m)
-    e = torch.exp(s - m0)
-    denom = e.sum(dim=-1, keepdim=True)
-    d1 = torch.where(denom == 0, 1.0, denom)
-    out = torch.einsum("bhts,bshe->bthe", e / d1, vd.repeat_interleave(G, dim=2))
-    lse_fin = (m0 + torch.log(d1)).squeeze(-1)
-    lse = torch.where(empty.squeeze(-1), math.inf, lse_fin)
-    max_logit = m.squeeze(-1).amax(dim=-1) if T > 0 else s.new_full((B, Hq), -math.inf)
-    grads = None
-    if do is not None:
-        loss = (out * do.detach().cpu().double()).sum()
-        if dlse is not None:
-            loss = loss + (torch.where(empty.squeeze(-1), 0.0, lse_fin) * dlse.detach().cpu().double()).sum()
-        loss.backward()
-        grads = (qd.grad, kd.grad, vd.grad)
-    return out.detach(), lse.detach(), max_logit, grads
-
-
-def check_close(x, ref, dtype, what):
-    err = rel(x, ref)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
-
-
-def check_stat(x, ref, what):
-    """fp32 statistic: no NaN, ±inf exactly where the oracle has them, finite entries close."""
-    x = x.detach().double().cpu()
-    assert x.dtype == torch.float64 and not torch.isnan(x).any(), f"{what}: NaN"
-    inf = torch.isinf(ref)
-    assert torch.equal(torch.isinf(x), inf), f"{what}: ±inf pattern differs"
-    assert torch.equal(x[inf], ref[inf]), f"{what}: wrong infinity sign"
-    if (~inf).any():
-        tol = 1e-4 * max(1.0, ref[~inf].abs().max().item())
-        assert (x[~inf] - ref[~inf]).abs().max().item() <= tol, f"{what}: off by more than {tol:.2g}"
+    """The float64 oracle under the top-k element mask: ``(out, lse, max_logit, grads)``, grads = (dq, dk,
+    dv) of ``Σ out·do + Σ lse·dlse`` (None without ``do``)."""
+    keep = topk_keep(idx, q.shape[1], k.shape[1], q.shape[2], causal)
+    out, lse, max_logit = attention(q, k, v, scale, keep)
+    grads = None if do is None else attention_grads(q, k, v, scale, do, keep, dlse=dlse)
+    return out, lse, max_logit, grads
 
 
 def nan_like(x, dtype=None):
@@ -173,15 +106,15 @@ def full_check(q, k, v, idx, scale, causal, dtype, *, dlse=False, modes=(True, F
     dl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(DEVICE, torch.float32) if dlse else None
     ro, rl, rml, rg = oracle(q, k, v, idx, scale, causal, do, dl)
     assert o.dtype == dtype
-    check_close(o, ro, dtype, "out")
-    check_stat(lse, rl, "lse")
-    check_stat(ml, rml, "max_logit")
+    assert_close(o, ro, name="out")
+    assert_close(lse, rl, name="lse")
+    assert_close(ml, rml, name="max_logit")
     res = {}
     for det in modes:
         grads = run_bwd(do, q, k, v, o, lse, idx, scale, causal, dlse=dl, deterministic=det, configs=configs)
         for name, x, r in zip(("dq", "dk", "dv"), grads, rg):
             assert x.dtype == dtype
-            check_close(x, r, dtype, f"{name} (deterministic={det})")
+            assert_close(x, r, name=f"{name} (deterministic={det})")
         res[det] = grads
     return (o, lse, ml), res, do, dl
 
@@ -191,6 +124,8 @@ def full_check(q, k, v, idx, scale, causal, dtype, *, dlse=False, modes=(True, F
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_gqa_random_indices(dtype, causal):
     """GQA (Hq = 6, Hkv = 2), Dk = 24, Dv = 16 (padded tiles), random indices with -1 lanes first / last
     / a whole row; forward out / lse / max_logit, backward in both modes."""
@@ -202,6 +137,8 @@ def test_gqa_random_indices(dtype, causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_k_larger_than_s_and_bottom_right_causal(dtype):
     """K = 7 lanes over S = 4 keys (3 lanes -1 per row), T = 6 > S causal: bottom-right aligned, the
     first two tokens see no key (out 0, lse +inf, zero dq, no NaN); the dlse path."""
@@ -215,6 +152,8 @@ def test_k_larger_than_s_and_bottom_right_causal(dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_heavy_sharing_and_determinism(causal):
     """Every query selects the same few keys (sinks, the last keys) plus a few random ones; the key
     blocks' lists are long enough to be split over several work items (fp32 partials, ordered
@@ -248,6 +187,8 @@ def test_heavy_sharing_and_determinism(causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_absorbed_mla_shape(dtype):
     """Absorbed MLA: Dk = 576 (512 latent + 64 rope), Dv = 512, one latent kv head, v = k[..., :512]
     (the shared tile is loaded once), value dim split over two programs, causal; small T and H."""
@@ -258,6 +199,7 @@ def test_absorbed_mla_shape(dtype):
     full_check(q, k, v, idx, 192**-0.5, True, dtype)
 
 
+@pytest.mark.interpreter
 def test_alias_equals_copy():
     """v a prefix view of k (with a rope tail): same results as an independent copy of those columns;
     dk holds only the score path, dv the value path."""
@@ -275,7 +217,8 @@ def test_alias_equals_copy():
         assert rel(a, b) <= 1e-6
 
 
-@pytest.mark.parametrize("stream", [0, 1, 2])
+@pytest.mark.parametrize("stream", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
+@pytest.mark.interpreter
 def test_gpu_code_paths(stream):
     """The structure of the GPU configurations at small size: two column splits (own / other chunk, a
     two-piece tail), every stream level (fixed-side tiles resident or re-read), dV and dK in one launch
@@ -291,6 +234,7 @@ def test_gpu_code_paths(stream):
                configs={"dq": cfg, "dkdv_atomic": cfg, "dkdv_det": det})
 
 
+@pytest.mark.interpreter
 def test_rows_without_keys():
     """Every lane -1, or every listed key causally hidden: out 0, lse +inf, max_logit -inf, all
     gradients 0 (dk / dv written as zeros), nothing NaN."""
@@ -308,6 +252,8 @@ def test_rows_without_keys():
                 assert (g == 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_strided_inputs_and_outputs():
     """Non-contiguous q (a transposed view), k / v / indices sliced from larger tensors, a column-strided
     q (copied), outputs and lse written through strided views; dlse path in both modes."""
@@ -326,8 +272,8 @@ def test_strided_inputs_and_outputs():
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     dl = torch.randn(l_.shape, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
     ro, rl, _, rg = oracle(q, k, v, idx, 0.2, True, do, dl)
-    check_close(o, ro, dtype, "out")
-    check_stat(l_, rl, "lse")
+    assert_close(o, ro, name="out")
+    assert_close(l_, rl, name="lse")
     qcol = torch.randn(B, T, Hq, 2 * Dk, dtype=torch.float64).to(DEVICE, dtype)[..., ::2]  # last stride 2
     for det in (True, False):
         dqb = torch.full((B, Hq, T, Dk), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
@@ -335,11 +281,12 @@ def test_strided_inputs_and_outputs():
                                         True, dlse=dl, deterministic=det, dq=dqb)
         assert dq is dqb
         for name, x, r in zip(("dq", "dk", "dv"), (dq, dk, dv), rg):
-            check_close(x, r, dtype, name)
+            assert_close(x, r, name=name)
     o2, l2, _ = topk_attention_fwd(qcol, k, v, idx, 0.2, False)
-    check_close(o2, oracle(qcol, k, v, idx, 0.2, False)[0], dtype, "out (column-strided q)")
+    assert_close(o2, oracle(qcol, k, v, idx, 0.2, False)[0], name="out (column-strided q)")
 
 
+@pytest.mark.interpreter
 def test_empty_sizes():
     """B = 0 and T = 0 return empty results; S = 0 (no keys) gives out 0, lse +inf, zero gradients."""
     dtype = torch.float32
@@ -358,7 +305,8 @@ def test_empty_sizes():
     assert (dq == 0).all() and dk.shape == (2, 0, 1, 16)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is broken under the interpreter; large shape")
+@pytest.mark.cuda  # bf16 tl.dot is broken under the interpreter; large shape
+@pytest.mark.interpreter
 def test_bf16_absorbed_cuda_large():
     """The GPU configurations at the DeepSeek shape: 128 heads, K = 2048 of S = 4096, causal, bf16."""
     dtype = torch.bfloat16
@@ -384,7 +332,7 @@ def test_key_major_index_matches_brute_force():
     for causal in (False, True):
         kmi = build_key_major_index(idx, S, causal, bn, group=3, rows_per_item=6)
         nkb = -(-S // bn)
-        keep = keep_mask(idx, T, S, Hkv, causal)  # [B, Hkv, T, S] (group 1)
+        keep = topk_keep(idx, T, S, Hkv, causal)  # [B, Hkv, T, S] (group 1)
         off = kmi.offsets.cpu()
         ent_t, lo, hi = kmi.ent_t.cpu(), kmi.ent_lo.cpu(), kmi.ent_hi.cpu()
         for b in range(B):

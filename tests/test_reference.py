@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import causal_keep, full_attention, random_qkv, rel_err
+from helpers import random_qkv, rel_err
+from oracle import attention, causal_keep
 
 from mla import latent_attention
 from mla.reference import attention_reference
@@ -19,7 +20,7 @@ def _run(q, k, v, **kw):
 def test_dense_matches_formula(dtype, tol):
     q, k, v = random_qkv(2, 5, 9, 3, 3, 16, 16, dtype=dtype)
     out, lse = _run(q, k, v)
-    ref, ref_lse = full_attention(q, k, v, 16**-0.5)
+    ref, ref_lse, _ = attention(q, k, v, 16**-0.5)
     assert out.dtype == dtype and out.shape == (2, 5, 3, 16)
     assert lse.shape == (2, 3, 5)
     assert rel_err(out, ref) < tol
@@ -32,11 +33,11 @@ def test_causal_bottom_right_t_lt_s():
     out, lse = _run(q, k, v, causal=True)
     keep = causal_keep(3, 7)
     assert keep[0].tolist() == [True] * 5 + [False] * 2
-    ref, ref_lse = full_attention(q, k, v, 8**-0.5, keep)
+    ref, ref_lse, _ = attention(q, k, v, 8**-0.5, keep)
     assert rel_err(out, ref) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
     # top-left alignment (SDPA's is_causal) would give a different answer
     tl = torch.ones(3, 7, dtype=torch.bool).tril()
-    ref_tl, _ = full_attention(q, k, v, 8**-0.5, tl)
+    ref_tl, _, _ = attention(q, k, v, 8**-0.5, tl)
     assert rel_err(out, ref_tl) > 1e-3
 
 
@@ -48,7 +49,7 @@ def test_empty_rows_zero_output_inf_lse_zero_grads():
     assert (out[:, :4] == 0).all()
     assert torch.isinf(lse[:, :, :4]).all() and (lse[:, :, :4] > 0).all()
     assert torch.isfinite(lse[:, :, 4:]).all()
-    ref, ref_lse = full_attention(q.detach(), k.detach(), v.detach(), 8**-0.5, causal_keep(7, 3))
+    ref, ref_lse, _ = attention(q.detach(), k.detach(), v.detach(), 8**-0.5, causal_keep(7, 3))
     assert rel_err(out, ref) < 1e-12
     (out * torch.randn_like(out)).sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
@@ -57,7 +58,7 @@ def test_empty_rows_zero_output_inf_lse_zero_grads():
 
 def test_gqa_dk_ne_dv_long_s_chunked():
     q, k, v = random_qkv(1, 9, 1025, 6, 2, 24, 16, dtype=torch.float64, seed=3)
-    ref, ref_lse = full_attention(q, k, v, 24**-0.5, causal_keep(9, 1025))
+    ref, ref_lse, _ = attention(q, k, v, 24**-0.5, causal_keep(9, 1025))
     for chunk in (None, 1, 4):
         out, lse, _ = attention_reference(q, k, v, causal=True, chunk_size=chunk)
         assert out.shape == (1, 9, 6, 16)
@@ -82,8 +83,8 @@ def test_softmax_scale_applied():
     # With at least two keys a scale error changes the output (one key would hide it).
     q, k, v = random_qkv(1, 4, 6, 2, 2, 8, 8, seed=7)
     out, _ = _run(q, k, v, softmax_scale=0.3)
-    ref, _ = full_attention(q, k, v, 0.3)
-    default, _ = full_attention(q, k, v, 8**-0.5)
+    ref, _, _ = attention(q, k, v, 0.3)
+    default, _, _ = attention(q, k, v, 8**-0.5)
     assert rel_err(out, ref) < 1e-12
     assert rel_err(out, default) > 1e-3
 
@@ -99,7 +100,7 @@ def test_block_mask_matches_element_mask(bshape):
     for causal in (False, True):
         out, lse = _run(q, k, v, block_mask=bm, causal=causal)
         keep = bm.to_element_mask(causal=causal)
-        ref, ref_lse = full_attention(q, k, v, 8**-0.5, keep)
+        ref, ref_lse, _ = attention(q, k, v, 8**-0.5, keep)
         assert rel_err(out, ref) < 1e-12
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
         assert (out[:, 16:32] == 0).all()
@@ -121,26 +122,24 @@ def test_topk_with_minus_one_and_more_lanes_than_keys():
     idx[0, 0] = -1  # an all -1 row
     out, lse = _run(q, k, v, topk_indices=idx)
     keep = topk_to_dense_mask(idx, S).repeat_interleave(Hq // Hkv, dim=1)
-    ref, ref_lse = full_attention(q, k, v, 8**-0.5, keep)
+    ref, ref_lse, _ = attention(q, k, v, 8**-0.5, keep)
     assert rel_err(out, ref) < 1e-12
     assert (out[0, 0] == 0).all() and torch.isinf(lse[0, :, 0]).all()
     # causal additionally masks
     out_c, _ = _run(q, k, v, topk_indices=idx, causal=True)
-    ref_c, _ = full_attention(q, k, v, 8**-0.5, keep & causal_keep(T, S))
+    ref_c, _, _ = attention(q, k, v, 8**-0.5, keep & causal_keep(T, S))
     assert rel_err(out_c, ref_c) < 1e-12
 
 
 def test_max_logit():
     q, k, v = random_qkv(2, 5, 7, 4, 2, 8, 8, seed=9)
     _, _, ml = attention_reference(q, k, v, causal=True, softmax_scale=0.5, return_max_logit=True)
-    s = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(2, 2)) * 0.5
-    s = s.masked_fill(~causal_keep(5, 7), -math.inf)
-    assert torch.allclose(ml, s.amax(dim=(-1, -2)))
+    assert torch.allclose(ml, attention(q, k, v, 0.5, causal_keep(5, 7))[2])
 
 
 def test_low_precision_inputs_accumulate_in_fp32():
     q, k, v = random_qkv(1, 16, 40, 2, 1, 32, 32, seed=8)
-    ref, _ = full_attention(q, k, v, 32**-0.5)
+    ref, _, _ = attention(q, k, v, 32**-0.5)
     for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 1e-2)):
         out, lse = _run(q.to(dtype), k.to(dtype), v.to(dtype))
         assert out.dtype == dtype and lse.dtype == torch.float32
@@ -212,7 +211,7 @@ def test_fused_cpu_dispatch_matches_chunked_path(B, T, S, Hq, Hkv, Dk, Dv, causa
     with torch.no_grad():
         out, lse, _ = attention_reference(q, k, v, **kw)
         want, want_lse, _ = attention_reference(q, k, v, fused_cpu=False, **kw)
-        exact, exact_lse = full_attention(q, k, v, 0.37, causal_keep(T, S) if causal else None)
+        exact, exact_lse, _ = attention(q, k, v, 0.37, causal_keep(T, S) if causal else None)
     assert fused_calls == ([True] if dispatched else [False] if causal and T > S else [])
     assert rel_err(out, exact) < 1e-5 and rel_err(want, exact) < 1e-5
     seen = torch.isfinite(exact_lse)

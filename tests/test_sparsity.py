@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import causal_keep
+from oracle import causal_keep
 
 from mla.sparsity import (
     BlockMask,

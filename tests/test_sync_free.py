@@ -10,7 +10,7 @@ size only known after running): ``_strict`` rejects both, so these tests fail on
 import pytest
 import torch
 import torch._dynamo
-from helpers import rel_err
+from helpers import backend_params, rel_err
 from torch._dynamo.utils import counters
 
 from mla import MLACausalLM, registry
@@ -88,8 +88,9 @@ def _prefill(model, prompts, page_size, max_tokens):
 ATTENTIONS = [("mla", "block"), ("sparse", "block"), ("sparse", "topk")]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("attention,mode", ATTENTIONS, ids=["dense", "sparse-block", "sparse-topk"])
+@pytest.mark.slow
 def test_paged_decode_step_is_one_sync_free_graph(attention, mode, backend):
     """One whole decode step (all layers, cache writes, sparse selection, attention over the pages:
     the reference, or the decode kernel's op) compiles with fullgraph and no data-dependent value; later
@@ -244,6 +245,8 @@ def test_key_major_index_slot_budget():
     assert int(used.max()) < max(1, capped.n_slots)
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_topk_forward_backward_triton_compiles_without_syncs():
     """Top-k sparse attention forward + deterministic backward on the Triton path (the interpreter on
     CPU) through torch.compile: one graph, no data-dependent values, gradients as eager."""
@@ -273,6 +276,8 @@ def test_topk_forward_backward_triton_compiles_without_syncs():
 
 
 @pytest.mark.parametrize("mode", ["block", "topk"])
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_sparse_module_training_step_is_sync_free(mode):
     """LatentSparseAttention forward + backward (selection, block mask / top-k indices, the Triton ops,
     tensor stats) is one graph with no data-dependent value."""
@@ -289,6 +294,7 @@ def test_sparse_module_training_step_is_sync_free(mode):
     assert all(p.grad is not None for n, p in mod.named_parameters() if not n.startswith("indexer."))
 
 
+@pytest.mark.interpreter
 def test_topk_backward_launcher_makes_no_host_sync(monkeypatch):
     """The deterministic top-k backward launcher (index build included) never turns a tensor into a
     Python value: every such conversion raises while it runs."""

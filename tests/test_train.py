@@ -215,6 +215,7 @@ def test_request_stop_saves_and_resumes_identically(tmp_path, corpus, monkeypatc
     ]
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_saves_and_prints_resume_command(tmp_path):
     """SIGINT to a running ``python -m mla.train``: exit 130, a checkpoint, the resume command, no traceback."""
     import signal
@@ -314,6 +315,7 @@ def test_max_time_stops_early(corpus):
 # -------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_writes_json_lines(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     cmd = [

@@ -10,12 +10,13 @@ import math
 
 import pytest
 import torch
+from helpers import backend_params, kernel_tol, rel_err
+from oracle import attention, causal_keep
 
 from kernels.attention_bwd import attention_bwd_varlen
 from kernels.attention_fwd import attention_fwd_varlen
 from mla import autograd
 from mla.functional import latent_attention_varlen
-from tests.helpers import causal_keep, full_attention, kernel_tol, rel_err
 
 #: (query lengths, key lengths) of the packed sequences: empty, single-token, tails of the 16/32 tiles.
 LENGTHS = ([0, 1, 17, 130, 257], [0, 1, 17, 130, 257])
@@ -41,7 +42,7 @@ def _per_sequence(q, k, v, do, lq, lk, scale, causal):
     for b in range(len(lq)):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         qq, kk, vv = (t.detach().double()[None].requires_grad_() for t in (q[qs], k[ks], v[ks]))
-        o, lse = full_attention(qq, kk, vv, scale, causal_keep(lq[b], lk[b]) if causal else None)
+        o, lse, _ = attention(qq, kk, vv, scale, causal_keep(lq[b], lk[b]) if causal else None)
         if o.numel():
             gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), do[qs][None].double(), allow_unused=True)
         else:
@@ -61,6 +62,7 @@ def _check(x, ref, tol, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [pytest.param("mixed", marks=pytest.mark.slow), "short_qk_differ"])
+@pytest.mark.interpreter
 def test_kernels_match_each_sequence_alone(dtype, causal, lengths):
     lq, lk = LENGTHS if lengths == "mixed" else SHORT
     if lengths == "mixed" and dtype == torch.float16 and not causal:
@@ -90,7 +92,7 @@ def test_kernels_match_each_sequence_alone(dtype, causal, lengths):
         assert torch.equal(a, b), "backward is not bitwise deterministic"
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_functional_gqa_alias_and_lse_grad(backend):
     """``latent_attention_varlen`` with GQA, the absorbed alias (v a prefix of k), and a loss on lse."""
     lq, lk = SHORT
@@ -109,6 +111,7 @@ def test_functional_gqa_alias_and_lse_grad(backend):
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(gq, rq) <= 1e-5 and rel_err(gk, rk) <= 1e-5
 
 
+@pytest.mark.interpreter
 def test_compile_fullgraph():
     lq, lk = SHORT
     q, k, v = _inputs(lq, lk, 2, 1, 16, 16, torch.float32)
@@ -145,7 +148,7 @@ def test_bad_offsets_raise(bad, match):
         latent_attention_varlen(q, k, v, **args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_causal_lm_packed_documents_match_separate_runs(backend):
     """``MLACausalLM(..., cu_seqlens=)``: each packed document gives the logits of running it alone
     (no attention across documents, positions restart per document)."""

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from helpers import causal_keep, full_attention, random_qkv, rel_err, window_keep_oracle
+from helpers import random_qkv, rel_err
+from oracle import attention, causal_keep, window_keep
 
-from mla import latent_attention
+from mla import latent_attention, reference
 from mla.functional import attention_with_stats
-from mla.reference import window_keep
 
 
 def _ref(q, k, v, **kw):
@@ -19,7 +19,7 @@ def _ref(q, k, v, **kw):
 @pytest.mark.parametrize("left", [-1, 0, 1, 7, 128])
 @pytest.mark.parametrize("right", [-1, 0, 3])
 def test_window_keep_matches_elementwise_definition(T, S, left, right):
-    assert torch.equal(window_keep(0, T, T, S, (left, right)), window_keep_oracle(T, S, left, right))
+    assert torch.equal(reference.window_keep(0, T, T, S, (left, right)), window_keep(T, S, left, right))
 
 
 @pytest.mark.parametrize("left,right,causal", [(0, 0, False), (1, -1, False), (7, 3, False), (128, 3, True),
@@ -28,10 +28,10 @@ def test_window_reference_matches_oracle(left, right, causal):
     T, S = 7, 12
     q, k, v = random_qkv(2, T, S, 4, 2, 8, 6, dtype=torch.float64, seed=left + 7 * right)
     out, lse = _ref(q, k, v, window_size=(left, right), causal=causal)
-    keep = window_keep_oracle(T, S, left, right)
+    keep = window_keep(T, S, left, right)
     if causal:
         keep = keep & causal_keep(T, S)
-    ref, ref_lse = full_attention(q, k, v, 8**-0.5, keep)
+    ref, ref_lse, _ = attention(q, k, v, 8**-0.5, keep)
     assert rel_err(out, ref) < 1e-12
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     fin = torch.isfinite(ref_lse)
@@ -52,12 +52,12 @@ def test_sinks_values_and_grads_match_oracle(window, causal):
     q, k, v = random_qkv(2, T, S, Hq, 2, 8, 6, dtype=torch.float64, seed=3, requires_grad=True)
     sinks = torch.randn(Hq, dtype=torch.float32).requires_grad_(True)
     out, lse = _ref(q, k, v, causal=causal, window_size=window, sinks=sinks)
-    keep = window_keep_oracle(T, S, *window)
+    keep = window_keep(T, S, *window)
     if causal:
         keep = keep & causal_keep(T, S)
     s64 = sinks.detach().double().requires_grad_(True)
     q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    ref, ref_lse = full_attention(q2, k2, v2, 8**-0.5, keep, sinks=s64)
+    ref, ref_lse, _ = attention(q2, k2, v2, 8**-0.5, keep, sinks=s64)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref) < 1e-12
     assert rel_err(lse, ref_lse) < 1e-6  # sinks are float32
@@ -109,7 +109,7 @@ def test_attention_with_stats_carries_window_and_sinks():
     q, k, v = random_qkv(1, 4, 4, 2, 2, 8, 8, dtype=torch.float32)
     sinks = torch.zeros(2)
     res = attention_with_stats(q, k, v, window_size=(1, 0), sinks=sinks, backend="reference")
-    ref, ref_lse = full_attention(q, k, v, 8**-0.5, window_keep_oracle(4, 4, 1, 0), sinks=sinks)
+    ref, ref_lse, _ = attention(q, k, v, 8**-0.5, window_keep(4, 4, 1, 0), sinks=sinks)
     assert rel_err(res.out, ref) < 1e-5 and rel_err(res.lse, ref_lse) < 1e-5
     assert math.isfinite(float(res.max_logit.max()))
 
@@ -128,8 +128,8 @@ def test_decode_reference_window_and_sinks():
         L = int(lens[b])
         rows = cache[table[b].long()].reshape(-1, D)[:L]
         k = rows[None, :, None]
-        keep = window_keep_oracle(Tq, L, 2, 0)
-        ref, ref_lse = full_attention(q[b : b + 1], k, k[..., :Dv], D**-0.5, keep, sinks=sinks)
+        keep = window_keep(Tq, L, 2, 0)
+        ref, ref_lse, _ = attention(q[b : b + 1], k, k[..., :Dv], D**-0.5, keep, sinks=sinks)
         assert rel_err(out[b : b + 1], ref) < 1e-12 and rel_err(lse[b : b + 1], ref_lse) < 1e-6
 
 
@@ -144,5 +144,5 @@ def test_window_with_block_mask_on_kernels_is_refused_and_auto_falls_back():
     with pytest.raises(ValueError, match="window_size"):
         latent_attention(q, k, v, block_mask=bm, window_size=(2, 0), backend="triton")
     res = attention_with_stats(q, k, v, block_mask=bm, window_size=(2, 0), causal=True)
-    keep = window_keep_oracle(8, 8, 2, 0) & causal_keep(8, 8)
-    assert res.backend == "reference" and rel_err(res.out, full_attention(q, k, v, 8**-0.5, keep)[0]) < 1e-5
+    keep = window_keep(8, 8, 2, 0) & causal_keep(8, 8)
+    assert res.backend == "reference" and rel_err(res.out, attention(q, k, v, 8**-0.5, keep)[0]) < 1e-5

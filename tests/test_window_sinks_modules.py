@@ -58,6 +58,7 @@ def test_paged_decode_matches_full_forward():
 
 
 @pytest.mark.skipif(not _triton_usable(torch.device("cpu"))[0], reason="needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_module_on_kernels_matches_reference():
     ref, tri = _module("reference"), _module("triton")
     x = torch.randn(1, 10, 32)
