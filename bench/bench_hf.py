@@ -229,14 +229,16 @@ def bench_device(args, device: torch.device, name: str = "deepseek_v3") -> list[
 
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` sets only the contexts, budget and min steps not given explicitly."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", "--models", dest="models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="transformers model types, default all (see the module docstring)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, plus CUDA when available")
-    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--quick", action="store_true", help="contexts 128 512, budget 0.5 s")
+    p.add_argument("--contexts", type=int, nargs="+", default=None, help="default 512 2048 8192")
+    p.add_argument("--quick", action="store_true",
+                   help="contexts 128 512, budget 0.5 s, min steps 2 (options given explicitly win)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
@@ -246,9 +248,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--attn", default="sdpa", help="attn_implementation of the unpatched model (sdpa, eager)")
     p.add_argument("--form", default="auto", choices=["auto", "naive", "absorbed"])
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of decoding per measurement")
-    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: fp32 CPU, bf16 CUDA")
+    p.add_argument("--budget", type=float, default=None, help="seconds of decoding per measurement (default 2)")
+    p.add_argument("--min-steps", type=int, default=None, help="default 3")
     p.add_argument("--max-steps", type=int, default=64)
     p.add_argument("--prefill", choices=["random", "model"], default="random",
                    help="random: fill the transformers cache with random latents (fast; decode cost is the same);\n"
@@ -258,10 +261,32 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
+    defaults = {"contexts": [128, 512], "budget": 0.5, "min_steps": 2} if args.quick else \
+        {"contexts": [512, 2048, 8192], "budget": 2.0, "min_steps": 3}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for flag, values in (("--contexts", args.contexts), ("--batch", [args.batch]), ("--hidden", [args.hidden]),
+                         ("--heads", [args.heads]), ("--layers", [args.layers or 1]), ("--vocab", [args.vocab]),
+                         ("--min-steps", [args.min_steps]), ("--max-steps", [args.max_steps]),
+                         ("--prefill-chunk", [args.prefill_chunk])):
+        if min(values) < 1:
+            p.error(f"{flag}: expected integers >= 1, got {min(values)}")
+    if args.max_steps < args.min_steps:
+        p.error(f"--max-steps: expected >= --min-steps ({args.min_steps}), got {args.max_steps}")
+    if args.budget <= 0:
+        p.error(f"--budget: expected seconds > 0, got {args.budget}")
+    if args.threads < 0:
+        p.error(f"--threads: expected >= 0, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.contexts, args.budget, args.min_steps = [128, 512], 0.5, 2
     devices = []
     if args.device in ("auto", "cpu"):
         devices.append(torch.device("cpu"))

@@ -297,3 +297,32 @@ def test_plain_log_ticks():
     plt.close(fig)
     assert labels and not any("times" in s or "^" in s for s in labels), labels
     assert "16" in labels
+
+
+def test_bench_hf_quick_keeps_explicit_options():
+    from bench.bench_hf import parse_args
+
+    args = parse_args(["--quick", "--contexts", "64", "--budget", "0.1"])
+    assert (args.contexts, args.budget, args.min_steps) == ([64], 0.1, 2)
+    args = parse_args([])
+    assert (args.contexts, args.budget, args.min_steps) == ([512, 2048, 8192], 2.0, 3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--contexts", "128", "0"], "--contexts: expected integers >= 1, got 0"),
+        (["--batch", "0"], "--batch"),
+        (["--budget", "0"], "--budget: expected seconds > 0"),
+        (["--min-steps", "5", "--max-steps", "4"], "--max-steps: expected >= --min-steps (5), got 4"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--model", "llama"], "--model"),
+    ],
+)
+def test_bench_hf_rejects_bad_options(argv, message, capsys):
+    from bench.bench_hf import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
