@@ -211,6 +211,12 @@ def test_topk_from_hf_pads_invisible_lanes():
     assert got.dtype == torch.int32 and got.tolist() == [[[0, 2, -1], [-1, -1, -1]]]
     with pytest.raises(ValueError, match="indices"):
         dsa.topk_from_hf(torch.tensor([[[4, 0, 1], [0, 1, 2]]]), keep)
+    with pytest.raises(TypeError, match="indices: expected an integer torch.Tensor, got torch.float32"):
+        dsa.topk_from_hf(torch.tensor([[[3.0, 2.0, 0.0], [0.0, 1.0, 2.0]]]), keep)
+    with pytest.raises(TypeError, match="keep: expected a bool torch.Tensor, got torch.float32"):
+        dsa.topk_from_hf(torch.tensor([[[3, 2, 0], [0, 1, 2]]]), keep.float())
+    with pytest.raises(ValueError, match=r"keep: expected \[B, T, S\]"):
+        dsa.topk_from_hf(torch.tensor([[[3, 2, 0], [0, 1, 2]]]), keep[0])
 
 
 @pytest.mark.parametrize("yarn", [False, True], ids=["default-rope", "yarn"])

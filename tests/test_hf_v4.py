@@ -249,6 +249,22 @@ def test_unsupported_config_fields_are_refused():
         patch_model(model)
 
 
+def test_v4_topk_indices_values_and_bad_input():
+    window = torch.tensor([[[0, 1, -1], [1, 2, 3]]])  # int64 in, int32 out
+    comp = torch.tensor([[[-1, 0], [1, -1]]], dtype=torch.int32)
+    got = mv4.v4_topk_indices(window, 4, comp)
+    assert got.dtype == torch.int32 and got.tolist() == [[[[0, 1, -1, -1, 4]], [[1, 2, 3, 5, -1]]]]
+    assert mv4.v4_topk_indices(window, 4, None).dtype == torch.int32
+    with pytest.raises(TypeError, match="window_idx: expected an integer torch.Tensor, got torch.float32"):
+        mv4.v4_topk_indices(window.float(), 4, comp)
+    with pytest.raises(ValueError, match=r"compressed_idx: expected \[B, T\] = \[1, 2\]"):
+        mv4.v4_topk_indices(window, 4, comp[:, :1])
+    with pytest.raises(ValueError, match="window_idx: expected \\[B, T, K\\] \\(3-D\\)"):
+        mv4.v4_topk_indices(window[0], 4, None)
+    with pytest.raises(TypeError, match="S: expected an int >= 0"):
+        mv4.v4_topk_indices(window, 4.0, comp)
+
+
 def test_foreign_mask_is_refused():
     model = patch_model(build(0))
     attn = model.model.layers[0].self_attn

@@ -121,11 +121,28 @@ def v4_topk_indices(
         window_idx: ``[B, T, W]`` positions in the window keys ``[0, S)`` or ``-1``.
         S: number of window keys (compressed entry ``c`` is key ``S + c``).
         compressed_idx: ``[B, T, K]`` compressed-entry numbers or ``-1``; None for sliding-only layers.
+
+    Raises:
+        TypeError: a non-integer index tensor or ``S``. ValueError: an index tensor that is not 3-D, or ``[B, T]``
+            of ``compressed_idx`` other than ``window_idx``'s.
     """
+    for name, t in (("window_idx", window_idx), ("compressed_idx", compressed_idx)):
+        if t is None and name == "compressed_idx":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer torch.Tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected [B, T, K] (3-D), got shape {tuple(t.shape)}")
+    if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+        raise TypeError(f"S: expected an int >= 0, got {S!r}")
+    if compressed_idx is not None and compressed_idx.shape[:2] != window_idx.shape[:2]:
+        raise ValueError(f"compressed_idx: expected [B, T] = {list(window_idx.shape[:2])} (window_idx's), got "
+                         f"shape {tuple(compressed_idx.shape)}")
     if compressed_idx is None or compressed_idx.shape[-1] == 0:
-        return window_idx[:, :, None]
+        return window_idx.to(torch.int32)[:, :, None]
     comp = torch.where(compressed_idx >= 0, compressed_idx + S, -1).to(torch.int32)
-    return torch.cat([window_idx, comp], dim=-1)[:, :, None]
+    return torch.cat([window_idx.to(torch.int32), comp], dim=-1)[:, :, None]
 
 
 def _pool(module: nn.Module, name: str, hidden: torch.Tensor, cache_layer, overlap: bool) -> torch.Tensor:

@@ -81,8 +81,18 @@ def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = Tru
         check: validate the positions (one device sync); the module skips it for its own indexer's output.
 
     Raises:
+        TypeError: ``indices`` not an integer tensor, ``keep`` not a bool tensor.
         ValueError: shapes that do not fit, or positions outside ``[0, S)``.
     """
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype.is_complex \
+            or indices.dtype == torch.bool:
+        raise TypeError(f"indices: expected an integer torch.Tensor, got "
+                        f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"keep: expected a bool torch.Tensor, got "
+                        f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if keep.dim() != 3:
+        raise ValueError(f"keep: expected [B, T, S] (3-D), got shape {tuple(keep.shape)}")
     if indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(keep.shape[:2]):
         raise ValueError(f"indices: expected [B, T, K] with [B, T] = {list(keep.shape[:2])}, got "
                          f"{tuple(indices.shape)}")
