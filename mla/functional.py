@@ -168,13 +168,16 @@ def check_window_size(window_size) -> tuple[int, int]:
 
 
 def check_sinks(sinks, H: int, device) -> None:
-    """``sinks``: float32 ``[H]`` on ``device`` (one logit per query head); raises ValueError naming it."""
+    """``sinks``: float32 ``[H]`` on ``device`` (one logit per query head).
+
+    Raises TypeError (not a tensor, dtype other than float32) or ValueError (shape, device) naming ``sinks``.
+    """
     if sinks is None:
         return
     if not isinstance(sinks, torch.Tensor):
-        raise ValueError(f"sinks: expected a float32 torch.Tensor [Hq={H}], got {type(sinks).__name__}")
+        raise TypeError(f"sinks: expected a float32 torch.Tensor [Hq={H}], got {type(sinks).__name__}")
     if sinks.dtype != torch.float32:
-        raise ValueError(f"sinks: expected dtype float32 (one logit per query head), got {sinks.dtype}")
+        raise TypeError(f"sinks: expected dtype float32 (one logit per query head), got {sinks.dtype}")
     if tuple(sinks.shape) != (H,):
         raise ValueError(f"sinks: expected shape [Hq] = [{H}], got {list(sinks.shape)}")
     if sinks.device != device:
@@ -342,10 +345,11 @@ def latent_attention(
         sees no key gives ``out = 0``, ``lse = +inf`` (``lse = sinks[h]`` with sinks) and zero gradients.
 
     Raises:
-        TypeError: non-tensor inputs, non-float or mismatched dtypes, wrong index dtype.
+        TypeError: non-tensor inputs, non-float or mismatched dtypes, wrong index dtype, ``sinks`` not a
+            float32 tensor.
         ValueError: wrong ranks or shapes, mismatched batch / heads / head dims / devices,
             ``Hq % Hkv != 0``, bad ``softmax_scale``, both ``block_mask`` and ``topk_indices``, index
-            values out of range, ``window_size`` not a pair of ints >= -1, ``sinks`` not float32 ``[Hq]``,
+            values out of range, ``window_size`` not a pair of ints >= -1, ``sinks`` not ``[Hq]`` on q's device,
             or an unavailable backend.
     """
     if not isinstance(return_lse, bool):
@@ -697,7 +701,7 @@ def mla_decode(
 
     Raises:
         TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without
-            ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it.
+            ``kv_format="fp8_ds_mla"`` or a non-uint8 one with it, ``sinks`` not a float32 tensor.
         ValueError: wrong shapes (``q`` head dim ≠ cache row), devices, a block table too short for
             ``cache_seqlens``, page ids out of range, ``head_dim_v`` outside ``[1, Dk]``, bad ``num_splits``,
             a ``page_size`` of 0, on ``backend="triton"`` a cache without unit last stride (or an FP8 pool

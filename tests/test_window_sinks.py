@@ -98,10 +98,15 @@ def test_bad_window_size(bad):
         latent_attention(q, k, v, window_size=bad)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(3), torch.zeros(2, dtype=torch.float16), torch.zeros(1, 2), [0.0, 0.0]])
-def test_bad_sinks(bad):
+@pytest.mark.parametrize(
+    "bad, error",
+    [(torch.zeros(3), ValueError), (torch.zeros(2, dtype=torch.float16), TypeError), (torch.zeros(1, 2), ValueError),
+     ([0.0, 0.0], TypeError)],
+)
+def test_bad_sinks(bad, error):
+    """Wrong type or dtype: TypeError, like q's dtype check; wrong shape: ValueError."""
     q, k, v = random_qkv(1, 2, 3, 2, 2, 4, 4, dtype=torch.float32)
-    with pytest.raises(ValueError, match="sinks"):
+    with pytest.raises(error, match="sinks"):
         latent_attention(q, k, v, sinks=bad)
 
 
