@@ -265,6 +265,15 @@ def test_v4_topk_indices_values_and_bad_input():
         mv4.v4_topk_indices(window, 4.0, comp)
 
 
+def test_attn_implementation_mla_latent_points_to_patch_model():
+    """V4 passes its sinks as ``s_aux``: the registered attention function refuses them and names the way that
+    supports them."""
+    model = build()
+    model.config._attn_implementation = "mla_latent"
+    with pytest.raises(ValueError, match=r"s_aux.*patch_model\(model\)"), torch.no_grad():
+        model(torch.ones(1, 4, dtype=torch.long))
+
+
 def test_foreign_mask_is_refused():
     model = patch_model(build(0))
     attn = model.model.layers[0].self_attn

@@ -686,7 +686,11 @@ def latent_attention_forward(
     if dropout and module.training:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported")
     if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
-        raise ValueError(f"{ATTN_IMPLEMENTATION}: attention sinks (s_aux) and soft-capping are not supported")
+        raise ValueError(
+            f"{ATTN_IMPLEMENTATION}: attention sinks (s_aux) and soft-capping are not supported by the attention "
+            f"function; for DeepSeek-V4 (sinks) use mla.integrations.transformers.patch_model(model) instead of "
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}"
+        )
     if kwargs.get("indices") is not None:  # DSA (DeepSeek-V3.2, GLM-5): the indexer's top-k choice
         from mla.integrations.dsa import sparse_attention_forward
 
