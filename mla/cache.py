@@ -151,6 +151,7 @@ class PooledKeyStore:
         self._row_dtype = dtype
 
     def zero_pages(self, pages: list[int]) -> None:
+        """Clear the pooled sums of physical pages ``pages`` (page ids), e.g. before a page is reused."""
         if pages:
             self.sums[torch.tensor(pages, dtype=torch.long, device=self.sums.device)] = 0
 

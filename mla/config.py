@@ -148,6 +148,7 @@ class MLAConfig:
         return dataclasses.replace(self, **overrides).validate()
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (JSON-serialisable; the inverse of ``from_dict``)."""
         return dataclasses.asdict(self)
 
     @classmethod

@@ -139,6 +139,12 @@ class MultiHeadLatentAttention(nn.Module):
         return q_rope, k_rope
 
     def resolve_form(self, form: str | None, T: int, cached: bool) -> str:
+        """The form one call runs: ``form`` (None: the module's), ``"auto"`` resolved to ``"absorbed"`` for a
+        cached step of at most ``absorb_max_q`` query tokens ``T``, else ``"naive"``.
+
+        Raises:
+            ValueError: ``form`` not one of ``FORMS``.
+        """
         form = form or self.form
         if form not in FORMS:
             raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
