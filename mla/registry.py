@@ -38,8 +38,10 @@ def get(name: str, **overrides) -> MLAConfig:
     """A fresh ``MLAConfig`` for ``name`` with ``overrides`` applied and validated.
 
     Raises:
-        KeyError: unknown name (the message lists the known ones). TypeError: unknown field.
+        KeyError: unknown name (the message lists the known ones). TypeError: ``name`` not a str, unknown field.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a registered config name (str), got {type(name).__name__}")
     if name not in _REGISTRY:
         raise KeyError(f"unknown config {name!r}; registered: {', '.join(names())}")
     cfg = _REGISTRY[name]()

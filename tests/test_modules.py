@@ -95,6 +95,8 @@ def test_modules_name_an_input_dtype_mismatch(dtype):
     m = MultiHeadLatentAttention(small_config())
     with pytest.raises(TypeError, match=r"hidden_states: dtype .* does not match the module's parameters"):
         m(torch.randn(2, 6, 48, dtype=dtype))
+    with pytest.raises(TypeError, match=r"hidden_states: expected a floating-point tensor .* got torch\.int64"):
+        m(torch.ones(2, 6, 48, dtype=torch.long))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both: no error
         out, _ = m(torch.randn(2, 6, 48))
     assert out.shape == (2, 6, 48) and torch.isfinite(out).all()
@@ -310,6 +312,8 @@ def test_registry_presets():
     assert registry.get("my-test").hidden_size == 48
     with pytest.raises(KeyError, match="unknown config"):
         registry.get("nope")
+    with pytest.raises(TypeError, match="name: expected a registered config name"):
+        registry.get(3)
     with pytest.raises(ValueError, match="already registered"):
         registry.register("tiny", lambda: small_config())
     with pytest.raises(ValueError, match="qk_rope_head_dim"):

@@ -74,7 +74,11 @@ def _head_max(max_logit: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_input_dtype(name: str, t: torch.Tensor, param_dtype: torch.dtype) -> None:
     """TypeError when input ``t`` and the module's parameters differ in dtype outside autocast (which casts
-    both); otherwise the first projection fails with a matmul error that names neither."""
+    both); otherwise the first projection fails with a matmul error that names neither. A non-float input
+    (e.g. token ids passed where hidden states belong) is refused as such."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (the module's parameters are {param_dtype}), "
+                        f"got {t.dtype}")
     if t.dtype != param_dtype and not torch.is_autocast_enabled(t.device.type):
         raise TypeError(
             f"{name}: dtype {t.dtype} does not match the module's parameters ({param_dtype}); convert one of "
