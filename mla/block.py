@@ -158,6 +158,14 @@ class MLACausalLM(nn.Module):
             raise ValueError(f"input_ids: expected a [B, T] integer tensor, got {got!r}")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            # One host sync; otherwise nn.Embedding fails with "index out of range in self" on CPU and a
+            # device-side assert on CUDA, neither naming the argument.
+            lo, hi = torch.aminmax(input_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids: ids must be in [0, vocab_size={self.config.vocab_size}), got "
+                                 f"[{lo}, {hi}]")
         x = self.embed_tokens(input_ids)
         stats = []
         packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

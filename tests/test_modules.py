@@ -297,6 +297,21 @@ def test_lm_loss_and_block():
         model(ids.float())
 
 
+@pytest.mark.parametrize(
+    "ids, error, message",
+    [
+        (torch.tensor([[1, 64]]), ValueError, r"input_ids: ids must be in \[0, vocab_size=64\), got \[1, 64\]"),
+        (torch.tensor([[-1, 3]]), ValueError, r"input_ids: ids must be in \[0, vocab_size=64\), got \[-1, 3\]"),
+        (torch.tensor([[1.0, 2.0]]), TypeError, "input_ids: expected an integer dtype"),
+        (torch.tensor([1, 2]), ValueError, r"input_ids: expected a \[B, T\] integer tensor"),
+    ],
+)
+def test_causal_lm_rejects_bad_input_ids(ids, error, message):
+    model = MLACausalLM(small_config(num_hidden_layers=1))
+    with pytest.raises(error, match=message):
+        model(ids)
+
+
 def test_registry_presets():
     v3 = registry.get("deepseek-v3")
     assert (v3.hidden_size, v3.num_attention_heads, v3.q_lora_rank, v3.kv_lora_rank) == (7168, 128, 1536, 512)
