@@ -161,6 +161,12 @@ def test_thirty_steps_lower_the_loss(corpus):
     assert end["tokens"] == 30 * 8 * 32 and end["tokens_per_s"] > 0 and end["elapsed_s"] > 0
 
 
+def test_progress_bar_stays_out_of_non_terminal_stderr(corpus, capsys):
+    Trainer(small_cfg(steps=2, eval_interval=2, eval_batches=1, progress=True), dataset=corpus).fit()
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "step/s" not in err and "s/step" not in err and "\r" not in err
+
+
 def test_resume_continues_identically(tmp_path, corpus):
     # uninterrupted run of 8 steps, checkpoints at 4 and 8
     full = Trainer(small_cfg(out_dir=str(tmp_path / "a"), save_interval=4, keep_checkpoints=0), dataset=corpus)

@@ -70,8 +70,8 @@ class TrainConfig:
     Run: ``metrics_out`` JSON-lines path; ``max_time`` wall-clock budget in seconds for this call of
     ``fit`` (None = unlimited); ``threads`` sets ``torch.set_num_threads``; ``device`` (``"cpu"``,
     ``"cuda"``, ``"cuda:1"``, or ``"auto"``); ``dtype`` ``"float32"`` or ``"bfloat16"`` (autocast of the
-    forward; weights and optimizer stay float32); ``progress`` shows a tqdm bar; ``verbose`` prints one
-    line per evaluation (progress, lines, metrics and checkpoints come from rank 0 only).
+    forward; weights and optimizer stay float32); ``progress`` shows a tqdm bar (when stderr is a terminal);
+    ``verbose`` prints one line per evaluation (progress, lines, metrics and checkpoints come from rank 0 only).
 
     Data parallelism: ``distributed`` ``"auto"`` (``"ddp"`` under a launcher with ``WORLD_SIZE > 1``, else
     ``"none"``), ``"none"``, ``"ddp"`` or ``"fsdp"`` (see the module docstring and

@@ -516,7 +516,10 @@ class Trainer:
             self._emit(rec, metrics_file)
 
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not (cfg.progress and d.is_main), dynamic_ncols=True,
+            # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI) instead of writing a
+            # carriage-return update per step into the file.
+            total=cfg.steps, initial=self.step, disable=None if cfg.progress and d.is_main else True,
+            dynamic_ncols=True,
             leave=False,
             unit="step", desc="train",
         )
