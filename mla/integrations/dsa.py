@@ -235,7 +235,8 @@ def sparse_attention_forward(
 
     Args:
         module: the calling DSA attention module.
-        query: ``[B, Hq, T, Dk]`` (transformers layout); key ``[B, Hkv, S, Dk]``; value ``[B, Hkv, S, Dv]``.
+        query: ``[B, Hq, T, Dk]`` (transformers layout); key ``[B, Hkv, S, Dk]``; value ``[B, Hkv, S, Dv]``;
+            float16/bfloat16/float32, one dtype.
         attention_mask: the causal / padding mask (not folded with the selection), see ``_plan_mask``.
         scaling: softmax scale (default ``Dk ** -0.5``).
         indices: int ``[B, T, K]`` the indexer's choice (``topk`` of the masked scores), shared by all heads.
@@ -245,6 +246,7 @@ def sparse_attention_forward(
         ``(attn_output [B, T, Hq, Dv], None)``.
 
     Raises:
+        TypeError: non-integer ``indices`` (``topk_from_hf``); dtype errors of ``latent_attention``.
         ValueError: bad shapes or positions (``topk_from_hf``), a float mask with an additive bias.
     """
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
