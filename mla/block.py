@@ -102,7 +102,7 @@ class MLACausalLM(nn.Module):
     attention across documents, positions restart per document (``attention="mla"`` only).
 
     Raises:
-        ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary.
+        ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary (checked on CPU; on CUDA, embedding's device-side assert).
     """
 
     def __init__(
@@ -158,9 +158,9 @@ class MLACausalLM(nn.Module):
             raise ValueError(f"input_ids: expected a [B, T] integer tensor, got {got!r}")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
-        if input_ids.numel() and not torch.compiler.is_compiling():
-            # One host sync; otherwise nn.Embedding fails with "index out of range in self" on CPU and a
-            # device-side assert on CUDA, neither naming the argument.
+        if input_ids.numel() and input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # CPU only: on CUDA the check would be a host sync per step (and break CUDA-graph capture of
+            # decode), so there nn.Embedding's device-side assert stands; on CPU it names the argument.
             lo, hi = torch.aminmax(input_ids)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.config.vocab_size:
