@@ -102,7 +102,8 @@ class MLACausalLM(nn.Module):
     attention across documents, positions restart per document (``attention="mla"`` only).
 
     Raises:
-        ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary (checked on CPU; on CUDA, embedding's device-side assert).
+        ValueError / TypeError: ``input_ids`` not a 2-D integer tensor or with ids outside the vocabulary
+            (checked on CPU inputs; on CUDA, embedding's device-side assert).
     """
 
     def __init__(
