@@ -159,9 +159,11 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr):
+    def _program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, OFF64: tl.constexpr):
         """1-D grid of the query-major kernels: pid = (((b * T + t) * Hkv + hkv) * N_HB + hb) * NSPLIT + split.
-        Neighbouring programs share a token's key list (L2 reuse of the gathered rows)."""
+        Neighbouring programs share a token's key list (L2 reuse of the gathered rows). Returns (split, hkv,
+        b, t, heads of the group in the program's rows, row is a head, query head per row: rows past the
+        group repeat its last head)."""
         pid = tl.program_id(0)
         N_HB: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
         if NSPLIT > 1:
@@ -174,18 +176,32 @@ if HAS_TRITON:
             pid = pid // N_HB
         else:
             hb = 0
-        hkv = pid % Hkv
+        hkv = (pid % Hkv).to(tl.int64)
         bt = pid // Hkv
-        return split, hb, hkv.to(tl.int64), (bt // T).to(tl.int64), (bt % T).to(tl.int64)
+        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
+        return split, hkv, (bt // T).to(tl.int64), (bt % T).to(tl.int64), heads, heads < G, hq
 
     @triton.jit
-    def _key_end(t, T, S, CAUSAL: tl.constexpr):
-        """Keys ``j < key_end`` are visible to token ``t`` (bottom-right aligned when ``CAUSAL``)."""
+    def _head_base(X, x_str, b, h):
+        """Start of head ``h`` of batch entry ``b`` in a ``[B, rows, H, D]`` tensor (strides ``x_str``)."""
+        return X + b * x_str[0] + h * x_str[2]
+
+    @triton.jit
+    def _token_rows(X, x_str, b, t, heads):
+        """(start of token ``t`` of batch entry ``b``, row offsets of ``heads``) in a ``[B, T, H, D]`` tensor."""
+        return X + b * x_str[0] + t * x_str[1], heads * x_str[2]
+
+    @triton.jit
+    def _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL: tl.constexpr):
+        """(top-k row of token ``t`` and kv head ``hkv``, ``key_end``: keys ``j < key_end`` are visible
+        (bottom-right aligned when ``CAUSAL``), lanes to walk: ``K``, or 0 when the token sees no key)."""
+        T, S, Hkv, KTOP = dims
         if CAUSAL:
             key_end = t + S - T + 1
         else:
             key_end = S + t * 0
-        return key_end
+        return IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2], key_end, tl.where(key_end > 0, KTOP, 0)
 
     @triton.jit
     def _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N: tl.constexpr):
@@ -244,19 +260,12 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr = PLAN[0]
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
-        split, hb, hkv, b, t = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
-        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = heads < G
-        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
-        q_base = Q + b * q_str[0] + t * q_str[1]
-        q_rows = hq * q_str[2]
-        k_base = K + b * k_str[0] + hkv * k_str[2]
-        v_base = V + b * v_str[0] + hkv * v_str[2]
-        idx_row = IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2]
-
+        split, hkv, b, t, heads, row_ok, hq = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        q_base, q_rows = _token_rows(Q, q_str, b, t, hq)
+        k_base = _head_base(K, k_str, b, hkv)
+        v_base = _head_base(V, v_str, b, hkv)
+        idx_row, key_end, n_lanes = _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
         q_res = _dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
-        key_end = _key_end(t, T, S, CAUSAL)
-        n_lanes = tl.where(key_end > 0, KTOP, 0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -353,25 +362,17 @@ if HAS_TRITON:
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
         qk_scale, sm_scale = scales
-        split, hb, hkv, b, t = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
-        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = heads < G
-        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
-        q_base = Q + b * q_str[0] + t * q_str[1]
-        q_rows = hq * q_str[2]
-        do_base = DO + b * do_str[0] + t * do_str[1]
-        do_rows = hq * do_str[2]
-        k_base = K + b * k_str[0] + hkv * k_str[2]
-        v_base = V + b * v_str[0] + hkv * v_str[2]
-        idx_row = IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2]
-
+        split, hkv, b, t, heads, row_ok, hq = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        q_base, q_rows = _token_rows(Q, q_str, b, t, hq)
+        do_base, do_rows = _token_rows(DO, do_str, b, t, hq)
+        k_base = _head_base(K, k_str, b, hkv)
+        v_base = _head_base(V, v_str, b, hkv)
+        idx_row, key_end, n_lanes = _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
         q_res = _dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
         do_res = _dv_tiles(do_base, do_rows, split, HEAD_DV, PLAN)
         lse = tl.load(LSE + b * lse_str[0] + hq * lse_str[1] + t * lse_str[2], mask=row_ok, other=float("inf"))
         lse = lse * _LOG2E_C
         delta = tl.load(DELTA + (b * (Hkv * G) * T + t) + hq.to(tl.int64) * T, mask=row_ok, other=0.0)
-        key_end = _key_end(t, T, S, CAUSAL)
-        n_lanes = tl.where(key_end > 0, KTOP, 0)
 
         dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
         dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else MIN_TILE_C], dtype=tl.float32)
@@ -433,6 +434,12 @@ if HAS_TRITON:
                          mask=row_ok[:, None] & (cols_t < HEAD_DK)[None, :])
 
     @triton.jit
+    def _segment(seg, Hkv, NKB):
+        """(batch, kv head, key block) of a key-major segment id ``(b * Hkv + hkv) * NKB + key block``."""
+        bh = seg // NKB
+        return bh // Hkv, bh % Hkv, seg % NKB
+
+    @triton.jit
     def _topk_bwd_kv_det_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, index, partials,
         q_str, k_str, v_str, do_str, lse_str, dk_str, dv_str, dims, scales, opaque_zero,
@@ -473,17 +480,14 @@ if HAS_TRITON:
         slot = tl.load(item + 3)
         if seg < 0:  # padding item: the index has a size fixed by the shapes (no host sync)
             return
-        bh = seg // NKB
-        kb = seg % NKB
-        b = bh // Hkv
-        hkv = bh % Hkv
+        b, hkv, kb = _segment(seg, Hkv, NKB)
 
         nn = tl.arange(0, BLOCK_N)
         keys = _idx(kb * BLOCK_N, OFF64) + nn
         key_ok = keys < S
         keys_ld = tl.minimum(keys, S - 1)
-        k_base = K + b * k_str[0] + hkv * k_str[2]
-        v_base = V + b * v_str[0] + hkv * v_str[2]
+        k_base = _head_base(K, k_str, b, hkv)
+        v_base = _head_base(V, v_str, b, hkv)
         k_rows = keys_ld * k_str[1]
         v_rows = keys_ld * v_str[1]
         k_res = _dk_tiles(k_base, k_rows, split, HEAD_DK, PLAN)
@@ -584,10 +588,7 @@ if HAS_TRITON:
         count = tl.load(rec + 2)
         if seg < 0:  # padding row
             return
-        bh = seg // NKB
-        kb = seg % NKB
-        b = bh // Hkv
-        hkv = bh % Hkv
+        b, hkv, kb = _segment(seg, Hkv, NKB)
         nn = tl.arange(0, BLOCK_N)
         keys = kb * BLOCK_N + nn
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -646,11 +647,13 @@ def _arch(device: torch.device) -> int:
     return device_arch(device) if device.type == "cuda" else 90
 
 
-def _check_launch(name: str, q: torch.Tensor) -> None:
+def _check_launch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """``(B, T, Hq, Dk, S, Hkv, Dv)`` after checking that the launch can run here."""
     if not HAS_TRITON:
         raise RuntimeError(f"{name} needs triton")
     if not INTERPRET and q.device.type != "cuda":
         raise RuntimeError(f"{name} runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    return (*q.shape, k.shape[1], k.shape[2], v.shape[3])
 
 
 def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool, *, return_max_logit=False,
@@ -690,10 +693,7 @@ def topk_attention_fwd(q, k, v, topk_indices, softmax_scale: float, causal: bool
     Raises:
         RuntimeError: Triton is missing, or CPU tensors outside the interpreter.
     """
-    _check_launch("topk_attention_fwd", q)
-    B, T, Hq, Dk = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    Dv = v.shape[3]
+    B, T, Hq, Dk, S, Hkv, Dv = _check_launch("topk_attention_fwd", q, k, v)
     KTOP = topk_indices.shape[3]
     dev = q.device
     out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
@@ -753,10 +753,7 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
     Raises:
         RuntimeError: Triton is missing, or CPU tensors outside the interpreter.
     """
-    _check_launch("topk_attention_bwd", q)
-    B, T, Hq, Dk = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    Dv = v.shape[3]
+    B, T, Hq, Dk, S, Hkv, Dv = _check_launch("topk_attention_bwd", q, k, v)
     dev = q.device
     dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
     if done and sinks is not None:  # no kernel: no key (P_sink = 1, delta = 0) or no query
