@@ -505,6 +505,49 @@ def _row_stride(x: torch.Tensor) -> int | None:
     return None
 
 
+def _check_inputs(q, kv_cache, block_table, cache_seqlens, dv: int, kv_fp8: bool, topk_indices):
+    """Short check of a direct call, before any launch (``mla.functional.mla_decode`` validates fully
+    first): ranks, dtypes, head dims, the fp8 row layout, batch sizes and devices. Returns ``topk_indices``
+    as ``[B, Tq, K]`` (or None). Raises ``TypeError`` / ``ValueError`` naming the argument."""
+    _check(q.dim() == 4, f"q must be [B, Tq, H, Dk], got shape {tuple(q.shape)}")
+    _check(kv_cache.dim() == 4 and kv_cache.shape[2] == 1 and kv_cache.shape[1] >= 1,
+           f"kv_cache must be [num_pages, page_size >= 1, 1, Dk], got shape {tuple(kv_cache.shape)}")
+    B, Tq, _, Dk = q.shape
+    _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
+    _check(0 < dv <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {dv}")
+    if kv_fp8:
+        _check(dv % 128 == 0, f"kv_fp8 needs head_dim_v a multiple of 128 (one scale per 128), got {dv}")
+        row_bytes = cdiv(dv + dv // 32 + 2 * (Dk - dv), 16) * 16
+        _check(kv_cache.dtype == torch.uint8, f"kv_fp8: kv_cache must be the uint8 byte pool, got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == row_bytes,
+               f"kv_fp8: kv_cache rows must be {row_bytes} bytes for Dk={Dk}, Dv={dv}, got {kv_cache.shape[3]}")
+        _check(kv_cache.stride(1) % 16 == 0 and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0,
+               f"kv_fp8: kv_cache must be 16-byte aligned with page/slot strides multiples of 16 bytes "
+               f"(fp32 scales), got strides {kv_cache.stride()}")
+    else:
+        _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
+    _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
+    if topk_indices is not None and topk_indices.dim() == 4:
+        _check(topk_indices.shape[2] == 1,
+               f"topk_indices [B, Tq, 1, K] needs dim 2 == 1, got shape {tuple(topk_indices.shape)}")
+        topk_indices = topk_indices[:, :, 0]
+    for name, t, shape in (("block_table", block_table, (B, None)), ("cache_seqlens", cache_seqlens, (B,)),
+                           ("topk_indices", topk_indices, (B, Tq, None))):
+        if t is None:
+            continue
+        want = "[" + ", ".join("*" if n is None else str(n) for n in shape) + "]"
+        _check(t.dim() == len(shape) and all(n is None or n == m for n, m in zip(shape, t.shape)),
+               f"{name} must be {want}, got shape {tuple(t.shape)}")
+        _check(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}", TypeError)
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens),
+                    ("topk_indices", topk_indices)):
+        _check(t is None or t.device == q.device, f"{name} must be on {q.device}, got {getattr(t, 'device', None)}")
+    return topk_indices
+
+
 def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    cache_seqlens: torch.Tensor, softmax_scale: float, head_dim_v: int,
                    causal: bool = False, topk_indices: torch.Tensor | None = None,
@@ -572,76 +615,30 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     """
     if not HAS_TRITON:
         raise RuntimeError("mla_decode_fwd needs triton")
-    _check(q.dim() == 4, f"q must be [B, Tq, H, Dk], got shape {tuple(q.shape)}")
-    _check(kv_cache.dim() == 4 and kv_cache.shape[2] == 1,
-           f"kv_cache must be [num_pages, page_size, 1, Dk], got shape {tuple(kv_cache.shape)}")
+    topk_indices = _check_inputs(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), kv_fp8, topk_indices)
     B, Tq, H, Dk = q.shape
-    page_size = kv_cache.shape[1]
-    _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
-    _check(0 < int(head_dim_v) <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {head_dim_v}")
-    if kv_fp8:
-        dv = int(head_dim_v)
-        _check(dv % 128 == 0, f"kv_fp8 needs head_dim_v a multiple of 128 (one scale per 128), got {dv}")
-        row_bytes = -(-(dv + dv // 32 + 2 * (Dk - dv)) // 16) * 16
-        _check(kv_cache.dtype == torch.uint8, f"kv_fp8: kv_cache must be the uint8 byte pool, got {kv_cache.dtype}",
-               TypeError)
-        _check(kv_cache.shape[3] == row_bytes, f"kv_fp8: kv_cache rows must be {row_bytes} bytes for Dk={Dk}, "
-                                               f"Dv={dv}, got {kv_cache.shape[3]}")
-        _check(kv_cache.stride(1) % 16 == 0 and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0,
-               f"kv_fp8: kv_cache must be 16-byte aligned with page/slot strides multiples of 16 bytes "
-               f"(fp32 scales), got strides {kv_cache.stride()}")
-    else:
-        _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}",
-               TypeError)
-        _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
-    _check(page_size >= 1, f"page_size must be >= 1, got {page_size}")
-    _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
-    _check(block_table.dim() == 2 and block_table.shape[0] == B,
-           f"block_table must be [B={B}, max_pages], got shape {tuple(block_table.shape)}")
-    _check(block_table.dtype == torch.int32, f"block_table must be int32, got {block_table.dtype}", TypeError)
-    _check(tuple(cache_seqlens.shape) == (B,), f"cache_seqlens must be [B={B}], got {tuple(cache_seqlens.shape)}")
-    _check(cache_seqlens.dtype == torch.int32, f"cache_seqlens must be int32, got {cache_seqlens.dtype}",
-           TypeError)
-    dev = q.device
-    for name, tensor in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        _check(tensor.device == dev, f"{name} must be on {dev}, got {tensor.device}")
+    Dv, dev, page_size = int(head_dim_v), q.device, kv_cache.shape[1]
     if not INTERPRET and dev.type != "cuda":
         raise RuntimeError("mla_decode_fwd runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
-    Dv = int(head_dim_v)
     has_topk = topk_indices is not None
-    topk_k = 0
-    if has_topk:
-        if topk_indices.dim() == 4:
-            _check(topk_indices.shape[2] == 1, f"topk_indices [B, Tq, 1, K] needs dim 2 == 1, "
-                                               f"got shape {tuple(topk_indices.shape)}")
-            topk_indices = topk_indices[:, :, 0]
-        _check(topk_indices.dim() == 3 and tuple(topk_indices.shape[:2]) == (B, Tq),
-               f"topk_indices must be [B={B}, Tq={Tq}, K], got shape {tuple(topk_indices.shape)}")
-        _check(topk_indices.dtype == torch.int32, f"topk_indices must be int32, got {topk_indices.dtype}",
-               TypeError)
-        _check(topk_indices.device == dev, f"topk_indices must be on {dev}, got {topk_indices.device}")
-        if topk_indices.stride(-1) != 1:
-            topk_indices = topk_indices.contiguous()
-        topk_k = topk_indices.shape[2]
+    topk_k = topk_indices.shape[2] if has_topk else 0
+    if has_topk and topk_indices.stride(-1) != 1:
+        topk_indices = topk_indices.contiguous()
     if _row_stride(q) is None:
         q = q.contiguous()
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
-
     if out is None:
         out = torch.empty((B, Tq, H, Dv), dtype=q.dtype, device=dev)
-    else:
-        _check(tuple(out.shape) == (B, Tq, H, Dv) and out.dtype == q.dtype and out.device == dev,
-               f"out must be [{B}, {Tq}, {H}, {Dv}] {q.dtype} on {dev}, got {tuple(out.shape)} {out.dtype} "
-               f"on {out.device}")
-        _check(_row_stride(out) is not None, "out must have last stride 1 and stride(1) == H * stride(2) "
-               f"(rows t * H + h equally spaced), got strides {out.stride()}")
+    _check(tuple(out.shape) == (B, Tq, H, Dv) and out.dtype == q.dtype and out.device == dev,
+           f"out must be [{B}, {Tq}, {H}, {Dv}] {q.dtype} on {dev}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check(_row_stride(out) is not None, "out must have last stride 1 and stride(1) == H * stride(2) "
+           f"(rows t * H + h equally spaced), got strides {out.stride()}")
     if lse is None:
         lse = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
-    else:
-        _check(tuple(lse.shape) == (B, H, Tq) and lse.dtype == torch.float32 and lse.device == dev,
-               f"lse must be [{B}, {H}, {Tq}] float32 on {dev}, got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+    _check(tuple(lse.shape) == (B, H, Tq) and lse.dtype == torch.float32 and lse.device == dev,
+           f"lse must be [{B}, {H}, {Tq}] float32 on {dev}, got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
     if B == 0 or Tq == 0 or H == 0:
         return out, lse
 
