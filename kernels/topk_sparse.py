@@ -41,6 +41,21 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kernels.attention_fwd import _sink_finish
+    from kernels.topk_tiles import (
+        chunk,
+        dk_tiles,
+        dv_tiles,
+        gathered_scores,
+        head_base,
+        lane_keys,
+        program_coords,
+        row_index,
+        segment,
+        stream_dk,
+        stream_dv,
+        token_lanes,
+        token_rows,
+    )
 else:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
@@ -73,171 +88,6 @@ if HAS_TRITON:
     MIN_TILE_C = tl.constexpr(MIN_TILE)
 
     @triton.jit
-    def _tile(base, rows, col0, D: tl.constexpr, W: tl.constexpr, MASK: tl.constexpr):
-        """``[R, W]`` tile: rows at element offsets ``rows`` from ``base``, columns ``col0 + [0, W)``
-        (unit stride). Only the column overhang past ``D`` is masked (reads 0)."""
-        cols = col0 + tl.arange(0, W)
-        ptrs = base + rows[:, None] + cols[None, :]
-        if MASK:
-            x = tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs)
-        return x
-
-    @triton.jit
-    def _chunk(base, rows, split, OTHER: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, W: tl.constexpr):
-        """Column chunk ``split`` (or, with ``OTHER``, the other split's chunk) of width ``W``; with one
-        split the "other" chunk is the own one (callers do not use it)."""
-        if OTHER and NSPLIT > 1:
-            col0 = (1 - split) * W
-        else:
-            col0 = split * W
-        return _tile(base, rows, col0, D, W, D < NSPLIT * W)
-
-    @triton.jit
-    def _tail(base, rows, split, OTHER: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BK: tl.constexpr,
-              BT: tl.constexpr):
-        """Tail piece ``split`` (or the other one) of ``BT`` columns after the ``NSPLIT * BK`` chunk columns
-        (``BT == 0``: no tail; a dummy the callers do not use)."""
-        if OTHER and NSPLIT > 1:
-            col0 = NSPLIT * BK + (1 - split) * BT
-        else:
-            col0 = NSPLIT * BK + split * BT
-        W: tl.constexpr = BT if BT > 0 else MIN_TILE_C
-        return _tile(base, rows, col0, D, W, D < NSPLIT * (BK + BT))
-
-    @triton.jit
-    def _dk_tiles(base, rows, split, D: tl.constexpr, PLAN: tl.constexpr):
-        """The ``Dk``-side tiles of ``rows`` for column split ``split``: (own chunk, other chunk, own tail
-        piece, other tail piece)."""
-        own = _chunk(base, rows, split, False, D, PLAN[0], PLAN[1])
-        oth = _chunk(base, rows, split, True, D, PLAN[0], PLAN[1])
-        tail = _tail(base, rows, split, False, D, PLAN[0], PLAN[1], PLAN[2])
-        toth = _tail(base, rows, split, True, D, PLAN[0], PLAN[1], PLAN[2])
-        return own, oth, tail, toth
-
-    @triton.jit
-    def _dv_tiles(base, rows, split, D: tl.constexpr, PLAN: tl.constexpr):
-        """The ``Dv``-side tiles of ``rows`` for column split ``split``: (own chunk, other chunk)."""
-        own = _chunk(base, rows, split, False, D, PLAN[0], PLAN[3])
-        oth = _chunk(base, rows, split, True, D, PLAN[0], PLAN[3])
-        return own, oth
-
-    @triton.jit
-    def _stream_dk(res, base, rows, split, D: tl.constexpr, PLAN: tl.constexpr, STREAM: tl.constexpr):
-        """A loop step's ``Dk``-side tiles of the fixed side: the resident ones ``res`` (:func:`_dk_tiles`
-        before the loop), with those ``STREAM`` re-reads loaded again (``>= 1``: the other chunk and tail
-        piece, ``2``: all). ``base`` carries ``+ step * opaque_zero`` (0, which the compiler cannot see),
-        so the re-read stays in the loop: L1 / L2 hits instead of registers for the whole loop."""
-        own, oth, tail, toth = res
-        if STREAM >= 2:
-            own = _chunk(base, rows, split, False, D, PLAN[0], PLAN[1])
-            tail = _tail(base, rows, split, False, D, PLAN[0], PLAN[1], PLAN[2])
-        if STREAM >= 1:
-            oth = _chunk(base, rows, split, True, D, PLAN[0], PLAN[1])
-            toth = _tail(base, rows, split, True, D, PLAN[0], PLAN[1], PLAN[2])
-        return own, oth, tail, toth
-
-    @triton.jit
-    def _stream_dv(res, base, rows, split, D: tl.constexpr, PLAN: tl.constexpr, STREAM: tl.constexpr):
-        """:func:`_stream_dk` for the ``Dv``-side (own, other) chunks."""
-        own, oth = res
-        if STREAM >= 2:
-            own = _chunk(base, rows, split, False, D, PLAN[0], PLAN[3])
-        if STREAM >= 1:
-            oth = _chunk(base, rows, split, True, D, PLAN[0], PLAN[3])
-        return own, oth
-
-    @triton.jit
-    def _idx(x, OFF64: tl.constexpr):
-        """Row index as int64 (``OFF64``) or int32: the launcher sets ``OFF64`` when an offset inside one
-        batch entry of some tensor can pass 2^31; int32 offsets need fewer registers."""
-        if OFF64:
-            y = x.to(tl.int64)
-        else:
-            y = x.to(tl.int32)
-        return y
-
-    @triton.jit
-    def _program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, OFF64: tl.constexpr):
-        """1-D grid of the query-major kernels: pid = (((b * T + t) * Hkv + hkv) * N_HB + hb) * NSPLIT + split.
-        Neighbouring programs share a token's key list (L2 reuse of the gathered rows). Returns (split, hkv,
-        b, t, heads of the group in the program's rows, row is a head, query head per row: rows past the
-        group repeat its last head)."""
-        pid = tl.program_id(0)
-        N_HB: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
-        if NSPLIT > 1:
-            split = pid % NSPLIT
-            pid = pid // NSPLIT
-        else:
-            split = 0
-        if N_HB > 1:
-            hb = pid % N_HB
-            pid = pid // N_HB
-        else:
-            hb = 0
-        hkv = (pid % Hkv).to(tl.int64)
-        bt = pid // Hkv
-        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
-        hq = _idx(hkv * G, OFF64) + tl.minimum(heads, G - 1)
-        return split, hkv, (bt // T).to(tl.int64), (bt % T).to(tl.int64), heads, heads < G, hq
-
-    @triton.jit
-    def _head_base(X, x_str, b, h):
-        """Start of head ``h`` of batch entry ``b`` in a ``[B, rows, H, D]`` tensor (strides ``x_str``)."""
-        return X + b * x_str[0] + h * x_str[2]
-
-    @triton.jit
-    def _token_rows(X, x_str, b, t, heads):
-        """(start of token ``t`` of batch entry ``b``, row offsets of ``heads``) in a ``[B, T, H, D]`` tensor."""
-        return X + b * x_str[0] + t * x_str[1], heads * x_str[2]
-
-    @triton.jit
-    def _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL: tl.constexpr):
-        """(top-k row of token ``t`` and kv head ``hkv``, ``key_end``: keys ``j < key_end`` are visible
-        (bottom-right aligned when ``CAUSAL``), lanes to walk: ``K``, or 0 when the token sees no key)."""
-        T, S, Hkv, KTOP = dims
-        if CAUSAL:
-            key_end = t + S - T + 1
-        else:
-            key_end = S + t * 0
-        return IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2], key_end, tl.where(key_end > 0, KTOP, 0)
-
-    @triton.jit
-    def _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N: tl.constexpr):
-        """Lanes ``start + [0, BLOCK_N)`` of a top-k row: (key to load, lane visible). A skipped lane
-        (-1, past K, >= S, causally hidden) loads key 0 instead (visible whenever the row sees anything)."""
-        lanes = start + tl.arange(0, BLOCK_N)
-        pos = tl.load(idx_row + lanes, mask=lanes < KTOP, other=-1)
-        ok = (pos >= 0) & (pos < key_end)
-        return tl.where(ok, pos, 0), ok
-
-    @triton.jit
-    def _gathered_scores(fixed, g_base, g_rows, split, D: tl.constexpr, PLAN: tl.constexpr, DOT: tl.constexpr):
-        """Unscaled ``fixed · gᵀ`` over all ``Dk`` columns, ``fixed`` = (own chunk, other chunk, own tail,
-        other tail) of the loop's fixed side, ``g`` the rows ``g_rows`` gathered this step (query-major
-        kernels: q against key rows; deterministic dK/dV: keys against query rows, i.e. the scores
-        transposed). Returns (scores, own, other, own tail) of the gathered tiles."""
-        NSPLIT: tl.constexpr = PLAN[0]
-        BK: tl.constexpr = PLAN[1]
-        BT: tl.constexpr = PLAN[2]
-        f_own, f_oth, f_tail, f_toth = fixed
-        g_own = _chunk(g_base, g_rows, split, False, D, NSPLIT, BK)
-        s = tl.dot(f_own, tl.trans(g_own), input_precision=DOT)
-        g_oth = g_own
-        if NSPLIT > 1:
-            g_oth = _chunk(g_base, g_rows, split, True, D, NSPLIT, BK)
-            s = tl.dot(f_oth, tl.trans(g_oth), s, input_precision=DOT)
-        g_tail = g_own
-        if BT > 0:
-            g_tail = _tail(g_base, g_rows, split, False, D, NSPLIT, BK, BT)
-            s = tl.dot(f_tail, tl.trans(g_tail), s, input_precision=DOT)
-            if NSPLIT > 1:
-                g_toth = _tail(g_base, g_rows, split, True, D, NSPLIT, BK, BT)
-                s = tl.dot(f_toth, tl.trans(g_toth), s, input_precision=DOT)
-        return s, g_own, g_oth, g_tail
-
-    @triton.jit
     def _topk_fwd_kernel(
         Q, K, V, IDX, O, LSE, MAXL,
         q_str, k_str, v_str, idx_str, o_str, lse_str, dims, qk_scale, opaque_zero,
@@ -246,13 +96,13 @@ if HAS_TRITON:
         PLAN: tl.constexpr, STREAM: tl.constexpr, DOT: tl.constexpr, OFF64: tl.constexpr,
         SINKS=None, HAS_SINKS: tl.constexpr = False,
     ):
-        """Forward of one (batch, token, kv head, head block, value split); 1-D grid (``_program_coords``).
+        """Forward of one (batch, token, kv head, head block, value split); 1-D grid (``program_coords``).
         ``dims = (T, S, Hkv, K)``. ``HAS_SINKS``: fp32 ``SINKS [Hq]`` logits join each row's softmax (no
         value; ``lse`` includes them).
 
         ``qk_scale = softmax_scale * log2(e)``. The score uses the own key chunk (columns
         ``[split * BK, +BK)``; also the value tile when ``V_IS_K``), the other split's chunk and both tail
-        pieces. The q tiles are loaded once, or re-read every step per ``STREAM`` (:func:`_stream_dk`).
+        pieces. The q tiles are loaded once, or re-read every step per ``STREAM`` (:func:`stream_dk`).
         Rows past the group re-read its last head (never stored). Writes ``O`` columns ``[split * BV,
         +BV)``; split 0 writes ``LSE`` (+inf for a row without keys) and, with ``WRITE_MAXL``, the row
         maximum of the scaled scores (-inf if none) into the contiguous fp32 ``[B, Hq, T]`` buffer ``MAXL``.
@@ -260,20 +110,20 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr = PLAN[0]
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
-        split, hkv, b, t, heads, row_ok, hq = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
-        q_base, q_rows = _token_rows(Q, q_str, b, t, hq)
-        k_base = _head_base(K, k_str, b, hkv)
-        v_base = _head_base(V, v_str, b, hkv)
-        idx_row, key_end, n_lanes = _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
-        q_res = _dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
+        split, hkv, b, t, heads, row_ok, hq = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        q_base, q_rows = token_rows(Q, q_str, b, t, hq)
+        k_base = head_base(K, k_str, b, hkv)
+        v_base = head_base(V, v_str, b, hkv)
+        idx_row, key_end, n_lanes = token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
+        q_res = dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
         for start in range(0, n_lanes, BLOCK_N):
-            q_t = _stream_dk(q_res, q_base + start * opaque_zero, q_rows, split, HEAD_DK, PLAN, STREAM)
-            kpos, ok = _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
-            s, k_own, k_oth, k_tail = _gathered_scores(q_t, k_base, _idx(kpos, OFF64) * k_str[1], split, HEAD_DK,
+            q_t = stream_dk(q_res, q_base + start * opaque_zero, q_rows, split, HEAD_DK, PLAN, STREAM)
+            kpos, ok = lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
+            s, k_own, k_oth, k_tail = gathered_scores(q_t, k_base, row_index(kpos, OFF64) * k_str[1], split, HEAD_DK,
                                                        PLAN, DOT)
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -284,11 +134,11 @@ if HAS_TRITON:
             if V_IS_K:
                 v_t = k_own
             else:
-                v_t = _chunk(v_base, _idx(kpos, OFF64) * v_str[1], split, False, HEAD_DV, NSPLIT, BV)
+                v_t = chunk(v_base, row_index(kpos, OFF64) * v_str[1], split, False, HEAD_DV, NSPLIT, BV)
             acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None], input_precision=DOT)
             m_i = m_new
 
-        hq_st = _idx(hkv * G, OFF64) + heads
+        hq_st = row_index(hkv * G, OFF64) + heads
         if HAS_SINKS:  # the sink closes the softmax: every row has a finite lse, empty rows output 0
             sink = tl.load(SINKS + hq_st, mask=row_ok, other=0.0) * 1.4426950408889634
             o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
@@ -362,14 +212,14 @@ if HAS_TRITON:
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
         qk_scale, sm_scale = scales
-        split, hkv, b, t, heads, row_ok, hq = _program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
-        q_base, q_rows = _token_rows(Q, q_str, b, t, hq)
-        do_base, do_rows = _token_rows(DO, do_str, b, t, hq)
-        k_base = _head_base(K, k_str, b, hkv)
-        v_base = _head_base(V, v_str, b, hkv)
-        idx_row, key_end, n_lanes = _token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
-        q_res = _dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
-        do_res = _dv_tiles(do_base, do_rows, split, HEAD_DV, PLAN)
+        split, hkv, b, t, heads, row_ok, hq = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        q_base, q_rows = token_rows(Q, q_str, b, t, hq)
+        do_base, do_rows = token_rows(DO, do_str, b, t, hq)
+        k_base = head_base(K, k_str, b, hkv)
+        v_base = head_base(V, v_str, b, hkv)
+        idx_row, key_end, n_lanes = token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
+        q_res = dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
+        do_res = dv_tiles(do_base, do_rows, split, HEAD_DV, PLAN)
         lse = tl.load(LSE + b * lse_str[0] + hq * lse_str[1] + t * lse_str[2], mask=row_ok, other=float("inf"))
         lse = lse * _LOG2E_C
         delta = tl.load(DELTA + (b * (Hkv * G) * T + t) + hq.to(tl.int64) * T, mask=row_ok, other=0.0)
@@ -381,12 +231,12 @@ if HAS_TRITON:
         cols_t = NSPLIT * BK + split * BT + tl.arange(0, BT if BT > 0 else MIN_TILE_C)
         for start in range(0, n_lanes, BLOCK_N):
             hide = start * opaque_zero
-            q_t = _stream_dk(q_res, q_base + hide, q_rows, split, HEAD_DK, PLAN, STREAM)
-            do_own, do_oth = _stream_dv(do_res, do_base + hide, do_rows, split, HEAD_DV, PLAN, STREAM)
-            kpos, ok = _lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
-            kidx = _idx(kpos, OFF64)
+            q_t = stream_dk(q_res, q_base + hide, q_rows, split, HEAD_DK, PLAN, STREAM)
+            do_own, do_oth = stream_dv(do_res, do_base + hide, do_rows, split, HEAD_DV, PLAN, STREAM)
+            kpos, ok = lane_keys(idx_row, start, KTOP, key_end, BLOCK_N)
+            kidx = row_index(kpos, OFF64)
             # scores first (P), then dP: fewer fp32 tiles live at once
-            s, k_own, k_oth, k_tail = _gathered_scores(q_t, k_base, kidx * k_str[1], split, HEAD_DK, PLAN, DOT)
+            s, k_own, k_oth, k_tail = gathered_scores(q_t, k_base, kidx * k_str[1], split, HEAD_DK, PLAN, DOT)
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             ds = p
@@ -395,10 +245,10 @@ if HAS_TRITON:
                     v_own = k_own
                     v_oth = k_oth
                 else:
-                    v_own = _chunk(v_base, kidx * v_str[1], split, False, HEAD_DV, NSPLIT, BV)
+                    v_own = chunk(v_base, kidx * v_str[1], split, False, HEAD_DV, NSPLIT, BV)
                     v_oth = v_own
                     if NSPLIT > 1:
-                        v_oth = _chunk(v_base, kidx * v_str[1], split, True, HEAD_DV, NSPLIT, BV)
+                        v_oth = chunk(v_base, kidx * v_str[1], split, True, HEAD_DV, NSPLIT, BV)
                 dp = tl.dot(do_own, tl.trans(v_own), input_precision=DOT)
                 if NSPLIT > 1:
                     dp = tl.dot(do_oth, tl.trans(v_oth), dp, input_precision=DOT)
@@ -425,19 +275,13 @@ if HAS_TRITON:
                                   sem="relaxed")
 
         if WRITE_DQ:
-            hq_st = _idx(hkv * G, OFF64) + heads
+            hq_st = row_index(hkv * G, OFF64) + heads
             dq_ptr = DQ + b * dq_str[0] + t * dq_str[1] + (hq_st * dq_str[2])[:, None]
             tl.store(dq_ptr + cols_k[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
                      mask=row_ok[:, None] & (cols_k < HEAD_DK)[None, :])
             if BT > 0:
                 tl.store(dq_ptr + cols_t[None, :], (dq_tail * sm_scale).to(DQ.dtype.element_ty),
                          mask=row_ok[:, None] & (cols_t < HEAD_DK)[None, :])
-
-    @triton.jit
-    def _segment(seg, Hkv, NKB):
-        """(batch, kv head, key block) of a key-major segment id ``(b * Hkv + hkv) * NKB + key block``."""
-        bh = seg // NKB
-        return bh // Hkv, bh % Hkv, seg % NKB
 
     @triton.jit
     def _topk_bwd_kv_det_kernel(
@@ -455,7 +299,7 @@ if HAS_TRITON:
         ``ITEMS[i] = (segment, first entry, end entry, slot)`` (int64), segment = (b * Hkv + hkv) * NKB +
         key block. The item walks the packed rows ``e * G + h`` of entries ``[first, end)`` (entry e: token
         ``ENT_T[e]``, key bits ``ENT_LO[e]`` / ``ENT_HI[e]`` for keys 0-31 / 32-63 of the block); the key
-        block's K/V tiles are loaded once or re-read every step per ``STREAM`` (:func:`_stream_dk`). All
+        block's K/V tiles are loaded once or re-read every step per ``STREAM`` (:func:`stream_dk`). All
         products are transposed (``[BLOCK_N, BLOCK_M]``, keys on M). ``slot < 0``: the item is its block's
         only one and writes dK/dV (input dtype) directly, zeros for a block nobody selected; else it writes
         fp32 partials ``PK[slot]`` ``[BLOCK_N, Dk]`` / ``PV[slot]`` ``[BLOCK_N, Dv]`` for
@@ -480,18 +324,18 @@ if HAS_TRITON:
         slot = tl.load(item + 3)
         if seg < 0:  # padding item: the index has a size fixed by the shapes (no host sync)
             return
-        b, hkv, kb = _segment(seg, Hkv, NKB)
+        b, hkv, kb = segment(seg, Hkv, NKB)
 
         nn = tl.arange(0, BLOCK_N)
-        keys = _idx(kb * BLOCK_N, OFF64) + nn
+        keys = row_index(kb * BLOCK_N, OFF64) + nn
         key_ok = keys < S
         keys_ld = tl.minimum(keys, S - 1)
-        k_base = _head_base(K, k_str, b, hkv)
-        v_base = _head_base(V, v_str, b, hkv)
+        k_base = head_base(K, k_str, b, hkv)
+        v_base = head_base(V, v_str, b, hkv)
         k_rows = keys_ld * k_str[1]
         v_rows = keys_ld * v_str[1]
-        k_res = _dk_tiles(k_base, k_rows, split, HEAD_DK, PLAN)
-        v_res = _dv_tiles(v_base, v_rows, split, HEAD_DV, PLAN)
+        k_res = dk_tiles(k_base, k_rows, split, HEAD_DK, PLAN)
+        v_res = dv_tiles(v_base, v_rows, split, HEAD_DV, PLAN)
         shift = (nn % 32)[:, None]
         hi_word = (nn >= 32)[:, None]
 
@@ -503,21 +347,21 @@ if HAS_TRITON:
         r_lo = e_lo * G
         r_hi = e_hi * G
         for r0 in range(r_lo, r_hi, BLOCK_M):
-            k_t = _stream_dk(k_res, k_base + r0 * opaque_zero, k_rows, split, HEAD_DK, PLAN, STREAM)
+            k_t = stream_dk(k_res, k_base + r0 * opaque_zero, k_rows, split, HEAD_DK, PLAN, STREAM)
             if V_IS_K:
                 v_own = k_t[0]
                 v_oth = k_t[1]
             else:
-                v_own, v_oth = _stream_dv(v_res, v_base + r0 * opaque_zero, v_rows, split, HEAD_DV, PLAN, STREAM)
+                v_own, v_oth = stream_dv(v_res, v_base + r0 * opaque_zero, v_rows, split, HEAD_DV, PLAN, STREAM)
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < r_hi
             rows = tl.where(row_ok, rows, r_lo)
             e = rows // G
-            hq = _idx(hkv * G + rows % G, OFF64)
-            t = _idx(tl.load(ENT_T + e), OFF64)
+            hq = row_index(hkv * G + rows % G, OFF64)
+            t = row_index(tl.load(ENT_T + e), OFF64)
             q_rows = t * q_str[1] + hq * q_str[2]
             do_rows = t * do_str[1] + hq * do_str[2]
-            st, q_own, q_oth, q_tail = _gathered_scores(k_t, q_base, q_rows, split, HEAD_DK, PLAN, DOT)
+            st, q_own, q_oth, q_tail = gathered_scores(k_t, q_base, q_rows, split, HEAD_DK, PLAN, DOT)
             lse = tl.load(LSE + b * lse_str[0] + hq * lse_str[1] + t * lse_str[2], mask=row_ok, other=float("inf"))
             lse = lse * _LOG2E_C
             word = tl.load(ENT_LO + e)
@@ -528,13 +372,13 @@ if HAS_TRITON:
             sel = ((word >> shift) & 1) != 0
             st = tl.where(sel, st * qk_scale, float("-inf"))
             pt = tl.exp2(st - lse[None, :])
-            do_own = _chunk(do_base, do_rows, split, False, HEAD_DV, NSPLIT, BV)
+            do_own = chunk(do_base, do_rows, split, False, HEAD_DV, NSPLIT, BV)
             if PARTS % 2 == 1:
                 dv_acc = tl.dot(pt.to(do_own.dtype), do_own, dv_acc, input_precision=DOT)
             if PARTS >= 2:
                 dpt = tl.dot(v_own, tl.trans(do_own), input_precision=DOT)
                 if NSPLIT > 1:
-                    do_oth = _chunk(do_base, do_rows, split, True, HEAD_DV, NSPLIT, BV)
+                    do_oth = chunk(do_base, do_rows, split, True, HEAD_DV, NSPLIT, BV)
                     dpt = tl.dot(v_oth, tl.trans(do_oth), dpt, input_precision=DOT)
                 delta = tl.load(DELTA + b * (Hkv * G) * T + (hq.to(tl.int64) * T + t), mask=row_ok, other=0.0)
                 dst = (pt * (dpt - delta[None, :])).to(q_own.dtype)
@@ -551,7 +395,7 @@ if HAS_TRITON:
         dk_acc = dk_acc * sm_scale
         dk_tail = dk_tail * sm_scale
         if slot < 0:
-            keys_st = _idx(keys, OFF64)
+            keys_st = row_index(keys, OFF64)
             dk_ptr = DK + b * dk_str[0] + hkv * dk_str[2] + (keys_st * dk_str[1])[:, None]
             dv_ptr = DV + b * dv_str[0] + hkv * dv_str[2] + (keys_st * dv_str[1])[:, None]
             if PARTS >= 2:
@@ -588,7 +432,7 @@ if HAS_TRITON:
         count = tl.load(rec + 2)
         if seg < 0:  # padding row
             return
-        b, hkv, kb = _segment(seg, Hkv, NKB)
+        b, hkv, kb = segment(seg, Hkv, NKB)
         nn = tl.arange(0, BLOCK_N)
         keys = kb * BLOCK_N + nn
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
