@@ -110,12 +110,16 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr = PLAN[0]
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
-        split, hkv, b, t, heads, row_ok, hq = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = heads < G
+        hq = row_index(hkv * G, OFF64) + tl.minimum(heads, G - 1)
         q_base, q_rows = token_rows(Q, q_str, b, t, hq)
         k_base = head_base(K, k_str, b, hkv)
         v_base = head_base(V, v_str, b, hkv)
-        idx_row, key_end, n_lanes = token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
+        idx_row = IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2]
         q_res = dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
+        key_end, n_lanes = token_lanes(t, dims, CAUSAL)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -212,17 +216,21 @@ if HAS_TRITON:
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
         qk_scale, sm_scale = scales
-        split, hkv, b, t, heads, row_ok, hq = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = heads < G
+        hq = row_index(hkv * G, OFF64) + tl.minimum(heads, G - 1)
         q_base, q_rows = token_rows(Q, q_str, b, t, hq)
         do_base, do_rows = token_rows(DO, do_str, b, t, hq)
         k_base = head_base(K, k_str, b, hkv)
         v_base = head_base(V, v_str, b, hkv)
-        idx_row, key_end, n_lanes = token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL)
+        idx_row = IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2]
         q_res = dk_tiles(q_base, q_rows, split, HEAD_DK, PLAN)
         do_res = dv_tiles(do_base, do_rows, split, HEAD_DV, PLAN)
         lse = tl.load(LSE + b * lse_str[0] + hq * lse_str[1] + t * lse_str[2], mask=row_ok, other=float("inf"))
         lse = lse * _LOG2E_C
         delta = tl.load(DELTA + (b * (Hkv * G) * T + t) + hq.to(tl.int64) * T, mask=row_ok, other=0.0)
+        key_end, n_lanes = token_lanes(t, dims, CAUSAL)
 
         dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
         dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else MIN_TILE_C], dtype=tl.float32)

@@ -131,11 +131,9 @@ def program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.co
         pid = pid // N_HB
     else:
         hb = 0
-    hkv = (pid % Hkv).to(tl.int64)
+    hkv = pid % Hkv
     bt = pid // Hkv
-    heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
-    hq = row_index(hkv * G, OFF64) + tl.minimum(heads, G - 1)
-    return split, hkv, (bt // T).to(tl.int64), (bt % T).to(tl.int64), heads, heads < G, hq
+    return split, hb, hkv.to(tl.int64), (bt // T).to(tl.int64), (bt % T).to(tl.int64)
 
 @_jit
 def head_base(X, x_str, b, h):
@@ -148,15 +146,16 @@ def token_rows(X, x_str, b, t, heads):
     return X + b * x_str[0] + t * x_str[1], heads * x_str[2]
 
 @_jit
-def token_lanes(IDX, idx_str, b, t, hkv, dims, CAUSAL: tl.constexpr):
-    """(top-k row of token ``t`` and kv head ``hkv``, ``key_end``: keys ``j < key_end`` are visible
-    (bottom-right aligned when ``CAUSAL``), lanes to walk: ``K``, or 0 when the token sees no key)."""
+def token_lanes(t, dims, CAUSAL: tl.constexpr):
+    """(``key_end``: keys ``j < key_end`` are visible to token ``t``, bottom-right aligned when ``CAUSAL``;
+    lanes to walk: ``K``, or 0 when the token sees no key), ``dims = (T, S, Hkv, K)``."""
     T, S, Hkv, KTOP = dims
     if CAUSAL:
         key_end = t + S - T + 1
     else:
         key_end = S + t * 0
-    return IDX + b * idx_str[0] + t * idx_str[1] + hkv * idx_str[2], key_end, tl.where(key_end > 0, KTOP, 0)
+    return key_end, tl.where(key_end > 0, KTOP, 0)
+
 
 @_jit
 def lane_keys(idx_row, start, KTOP, key_end, BLOCK_N: tl.constexpr):
