@@ -110,7 +110,7 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr = PLAN[0]
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
-        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
         heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = heads < G
         hq = row_index(hkv * G, OFF64) + tl.minimum(heads, G - 1)
@@ -216,7 +216,7 @@ if HAS_TRITON:
         BV: tl.constexpr = PLAN[3]
         T, S, Hkv, KTOP = dims
         qk_scale, sm_scale = scales
-        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT, OFF64)
+        split, hb, hkv, b, t = program_coords(T, Hkv, G, BLOCK_M, NSPLIT)
         heads = hb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = heads < G
         hq = row_index(hkv * G, OFF64) + tl.minimum(heads, G - 1)

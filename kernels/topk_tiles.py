@@ -114,11 +114,10 @@ def row_index(x, OFF64: tl.constexpr):
     return y
 
 @_jit
-def program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, OFF64: tl.constexpr):
+def program_coords(T, Hkv, G: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr):
     """1-D grid of the query-major kernels: pid = (((b * T + t) * Hkv + hkv) * N_HB + hb) * NSPLIT + split.
-    Neighbouring programs share a token's key list (L2 reuse of the gathered rows). Returns (split, hkv,
-    b, t, heads of the group in the program's rows, row is a head, query head per row: rows past the
-    group repeat its last head)."""
+    Neighbouring programs share a token's key list (L2 reuse of the gathered rows). Returns (split, head
+    block, hkv, b, t)."""
     pid = tl.program_id(0)
     N_HB: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     if NSPLIT > 1:
