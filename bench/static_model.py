@@ -228,7 +228,8 @@ def analyse(spec) -> list[LoopRow]:
                  exec_macs=0, useful_macs=None, useful_share=None, replicated_dots=None, dots=None, ttgir_macs=None,
                  slack=None, mufu_ex2=0, t_tc=0.0, t_issue=0.0, t_mufu=0.0, eff_serial=None, eff_overlap=None)
     try:
-        k = sass.compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.extra.get("divisible", ()),
+        divisible = list(spec.extra.get("divisible", ())) + list(spec.extra.get("divisible_elems", ()))
+        k = sass.compile_kernel(spec.fn, spec.signature, spec.constexprs, divisible,
                                 spec.num_warps, spec.num_stages, spec.arch)
         regs, st, ld = ptxas_usage(k.asm["ptx"])
         lines = sass.parse_sass(sass.disassemble(k.asm["cubin"]))

@@ -35,6 +35,7 @@ __all__ = [
     "CompileResult",
     "PtxasUnavailable",
     "Pointer",
+    "ast_source",
     "collect_specs",
     "compile_all",
     "compile_ptx",
@@ -44,6 +45,7 @@ __all__ = [
     "ptx_uses_tf32",
     "quick_selection",
     "spec_args",
+    "spec_divisible",
     "target_archs",
 ]
 
@@ -60,17 +62,18 @@ class Pointer:
     aligned: bool = True
 
 
-def spec_args(fn, values: dict) -> tuple[dict, dict, list[str]]:
-    """Signature, constexprs and 16-divisible argument names for a launch of ``fn`` with ``values``.
+def spec_args(fn, values: dict) -> tuple[dict, dict, list]:
+    """Signature, constexprs and 16-divisible arguments for a launch of ``fn`` with ``values``.
 
     ``values`` maps every argument name of the ``@triton.jit`` function to a :class:`Pointer`, an
-    int, a float, or (for constexpr parameters) its value; arguments with a default (optional
-    features, e.g. ``HAS_PARTIAL=False``) may be left out. Raises ``KeyError`` naming a missing
-    argument.
+    int, a float, a tuple of those (Triton >= 3.3 tuple arguments, e.g. a tensor's strides), or (for
+    constexpr parameters) its value; arguments with a default (optional features, e.g.
+    ``HAS_PARTIAL=False``) may be left out. A tuple argument gets a tuple of element types; its
+    elements specialised to constexpr (ints equal to 1) are given in ``constexprs[name]`` as a tuple
+    with ``None`` at the other positions, and a 16-divisible element appears in the divisible list as
+    ``(name, index)`` (:func:`spec_divisible` splits the list for ``CompileSpec.extra``).
+    Raises ``KeyError`` naming a missing argument.
     """
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     signature, constexprs, divisible = {}, {}, []
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
@@ -81,18 +84,59 @@ def spec_args(fn, values: dict) -> tuple[dict, dict, list[str]]:
         if is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = val
-        elif isinstance(val, Pointer):
-            signature[name] = "*" + val.dtype
-            if val.aligned:
-                divisible.append(name)
+        elif isinstance(val, tuple):
+            elems = [_specialize(v) for v in val]
+            signature[name] = tuple(ty for ty, _, _ in elems)
+            if "constexpr" in signature[name]:
+                constexprs[name] = tuple(c for _, c, _ in elems)
+            divisible.extend((name, j) for j, (_, _, div) in enumerate(elems) if div)
         else:
-            ty, attr = native_specialize_impl(BaseBackend, val, False, True, True)
+            ty, const, div = _specialize(val)
             signature[name] = ty
             if ty == "constexpr":
-                constexprs[name] = attr
-            elif attr == "D":
+                constexprs[name] = const
+            if div:
                 divisible.append(name)
     return signature, constexprs, divisible
+
+
+def _specialize(val) -> tuple:
+    """(type, constexpr value or None, 16-divisible) of one launch value, as the JIT specialises it."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    if isinstance(val, Pointer):
+        return "*" + val.dtype, None, val.aligned
+    ty, attr = native_specialize_impl(BaseBackend, val, False, True, True)
+    if ty == "constexpr":
+        return ty, attr, False
+    return ty, None, attr == "D"
+
+
+def spec_divisible(divisible) -> dict:
+    """``CompileSpec.extra`` entries of a :func:`spec_args` divisible list: ``divisible`` (argument names)
+    and ``divisible_elems`` (``(name, index)`` elements of tuple arguments)."""
+    return {"divisible": [d for d in divisible if isinstance(d, str)],
+            "divisible_elems": [tuple(d) for d in divisible if not isinstance(d, str)]}
+
+
+def ast_source(fn, signature: dict, constexprs: dict, divisible=()):
+    """``triton.compiler.ASTSource`` of ``fn`` for a :func:`spec_args` signature: tuple arguments' constexpr
+    elements become path-keyed constants, ``divisible`` entries (names or ``(name, index)``) the
+    ``tt.divisibility = 16`` attribute."""
+    from triton.compiler import ASTSource
+
+    index = {p.name: i for i, p in enumerate(fn.params)}
+    consts = {}
+    for name, val in constexprs.items():
+        sig = signature.get(name)
+        if isinstance(sig, tuple):
+            consts.update({(index[name], j): v for j, (ty, v) in enumerate(zip(sig, val)) if ty == "constexpr"})
+        else:
+            consts[name] = val
+    attrs = {((index[d],) if isinstance(d, str) else (index[d[0]], d[1])): [["tt.divisibility", 16]]
+             for d in divisible}
+    return ASTSource(fn=fn, signature=dict(signature), constexprs=consts, attrs=attrs)
 
 
 def _params(fn) -> list[tuple[str, bool]]:
@@ -137,8 +181,11 @@ class CompileResult:
 
     @property
     def needs_wgmma(self) -> bool:
-        """fp16/bf16 matrix products on sm90 should run on Hopper's wgmma (sm90a only: Blackwell has none)."""
-        return self.has_dot and self.spec.arch == 90 and self.spec.dtype in ("fp16", "bf16")
+        """fp16/bf16 matrix products on sm90 should run on Hopper's wgmma (sm90a only: Blackwell has none),
+        unless the spec says its tile is deliberately below wgmma's 64 rows (``extra["wgmma"] = False``:
+        a shape whose every wgmma tile spills; its reason is written at the config)."""
+        wants = self.spec.extra.get("wgmma", True)
+        return wants and self.has_dot and self.spec.arch == 90 and self.spec.dtype in ("fp16", "bf16")
 
     @property
     def status(self) -> str:
@@ -289,14 +336,12 @@ def _triton_compile(spec: CompileSpec):
     """``triton.compile`` of ``spec`` for ``GPUTarget("cuda", spec.arch, 32)``."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if not hasattr(spec.fn, "params"):
         raise RuntimeError("compile_spec: kernels were decorated under TRITON_INTERPRET=1; compile in a "
                            "process without it (python -m bench.compile_report)")
-    arg_index = {p.name: i for i, p in enumerate(spec.fn.params)}
-    attrs = {(arg_index[n],): [["tt.divisibility", 16]] for n in spec.extra.get("divisible", ())}
-    src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
+    divisible = list(spec.extra.get("divisible", ())) + list(spec.extra.get("divisible_elems", ()))
+    src = ast_source(spec.fn, spec.signature, spec.constexprs, divisible)
     return triton.compile(
         src,
         target=GPUTarget("cuda", spec.arch, 32),

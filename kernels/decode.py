@@ -15,7 +15,7 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   once for all heads of a head group.
 * **V is a prefix of K**: the value of a token is the first ``Dv`` columns of its cache row; a
   program's value columns are a block of the key tile it already loaded for the scores.
-* **Register budget** (docs/design.md §9): a ``[64, 512]`` fp32
+* **Register budget** (DESIGN §9.2): a ``[64, 512]`` fp32
   accumulator alone takes 128 registers per thread at 8 warps; with it every variant we compiled
   spilled on sm90. So for Dv = 512 two programs share a (sequence, head group, split), each owning
   256 value columns (``DV_SPLIT = 2``, grid axis 2): each loads the whole key tile once (its own
@@ -27,43 +27,16 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   exponential. No block-table entry or page slot beyond a sequence's length is ever read (they may
   hold -1, garbage or NaN), and the cache loads need no masks (fewer registers).
 
-Measured with ``triton.compile`` + the bundled ptxas for every spec of ``compile_specs`` (registers
-per thread with triton 3.9 / 3.6, spill bytes, shared bytes; fp16 and bf16 alike). Split kernel:
-64 rows x 32 keys per step, 8 warps, 2 stages; 576/512 as 2 programs x 256 value columns:
-
-=====================================  =======================  =======================
-spec                                   sm80 (A100, 164 KiB)     sm90 (H100, 227 KiB)
-=====================================  =======================  =======================
-576/512 H128 Tq1 dense, partials       184/206 regs, 0, 114688  194/159 regs, 0, 147456
-576/512 H128 Tq2 causal, direct        178/175 regs, 0, 114688  204/160 regs, 0, 147456
-576/512 H128 Tq1 top-k causal          184/216 regs, 0, 114816  211/172 regs, 0, 147584
-576/512 H16 Tq2 causal, partials       179/217 regs, 0, 114688  195/182 regs, 0, 147456
-80/64 H8 Tq2 causal, partials          128/128 regs, 0, 16384   66/66 regs, 0, 20480
-combine Dv 512 (Dv 64), 4 warps        40/40 (31/32), 0, 0      40/40 (30/30), 0, 0
-=====================================  =======================  =======================
-
-FP8 cache (``KV_FP8``, ``fp8_ds_mla`` bytes, bf16 queries, 576/512 H128: Tq1 dense partials / Tq2 causal
-direct / Tq1 top-k), triton 3.9: sm90 64 rows x 16 keys, 255 regs, 0 spills, 102656-102720 shared bytes,
-wgmma, e4m3 converted with ``cvt.rn.f16x2.e4m3x2``; sm89 32 rows x 32 keys (mma.sync), 246-255 regs, 0
-spills, 90624-90752 bytes, ``cvt.rn.f16x2.e4m3x2``; sm80 the same tile, 248-255 regs, 0 spills, no e4m3
-instruction (Triton has no e4m3 type below sm89): the kernel decodes the bytes with integer shifts / masks
-and one fp32 multiply (``_fp8_latent``). The dequantized tiles sit in registers before the products, hence
-the smaller tiles (``_GPU_FP8_TILES``).
-
-All sm90 split specs use wgmma. Rejected on sm90: a [64, 512] accumulator per program (no value
-split; no choice of 16 / 32 keys per step and 2-4 stages was spill-free in all launch modes, up to
-236 bytes), and 64 keys per step with the value split (44-76 bytes in the top-k variant).
-These need the ``tt.divisibility`` hints the JIT derives at run time (16-byte aligned pointers,
-strides that are multiples of 16: ``spec.extra["divisible"]``); compiled without them the loads are not
-vectorised and the 576/512 split kernel spills 272-584 bytes.
+Register / shared-memory measurements of every configuration and the variants rejected: DESIGN §9.2
+(docs/design.md). Compile specs: :mod:`kernels._specs`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._common import LOG2E, cdiv, dot_precision, dtype_name, launch, next_pow2
-from kernels._config import HAS_TRITON, INTERPRET, CompileSpec, arch_family
+from kernels._common import LOG2E, cdiv, dot_precision, launch, next_pow2
+from kernels._config import HAS_TRITON, INTERPRET, arch_family
 
 if HAS_TRITON:
     import triton
@@ -74,7 +47,8 @@ else:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["mla_decode_fwd", "choose_num_splits", "compile_specs", "decode_config", "MAX_SPLITS"]
+__all__ = ["MAX_SPLITS", "choose_num_splits", "combine_config", "compile_specs", "decode_config",
+           "mla_decode_fwd"]
 
 #: Upper bound on the number of key splits per sequence (chosen or given).
 MAX_SPLITS = 256
@@ -123,16 +97,19 @@ if HAS_TRITON:
         return (x * sc).to(OUT_TY)
 
     @triton.jit
+    def _cols(row_ptrs, offs, ok, MASKED: tl.constexpr):
+        """``[R, len(offs)]`` tile at ``row_ptrs[:, None] + offs``; ``MASKED``: columns where ``ok`` is False
+        read 0 (blocks that overhang ``Dv``), else no mask (fewer registers)."""
+        if MASKED:
+            x = tl.load(row_ptrs + offs[None, :], mask=ok[None, :], other=0.0)
+        else:
+            x = tl.load(row_ptrs + offs[None, :])
+        return x
+
+    @triton.jit
     def _mla_decode_split_kernel(
         Q, KV, BLOCK_TABLE, SEQLENS, TOPK, OUT, LSE,
-        sm_scale_log2,
-        stride_qb, stride_qr,
-        stride_kvp, stride_kvs,
-        stride_btb,
-        stride_tkb, stride_tkt,
-        stride_ob, stride_or, stride_os,
-        stride_lb, stride_lt, stride_lh, stride_ls,
-        H, TQ, TOPK_K,
+        sm_scale_log2, q_str, kv_str, tk_str, o_str, lse_str, dims,
         DK: tl.constexpr, DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
         IS_CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, DV_SPLIT: tl.constexpr,
@@ -142,11 +119,16 @@ if HAS_TRITON:
     ):
         """One (sequence, head group[, query token], key split, value-column half) per program.
 
+        Argument bundles: ``dims = (H, TQ, TOPK_K)``; ``q_str = (batch, packed row)`` strides of Q;
+        ``kv_str = (page, slot, block-table row)`` strides of the paged cache (KV) and BLOCK_TABLE;
+        ``tk_str = (batch, token)`` of TOPK; ``o_str = (batch, packed row, split)`` of OUT;
+        ``lse_str = (batch, token, head, split)`` of LSE.
+
         Grid: (B * groups, num_splits, DV_SPLIT). Dense: the ``TQ * H`` rows of a sequence are packed
         (row r = t * H + h), groups = cdiv(TQ * H, BLOCK_H). Top-k: every query token has its own
         key list, so the rows of a program are the heads of one token (groups = TQ * cdiv(H, BLOCK_H)).
-        Q and OUT address packed rows with one row stride (``stride_qr``, ``stride_or``; the launcher
-        guarantees ``stride_t == H * stride_h``), OUT's split stride ``stride_os`` is 0 when DIRECT.
+        Q and OUT address packed rows with one row stride (``q_str[1]``, ``o_str[1]``; the launcher
+        guarantees ``stride_t == H * stride_h``), OUT's split stride ``o_str[2]`` is 0 when DIRECT.
         The latent part of a key tile (``DV`` columns, padded to ``DV_SPLIT * BLOCK_DV``) is loaded
         once, as ``DV_SPLIT`` (1 or 2) column blocks: all serve as K (scores), the program's own block
         (grid axis 2) also serves as V, so the program owns ``BLOCK_DV`` output columns (the
@@ -165,6 +147,7 @@ if HAS_TRITON:
         splits share only the keys from the program's first row's window start on (a step reads the last
         ``WIN_L + TQ`` positions, never the older pages).
         """
+        H, TQ, TOPK_K = dims
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_v = tl.program_id(2)
@@ -209,25 +192,20 @@ if HAS_TRITON:
         offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
         v_ok = offs_v < DV
         q_rows = tl.minimum(row_base + tl.arange(0, BLOCK_H), row_last)
-        q_ptr = Q + b64 * stride_qb + (q_rows * stride_qr)[:, None]
-        if DV_SPLIT * BLOCK_DV == DV:
-            q_lat = tl.load(q_ptr + offs_v[None, :])
-        else:
-            q_lat = tl.load(q_ptr + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+        q_ptr = Q + b64 * q_str[0] + (q_rows * q_str[1])[:, None]
+        PAD: tl.constexpr = DV_SPLIT * BLOCK_DV != DV  # latent blocks overhang Dv: masked loads
+        q_lat = _cols(q_ptr, offs_v, v_ok, PAD)
         if DV_SPLIT == 2:
             offs_w = (1 - pid_v) * BLOCK_DV + tl.arange(0, BLOCK_DV)
             w_ok = offs_w < DV
-            if DV_SPLIT * BLOCK_DV == DV:
-                q_oth = tl.load(q_ptr + offs_w[None, :])
-            else:
-                q_oth = tl.load(q_ptr + offs_w[None, :], mask=w_ok[None, :], other=0.0)
+            q_oth = _cols(q_ptr, offs_w, w_ok, PAD)
         if BLOCK_DR > 0:
             offs_r = DV + tl.arange(0, BLOCK_DR)
             r_ok = offs_r < DK
             q_rope = tl.load(q_ptr + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        bt_row = BLOCK_TABLE + b64 * stride_btb
+        bt_row = BLOCK_TABLE + b64 * kv_str[2]
         if HAS_TOPK:
-            tk_row = TOPK + b64 * stride_tkb + t0.to(tl.int64) * stride_tkt
+            tk_row = TOPK + b64 * tk_str[0] + t0.to(tl.int64) * tk_str[1]
         elif IS_CAUSAL:
             # row r sees keys j < row_end[r] (bottom-right aligned)
             row_end = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H + 1
@@ -251,23 +229,19 @@ if HAS_TRITON:
                 key_ok = pos < hi
                 pos_ld = tl.minimum(pos, hi - 1)
             page = tl.load(bt_row + pos_ld // PAGE_SIZE)  # per key: a tile may span pages
-            kv_off = page.to(tl.int64) * stride_kvp + (pos_ld % PAGE_SIZE).to(tl.int64) * stride_kvs
+            kv_off = page.to(tl.int64) * kv_str[0] + (pos_ld % PAGE_SIZE).to(tl.int64) * kv_str[1]
             if KV_FP8:
-                kv = _fp8_latent(KV, kv_off, pid_v * BLOCK_DV, offs_v, v_ok, DV, DV_SPLIT * BLOCK_DV != DV,
-                                 BLOCK_DV // 128, q_lat.dtype, FP8_NATIVE)
-            elif DV_SPLIT * BLOCK_DV == DV:
-                kv = tl.load(KV + kv_off[:, None] + offs_v[None, :])
+                kv = _fp8_latent(KV, kv_off, pid_v * BLOCK_DV, offs_v, v_ok, DV, PAD, BLOCK_DV // 128, q_lat.dtype,
+                                 FP8_NATIVE)
             else:
-                kv = tl.load(KV + kv_off[:, None] + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+                kv = _cols(KV + kv_off[:, None], offs_v, v_ok, PAD)
             s = tl.dot(q_lat, tl.trans(kv), input_precision=DOT_PRECISION)
             if DV_SPLIT == 2:
                 if KV_FP8:
-                    kw = _fp8_latent(KV, kv_off, (1 - pid_v) * BLOCK_DV, offs_w, w_ok, DV,
-                                     DV_SPLIT * BLOCK_DV != DV, BLOCK_DV // 128, q_lat.dtype, FP8_NATIVE)
-                elif DV_SPLIT * BLOCK_DV == DV:
-                    kw = tl.load(KV + kv_off[:, None] + offs_w[None, :])
+                    kw = _fp8_latent(KV, kv_off, (1 - pid_v) * BLOCK_DV, offs_w, w_ok, DV, PAD, BLOCK_DV // 128,
+                                     q_lat.dtype, FP8_NATIVE)
                 else:
-                    kw = tl.load(KV + kv_off[:, None] + offs_w[None, :], mask=w_ok[None, :], other=0.0)
+                    kw = _cols(KV + kv_off[:, None], offs_w, w_ok, PAD)
                 s = tl.dot(q_oth, tl.trans(kw), s, input_precision=DOT_PRECISION)
             if BLOCK_DR > 0:
                 if KV_FP8:  # bf16 rope values after the latent codes and the DV / 128 fp32 scales
@@ -310,12 +284,12 @@ if HAS_TRITON:
             o = acc / tl.where(empty, 1.0, l_i)[:, None]
             lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
         split64 = pid_s.to(tl.int64)
-        o_ptr = OUT + b64 * stride_ob + rows64 * stride_or + split64 * stride_os
+        o_ptr = OUT + b64 * o_str[0] + rows64 * o_str[1] + split64 * o_str[2]
         offs_o = pid_v.to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV).to(tl.int64)
         o_ptrs = o_ptr[:, None] + offs_o[None, :]
         o_mask = row_ok[:, None] & (offs_o < DV)[None, :]
-        l_ptr = (LSE + b64 * stride_lb + (rows64 // H) * stride_lt + (rows64 % H) * stride_lh
-                 + split64 * stride_ls)
+        l_ptr = (LSE + b64 * lse_str[0] + (rows64 // H) * lse_str[1] + (rows64 % H) * lse_str[2]
+                 + split64 * lse_str[3])
         l_mask = row_ok & ((rows * 0 + pid_v) == 0)  # both value halves hold the same statistics
         if DIRECT:
             tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
@@ -327,17 +301,15 @@ if HAS_TRITON:
     @triton.jit
     def _mla_decode_combine_kernel(
         O_PART, LSE_PART, OUT, LSE,
-        NUM_SPLITS, H, TQ,
-        stride_pr, stride_ps,
-        stride_lpr,
-        stride_ob, stride_ot, stride_oh,
-        stride_lb, stride_lh, stride_lt,
+        NUM_SPLITS, H, TQ, part_str, o_str, lse_str,
         DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
         SINKS=None, HAS_SINKS: tl.constexpr = False,
     ):
         """Merge the splits of one query row (b, t, h) and one block of value columns.
 
-        O_PART fp32 [rows, NUM_SPLITS, DV] (row = (b * TQ + t) * H + h), LSE_PART fp32 [rows, NUM_SPLITS].
+        O_PART fp32 [rows, NUM_SPLITS, DV] (row = (b * TQ + t) * H + h), LSE_PART fp32 [rows, NUM_SPLITS];
+        ``part_str`` = (O_PART row, O_PART split, LSE_PART row) strides, ``o_str`` = OUT's (batch, token,
+        head), ``lse_str`` = LSE's (batch, head, token).
         out = sum_s exp(lse_s - lse) * o_s with lse = log sum_s exp(lse_s); all splits empty: 0 and +inf.
         HAS_SINKS: the sink logit ``SINKS[h]`` joins the log-sum-exp here, once (no value), not per split.
         """
@@ -348,7 +320,7 @@ if HAS_TRITON:
         t = (row // H) % TQ
         h = row % H
         offs_s0 = tl.arange(0, BLOCK_S)
-        lp = LSE_PART + row64 * stride_lpr
+        lp = LSE_PART + row64 * part_str[2]
 
         # pass 1: the merged log-sum-exp (running max / sum over chunks of BLOCK_S splits)
         m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
@@ -374,7 +346,7 @@ if HAS_TRITON:
         # pass 2: weighted sum of the partial outputs
         offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
         v_ok = offs_v < DV
-        op = O_PART + row64 * stride_pr
+        op = O_PART + row64 * part_str[0]
         acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
         lse_base = tl.where(empty, 0.0, lse)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
@@ -382,15 +354,15 @@ if HAS_TRITON:
             s_ok = offs_s < NUM_SPLITS
             ls = tl.load(lp + offs_s, mask=s_ok, other=float("-inf"))
             w = tl.exp(ls - lse_base)
-            o = tl.load(op + offs_s.to(tl.int64)[:, None] * stride_ps + offs_v[None, :],
+            o = tl.load(op + offs_s.to(tl.int64)[:, None] * part_str[1] + offs_v[None, :],
                         mask=s_ok[:, None] & v_ok[None, :], other=0.0)
             acc += tl.sum(w[:, None] * o, 0)
 
-        o_ptr = OUT + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        o_ptr = OUT + b.to(tl.int64) * o_str[0] + t.to(tl.int64) * o_str[1] + h.to(tl.int64) * o_str[2]
         tl.store(o_ptr + offs_v, acc.to(OUT.dtype.element_ty), mask=v_ok)
         lse_out = tl.where(empty, float("inf"), lse)
         if pid_v == 0:
-            tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt,
+            tl.store(LSE + b.to(tl.int64) * lse_str[0] + h.to(tl.int64) * lse_str[1] + t.to(tl.int64) * lse_str[2],
                      lse_out)
 
 
@@ -400,7 +372,7 @@ if HAS_TRITON:
 #: Tile of the split kernel on a GPU: 64 query rows (heads x query tokens) per program, as in
 #: FlashMLA (the M of Hopper's wgmma), 8 warps (two warpgroups), at most 256 value columns per
 #: program (DV_SPLIT = 2 programs share a 512-column latent), 32 keys per pipelined step, two
-#: stages. Measured with ptxas for every spec of ``compile_specs`` (module docstring): 0 spills.
+#: stages. Measured with ptxas for every spec of ``compile_specs`` (DESIGN §9.2): 0 spills.
 #: A [64, 512] accumulator per program (no value split) spills on sm90 in every variant tried
 #: (BLOCK_N 16 / 32, 2 stages: 0-236 bytes), and BLOCK_N = 64 spills in the top-k variant.
 _GPU_BLOCK_H = 64
@@ -439,7 +411,7 @@ def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dty
 
 
 def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = None, arch: int = 90,
-                  kv_fp8: bool = False) -> dict:
+                  kv_fp8: bool = False, *, interpret: bool | None = None) -> dict:
     """Tile configuration of the split kernel for head dims (``head_dim`` = Dk, ``head_dim_v`` = Dv).
 
     Returns a dict with ``BLOCK_H`` (query rows per program), ``BLOCK_N`` (keys per step),
@@ -449,12 +421,13 @@ def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = No
     and ``num_stages``. ``arch`` is the compute capability (80: A100-class shared memory; >= 90:
     Hopper). fp16 and bf16 share the tiles; fp32 (IEEE products, a correctness path) gets small
     ones. Under the Triton interpreter (``kernels._config.INTERPRET``) one small configuration is
-    used. ``kv_fp8``: tiles for the ``fp8_ds_mla`` cache (``_GPU_FP8_TILES``).
+    used (``interpret``, default ``kernels._config.INTERPRET``). ``kv_fp8``: tiles for the ``fp8_ds_mla``
+    cache (``_GPU_FP8_TILES``).
     Raises ``ValueError`` unless ``1 <= head_dim_v <= head_dim``.
     """
     if head_dim < 1 or head_dim_v < 1 or head_dim_v > head_dim:
         raise ValueError(f"need 1 <= head_dim_v <= head_dim, got head_dim={head_dim}, head_dim_v={head_dim_v}")
-    if INTERPRET:
+    if INTERPRET if interpret is None else interpret:
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, 1024), num_warps=4, num_stages=1)
     cfg = _gpu_config(head_dim, head_dim_v, arch, dtype)
     if kv_fp8 and dtype != torch.float32:
@@ -466,7 +439,8 @@ def _fp8_tiles(arch: int) -> dict:
     return _GPU_FP8_TILES[90 if arch_family(arch) == 90 else 80]
 
 
-def _combine_config(head_dim_v: int, num_splits: int) -> dict:
+def combine_config(head_dim_v: int, num_splits: int) -> dict:
+    """Tile of the combine kernel: ``BLOCK_S`` splits x ``BLOCK_DV`` value columns per step, ``num_warps``."""
     # 4 splits x up to 512 columns per step, 4 warps: 40-56 registers, no spills (8 splits x 512
     # spilled 8 bytes on sm90). One program per query row and 512-column block.
     block_s = min(64, next_pow2(num_splits)) if INTERPRET else 4  # interpreter: fewer, wider steps
@@ -529,6 +503,49 @@ def _row_stride(x: torch.Tensor) -> int | None:
     if T == 1 or x.stride(1) == H * x.stride(2):
         return x.stride(2)
     return None
+
+
+def _check_inputs(q, kv_cache, block_table, cache_seqlens, dv: int, kv_fp8: bool, topk_indices):
+    """Short check of a direct call, before any launch (``mla.functional.mla_decode`` validates fully
+    first): ranks, dtypes, head dims, the fp8 row layout, batch sizes and devices. Returns ``topk_indices``
+    as ``[B, Tq, K]`` (or None). Raises ``TypeError`` / ``ValueError`` naming the argument."""
+    _check(q.dim() == 4, f"q must be [B, Tq, H, Dk], got shape {tuple(q.shape)}")
+    _check(kv_cache.dim() == 4 and kv_cache.shape[2] == 1 and kv_cache.shape[1] >= 1,
+           f"kv_cache must be [num_pages, page_size >= 1, 1, Dk], got shape {tuple(kv_cache.shape)}")
+    B, Tq, _, Dk = q.shape
+    _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
+    _check(0 < dv <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {dv}")
+    if kv_fp8:
+        _check(dv % 128 == 0, f"kv_fp8 needs head_dim_v a multiple of 128 (one scale per 128), got {dv}")
+        row_bytes = cdiv(dv + dv // 32 + 2 * (Dk - dv), 16) * 16
+        _check(kv_cache.dtype == torch.uint8, f"kv_fp8: kv_cache must be the uint8 byte pool, got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == row_bytes,
+               f"kv_fp8: kv_cache rows must be {row_bytes} bytes for Dk={Dk}, Dv={dv}, got {kv_cache.shape[3]}")
+        _check(kv_cache.stride(1) % 16 == 0 and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0,
+               f"kv_fp8: kv_cache must be 16-byte aligned with page/slot strides multiples of 16 bytes "
+               f"(fp32 scales), got strides {kv_cache.stride()}")
+    else:
+        _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}",
+               TypeError)
+        _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
+    _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
+    if topk_indices is not None and topk_indices.dim() == 4:
+        _check(topk_indices.shape[2] == 1,
+               f"topk_indices [B, Tq, 1, K] needs dim 2 == 1, got shape {tuple(topk_indices.shape)}")
+        topk_indices = topk_indices[:, :, 0]
+    for name, t, shape in (("block_table", block_table, (B, None)), ("cache_seqlens", cache_seqlens, (B,)),
+                           ("topk_indices", topk_indices, (B, Tq, None))):
+        if t is None:
+            continue
+        want = "[" + ", ".join("*" if n is None else str(n) for n in shape) + "]"
+        _check(t.dim() == len(shape) and all(n is None or n == m for n, m in zip(shape, t.shape)),
+               f"{name} must be {want}, got shape {tuple(t.shape)}")
+        _check(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}", TypeError)
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens),
+                    ("topk_indices", topk_indices)):
+        _check(t is None or t.device == q.device, f"{name} must be on {q.device}, got {getattr(t, 'device', None)}")
+    return topk_indices
 
 
 def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -598,76 +615,30 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     """
     if not HAS_TRITON:
         raise RuntimeError("mla_decode_fwd needs triton")
-    _check(q.dim() == 4, f"q must be [B, Tq, H, Dk], got shape {tuple(q.shape)}")
-    _check(kv_cache.dim() == 4 and kv_cache.shape[2] == 1,
-           f"kv_cache must be [num_pages, page_size, 1, Dk], got shape {tuple(kv_cache.shape)}")
+    topk_indices = _check_inputs(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), kv_fp8, topk_indices)
     B, Tq, H, Dk = q.shape
-    page_size = kv_cache.shape[1]
-    _check(q.dtype in _DTYPES, f"q dtype must be fp16, bf16 or fp32, got {q.dtype}", TypeError)
-    _check(0 < int(head_dim_v) <= Dk, f"head_dim_v must be in [1, Dk={Dk}], got {head_dim_v}")
-    if kv_fp8:
-        dv = int(head_dim_v)
-        _check(dv % 128 == 0, f"kv_fp8 needs head_dim_v a multiple of 128 (one scale per 128), got {dv}")
-        row_bytes = -(-(dv + dv // 32 + 2 * (Dk - dv)) // 16) * 16
-        _check(kv_cache.dtype == torch.uint8, f"kv_fp8: kv_cache must be the uint8 byte pool, got {kv_cache.dtype}",
-               TypeError)
-        _check(kv_cache.shape[3] == row_bytes, f"kv_fp8: kv_cache rows must be {row_bytes} bytes for Dk={Dk}, "
-                                               f"Dv={dv}, got {kv_cache.shape[3]}")
-        _check(kv_cache.stride(1) % 16 == 0 and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0,
-               f"kv_fp8: kv_cache must be 16-byte aligned with page/slot strides multiples of 16 bytes "
-               f"(fp32 scales), got strides {kv_cache.stride()}")
-    else:
-        _check(kv_cache.dtype == q.dtype, f"kv_cache dtype must equal q's ({q.dtype}), got {kv_cache.dtype}",
-               TypeError)
-        _check(kv_cache.shape[3] == Dk, f"kv_cache last dim must be Dk={Dk}, got {kv_cache.shape[3]}")
-    _check(page_size >= 1, f"page_size must be >= 1, got {page_size}")
-    _check(kv_cache.stride(-1) == 1, f"kv_cache must have last stride 1, got strides {kv_cache.stride()}")
-    _check(block_table.dim() == 2 and block_table.shape[0] == B,
-           f"block_table must be [B={B}, max_pages], got shape {tuple(block_table.shape)}")
-    _check(block_table.dtype == torch.int32, f"block_table must be int32, got {block_table.dtype}", TypeError)
-    _check(tuple(cache_seqlens.shape) == (B,), f"cache_seqlens must be [B={B}], got {tuple(cache_seqlens.shape)}")
-    _check(cache_seqlens.dtype == torch.int32, f"cache_seqlens must be int32, got {cache_seqlens.dtype}",
-           TypeError)
-    dev = q.device
-    for name, tensor in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        _check(tensor.device == dev, f"{name} must be on {dev}, got {tensor.device}")
+    Dv, dev, page_size = int(head_dim_v), q.device, kv_cache.shape[1]
     if not INTERPRET and dev.type != "cuda":
         raise RuntimeError("mla_decode_fwd runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
-    Dv = int(head_dim_v)
     has_topk = topk_indices is not None
-    topk_k = 0
-    if has_topk:
-        if topk_indices.dim() == 4:
-            _check(topk_indices.shape[2] == 1, f"topk_indices [B, Tq, 1, K] needs dim 2 == 1, "
-                                               f"got shape {tuple(topk_indices.shape)}")
-            topk_indices = topk_indices[:, :, 0]
-        _check(topk_indices.dim() == 3 and tuple(topk_indices.shape[:2]) == (B, Tq),
-               f"topk_indices must be [B={B}, Tq={Tq}, K], got shape {tuple(topk_indices.shape)}")
-        _check(topk_indices.dtype == torch.int32, f"topk_indices must be int32, got {topk_indices.dtype}",
-               TypeError)
-        _check(topk_indices.device == dev, f"topk_indices must be on {dev}, got {topk_indices.device}")
-        if topk_indices.stride(-1) != 1:
-            topk_indices = topk_indices.contiguous()
-        topk_k = topk_indices.shape[2]
+    topk_k = topk_indices.shape[2] if has_topk else 0
+    if has_topk and topk_indices.stride(-1) != 1:
+        topk_indices = topk_indices.contiguous()
     if _row_stride(q) is None:
         q = q.contiguous()
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
-
     if out is None:
         out = torch.empty((B, Tq, H, Dv), dtype=q.dtype, device=dev)
-    else:
-        _check(tuple(out.shape) == (B, Tq, H, Dv) and out.dtype == q.dtype and out.device == dev,
-               f"out must be [{B}, {Tq}, {H}, {Dv}] {q.dtype} on {dev}, got {tuple(out.shape)} {out.dtype} "
-               f"on {out.device}")
-        _check(_row_stride(out) is not None, "out must have last stride 1 and stride(1) == H * stride(2) "
-               f"(rows t * H + h equally spaced), got strides {out.stride()}")
+    _check(tuple(out.shape) == (B, Tq, H, Dv) and out.dtype == q.dtype and out.device == dev,
+           f"out must be [{B}, {Tq}, {H}, {Dv}] {q.dtype} on {dev}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check(_row_stride(out) is not None, "out must have last stride 1 and stride(1) == H * stride(2) "
+           f"(rows t * H + h equally spaced), got strides {out.stride()}")
     if lse is None:
         lse = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
-    else:
-        _check(tuple(lse.shape) == (B, H, Tq) and lse.dtype == torch.float32 and lse.device == dev,
-               f"lse must be [{B}, {H}, {Tq}] float32 on {dev}, got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+    _check(tuple(lse.shape) == (B, H, Tq) and lse.dtype == torch.float32 and lse.device == dev,
+           f"lse must be [{B}, {H}, {Tq}] float32 on {dev}, got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
     if B == 0 or Tq == 0 or H == 0:
         return out, lse
 
@@ -709,15 +680,10 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     grid = (groups, num_splits, cfg["DV_SPLIT"])
     launch(
         _mla_decode_split_kernel, grid,
-        q, kv_cache, block_table, cache_seqlens, tk, o_buf, l_buf,
-        float(softmax_scale) * LOG2E,
-        q.stride(0), _row_stride(q),
-        kv_cache.stride(0), kv_cache.stride(1),
-        block_table.stride(0),
-        tk_strides[0], tk_strides[1],
-        *o_strides, *l_strides,
-        H, Tq, topk_k,
-        DK=Dk, DV=Dv, PAGE_SIZE=page_size,
+        Q=q, KV=kv_cache, BLOCK_TABLE=block_table, SEQLENS=cache_seqlens, TOPK=tk, OUT=o_buf, LSE=l_buf,
+        sm_scale_log2=float(softmax_scale) * LOG2E, q_str=(q.stride(0), _row_stride(q)),
+        kv_str=(kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0)), tk_str=tk_strides,
+        o_str=o_strides, lse_str=l_strides, dims=(H, Tq, topk_k), DK=Dk, DV=Dv, PAGE_SIZE=page_size,
         IS_CAUSAL=bool(causal), HAS_TOPK=has_topk, DIRECT=direct,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"], DV_SPLIT=cfg["DV_SPLIT"],
         BLOCK_DR=cfg["BLOCK_DR"], DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
@@ -727,151 +693,29 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        ccfg = _combine_config(Dv, num_splits)
+        ccfg = combine_config(Dv, num_splits)
         rows = B * Tq * H
         launch(
             _mla_decode_combine_kernel, (rows, cdiv(Dv, ccfg["BLOCK_DV"])),
-            o_buf, l_buf, out, lse,
-            num_splits, H, Tq,
-            num_splits * Dv, Dv,
-            num_splits,
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
+            O_PART=o_buf, LSE_PART=l_buf, OUT=out, LSE=lse, NUM_SPLITS=num_splits, H=H, TQ=Tq,
+            part_str=(num_splits * Dv, Dv, num_splits), o_str=tuple(out.stride()[:3]), lse_str=tuple(lse.stride()),
             DV=Dv, BLOCK_S=ccfg["BLOCK_S"], BLOCK_DV=ccfg["BLOCK_DV"], num_warps=ccfg["num_warps"],
             **({} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)),
         )
     return out, lse
 
 
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compile specifications (DESIGN §6.3)
-# --------------------------------------------------------------------------------------------
+def compile_specs(arch: int) -> list:
+    """Every configuration the decode launcher may pick on ``arch``: :func:`kernels._specs.decode_compile_specs`."""
+    from kernels._specs import decode_compile_specs
+
+    return decode_compile_specs(arch)
 
 
-def _launch_signature(fn, pointers: dict, ints: dict, constexprs: dict) -> tuple[dict, dict, list]:
-    """(signature, constexprs, divisible names) of a launch of ``fn`` with these arguments, specialised
-    as the JIT does: ints equal to 1 become constexpr, ints divisible by 16 and (16-byte aligned)
-    pointers get ``tt.divisibility=16``."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
+def __getattr__(name: str):
+    # compile-spec helpers kept importable from here (they live in kernels._specs)
+    if name == "_split_spec":
+        from kernels._specs import decode_split_spec
 
-    signature, consts, divisible = {}, dict(constexprs), []
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            if pointers[name].startswith("*"):
-                divisible.append(name)
-        else:
-            ty, attr = native_specialize_impl(BaseBackend, ints[name], False, True, True)
-            signature[name] = ty
-            if ty == "constexpr":
-                consts[name] = attr
-            elif attr == "D":
-                divisible.append(name)
-    return signature, consts, divisible
-
-
-def _split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int, causal: bool,
-                topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16, topk_k: int = 2048,
-                max_pages: int = 33, kv_fp8: bool = False, sinks: bool = False, window: bool = False) -> CompileSpec:
-    fn = _mla_decode_split_kernel
-    cfg = _gpu_config(dk, dv, arch, dtype)
-    if kv_fp8:
-        cfg.update(_fp8_tiles(arch))
-    ty = dtype_name(dtype)
-    H, T = num_heads, q_len
-    S = 1 if direct else num_splits
-    # row of the cache in elements of KV: dk values, or the fp8_ds_mla bytes (656 for 576/512)
-    row = -(-(dv + dv // 32 + 2 * (dk - dv)) // 16) * 16 if kv_fp8 else dk
-    pointers = {"Q": f"*{ty}", "KV": "*u8" if kv_fp8 else f"*{ty}", "BLOCK_TABLE": "*i32", "SEQLENS": "*i32",
-                "TOPK": "*i32", "OUT": f"*{ty}" if direct else "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
-                "SINKS": "*fp32"}
-    # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
-    ints = dict(stride_qb=T * H * dk, stride_qr=dk, stride_kvp=page_size * row, stride_kvs=row,
-                stride_btb=max_pages, stride_tkb=T * topk_k, stride_tkt=topk_k,
-                H=H, TQ=T, TOPK_K=topk_k if topk else 0, WIN_L=127 if window else -1)
-    if direct:  # out [B, T, H, dv], lse [B, H, T]
-        ints.update(stride_ob=T * H * dv, stride_or=dv, stride_os=0,
-                    stride_lb=H * T, stride_lt=1, stride_lh=T, stride_ls=0)
-    else:
-        ints.update(stride_ob=T * H * S * dv, stride_or=S * dv, stride_os=dv,
-                    stride_lb=T * H * S, stride_lt=H * S, stride_lh=S, stride_ls=1)
-    constexprs = dict(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
-                      BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
-                      DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
-                      DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89,
-                      HAS_SINKS=sinks and direct, HAS_WINDOW=window)
-    signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
-    mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
-    mode += ("-fp8kv" if kv_fp8 else "") + ("-sinks" if sinks and direct else "") + ("-window" if window else "")
-    return CompileSpec(
-        kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
-        tile=f"{cfg['BLOCK_H']}x{cfg['BLOCK_N']}xV{cfg['DV_SPLIT']}*{cfg['BLOCK_DV']}+R{cfg['BLOCK_DR']}",
-        extra={"divisible": divisible, "num_heads": H, "q_len": T, "mode": mode, "page_size": page_size},
-    )
-
-
-def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, q_len: int = 1,
-                  num_splits: int = 16, sinks: bool = False) -> CompileSpec:
-    fn = _mla_decode_combine_kernel
-    cfg = _combine_config(dv, num_splits)
-    ty = dtype_name(dtype)
-    H, T, S = num_heads, q_len, num_splits
-    pointers = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{ty}", "LSE": "*fp32", "SINKS": "*fp32"}
-    ints = dict(NUM_SPLITS=S, H=H, TQ=T, stride_pr=S * dv, stride_ps=dv, stride_lpr=S,
-                stride_ob=T * H * dv, stride_ot=H * dv, stride_oh=dv, stride_lb=H * T, stride_lh=T, stride_lt=1)
-    constexprs = dict(DV=dv, BLOCK_S=cfg["BLOCK_S"], BLOCK_DV=cfg["BLOCK_DV"], HAS_SINKS=sinks)
-    signature, constexprs, divisible = _launch_signature(fn, pointers, ints, constexprs)
-    return CompileSpec(
-        kernel="mla_decode_combine", fn=fn, signature=signature, constexprs=constexprs,
-        num_warps=cfg["num_warps"], num_stages=1, arch=arch, dtype=ty, head_dims=(dv, dv),
-        tile=f"S{cfg['BLOCK_S']}xV{cfg['BLOCK_DV']}" + ("/sink" if sinks else ""),
-        extra={"divisible": divisible, "num_heads": H, "q_len": T, "num_splits": S},
-    )
-
-
-def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every configuration the decode launcher may pick on a GPU, for ahead-of-time compile checks.
-
-    ``arch`` is the compute capability (80, 86, 89, 90...). For fp16 and bf16: the split kernel for
-    the absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
-    with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
-    partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
-    generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
-    and 64; with attention sinks the direct 576/512 split kernel and the Dv = 512 combine. For fp32 (IEEE
-    products): the absorbed split kernel, dense and top-k, and its combine.
-    The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
-    are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
-    names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
-    expects); without those hints the loads are not vectorised and the 576/512 kernel spills.
-    Returns an empty list without Triton.
-    """
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=False, topk=False, direct=False))
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True))
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=True, direct=False))
-        specs.append(_split_spec(arch, dtype, 576, 512, 16, 2, causal=True, topk=False, direct=False))
-        specs.append(_split_spec(arch, dtype, 576, 512, 1, 1, causal=True, topk=False, direct=False))
-        specs.append(_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
-        specs.append(_combine_spec(arch, dtype, 512))
-        specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
-        # attention sinks (issue 14): added in the direct split kernel, or once in the combine
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True, sinks=True,
-                                 window=True))
-        specs.append(_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=False, direct=False, window=True))
-        specs.append(_combine_spec(arch, dtype, 512, sinks=True))
-    # FP8 (fp8_ds_mla) cache, bf16 queries: DeepSeek-V3.2's serving format, in the three 576/512 launch modes
-    for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
-        specs.append(_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,
-                                 direct=direct, kv_fp8=True))
-    # fp32 (IEEE products): the absorbed shape, dense and top-k, and its combine.
-    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=False, topk=False, direct=False))
-    specs.append(_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=True, topk=True, direct=False))
-    specs.append(_combine_spec(arch, torch.float32, 512))
-    return specs
+        return decode_split_spec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,8 +44,6 @@ FULL = os.environ.get("MLA_COMPILE_CHECK_FULL", "0") not in ("", "0")
 #: in the README: (kernel name prefix, Dk/Dv). Everything else must be clean.
 FP32_SPILLS_DOCUMENTED = {("mla_decode_split", "576/512"), ("topk_", "576/512"), ("attention_", "576/512"),
                           ("block_sparse_", "576/512")}
-#: The one fp16/bf16 exception, listed in the README: (kernel, arch, Dk/Dv, v aliases k).
-KNOWN_SPILLS = {("topk_dkdv_det_dk", 90, "576/512", False)}
 
 
 def _modules() -> list[str]:
@@ -94,8 +92,6 @@ def test_configs_compile_clean(module, tmp_path):
 def _documented_fp32_spill(r: dict) -> bool:
     if r["status"] != "spills":
         return False
-    if (r["kernel"], r["arch"], r["head_dims"], r["alias"]) in KNOWN_SPILLS:
-        return True
     return r["dtype"] == "fp32" and any(r["kernel"].startswith(k) and r["head_dims"] == hd
                                         for k, hd in FP32_SPILLS_DOCUMENTED)
 
