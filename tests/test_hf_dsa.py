@@ -183,6 +183,25 @@ def test_triton_interpreter_matches_eager(model_type):
     assert torch.equal(greedy(model, ids, am, n=3), ref_tokens)
 
 
+@pytest.mark.parametrize("model_type", MODELS)
+def test_patched_layer_compiles_fullgraph(model_type):
+    # transformers' own DSA attention compiles as one graph; the replacement must too (the mask reduction and the
+    # index checks read values on the host in eager and are traced without them under torch.compile).
+    model = patch_model(build(model_type), backend="reference")
+    ids, am = batch(T=12, pad=3)
+    attn, call = model.model.layers[1].self_attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: call.update(a=a, kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, use_cache=False)
+    hook.remove()
+    assert call["kw"]["attention_mask"].dim() == 4
+    with torch.no_grad():
+        ref = attn(*call["a"], **call["kw"])[0]
+        torch._dynamo.reset()
+        got = torch.compile(attn, fullgraph=True, backend="aot_eager")(*call["a"], **call["kw"])[0]
+    assert rel_err(got, ref) <= 1e-6
+
+
 def test_unsupported_config_fields_are_refused():
     model = build("glm_moe_dsa", indexer_types=["shared", "full"])
     with pytest.raises(ValueError, match=r"indexer_types\[0\]"):
