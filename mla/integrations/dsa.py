@@ -54,16 +54,16 @@ def _keep_mask(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
     """Bool ``[B, T, S]``: which keys each query may see (True = attend), from any mask transformers builds
     (see ``_plan_mask``); causal bottom-right when the mask is None or 2-D.
 
-    Under ``torch.compile`` a 2-D or 4-D mask is read directly (no data-dependent reduction, so the forward
-    traces as one graph; the additive-bias check, which reads the values, is skipped there).
+    Under ``torch.compile`` the mask is read without host syncs (so the forward traces as one graph) and the
+    additive-bias check, which reads values, is skipped: a float mask counts as "0 = attend".
 
     Raises:
         ValueError: a float mask carrying a genuine additive bias (DSA selects keys; it has no bias).
     """
-    if torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() in (2, 4):
-        return _keep_mask_traced(attention_mask, B, T, S, device)
     S_eff, causal, keep = _mt._plan_mask(attention_mask, B, T, S, device, causal=True)
-    if keep is not None and keep.dtype != torch.bool:
+    if keep is not None and keep.dtype != torch.bool and torch.compiler.is_compiling():
+        keep = keep == 0
+    elif keep is not None and keep.dtype != torch.bool:
         raise ValueError("attention_mask: a float mask with an additive bias (values other than 0 and the dtype's "
                          "minimum) cannot be combined with DSA's top-k selection")
     cols = torch.arange(S, device=device)
@@ -74,28 +74,6 @@ def _keep_mask(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
         out = out.clone()
         out[..., :S_eff] &= keep[:, 0].expand(B, T, S_eff)
     return out
-
-
-def _keep_mask_traced(mask: torch.Tensor, B: int, T: int, S: int, device) -> torch.Tensor:
-    """``_keep_mask`` for a 2-D ``[B, S]`` padding mask (with causality) or a 4-D ``[B|1, ·, T, >=S]`` mask,
-    without reading values on the host (``torch.compile``). Same shape errors as ``_plan_mask``."""
-    mask = mask.to(device)
-    if mask.dim() == 2:
-        if tuple(mask.shape) != (B, S):
-            raise ValueError(f"attention_mask: a 2-D padding mask must be [B, S] = {[B, S]}, got {list(mask.shape)}")
-        cols = torch.arange(S, device=device)
-        causal = cols[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
-        return mask.bool()[:, None, :] & causal[None]
-    if mask.shape[-2] != T or mask.shape[-1] < S or mask.shape[0] not in (1, B):
-        raise ValueError(
-            f"attention_mask: expected [B|1, 1|H, T, >=S] with B={B}, T={T}, S={S}, got {list(mask.shape)}"
-        )
-    m = mask[:, 0, :, :S]
-    if m.dtype != torch.bool:
-        if not m.is_floating_point():
-            raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {m.dtype}")
-        m = m == 0
-    return m.expand(B, T, S)
 
 
 def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = True) -> torch.Tensor:

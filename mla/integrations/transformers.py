@@ -196,6 +196,8 @@ def _plan_mask(
             "accepts the masks of attn_implementation 'eager', 'sdpa', 'flash_attention_*' or "
             f"'{ATTN_IMPLEMENTATION}' (not flex_attention's BlockMask)"
         )
+    if torch.compiler.is_compiling():
+        return _plan_mask_traced(mask, B, T, S, device, causal)
     key = (mask._version, B, T, S, causal, str(device))
     ref = getattr(_memo, "ref", None)
     if ref is not None and ref() is mask and _memo.key == key:
@@ -205,29 +207,47 @@ def _plan_mask(
     return value
 
 
-def _plan_mask_uncached(mask, B, T, S, device, causal):
-    mask = mask.to(device)
+def _check_mask_shape(mask: torch.Tensor, B: int, T: int, S: int) -> None:
+    """A 2-D ``[B, S]`` padding mask or a 4-D ``[B|1, 1|H, T, >=S]`` bool / float mask; ValueError/TypeError."""
     if mask.dim() == 2:
         if mask.shape != (B, S):
             raise ValueError(f"attention_mask: a 2-D padding mask must be [B, S] = {[B, S]}, got {list(mask.shape)}")
-        pad = mask.bool()
-        if bool(pad.all()):
-            return S, causal, None
-        return S, causal, pad[:, None, None, :]
+        return
     if mask.dim() != 4 or mask.shape[-2] != T or mask.shape[-1] < S or mask.shape[0] not in (1, B):
         raise ValueError(
             f"attention_mask: expected [B|1, 1|H, T, >=S] with B={B}, T={T}, S={S}, got {list(mask.shape)}"
         )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
+
+
+def _plan_mask_traced(mask, B, T, S, device, causal):
+    """``_plan_mask`` under ``torch.compile``: no value is read on the host (no data-dependent branch, so the
+    model traces as one graph), so no fast path is found: a 4-D mask is handed on as it is (bool keep-mask or
+    additive float bias, exact either way) and runs on the reference path; a 2-D one as a padding keep-mask."""
+    mask = mask.to(device)
+    _check_mask_shape(mask, B, T, S)
+    if mask.dim() == 2:
+        return S, causal, mask.bool()[:, None, None, :]
+    return S, False, mask[..., :S]
+
+
+def _plan_mask_uncached(mask, B, T, S, device, causal):
+    mask = mask.to(device)
+    _check_mask_shape(mask, B, T, S)
+    if mask.dim() == 2:
+        pad = mask.bool()
+        if bool(pad.all()):
+            return S, causal, None
+        return S, causal, pad[:, None, None, :]
     mask = mask[..., :S]
     if mask.dtype == torch.bool:
         keep = mask
-    elif mask.is_floating_point():
+    else:
         keep = mask == 0
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if not bool((keep | blocked).all()):
             return S, False, mask  # a genuine additive bias: reference path, no reduction
-    else:
-        raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
     cols = keep.reshape(-1, S).any(dim=0)
     seen = torch.nonzero(cols)
     S_eff = int(seen[-1]) + 1 if seen.numel() else S
