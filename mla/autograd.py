@@ -87,6 +87,24 @@ def _register_autograd(fwd_op, backward_call, sinks_pos: int | None) -> None:
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
+def _no_backward(op, why: str) -> None:
+    """Register a backward for ``op`` that raises ``RuntimeError(why)``: without one, torch's message for a
+    backward through it asks the user to ``register_autograd`` (it is reached only when such a backward runs,
+    so a forward, or ``create_graph=True`` without a second backward, still works)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(why)
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_DOUBLE_BACKWARD = (
+    "mla: double backward (a gradient of a gradient, e.g. torch.autograd.grad(..., create_graph=True) "
+    "then backward) through the Triton attention kernels ({}) is not supported; use backend='reference' "
+    "for higher-order gradients"
+)
+
+
 # ------------------------------------------------------------------------------------------------
 # dense
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +151,7 @@ _register_autograd(
         dout, q, k, v, out, lse, dlse, scale, causal, wl, wr, sinks),
     sinks_pos=8,
 )
+_no_backward(attention_bwd_op, _DOUBLE_BACKWARD.format("attention_bwd"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,6 +202,7 @@ _register_autograd(
         dout, q, k, v, out, lse, idx, dlse, scale, causal, det, sinks),
     sinks_pos=7,
 )
+_no_backward(topk_attention_bwd_op, _DOUBLE_BACKWARD.format("topk_attention_bwd"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +247,7 @@ _register_autograd(
         *attention_varlen_bwd_op(dout, q, k, v, out, lse, dlse, *rest), None),
     sinks_pos=None,
 )
+_no_backward(attention_varlen_bwd_op, _DOUBLE_BACKWARD.format("attention_varlen_bwd"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,6 +307,7 @@ _register_autograd(
                                       *extra)),
     sinks_pos=15,
 )
+_no_backward(block_sparse_attention_bwd_op, _DOUBLE_BACKWARD.format("block_sparse_attention_bwd"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +333,10 @@ def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal
       kv_fp8=False, sinks=None, window_left=-1):
     B, Tq, H, _ = q.shape
     return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+_no_backward(decode_op, "mla_decode: backend='triton' is inference-only (the decode kernel has no backward); "
+                        "use backend='reference', or latent_attention for training")
 
 
 #: Every registered op (for ``torch.library.opcheck`` in the tests).

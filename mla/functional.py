@@ -698,6 +698,7 @@ def mla_decode(
 
     Returns:
         ``(out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] fp32)``, or ``out`` if not ``return_lse``.
+        Differentiable on ``backend="reference"`` only: a backward through the kernel raises RuntimeError.
 
     Raises:
         TypeError: non-float ``q``/cache, mismatched dtypes, non-int32 tables, a uint8 cache without

@@ -197,3 +197,26 @@ def test_sparse_module_block_mode_through_kernels():
     b, _ = m(x)
     (gb,) = torch.autograd.grad(b.square().sum(), x)
     assert st.backend == "triton" and rel_err(a, b) < 1e-4 and rel_err(ga, gb) < 1e-4
+
+
+@pytest.mark.interpreter
+def test_backward_beyond_the_kernels_raises_clearly():
+    """A second-order backward through the kernels (create_graph) and a backward through the decode kernel raise
+    a RuntimeError saying so (not torch's "register_autograd" hint); create_graph=True alone still works."""
+    from mla.functional import mla_decode
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 2, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 4, 1, 8, generator=g)
+    idx = torch.tensor([0, 2, -1], dtype=torch.int32).expand(1, 4, 1, 3)
+    for kw in (dict(causal=True), dict(topk_indices=idx), dict(block_mask=causal_block_mask(4, 4, BLOCK_SIZE=2))):
+        (dq,) = torch.autograd.grad(latent_attention(q, k, v, backend="triton", **kw).sum(), q, create_graph=True)
+        ref = torch.autograd.grad(latent_attention(q, k, v, backend="reference", **kw).sum(), q)[0]
+        assert rel_err(dq.detach(), ref) <= 1e-5
+        with pytest.raises(RuntimeError, match="double backward .* backend='reference'"):
+            dq.sum().backward()
+    cache, table, lens = torch.randn(1, 4, 1, 8, generator=g), torch.zeros(1, 1, dtype=torch.int32), torch.tensor(
+        [4], dtype=torch.int32)
+    out = mla_decode(q[:, :1], cache, table, lens, backend="triton", return_lse=False)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()

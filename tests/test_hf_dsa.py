@@ -20,6 +20,7 @@ from test_hf_integration import (  # noqa: E402
     YARN,
     _one_thread,  # noqa: F401  (the module-scoped autouse fixture: tiny models run on one thread)
     batch,
+    compiled_layer_error,
     greedy,
     lm_grads,
     logits,
@@ -181,6 +182,13 @@ def test_triton_interpreter_matches_eager(model_type):
     patch_model(model, backend="triton")
     assert rel_err(logits(model, ids, am), ref) <= 1e-5
     assert torch.equal(greedy(model, ids, am, n=3), ref_tokens)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_patched_layer_compiles_fullgraph(model_type):
+    # as transformers' own DSA layer: one graph (layer 1 of GLM-5 is "shared": the index value check is skipped)
+    model = patch_model(build(model_type), backend="reference")
+    assert compiled_layer_error(model, 1, *batch(T=12, pad=3)) <= 1e-6
 
 
 def test_unsupported_config_fields_are_refused():

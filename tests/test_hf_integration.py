@@ -115,6 +115,23 @@ def lm_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def compiled_layer_error(model, layer_idx, ids, am):
+    """Relative error, over the non-pad rows, of ``torch.compile(fullgraph=True)`` (``aot_eager``) of the attention
+    module of layer ``layer_idx`` against its eager call, on the arguments the model passes it (no cache)."""
+    attn, call = model.model.layers[layer_idx].self_attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: call.update(a=a, kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, use_cache=False)
+    hook.remove()
+    assert call["kw"]["attention_mask"].dim() == 4
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = attn(*call["a"], **call["kw"])[0]
+        got = torch.compile(attn, fullgraph=True, backend="aot_eager")(*call["a"], **call["kw"])[0]
+    valid = am.bool()
+    return rel_err(got[valid], ref[valid])
+
+
 CONFIGS = {
     "plain": dict(q_lora_rank=None, rope=DEFAULT, interleave=True, bias=False),
     "qlora-halfsplit": dict(q_lora_rank=24, rope=DEFAULT, interleave=False, bias=False),
@@ -343,6 +360,12 @@ def test_registered_attention_implementation_generic_gqa_model():
     ref = logits(model, ids, am)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     assert rel_err(logits(model, ids, am)[valid], ref[valid]) <= 1e-5
+
+
+def test_patched_layer_compiles_fullgraph():
+    # transformers' eager layer compiles as one graph; the replacement must too (no host reads of the mask there).
+    model = patch_model(build(v3_config(q_lora_rank=16)), backend="reference")
+    assert compiled_layer_error(model, 0, *batch(T=12, pad=3)) <= 1e-6
 
 
 def test_training_gradients_match_eager():

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from helpers import rel_err  # noqa: E402
-from test_hf_integration import _one_thread, lm_grads, randomize  # noqa: E402, F401 (autouse fixture)
+from test_hf_integration import _one_thread, compiled_layer_error, lm_grads, randomize  # noqa: E402, F401 (autouse)
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_v4  # noqa: E402
 
@@ -232,6 +232,13 @@ def test_triton_interpreter_logits_and_gradients():
         got = model(input_ids=one).logits
         unpatch_model(model)
         assert rel_err(got, model(input_ids=one).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("layer", range(3), ids=LAYERS)
+def test_patched_layer_compiles_fullgraph(layer):
+    # as transformers' V4 layer: one graph (no host reads of the mask: every layer type on the index lists)
+    model = patch_model(build(SEED), backend="reference")
+    assert compiled_layer_error(model, layer, *batch(T=12, pad=3)) <= 1e-6
 
 
 def test_unsupported_config_fields_are_refused():

@@ -75,6 +75,8 @@ def _window_keep(mask: torch.Tensor | None, B: int, T: int, S: int) -> torch.Ten
     if not m.is_floating_point():
         raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {m.dtype}")
     keep = m == 0
+    if torch.compiler.is_compiling():  # the bias check reads values: eager only
+        return keep.expand(B, T, S)
     if not bool((keep | (m <= torch.finfo(m.dtype).min / 2)).all()):
         raise ValueError("attention_mask: additive biases other than 0 / -inf are not supported by DeepSeek-V4 "
                          "on the latent attention")
@@ -89,18 +91,23 @@ def _window_indices(mask: torch.Tensor | None, B: int, T: int, S: int, window: i
     tokens), so its keys lie in ``[S - T + i - window + 1, S - T + i]``. Computed once per mask and reused by
     every layer of the forward pass.
 
+    Under ``torch.compile`` nothing is read on the host: the mask is not checked and ``band`` is False.
+
     Raises:
         ValueError: the mask keeps a key outside that band (not a sliding-window mask of this size).
     """
+    compiling = torch.compiler.is_compiling()
     key = (None if mask is None else mask._version, B, T, S, window)
     ref = getattr(_memo, "ref", None)
-    if mask is not None and ref is not None and ref() is mask and _memo.key == key:
+    if not compiling and mask is not None and ref is not None and ref() is mask and _memo.key == key:
         return _memo.value
     device = mask.device if mask is not None else torch.device("cpu")
     keep = _window_keep(mask, B, T, S).to(device)
     cand = torch.arange(T, device=device)[:, None] + (S - T - window + 1) + torch.arange(window, device=device)
     inside = cand >= 0
     got = keep.gather(-1, cand.clamp(min=0).expand(B, T, window)) & inside
+    if compiling:  # no host reads under torch.compile: no mask check, and the index-list path for every layer
+        return torch.where(got, cand, -1).to(torch.int32), False
     if not bool((got.sum(-1) == keep.sum(-1)).all()):
         raise ValueError(
             f"attention_mask: keeps keys outside the sliding window of config.sliding_window={window} tokens; "

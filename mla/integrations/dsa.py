@@ -54,11 +54,16 @@ def _keep_mask(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:
     """Bool ``[B, T, S]``: which keys each query may see (True = attend), from any mask transformers builds
     (see ``_plan_mask``); causal bottom-right when the mask is None or 2-D.
 
+    Under ``torch.compile`` the mask is read without host syncs (so the forward traces as one graph) and the
+    additive-bias check, which reads values, is skipped: a float mask counts as "0 = attend".
+
     Raises:
         ValueError: a float mask carrying a genuine additive bias (DSA selects keys; it has no bias).
     """
     S_eff, causal, keep = _mt._plan_mask(attention_mask, B, T, S, device, causal=True)
-    if keep is not None and keep.dtype != torch.bool:
+    if keep is not None and keep.dtype != torch.bool and torch.compiler.is_compiling():
+        keep = keep == 0
+    elif keep is not None and keep.dtype != torch.bool:
         raise ValueError("attention_mask: a float mask with an additive bias (values other than 0 and the dtype's "
                          "minimum) cannot be combined with DSA's top-k selection")
     cols = torch.arange(S, device=device)
@@ -78,7 +83,8 @@ def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = Tru
         indices: int ``[B, T, K]`` key positions from ``DeepseekV32Indexer`` / ``GlmMoeDsaIndexer`` (``topk`` of
             the masked scores: when fewer than ``K`` keys are visible it also lists masked ones).
         keep: bool ``[B, T, S]`` visibility (``_keep_mask``); lanes naming an invisible key become ``-1``.
-        check: validate the positions (one device sync); the module skips it for its own indexer's output.
+        check: validate the positions (one device sync; eager only); the module skips it for its own indexer's
+            output.
 
     Raises:
         TypeError: ``indices`` not an integer tensor, ``keep`` not a bool tensor.
@@ -98,7 +104,7 @@ def topk_from_hf(indices: torch.Tensor, keep: torch.Tensor, *, check: bool = Tru
                          f"{tuple(indices.shape)}")
     S = keep.shape[-1]
     idx = indices.long()
-    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= S):
+    if check and idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= S):
         raise ValueError(f"indices: key positions must be in [0, S={S}), got [{int(idx.min())}, {int(idx.max())}]")
     visible = keep.gather(-1, idx)
     # Ascending order (invisible lanes last): the kernels walk keys in memory order.

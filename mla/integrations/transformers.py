@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from mla.attention import FORMS, MultiHeadLatentAttention
-from mla.functional import BACKENDS, attention_with_stats, mla_decode
+from mla.functional import BACKENDS, attention_with_stats, mla_decode, resolve_backend
 from mla.quant import FP8_DS_MLA, dequantize_fp8_ds_mla, quantize_fp8_ds_mla
 from mla.rope import apply_rotary
 
@@ -167,7 +167,8 @@ _memo = threading.local()
 
 
 def _plan_mask(
-    mask: torch.Tensor | None, B: int, T: int, S: int, device: torch.device, causal: bool = True
+    mask: torch.Tensor | None, B: int, T: int, S: int, device: torch.device, causal: bool = True,
+    kernels: bool = False,
 ) -> tuple[int, bool, torch.Tensor | None]:
     """Reduce a transformers attention mask to what ``attention_with_stats`` needs.
 
@@ -177,6 +178,10 @@ def _plan_mask(
             float (eager-style: 0 = attend, ``finfo.min``/-inf = masked; other values are kept as a bias).
         B, T, S: batch, query length and key length of the attention call.
         causal: the module's causality, used when ``mask`` is None or 2-D.
+        kernels: the caller's attention may run the Triton kernels. Under ``torch.compile`` the mask is reduced
+            without reading values on the host (one graph, ``fullgraph=True`` works; the mask then runs on the
+            reference path) unless ``kernels``: then it is still reduced on the host (a graph break) so that a
+            causal / padding-free mask keeps the kernel path.
 
     Returns:
         ``(S_eff, causal, attn_mask)``: attend over keys ``[:S_eff]`` (trailing columns no query may see are
@@ -196,6 +201,8 @@ def _plan_mask(
             "accepts the masks of attn_implementation 'eager', 'sdpa', 'flash_attention_*' or "
             f"'{ATTN_IMPLEMENTATION}' (not flex_attention's BlockMask)"
         )
+    if torch.compiler.is_compiling() and not kernels:
+        return _plan_mask_traced(mask, B, T, S, device, causal)
     key = (mask._version, B, T, S, causal, str(device))
     ref = getattr(_memo, "ref", None)
     if ref is not None and ref() is mask and _memo.key == key:
@@ -205,29 +212,47 @@ def _plan_mask(
     return value
 
 
-def _plan_mask_uncached(mask, B, T, S, device, causal):
-    mask = mask.to(device)
+def _check_mask_shape(mask: torch.Tensor, B: int, T: int, S: int) -> None:
+    """A 2-D ``[B, S]`` padding mask or a 4-D ``[B|1, 1|H, T, >=S]`` bool / float mask; ValueError/TypeError."""
     if mask.dim() == 2:
         if mask.shape != (B, S):
             raise ValueError(f"attention_mask: a 2-D padding mask must be [B, S] = {[B, S]}, got {list(mask.shape)}")
-        pad = mask.bool()
-        if bool(pad.all()):
-            return S, causal, None
-        return S, causal, pad[:, None, None, :]
+        return
     if mask.dim() != 4 or mask.shape[-2] != T or mask.shape[-1] < S or mask.shape[0] not in (1, B):
         raise ValueError(
             f"attention_mask: expected [B|1, 1|H, T, >=S] with B={B}, T={T}, S={S}, got {list(mask.shape)}"
         )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
+
+
+def _plan_mask_traced(mask, B, T, S, device, causal):
+    """``_plan_mask`` under ``torch.compile``: no value is read on the host (no data-dependent branch, so the
+    model traces as one graph), so no fast path is found: a 4-D mask is handed on as it is (bool keep-mask or
+    additive float bias, exact either way) and runs on the reference path; a 2-D one as a padding keep-mask."""
+    mask = mask.to(device)
+    _check_mask_shape(mask, B, T, S)
+    if mask.dim() == 2:
+        return S, causal, mask.bool()[:, None, None, :]
+    return S, False, mask[..., :S]
+
+
+def _plan_mask_uncached(mask, B, T, S, device, causal):
+    mask = mask.to(device)
+    _check_mask_shape(mask, B, T, S)
+    if mask.dim() == 2:
+        pad = mask.bool()
+        if bool(pad.all()):
+            return S, causal, None
+        return S, causal, pad[:, None, None, :]
     mask = mask[..., :S]
     if mask.dtype == torch.bool:
         keep = mask
-    elif mask.is_floating_point():
+    else:
         keep = mask == 0
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if not bool((keep | blocked).all()):
             return S, False, mask  # a genuine additive bias: reference path, no reduction
-    else:
-        raise TypeError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
     cols = keep.reshape(-1, S).any(dim=0)
     seen = torch.nonzero(cols)
     S_eff = int(seen[-1]) + 1 if seen.numel() else S
@@ -367,7 +392,8 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         else:
             latent = torch.cat([c_kv, k_rope], dim=-1)
         S = latent.shape[1]
-        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, hidden_states.device, causal=True)
+        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, hidden_states.device, causal=True,
+                                         kernels=self._kernels(hidden_states))
         if S_eff != S:
             latent = latent[:, :S_eff]
         form = self.resolve_form(None, T, cache is not None)
@@ -378,6 +404,10 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         )
         return self.finish(res.out, form), None
 
+    def _kernels(self, x: torch.Tensor) -> bool:
+        """Whether this module's attention on ``x``'s device and dtype may run the Triton kernels."""
+        return resolve_backend(self.backend, x.device, x.dtype) == "triton"
+
     def _forward_fp8(self, cache, q_nope, q_rope, c_kv, k_rope, attention_mask, kwargs):
         """Attention with an ``FP8LatentCache``: store the new rows as bytes; a decode step (causal, no padding)
         runs ``mla_decode`` over them, a prefill attends over its own rows, anything else (a padding mask in a
@@ -387,7 +417,8 @@ class LatentAttentionForHF(MultiHeadLatentAttention):
         past = cache.get_seq_length(self.layer_idx)
         pool = cache.append_latent(self.layer_idx, new, self.kv_lora_rank, kwargs)
         S = past + T
-        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, new.device, causal=True)
+        S_eff, causal, keep = _plan_mask(attention_mask, B, T, S, new.device, causal=True,
+                                         kernels=self._kernels(new))
         form = self.resolve_form(None, T, past > 0)
         if past > 0 and form == "absorbed" and keep is None and causal and S_eff == S:
             q = self.absorb_q(q_nope, q_rope)
@@ -702,7 +733,8 @@ def latent_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     B, T = q.shape[:2]
     S = k.shape[1]
-    S_eff, causal, mask = _plan_mask(attention_mask, B, T, S, q.device, causal=causal)
+    kernels = resolve_backend(backend, q.device, q.dtype) == "triton"
+    S_eff, causal, mask = _plan_mask(attention_mask, B, T, S, q.device, causal=causal, kernels=kernels)
     if S_eff != S:
         k, v = k[:, :S_eff], v[:, :S_eff]
     res = attention_with_stats(
