@@ -349,15 +349,14 @@ def triton_bin(tool: str) -> str:
 def compile_kernel(fn, signature: dict, constexprs: dict, divisible=(), num_warps: int = 4,
                    num_stages: int = 2, arch: int = 90):
     """``triton.compile`` of ``fn`` for ``GPUTarget("cuda", arch, 32)`` (no GPU needed); ``divisible``
-    names the arguments given the ``tt.divisibility = 16`` hint. Returns Triton's compiled kernel
-    (``.asm["cubin" | "ttgir" | "ptx"]``, ``.metadata.shared``)."""
+    names the arguments (or tuple-element paths) given the ``tt.divisibility = 16`` hint. Returns Triton's
+    compiled kernel (``.asm["cubin" | "ttgir" | "ptx"]``, ``.metadata.shared``)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    index = {p.name: i for i, p in enumerate(fn.params)}
-    attrs = {(index[n],): [["tt.divisibility", 16]] for n in divisible}
-    src = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
+    from kernels._compile import ast_source
+
+    src = ast_source(fn, signature, constexprs, divisible)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 

@@ -35,6 +35,7 @@ __all__ = [
     "CompileResult",
     "PtxasUnavailable",
     "Pointer",
+    "ast_source",
     "collect_specs",
     "compile_all",
     "compile_ptx",
@@ -60,17 +61,15 @@ class Pointer:
     aligned: bool = True
 
 
-def spec_args(fn, values: dict) -> tuple[dict, dict, list[str]]:
-    """Signature, constexprs and 16-divisible argument names for a launch of ``fn`` with ``values``.
+def spec_args(fn, values: dict) -> tuple[dict, dict, list]:
+    """Signature, constexprs and 16-divisible arguments for a launch of ``fn`` with ``values``.
 
     ``values`` maps every argument name of the ``@triton.jit`` function to a :class:`Pointer`, an
-    int, a float, or (for constexpr parameters) its value; arguments with a default (optional
-    features, e.g. ``HAS_PARTIAL=False``) may be left out. Raises ``KeyError`` naming a missing
-    argument.
+    int, a float, a tuple of those (a tuple argument: its signature entry is the tuple of the elements'
+    types, and constexpr or divisible elements are named by their path ``(name, i, ...)``), or (for
+    constexpr parameters) its value; arguments with a default (optional features, e.g.
+    ``HAS_PARTIAL=False``) may be left out. Raises ``KeyError`` naming a missing argument.
     """
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     signature, constexprs, divisible = {}, {}, []
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
@@ -81,18 +80,48 @@ def spec_args(fn, values: dict) -> tuple[dict, dict, list[str]]:
         if is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = val
-        elif isinstance(val, Pointer):
-            signature[name] = "*" + val.dtype
-            if val.aligned:
-                divisible.append(name)
         else:
-            ty, attr = native_specialize_impl(BaseBackend, val, False, True, True)
-            signature[name] = ty
-            if ty == "constexpr":
-                constexprs[name] = attr
-            elif attr == "D":
-                divisible.append(name)
+            signature[name] = _specialize(val, name, constexprs, divisible)
     return signature, constexprs, divisible
+
+
+def _specialize(val, path, constexprs: dict, divisible: list):
+    """Triton type of one argument value as a launch specializes it (``path``: its name, or ``(name, i,
+    ...)`` inside a tuple); records constexpr values and 16-divisible arguments."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    if isinstance(val, tuple):
+        key = path if isinstance(path, tuple) else (path,)
+        return tuple(_specialize(v, key + (i,), constexprs, divisible) for i, v in enumerate(val))
+    if isinstance(val, Pointer):
+        if val.aligned:
+            divisible.append(path)
+        return "*" + val.dtype
+    if val is None:
+        constexprs[path] = None
+        return "constexpr"
+    ty, attr = native_specialize_impl(BaseBackend, val, False, True, True)
+    if ty == "constexpr":
+        constexprs[path] = attr
+    elif attr == "D":
+        divisible.append(path)
+    return ty
+
+
+def ast_source(fn, signature: dict, constexprs: dict, divisible=()):
+    """``triton.compiler.ASTSource`` of ``fn`` for a :func:`spec_args` result: names and ``(name, i, ...)``
+    paths become Triton's argument-index paths; ``divisible`` ones get ``tt.divisibility = 16``."""
+    from triton.compiler import ASTSource
+
+    index = {p.name: i for i, p in enumerate(fn.params)}
+
+    def to_path(key):
+        return (index[key],) if isinstance(key, str) else (index[key[0]], *key[1:])
+
+    attrs = {to_path(n): [["tt.divisibility", 16]] for n in divisible}
+    consts = {to_path(k): v for k, v in constexprs.items()}
+    return ASTSource(fn=fn, signature=dict(signature), constexprs=consts, attrs=attrs)
 
 
 def _params(fn) -> list[tuple[str, bool]]:
@@ -289,14 +318,11 @@ def _triton_compile(spec: CompileSpec):
     """``triton.compile`` of ``spec`` for ``GPUTarget("cuda", spec.arch, 32)``."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if not hasattr(spec.fn, "params"):
         raise RuntimeError("compile_spec: kernels were decorated under TRITON_INTERPRET=1; compile in a "
                            "process without it (python -m bench.compile_report)")
-    arg_index = {p.name: i for i, p in enumerate(spec.fn.params)}
-    attrs = {(arg_index[n],): [["tt.divisibility", 16]] for n in spec.extra.get("divisible", ())}
-    src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
+    src = ast_source(spec.fn, spec.signature, spec.constexprs, spec.extra.get("divisible", ()))
     return triton.compile(
         src,
         target=GPUTarget("cuda", spec.arch, 32),
@@ -362,10 +388,11 @@ def collect_specs(archs=(80, 90), kernels=None) -> tuple[list[CompileSpec], dict
             continue
         try:
             mod = importlib.import_module(mod_name)
+            builders = importlib.import_module("kernels._specs").SPEC_BUILDERS
         except Exception as e:  # a module being written by someone else must not break the report
             skipped[short] = f"import failed: {type(e).__name__}: {e}"
             continue
-        fn = getattr(mod, "compile_specs", None)
+        fn = builders.get(short) or getattr(mod, "compile_specs", None)
         if fn is None:
             skipped[short] = "no compile_specs()"
             continue
