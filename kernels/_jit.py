@@ -34,6 +34,7 @@ __all__ = [
     "sparse_full_tiles",
     "sparse_kv_keep",
     "sparse_kv_tile",
+    "sparse_kv_walk",
     "sparse_masked_q_tiles",
     "sparse_q_keep",
     "sparse_q_tile",
@@ -191,11 +192,11 @@ def window_block_range(m_start, T, S, G: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 @triton.jit
 def dense_key_range(m_start, T, S, G: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr, window,
-                    HAS_WINDOW: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr):
     """``(n_full, n_lo, n_end)`` of a dense row tile: blocks ``[0, n_full)`` run unmasked, ``[n_lo, n_end)``
     masked. Split (large) bodies use one masked loop (half the code size and compile time); a window
     visits only its band, all masked (a band of a few blocks is mostly diagonal: an unmasked middle
-    loop would buy little for its code size)."""
+    loop would buy little for its code size). Varlen: a tile past its sequence's end visits nothing."""
     if HAS_WINDOW:
         n_lo, n_end = window_block_range(m_start, T, S, G, TILE.BLOCK_M, TILE.BLOCK_N, window)
         n_full = n_lo * 0
@@ -205,6 +206,8 @@ def dense_key_range(m_start, T, S, G: tl.constexpr, TILE: tl.constexpr, CAUSAL: 
             n_lo = n_full
         else:
             n_lo = n_full * 0
+    if IS_VARLEN:
+        n_full, n_end = varlen_clip(n_full, n_end, m_start < T * G)
     return n_full, n_lo, n_end
 
 
@@ -288,6 +291,30 @@ def key_step(j, walk, S, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
         start_n = j * BLOCK_N
         kend = S
     return start_n, kend
+
+
+@triton.jit
+def sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G: tl.constexpr, NSUB_N, TILE: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_PARTIAL: tl.constexpr, LANES: tl.constexpr):
+    """``(walk, n_full, n_end)`` of a block-sparse row tile in mask query block ``qb`` of head group ``hg``:
+    the ``walk`` tuple of :func:`key_step` and its sub-tiles ``[0, n_full)`` that every row of the tile sees
+    in full (they skip the masks; none for split bodies and with partial blocks, which need their bits),
+    of ``n_end`` in all."""
+    KVN, KVI, snb, snh, snq, sib, sih, siq, sil = mask
+    MASK_BM, MASK_BN, KV_REP = mask_geom
+    n_blk = tl.load(KVN + b * snb + hg * snh + qb.to(tl.int64) * snq)
+    part_off = b * sib + hg * sih + qb.to(tl.int64) * siq
+    if TILE.NSPLIT == 1:
+        if CAUSAL:
+            limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
+        else:
+            limit = S
+        if HAS_PARTIAL:
+            limit = 0
+        n_full = sparse_full_tiles(KVI + part_off, sil, n_blk, limit, NSUB_N, MASK_BN, TILE.BLOCK_N, LANES)
+    else:
+        n_full = n_blk * 0
+    return (KVI + part_off, sil, NSUB_N, MASK_BM, MASK_BN, qb, part_off), n_full, n_blk * NSUB_N
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ Same layout, packing and head-dim plan as :mod:`kernels.attention_fwd` (read its
 * Both take the forward's constexpr ``SPARSE`` switch (:mod:`kernels.block_sparse` launches it): dQ
   walks the ``kv_indices`` sub-tiles like the forward, dK/dV the row tiles of the query blocks listed
   in the transposed ``q_indices`` (causally masked prefix first), per head of the group when the mask
-  has per-head lists (:func:`sparse_q_tile`, :func:`sparse_masked_q_tiles`).
+  has per-head lists (:func:`kernels._jit.sparse_q_tile`, :func:`kernels._jit.sparse_masked_q_tiles`).
 
-``RESIDENT`` / ``STREAM`` (per config) choose whether the fixed side's tiles (dkdv: K/V, dq: q/dO)
+``TILE.RESIDENT`` / ``TILE.STREAM`` (per config) choose whether the fixed side's tiles (dkdv: K/V, dq: q/dO)
 are loaded once or re-read every step; see :func:`_dkdv_block` for why re-reads need ``hide``.
 
 Each output element is written by exactly one program: no atomics, bitwise deterministic.
@@ -61,8 +61,8 @@ from kernels._jit import (
     mask_scores,
     packed_rows,
     scores,
-    sparse_full_tiles,
     sparse_kv_keep,
+    sparse_kv_walk,
     sparse_masked_q_tiles,
     sparse_q_keep,
     sparse_q_tile,
@@ -432,7 +432,6 @@ def _attn_bwd_dq_kernel(
     BT: tl.constexpr = TILE.BT
     BV: tl.constexpr = TILE.BV
     if SPARSE:
-        KVN, KVI, snb, snh, snq, sib, sih, siq, sil = mask
         MASK_BM, MASK_BN, KV_REP = mask_geom
         # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
         NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
@@ -485,38 +484,20 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
     dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=tl.float32)
-    if SPARSE:
-        n_blk = tl.load(KVN + b * snb + hg * snh + qb.to(tl.int64) * snq)
-        part_off = b * sib + hg * sih + qb.to(tl.int64) * siq
-        walk = (KVI + part_off, sil, NSUB_N, MASK_BM, MASK_BN, qb, part_off)
-        n_tiles = n_blk * NSUB_N
-        if NSPLIT == 1:  # the prefix of sub-tiles every row sees in full skips the masks
-            if CAUSAL:
-                limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
-            else:
-                limit = S
-            if HAS_PARTIAL:  # partial blocks need their bits: no unmasked prefix
-                limit = 0
-            n_lo = sparse_full_tiles(KVI + part_off, sil, n_blk, limit, NSUB_N, MASK_BN, TILE.BLOCK_N, _LANES)
-            dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, 0, n_lo, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
-                                         split, opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE,
-                                         DOT, window, False, True, False, False)
-        else:
-            n_lo = 0
-        dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, n_lo, n_tiles, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
-                                     split, opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                     window, False, True, True, HAS_PARTIAL)
+    if SPARSE:  # the forward's walks: kernels.attention_fwd._attn_fwd_kernel
+        walk, n_full, n_end = sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL,
+                                             HAS_PARTIAL, _LANES)
+        n_lo = n_full
     else:
-        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW)
-        if IS_VARLEN:  # past its sequence's end a program visits nothing
-            n_full, n_end = varlen_clip(n_full, n_end, m_start < T * G)
-        if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
-            dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, 0, n_full, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
-                                         split, opaque_zero, None, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE,
-                                         DOT, window, False, False, False, False)
-        dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, n_lo, n_end, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
-                                     split, opaque_zero, None, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                     window, HAS_WINDOW, False, True, False)
+        walk = None
+        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW, IS_VARLEN)
+    if NSPLIT == 1 and not HAS_WINDOW:
+        dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, 0, n_full, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
+                                     split, opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
+                                     window, False, SPARSE, False, False)
+    dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, n_lo, n_end, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
+                                 split, opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
+                                 window, HAS_WINDOW, SPARSE, True, HAS_PARTIAL)
 
     if IS_VARLEN:  # computed here, not held across the loop (register pressure)
         dq_b = tl.load(varlen[0] + b).to(tl.int64) * dq_strides[1]

@@ -26,7 +26,7 @@ How the work is cut:
 * **Key-block visiting**: :func:`kernels._jit.dense_key_range` (which blocks, which need masking);
   :func:`_fwd_blocks` walks a range, masked or not, and :func:`_fwd_block` is the block body.
   With the constexpr ``SPARSE`` switch the same kernel walks a FlexAttention-style block mask
-  instead (``kv_indices`` sub-tiles, :func:`kernels._jit.sparse_kv_tile` / ``sparse_full_tiles``, row tiles
+  instead (``kv_indices`` sub-tiles, :func:`kernels._jit.sparse_kv_walk` / ``key_step``, row tiles
   inside one mask query block, optionally one head per tile): :mod:`kernels.block_sparse` launches it.
 * **Varlen** (constexpr ``IS_VARLEN``, :func:`attention_fwd_varlen`): FlashAttention's packed layout;
   the batch axis of the grid is the sequence, each program reads its sequence's offsets and lengths
@@ -71,11 +71,10 @@ from kernels._jit import (
     packed_rows,
     scores,
     sink_finish,
-    sparse_full_tiles,
     sparse_kv_keep,
+    sparse_kv_walk,
     sparse_row_tile,
     store_tile,
-    varlen_clip,
 )
 from kernels._tables import fwd_configs
 from kernels._tables import fwd_interp_config as interp_config
@@ -225,7 +224,6 @@ def _attn_fwd_kernel(
     # Axis 0 is (batch*head group, row block) flattened, row blocks fastest (programs that share
     # K/V run together); axes 1 and 2 of a CUDA grid stop at 65535.
     if SPARSE:
-        KVN, KVI, snb, snh, snq, sib, sih, siq, sil = mask
         MASK_BM, MASK_BN, KV_REP = mask_geom
         # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
         NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
@@ -267,40 +265,21 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
 
-    if SPARSE:
-        # FlexAttention-style walk: sub-tiles of the listed key blocks, ascending; the prefix
-        # that every row of the tile sees in full skips the masks.
-        n_blk = tl.load(KVN + b * snb + hg * snh + qb.to(tl.int64) * snq)
-        part_off = b * sib + hg * sih + qb.to(tl.int64) * siq
-        walk = (KVI + part_off, sil, NSUB_N, MASK_BM, MASK_BN, qb, part_off)
-        n_tiles = n_blk * NSUB_N
-        if NSPLIT == 1:
-            if CAUSAL:
-                limit = tl.minimum(tl.maximum(m_start // G + S - T + 1, 0), S)
-            else:
-                limit = S
-            if HAS_PARTIAL:  # partial blocks need their bits: no unmasked prefix
-                limit = 0
-            n_lo = sparse_full_tiles(KVI + part_off, sil, n_blk, limit, NSUB_N, MASK_BN, TILE.BLOCK_N, _LANES)
-            acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_lo, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
-                                        opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                        window, False, True, False, False)
-        else:
-            n_lo = 0
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_tiles, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
-                                    opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                    window, False, True, True, HAS_PARTIAL)
+    # Key steps [0, n_full) every row of the tile sees in full skip the masks; [n_lo, n_end) run masked.
+    if SPARSE:  # FlexAttention-style walk: sub-tiles of the listed key blocks, ascending
+        walk, n_full, n_end = sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL,
+                                             HAS_PARTIAL, _LANES)
+        n_lo = n_full
     else:
-        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW)
-        if IS_VARLEN:  # past its sequence's end a program visits nothing
-            n_full, n_end = varlen_clip(n_full, n_end, m_start < T * G)
-        if NSPLIT == 1 and not HAS_WINDOW:  # blocks every row sees in full skip the masks
-            acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
-                                        opaque_zero, None, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                        window, False, False, False, False)
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_end, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
-                                    opaque_zero, None, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                    window, HAS_WINDOW, False, True, False)
+        walk = None
+        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW, IS_VARLEN)
+    if NSPLIT == 1 and not HAS_WINDOW:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
+                                    opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
+                                    window, False, SPARSE, False, False)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_end, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
+                                opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
+                                window, HAS_WINDOW, SPARSE, True, HAS_PARTIAL)
 
     Hq = n_hg * G
     head = hg * G + grp.to(tl.int64)
