@@ -433,8 +433,12 @@ def scores(f_own, m_own, f_tail, f, m, f2_own, m2_own, f2, m2, split, hide,
     N_OTHER: tl.constexpr = (NSPLIT - 1) * (BK // BC)
     for c in tl.static_range(N_OTHER):
         col = other_col(c, split, BK, BC)
-        f_c = load_tile(f, col, HEAD_DK, BC, True, MASK_K, hide_f)
-        m_c = load_tile(m, col, HEAD_DK, BC, M_ROW_MASK, MASK_K)
+        if KEY_FIXED:  # the query piece first, as it is needed first (fewer live registers in dK/dV)
+            m_c = load_tile(m, col, HEAD_DK, BC, M_ROW_MASK, MASK_K)
+            f_c = load_tile(f, col, HEAD_DK, BC, True, MASK_K, hide_f)
+        else:
+            f_c = load_tile(f, col, HEAD_DK, BC, True, MASK_K, hide_f)
+            m_c = load_tile(m, col, HEAD_DK, BC, M_ROW_MASK, MASK_K)
         s = tl.dot(f_c, tl.trans(m_c), s, input_precision=DOT)
         if WITH_DP and V_IS_K:  # the key piece is also the value piece; dO columns past Dv read 0
             if KEY_FIXED:
