@@ -349,9 +349,8 @@ def triton_bin(tool: str) -> str:
 def compile_kernel(fn, signature: dict, constexprs: dict, divisible=(), num_warps: int = 4,
                    num_stages: int = 2, arch: int = 90):
     """``triton.compile`` of ``fn`` for ``GPUTarget("cuda", arch, 32)`` (no GPU needed); ``divisible``
-    names the arguments (or ``(name, index)`` tuple elements) given the ``tt.divisibility = 16`` hint
-    (:func:`kernels._compile.ast_source`). Returns Triton's compiled kernel (``.asm["cubin" | "ttgir" |
-    "ptx"]``, ``.metadata.shared``)."""
+    names the arguments (or tuple-element paths) given the ``tt.divisibility = 16`` hint. Returns Triton's
+    compiled kernel (``.asm["cubin" | "ttgir" | "ptx"]``, ``.metadata.shared``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 

@@ -20,14 +20,27 @@ Nothing here imports ``mla`` (DESIGN §2: kernels never import the library above
 
 from __future__ import annotations
 
+from collections import namedtuple
+from dataclasses import dataclass
+
 import torch
 
 from kernels._config import INTERPRET
 
 __all__ = [
+    "BwdConfig",
+    "FwdConfig",
     "LN2",
     "LOG2E",
     "MIN_TILE",
+    "HeadPlan",
+    "Tile",
+    "TileConfig",
+    "fold_window",
+    "head_class",
+    "head_plan",
+    "tile_constexprs",
+    "varlen_plan",
     "bwd_outputs",
     "cdiv",
     "compiled_launch",
@@ -39,6 +52,7 @@ __all__ = [
     "launch",
     "next_pow2",
     "prev_pow2",
+    "specs_getattr",
     "tf32_allowed",
 ]
 
@@ -166,3 +180,151 @@ def launch(kernel, grid, *args, **kwargs):
         return kernel[grid](*args, **kwargs)
     with torch.cuda.device(dev):
         return kernel[grid](*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations and the head-dim plan (dense, block-sparse; shared with the other ops)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One tile configuration of a kernel: rows (``block_m``) and keys (``block_n``) per step, value
+    splits, launch knobs.
+
+    ``resident``: the fixed side's own tiles (forward / dQ: q (and dO), dK/dV: K/V) are loaded once,
+    before the loop; else re-read every step. ``stream``: the other splits' pieces of the fixed side are
+    re-read every step through the load pipeline (else Triton may hoist them and keep them in
+    registers). ``bc``: width of those pieces (see :class:`HeadPlan`).
+    """
+
+    block_m: int
+    block_n: int
+    nsplit: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    resident: bool = True
+    stream: bool = False
+    bc: int = 64
+
+    @property
+    def tile(self) -> str:
+        """Report label: ``BLOCK_MxBLOCK_N``, ``/vN`` value splits, ``/r`` own tiles re-read, ``/s`` streamed."""
+        return (f"{self.block_m}x{self.block_n}" + (f"/v{self.nsplit}" if self.nsplit > 1 else "")
+                + ("" if self.resident else "/r") + ("/s" if self.stream else ""))
+
+
+#: The backward kernels' name of :class:`TileConfig` (same fields).
+BwdConfig = TileConfig
+
+
+def FwdConfig(block_m: int, block_n: int, nsplit: int = 1, num_warps: int = 4, num_stages: int = 2,  # noqa: N802
+              q_resident: bool = True, stream: bool = False, bc: int = 64) -> TileConfig:
+    """A forward :class:`TileConfig` (``q_resident`` is its ``resident``: the own q chunk loaded once)."""
+    return TileConfig(block_m, block_n, nsplit, num_warps, num_stages, q_resident, stream, bc)
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """How the head dims are cut into power-of-two tiles (see :mod:`kernels.attention_fwd`).
+
+    ``Dk`` is covered by ``nsplit`` chunks of ``bk`` columns plus a tail of ``bt`` columns
+    (``bt == 0``: no tail); ``Dv`` by ``nsplit`` chunks of ``bv`` columns. ``bc`` is the width of
+    the pieces in which the other splits' score chunks are contracted.
+    """
+
+    nsplit: int
+    bk: int
+    bt: int
+    bv: int
+    bc: int
+
+    @property
+    def n_other(self) -> int:
+        """Number of ``bc``-wide score pieces outside the program's own chunk and the tail."""
+        return (self.nsplit - 1) * (self.bk // self.bc)
+
+
+def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> HeadPlan:
+    """Cut ``Dk``/``Dv`` for ``nsplit`` value splits; ``v_is_k`` forces ``bk == bv`` (shared tile).
+
+    Raises ``ValueError`` for non-positive dims or ``nsplit < 1``.
+    """
+    if dk < 1 or dv < 1 or nsplit < 1:
+        raise ValueError(f"head_plan: need dk, dv, nsplit >= 1, got dk={dk}, dv={dv}, nsplit={nsplit}")
+    bv = max(MIN_TILE, next_pow2(cdiv(dv, nsplit)))
+    nsplit = cdiv(dv, bv)  # never a split without value columns
+    if v_is_k:
+        bk = bv
+    elif nsplit == 1:
+        lo = max(MIN_TILE, prev_pow2(dk))
+        rest = dk - lo
+        bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
+        # One padded tile beats two dots when the padding is no larger (24 -> 32, not 16 + 16).
+        bk = next_pow2(dk) if rest > 0 and lo + bt >= next_pow2(dk) else lo
+    else:
+        bk = max(MIN_TILE, prev_pow2(max(1, dk // nsplit)))
+    rest = dk - nsplit * bk
+    bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
+    return HeadPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv, bc=min(bc, bk, bv))
+
+
+def head_class(dk: int, dv: int) -> str:
+    """Bucket of the head dims that selects a config table: d64, d128, d256 or d576."""
+    d = max(dk, dv)
+    if d <= 64:
+        return "d64"
+    if d <= 128:
+        return "d128"
+    if d <= 256:
+        return "d256"
+    return "d576"
+
+
+#: The ``TILE`` constexpr of the dense-family kernels: a :class:`TileConfig` with its :class:`HeadPlan`
+#: (one named tuple, so a launch or an autotuner config sets the whole tile in one argument).
+Tile = namedtuple("Tile", "BLOCK_M BLOCK_N NSPLIT BK BT BV BC RESIDENT STREAM")
+
+
+def tile_constexprs(cfg: TileConfig, dk: int, dv: int, v_is_k: bool) -> dict:
+    """``{"TILE": Tile(...)}`` of ``cfg`` for head dims (Dk, Dv): launch keyword / ``triton.Config`` kwargs."""
+    plan = head_plan(dk, dv, v_is_k, cfg.nsplit, cfg.bc)
+    return dict(TILE=Tile(cfg.block_m, cfg.block_n, plan.nsplit, plan.bk, plan.bt, plan.bv, plan.bc,
+                          cfg.resident, cfg.stream))
+
+
+def fold_window(causal: bool, window_size) -> tuple[bool, int, int, bool]:
+    """``(causal, win_l, win_r, has_window)`` for the kernels: ``causal`` folded into the window's right
+    bound (FlashAttention: causal is ``right = 0``); a window that is plain causal or unbounded becomes
+    the ``CAUSAL`` switch or nothing, so those launches compile to the kernels without a window."""
+    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return False, -1, -1, False
+    if left < 0 and right == 0:
+        return True, -1, -1, False
+    return False, left, right, True
+
+
+def varlen_plan(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> dict:
+    """Launch plan of a varlen call: ``B`` sequences, grid sizes ``T``/``S`` (max lengths) and the
+    kernels' varlen keyword arguments (``varlen = (cu_seqlens_q, cu_seqlens_k, total_q)``, int32 offsets)."""
+    return dict(B=cu_seqlens_q.numel() - 1, T=int(max_seqlen_q), S=int(max_seqlen_k),
+                kw=dict(varlen=(cu_seqlens_q, cu_seqlens_k, q.shape[0]), IS_VARLEN=True))
+
+
+def specs_getattr(module: str, *same: str, **renamed: str):
+    """Module ``__getattr__`` for compile-spec names that moved from an op module to :mod:`kernels._specs`
+    (which imports the op modules, so they are read there on first use): the names in ``same`` keep their
+    name, ``renamed`` maps a name in ``module`` to its name in ``kernels._specs``."""
+    names = {**{n: n for n in same}, **renamed}
+
+    def __getattr__(name):
+        if name in names:
+            from kernels import _specs
+
+            return getattr(_specs, names[name])
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -66,13 +66,11 @@ def spec_args(fn, values: dict) -> tuple[dict, dict, list]:
     """Signature, constexprs and 16-divisible arguments for a launch of ``fn`` with ``values``.
 
     ``values`` maps every argument name of the ``@triton.jit`` function to a :class:`Pointer`, an
-    int, a float, a tuple of those (Triton >= 3.3 tuple arguments, e.g. a tensor's strides), or (for
+    int, a float, a tuple of those (a tuple argument: its signature entry is the tuple of the elements'
+    types, and constexpr or divisible elements are named by their path ``(name, i, ...)``), or (for
     constexpr parameters) its value; arguments with a default (optional features, e.g.
-    ``HAS_PARTIAL=False``) may be left out. A tuple argument gets a tuple of element types; its
-    elements specialised to constexpr (ints equal to 1) are given in ``constexprs[name]`` as a tuple
-    with ``None`` at the other positions, and a 16-divisible element appears in the divisible list as
-    ``(name, index)`` (:func:`spec_divisible` splits the list for ``CompileSpec.extra``).
-    Raises ``KeyError`` naming a missing argument.
+    ``HAS_PARTIAL=False``) may be left out (:func:`spec_divisible` splits the divisible list for
+    ``CompileSpec.extra``). Raises ``KeyError`` naming a missing argument.
     """
     signature, constexprs, divisible = {}, {}, []
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
@@ -84,58 +82,54 @@ def spec_args(fn, values: dict) -> tuple[dict, dict, list]:
         if is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = val
-        elif isinstance(val, tuple):
-            elems = [_specialize(v) for v in val]
-            signature[name] = tuple(ty for ty, _, _ in elems)
-            if "constexpr" in signature[name]:
-                constexprs[name] = tuple(c for _, c, _ in elems)
-            divisible.extend((name, j) for j, (_, _, div) in enumerate(elems) if div)
         else:
-            ty, const, div = _specialize(val)
-            signature[name] = ty
-            if ty == "constexpr":
-                constexprs[name] = const
-            if div:
-                divisible.append(name)
+            signature[name] = _specialize(val, name, constexprs, divisible)
     return signature, constexprs, divisible
 
 
-def _specialize(val) -> tuple:
-    """(type, constexpr value or None, 16-divisible) of one launch value, as the JIT specialises it."""
+def _specialize(val, path, constexprs: dict, divisible: list):
+    """Triton type of one argument value as a launch specializes it (``path``: its name, or ``(name, i,
+    ...)`` inside a tuple); records constexpr values and 16-divisible arguments."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
+    if isinstance(val, tuple):
+        key = path if isinstance(path, tuple) else (path,)
+        return tuple(_specialize(v, key + (i,), constexprs, divisible) for i, v in enumerate(val))
     if isinstance(val, Pointer):
-        return "*" + val.dtype, None, val.aligned
+        if val.aligned:
+            divisible.append(path)
+        return "*" + val.dtype
+    if val is None:
+        constexprs[path] = None
+        return "constexpr"
     ty, attr = native_specialize_impl(BaseBackend, val, False, True, True)
     if ty == "constexpr":
-        return ty, attr, False
-    return ty, None, attr == "D"
+        constexprs[path] = attr
+    elif attr == "D":
+        divisible.append(path)
+    return ty
 
 
 def spec_divisible(divisible) -> dict:
     """``CompileSpec.extra`` entries of a :func:`spec_args` divisible list: ``divisible`` (argument names)
-    and ``divisible_elems`` (``(name, index)`` elements of tuple arguments)."""
+    and ``divisible_elems`` (paths ``(name, i, ...)`` of tuple-argument elements)."""
     return {"divisible": [d for d in divisible if isinstance(d, str)],
             "divisible_elems": [tuple(d) for d in divisible if not isinstance(d, str)]}
 
 
 def ast_source(fn, signature: dict, constexprs: dict, divisible=()):
-    """``triton.compiler.ASTSource`` of ``fn`` for a :func:`spec_args` signature: tuple arguments' constexpr
-    elements become path-keyed constants, ``divisible`` entries (names or ``(name, index)``) the
-    ``tt.divisibility = 16`` attribute."""
+    """``triton.compiler.ASTSource`` of ``fn`` for a :func:`spec_args` result: names and ``(name, i, ...)``
+    paths become Triton's argument-index paths; ``divisible`` ones get ``tt.divisibility = 16``."""
     from triton.compiler import ASTSource
 
     index = {p.name: i for i, p in enumerate(fn.params)}
-    consts = {}
-    for name, val in constexprs.items():
-        sig = signature.get(name)
-        if isinstance(sig, tuple):
-            consts.update({(index[name], j): v for j, (ty, v) in enumerate(zip(sig, val)) if ty == "constexpr"})
-        else:
-            consts[name] = val
-    attrs = {((index[d],) if isinstance(d, str) else (index[d[0]], d[1])): [["tt.divisibility", 16]]
-             for d in divisible}
+
+    def to_path(key):
+        return (index[key],) if isinstance(key, str) else (index[key[0]], *key[1:])
+
+    attrs = {to_path(n): [["tt.divisibility", 16]] for n in divisible}
+    consts = {to_path(k): v for k, v in constexprs.items()}
     return ASTSource(fn=fn, signature=dict(signature), constexprs=consts, attrs=attrs)
 
 
@@ -407,10 +401,11 @@ def collect_specs(archs=(80, 90), kernels=None) -> tuple[list[CompileSpec], dict
             continue
         try:
             mod = importlib.import_module(mod_name)
+            builders = importlib.import_module("kernels._specs").SPEC_BUILDERS
         except Exception as e:  # a module being written by someone else must not break the report
             skipped[short] = f"import failed: {type(e).__name__}: {e}"
             continue
-        fn = getattr(mod, "compile_specs", None)
+        fn = builders.get(short) or getattr(mod, "compile_specs", None)
         if fn is None:
             skipped[short] = "no compile_specs()"
             continue

@@ -59,8 +59,9 @@ class CompileSpec:
     """One kernel configuration to compile ahead of time for a GPU that may not be present.
 
     ``signature`` maps every kernel argument, in order, to a Triton type string
-    (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of the
-    constexpr arguments. ``arch`` is the compute capability (80, 86, 89, 90...). The remaining fields
+    (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), a tuple argument to the tuple of its elements'
+    types; ``constexprs`` gives the values of the constexpr arguments (tuple elements by their path
+    ``(name, i)``). ``arch`` is the compute capability (80, 86, 89, 90...). The remaining fields
     are labels for the report (``dtype`` of the inputs, ``head_dims`` = (Dk, Dv), ``tile`` such
     as ``"64x64"``).
     """

@@ -1,231 +1,305 @@
-"""Compile specifications of the top-k sparse and decode kernels: every configuration their launchers may
-pick, as :class:`kernels._config.CompileSpec` for :mod:`kernels._compile` (``python -m
-bench.compile_report``, ``tests/test_compile_check.py``; DESIGN §9). The op modules expose them as
-``compile_specs(arch)``. Each spec's argument values are those of a representative contiguous launch,
-specialised by :func:`kernels._compile.spec_args` as the JIT would (ints equal to 1 constexpr, 16-divisible
-ints and aligned pointers ``tt.divisibility``).
+"""Compile specs: every kernel configuration a launcher may pick, described for ahead-of-time compilation
+(:class:`kernels._config.CompileSpec`, compiled by :mod:`kernels._compile`, ``bench.compile_report`` and the
+compile check) for a GPU that may not be present.
+
+Each spec is a representative launch on contiguous inputs, built with :func:`kernels._compile.spec_args`
+(ints equal to 1 become constexpr, 16-divisible ints and aligned pointers get the divisibility hint,
+as a real launch specializes them). :data:`SPEC_BUILDERS` maps each op module's short name to its
+``compile_specs(arch)``.
 """
 
 from __future__ import annotations
 
-import torch
+import itertools
 
-from kernels._common import cdiv, dot_precision, dtype_name, next_pow2
+from kernels._common import dot_precision, next_pow2, tile_constexprs
 from kernels._compile import Pointer, spec_args, spec_divisible
-from kernels._config import HAS_TRITON, CompileSpec
-from kernels.topk_configs import KINDS, TopkConfig, plan_constexprs, topk_config
+from kernels._config import CompileSpec
 
-__all__ = ["SPEC_DTYPES", "SPEC_FP32_SHAPES", "SPEC_SHAPES", "decode_compile_specs", "decode_split_spec",
-           "topk_compile_specs", "topk_spec"]
+__all__ = [
+    "SPEC_BUILDERS",
+    "block_sparse_specs",
+    "block_sparse_spec",
+    "bwd_spec",
+    "dense_bwd_specs",
+    "fwd_spec",
+    "fwd_specs",
+    "preprocess_spec",
+]
 
 
-# --------------------------------------------------------------------------------------------
-# top-k sparse attention (kernels/topk_sparse.py)
-# --------------------------------------------------------------------------------------------
-#: Representative shapes of the compile check: (Dk, Dv, Hq, Hkv, v aliases k).
-SPEC_SHAPES = ((576, 512, 128, 1, True), (576, 512, 16, 1, True), (576, 512, 1, 1, True),
-               (576, 512, 128, 1, False), (192, 128, 16, 16, False), (64, 64, 8, 2, False), (64, 64, 32, 1, False))
-SPEC_DTYPES = ("fp16", "bf16")
-#: fp32 (IEEE products) is compiled for the absorbed shapes only: its tiles do not depend on the group.
-SPEC_FP32_SHAPES = ((576, 512, 128, 1, True), (576, 512, 128, 1, False))
-def _spec_values(kind: str, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_is_k: bool, causal: bool,
-                 cfg: TopkConfig, off64: bool = False, part: int = 3) -> dict:
-    """Argument values of a representative contiguous launch (T = S = 4096 + 1, K = 2048)."""
-    T = S = 4097
-    KT = 2048
-    ptr, f32, i32 = Pointer(dtype), Pointer("fp32"), Pointer("i32")
-    dvs = dk if v_is_k else dv  # v's row strides are k's when it is a view of k
-    nkb = cdiv(S, cfg.block_n)
-    vals = dict(
-        Q=ptr, K=ptr, V=ptr, O=ptr, DO=ptr, DQ=ptr, DK=ptr, DV=ptr, IDX=i32, LSE=f32, MAXL=f32, DELTA=f32,
-        DKA=f32, DVA=f32, partials=(f32, f32), index=(i32, i32, i32, Pointer("i64")),
-        q_str=(T * hq * dk, hq * dk, dk), k_str=(S * hkv * dk, hkv * dk, dk), v_str=(S * hkv * dvs, hkv * dvs, dvs),
-        do_str=(T * hq * dv, hq * dv, dv), idx_str=(T * hkv * KT, hkv * KT, KT), o_str=(T * hq * dv, hq * dv, dv),
-        lse_str=(hq * T, T, 1), dq_str=(T * hq * dk, hq * dk, dk), dka_str=(S * hkv * dk, hkv * dk, dk),
-        dva_str=(S * hkv * dv, hkv * dv, dv), dk_str=(S * hkv * dk, hkv * dk, dk), dv_str=(S * hkv * dv, hkv * dv, dv),
-        dims=(T, S, hkv, nkb if kind == "dkdv_det" else KT),
-        qk_scale=0.1, scales=(0.1, 0.07), opaque_zero=0,
-        G=hq // hkv, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, WRITE_MAXL=True,
-        WRITE_DQ=kind == "dq", ATOMIC_DKDV=part if kind == "dkdv_atomic" else 0, PARTS=part,
-        DOT=dot_precision(dtype, False),
-        OFF64=off64,
-        **plan_constexprs(cfg, dk, dv, v_is_k),
-        SINKS=Pointer("fp32"), HAS_SINKS=False,
-    )
+# ============================================================================================
+# Dense family: kernels.attention_fwd, kernels.attention_bwd, kernels.block_sparse
+# ============================================================================================
+
+#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k). The absorbed
+#: MLA shape (576/512, one latent kv head) comes with the group sizes deployments run: 128 heads
+#: (one GPU), 16 (DeepSeek-V3 at 8-way tensor parallelism), 1 (one head per shard), and with a
+#: separate ``v`` (no alias: the dK/dV kernel then accumulates dV from its own tile).
+SPEC_SHAPES = ((32, 32, 1, False), (64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False),
+               (576, 512, 128, True), (576, 512, 16, True), (576, 512, 1, True), (576, 512, 128, False))
+SPEC_DTYPES = ("fp16", "bf16", "fp32")
+#: fp32 shapes also compiled with TF32 allowed (the report's ``tf32`` column must then say yes).
+SPEC_TF32_SHAPES = ((64, 64, 1, False),)
+#: Shapes also compiled with a sliding window and attention sinks (issue 14): d128 GQA and absorbed MLA.
+SPEC_WINDOW_SHAPES = ((128, 128, 4, False), (576, 512, 128, True))
+SPEC_WINDOW_DTYPES = ("fp16", "bf16")
+
+_T = _S = 1024  # representative lengths (the launch passes T + 1, S + 1: not 16-divisible)
+
+
+def _strides(n: int, h: int, d: int, row: int | None = None) -> tuple[int, int, int, int]:
+    """(batch, token, head, dim) strides of a contiguous ``[B, n, h, d]`` tensor (``row``: head stride when
+    the tensor is a prefix view of a wider one, as ``v = k[..., :Dv]``)."""
+    row = d if row is None else row
+    return (n * h * row, h * row, row, 1)
+
+
+def _mask_values(sparse: bool) -> dict:
+    """``mask`` / ``mask_geom`` of a launch: unused (None) in dense launches; block-sparse: a mask
+    ``[1, Hq, n, 40]`` (batch broadcast, per-head lists) with 64 x 128 blocks."""
+    if not sparse:
+        return dict(mask=None, mask_geom=None)
+    i32 = Pointer("i32")
+    return dict(mask=(i32, i32, 0, 9, 1, 0, 9 * 40, 40, 1), mask_geom=(64, 128, 1))
+
+
+def window_spec_values(window: bool = False, sinks: bool = False) -> dict:
+    """Window / sink arguments of a representative launch: a DeepSeek-V4-like window (127, 0) when
+    ``window``; ``sinks``: the forward's sink pointer."""
+    vals = dict(window=(127, 0) if window else (-1, -1), HAS_WINDOW=window)
+    if sinks:
+        vals.update(SINKS=Pointer("fp32"), HAS_SINKS=True)
     return vals
 
 
-def topk_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, hq: int, hkv: int, v_is_k: bool,
-              causal: bool = True, cfg: TopkConfig | None = None, off64: bool = False,
-              part: int = 3) -> CompileSpec:
-    """CompileSpec of one top-k kernel (``kind`` in ``KINDS``) for a contiguous launch of that shape;
-    ``off64``: the int64 row-offset variant (tensors with a batch entry of 2^31 elements or more);
-    ``part``: dK/dV kinds: 1 = the dV launch, 2 = the dK launch, 3 = both in one."""
-    cfg = cfg or topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False, v_is_k=v_is_k)
-    from kernels import topk_sparse as tk
+def window_tile_suffix(window: bool, sinks: bool) -> str:
+    """Report label suffix of a window / sink variant: ``/win``, ``/sink``."""
+    return ("/win" if window else "") + ("/sink" if sinks else "")
 
-    fn = {"fwd": tk._topk_fwd_kernel, "dq": tk._topk_bwd_q_kernel, "dkdv_atomic": tk._topk_bwd_q_kernel,
-          "dkdv_det": tk._topk_bwd_kv_det_kernel}[kind]
-    values = _spec_values(kind, dtype, dk, dv, hq, hkv, v_is_k, causal, cfg, off64, part)
-    sig, consts, divisible = spec_args(fn, values)
-    suffix = {1: "_dv", 2: "_dk", 3: ""}[part if kind.startswith("dkdv") else 3]
-    return CompileSpec(
-        kernel=f"topk_{kind}{suffix}", fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=cfg.tile,
-        extra={**spec_divisible(divisible), "group": hq // hkv, "v_is_k": v_is_k, "causal": causal, "config": cfg,
-               "heads": hq, "off64": off64, "kind": kind, "part": part, "wgmma": cfg.wgmma},
+
+def varlen_spec_values(total_q: int) -> dict:
+    """Spec values of the ``IS_VARLEN`` arguments (int32 offsets, packed query length)."""
+    return dict(varlen=(Pointer("i32"), Pointer("i32"), total_q + 3), IS_VARLEN=True)
+
+
+def _fwd_values(dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal: bool, allow_tf32: bool,
+                sparse: bool) -> dict:
+    hq, hkv = group * 2, 2
+    ptr = Pointer(dtype)
+    return dict(
+        Q=ptr, K=ptr, V=ptr, O=ptr, LSE=Pointer("fp32"), MAXL=Pointer("fp32"),
+        q_strides=_strides(_T, hq, dk), k_strides=_strides(_S, hkv, dk),
+        v_strides=_strides(_S, hkv, dv, dk if v_is_k else dv), o_strides=_strides(_T, hq, dv),
+        T=_T + 1, S=_S + 1, Hkv=hkv + 1, qk_scale=0.1, n_mblocks=7, opaque_zero=0, **_mask_values(sparse),
+        G=group, G_P=next_pow2(group), HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, WRITE_MAXL=True,
+        SPARSE=sparse, DOT=dot_precision(dtype, allow_tf32),
     )
 
 
-def _aux_specs(arch: int, dtype: str, dv: int) -> list[CompileSpec]:
-    from kernels import topk_sparse as tk
-
-    T, hq, S = 4097, 128, 4097
-    out = []
-    bd = min(128, max(16, next_pow2(dv)))
-    vals = dict(O=Pointer(dtype), DO=Pointer(dtype), DLSE=Pointer("fp32"), DELTA=Pointer("fp32"),
-                o_str=(T * hq * dv, hq * dv, dv, 1), do_str=(T * hq * dv, hq * dv, dv, 1),
-                dlse_str=(hq * T, T, 1), T=T, Hq=hq, HEAD_DV=dv, HAS_DLSE=True, BLOCK_T=64, BLOCK_D=bd)
-    sig, consts, div = spec_args(tk._topk_bwd_pre_kernel, vals)
-    out.append(CompileSpec(kernel="topk_bwd_pre", fn=tk._topk_bwd_pre_kernel, signature=sig, constexprs=consts,
-                           num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",
-                           extra=spec_divisible(div)))
-    bd = min(64, max(16, next_pow2(dv)))
-    vals = dict(P=Pointer("fp32"), OUT=Pointer(dtype), MULTI=Pointer("i64"), out_str=(S * dv, dv, dv), S=S,
-                Hkv=1, NKB=cdiv(S, 64), D=dv, BLOCK_N=64, BLOCK_D=bd)
-    sig, consts, div = spec_args(tk._topk_reduce_kernel, vals)
-    out.append(CompileSpec(kernel="topk_reduce", fn=tk._topk_reduce_kernel, signature=sig, constexprs=consts,
-                           num_warps=4, num_stages=1, arch=arch, dtype=dtype, head_dims=(dv, dv), tile=f"64x{bd}",
-                           extra=spec_divisible(div)))
-    return out
-
-
-def topk_compile_specs(arch: int) -> list[CompileSpec]:
-    """Every configuration the top-k launchers may pick on ``arch`` (80, 86, 89, 90...): forward, dQ,
-    atomic and deterministic dK/dV kernels on :data:`SPEC_SHAPES` (absorbed 576/512 on one latent kv
-    head with 128, 16 and 1 heads, v a prefix of k, and with 128 heads and a separate v; 192/128 with
-    one head per kv head; 64/64 GQA) for fp16 and bf16, and on :data:`SPEC_FP32_SHAPES` for fp32
-    (IEEE products); causal; plus the delta preprocessing and partial-reduce kernels. Signatures are
-    specialised as a contiguous launch is (``extra["divisible"]``). Empty without Triton."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dtype in SPEC_DTYPES + ("fp32",):
-        for dk, dv, hq, hkv, alias in SPEC_FP32_SHAPES if dtype == "fp32" else SPEC_SHAPES:
-            for kind in KINDS:
-                cfg = topk_config(kind, arch, dk, dv, hq // hkv, dtype, interpret=False, v_is_k=alias)
-                parts = (1, 2) if kind.startswith("dkdv") and cfg.split_dkdv else (3,)
-                for part in parts:
-                    specs.append(topk_spec(kind, arch, dtype, dk, dv, hq, hkv, alias, cfg=cfg, part=part))
-        for dv in (512, 128):
-            specs.extend(_aux_specs(arch, dtype, dv))
-    return specs
-
-
-# --------------------------------------------------------------------------------------------
-# paged MLA decode (kernels/decode.py)
-# --------------------------------------------------------------------------------------------
-def decode_split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads: int, q_len: int,
-                      causal: bool, topk: bool, direct: bool, page_size: int = 64, num_splits: int = 16,
-                      topk_k: int = 2048, max_pages: int = 33, kv_fp8: bool = False, sinks: bool = False,
-                      window: bool = False) -> CompileSpec:
-    """CompileSpec of the decode split kernel for one launch mode (a contiguous launch of that shape)."""
-    from kernels import decode
-
-    fn = decode._mla_decode_split_kernel
-    cfg = decode.decode_config(dk, dv, dtype, arch, kv_fp8=kv_fp8, interpret=False)
-    ty = dtype_name(dtype)
-    H, T = num_heads, q_len
-    S = 1 if direct else num_splits
-    # row of the cache in elements of KV: dk values, or the fp8_ds_mla bytes (656 for 576/512)
-    row = -(-(dv + dv // 32 + 2 * (dk - dv)) // 16) * 16 if kv_fp8 else dk
-    values = dict(Q=Pointer(ty), KV=Pointer("u8" if kv_fp8 else ty), BLOCK_TABLE=Pointer("i32"),
-                  SEQLENS=Pointer("i32"), TOPK=Pointer("i32"), OUT=Pointer(ty if direct else "fp32"),
-                  LSE=Pointer("fp32"), sm_scale_log2=0.1, SINKS=Pointer("fp32"))
-    # a contiguous launch: q [B, T, H, dk], cache pages of page_size rows, partials [B, T, H, S, dv]
-    values.update(q_str=(T * H * dk, dk), kv_str=(page_size * row, row, max_pages), tk_str=(T * topk_k, topk_k),
-                  dims=(H, T, topk_k if topk else 0), WIN_L=127 if window else -1)
-    if direct:  # out [B, T, H, dv], lse [B, H, T]
-        values.update(o_str=(T * H * dv, dv, 0), lse_str=(H * T, 1, T, 0))
+def _bwd_values(kind: str, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, causal: bool,
+                allow_tf32: bool, sparse: bool) -> dict:
+    hq, hkv = group * 2, 2
+    ptr = Pointer(dtype)
+    vals = dict(
+        Q=ptr, K=ptr, V=ptr, DO=ptr, LSE=Pointer("fp32"), DELTA=Pointer("fp32"),
+        q_strides=_strides(_T, hq, dk), k_strides=_strides(_S, hkv, dk),
+        v_strides=_strides(_S, hkv, dv, dk if v_is_k else dv), do_strides=_strides(_T, hq, dv),
+        T=_T + 1, S=_S + 1, Hkv=hkv + 1, qk_scale=0.1, sm_scale=0.07, opaque_zero=0, **_mask_values(sparse),
+        G=group, HEAD_DK=dk, HEAD_DV=dv, CAUSAL=causal, V_IS_K=v_is_k, SPARSE=sparse,
+        DOT=dot_precision(dtype, allow_tf32),
+    )
+    if kind == "dkdv":
+        vals.update(DK=ptr, DV=ptr, dk_strides=_strides(_S, hkv, dk), dv_strides=_strides(_S, hkv, dv))
     else:
-        values.update(o_str=(T * H * S * dv, S * dv, dv), lse_str=(T * H * S, H * S, S, 1))
-    values.update(DK=dk, DV=dv, PAGE_SIZE=page_size, IS_CAUSAL=causal, HAS_TOPK=topk, DIRECT=direct,
-                  BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DV=cfg["BLOCK_DV"],
-                  DV_SPLIT=cfg["DV_SPLIT"], BLOCK_DR=cfg["BLOCK_DR"],
-                  DOT_PRECISION=dot_precision(dtype, False), KV_FP8=kv_fp8, FP8_NATIVE=arch >= 89,
-                  HAS_SINKS=sinks and direct, HAS_WINDOW=window)
-    signature, constexprs, divisible = spec_args(fn, values)
-    mode = ("topk" if topk else "dense") + ("-causal" if causal else "") + ("-direct" if direct else "-split")
-    mode += ("-fp8kv" if kv_fp8 else "") + ("-sinks" if sinks and direct else "") + ("-window" if window else "")
-    return CompileSpec(
-        kernel="mla_decode_split", fn=fn, signature=signature, constexprs=constexprs,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], arch=arch, dtype=ty, head_dims=(dk, dv),
-        tile=f"{cfg['BLOCK_H']}x{cfg['BLOCK_N']}xV{cfg['DV_SPLIT']}*{cfg['BLOCK_DV']}+R{cfg['BLOCK_DR']}",
-        extra={**spec_divisible(divisible), "num_heads": H, "q_len": T, "mode": mode, "page_size": page_size},
-    )
+        vals.update(DQ=ptr, dq_strides=_strides(_T, hq, dk))
+    return vals
 
 
-def _combine_spec(arch: int, dtype: torch.dtype, dv: int, num_heads: int = 128, q_len: int = 1,
-                  num_splits: int = 16, sinks: bool = False) -> CompileSpec:
-    from kernels import decode
+def _kernel(kind: str):
+    from kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+    from kernels.attention_fwd import attn_fwd_kernel
 
-    fn = decode._mla_decode_combine_kernel
-    cfg = decode.combine_config(dv, num_splits)
-    ty = dtype_name(dtype)
-    H, T, S = num_heads, q_len, num_splits
-    values = dict(O_PART=Pointer("fp32"), LSE_PART=Pointer("fp32"), OUT=Pointer(ty), LSE=Pointer("fp32"),
-                  SINKS=Pointer("fp32"), NUM_SPLITS=S, H=H, TQ=T, part_str=(S * dv, dv, S),
-                  o_str=(T * H * dv, H * dv, dv), lse_str=(H * T, T, 1),
-                  DV=dv, BLOCK_S=cfg["BLOCK_S"], BLOCK_DV=cfg["BLOCK_DV"], HAS_SINKS=sinks)
-    signature, constexprs, divisible = spec_args(fn, values)
-    return CompileSpec(
-        kernel="mla_decode_combine", fn=fn, signature=signature, constexprs=constexprs,
-        num_warps=cfg["num_warps"], num_stages=1, arch=arch, dtype=ty, head_dims=(dv, dv),
-        tile=f"S{cfg['BLOCK_S']}xV{cfg['BLOCK_DV']}" + ("/sink" if sinks else ""),
-        extra={**spec_divisible(divisible), "num_heads": H, "q_len": T, "num_splits": S},
-    )
+    return {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}[kind]
 
 
-def decode_compile_specs(arch: int) -> list[CompileSpec]:
-    """Every configuration the decode launcher may pick on a GPU, for ahead-of-time compile checks.
+def _spec(name: str, kind: str, values: dict, arch: int, dtype: str, dk: int, dv: int, cfg, tile: str,
+          extra: dict) -> CompileSpec:
+    fn = _kernel(kind)
+    sig, consts, divisible = spec_args(fn, values)
+    return CompileSpec(kernel=name, fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv), tile=tile,
+                       extra={**spec_divisible(divisible), "config": cfg, **extra})
 
-    ``arch`` is the compute capability (80, 86, 89, 90...). For fp16 and bf16: the split kernel for
-    the absorbed DeepSeek shape (Dk, Dv) = (576, 512) with H = 128 in its launch modes (dense Tq = 1
-    with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
-    partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
-    generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
-    and 64; with attention sinks the direct 576/512 split kernel and the Dv = 512 combine. For fp32 (IEEE
-    products): the absorbed split kernel, dense and top-k, and its combine.
-    The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
-    are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
-    names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
-    expects); without those hints the loads are not vectorised and the 576/512 kernel spills.
-    Returns an empty list without Triton.
-    """
-    if not HAS_TRITON:
-        return []
+
+def fwd_spec(arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg, causal: bool = True,
+             allow_tf32: bool = False, varlen: bool = False, window: bool = False, sinks: bool = False) -> CompileSpec:
+    """CompileSpec of the forward kernel for contiguous inputs of the given shape and config
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` packed-sequence variant;
+    ``window`` / ``sinks``: the sliding-window / attention-sink variants, causal folded into the window)."""
+    causal = causal and not window
+    values = _fwd_values(dtype, dk, dv, group, v_is_k, causal, allow_tf32, False)
+    values.update(tile_constexprs(cfg, dk, dv, v_is_k), **window_spec_values(window, sinks))
+    if varlen:
+        values.update(varlen_spec_values(_T))
+    return _spec("attention_fwd" + ("_varlen" if varlen else ""), "fwd", values, arch, dtype, dk, dv, cfg,
+                 cfg.tile + window_tile_suffix(window, sinks),
+                 {"group": group, "v_is_k": v_is_k, "causal": causal, "allow_tf32": allow_tf32, "varlen": varlen,
+                  "window": window, "sinks": sinks})
+
+
+def fwd_specs(arch: int) -> list[CompileSpec]:
+    """Every forward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...), for each
+    dtype of :data:`SPEC_DTYPES` (fp32 with IEEE products) on the shapes of :data:`SPEC_SHAPES` (dense
+    and varlen), plus fp32 with TF32 allowed on :data:`SPEC_TF32_SHAPES`, plus the window+sinks and
+    sinks-only variants on :data:`SPEC_WINDOW_SHAPES`."""
+    from kernels.attention_fwd import fwd_configs
+
     specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 128, 1, causal=False, topk=False, direct=False))
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True))
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=True, direct=False))
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 16, 2, causal=True, topk=False, direct=False))
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 1, 1, causal=True, topk=False, direct=False))
-        specs.append(decode_split_spec(arch, dtype, 80, 64, 8, 2, causal=True, topk=False, direct=False))
-        specs.append(_combine_spec(arch, dtype, 512))
-        specs.append(_combine_spec(arch, dtype, 64, num_heads=8, q_len=2))
-        # attention sinks (issue 14): added in the direct split kernel, or once in the combine
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 128, 2, causal=True, topk=False, direct=True,
-                                       sinks=True, window=True))
-        specs.append(decode_split_spec(arch, dtype, 576, 512, 128, 1, causal=True, topk=False, direct=False,
-                                       window=True))
-        specs.append(_combine_spec(arch, dtype, 512, sinks=True))
-    # FP8 (fp8_ds_mla) cache, bf16 queries: DeepSeek-V3.2's serving format, in the three 576/512 launch modes
-    for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
-        specs.append(decode_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,
-                                 direct=direct, kv_fp8=True))
-    # fp32 (IEEE products): the absorbed shape, dense and top-k, and its combine.
-    specs.append(decode_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=False, topk=False, direct=False))
-    specs.append(decode_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=True, topk=True, direct=False))
-    specs.append(_combine_spec(arch, torch.float32, 512))
+    for dk, dv, group, v_is_k in SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            for cfg in fwd_configs(arch, dk, dv, dtype, v_is_k):
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
+    for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
+        for cfg in fwd_configs(arch, dk, dv, "fp32", v_is_k):
+            specs.append(fwd_spec(arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for cfg in fwd_configs(arch, dk, dv, dtype):
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, window=True, sinks=True))
+                specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, sinks=True))
     return specs
+
+
+def bwd_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg,
+             causal: bool = True, allow_tf32: bool = False, varlen: bool = False, window: bool = False) -> CompileSpec:
+    """CompileSpec of the dkdv or dq kernel for contiguous inputs of the given shape and config
+    (fp32: IEEE products unless ``allow_tf32``; ``varlen``: the ``IS_VARLEN`` variant; ``window``: the
+    sliding-window variant, causal folded in; sinks need no backward kernel change)."""
+    causal = causal and not window
+    values = _bwd_values(kind, dtype, dk, dv, group, v_is_k, causal, allow_tf32, False)
+    values.update(tile_constexprs(cfg, dk, dv, v_is_k), **window_spec_values(window))
+    if varlen:
+        values.update(varlen_spec_values(_T))
+    return _spec(f"attention_bwd_{kind}" + ("_varlen" if varlen else ""), kind, values, arch, dtype, dk, dv, cfg,
+                 cfg.tile + window_tile_suffix(window, False),
+                 {"group": group, "v_is_k": v_is_k, "causal": causal, "allow_tf32": allow_tf32, "varlen": varlen,
+                  "window": window})
+
+
+def preprocess_spec(arch: int, dtype: str, dk: int, dv: int) -> CompileSpec:
+    """CompileSpec of the delta preprocessing kernel (one configuration per Dv)."""
+    from kernels._jit import bwd_preprocess
+    from kernels._tables import PRE_BLOCK_T, PRE_WARPS, pre_block_d
+
+    hq, bd = 2, pre_block_d(dv)
+    values = dict(O=Pointer(dtype), DO=Pointer(dtype), DELTA=Pointer("fp32"), o_strides=_strides(_T, hq, dv),
+                  do_strides=_strides(_T, hq, dv), T=_T + 1, Hq=3, HEAD_DV=dv, BLOCK_T=PRE_BLOCK_T, BLOCK_D=bd)
+    sig, consts, divisible = spec_args(bwd_preprocess, values)
+    return CompileSpec(
+        kernel="attention_bwd_preprocess", fn=bwd_preprocess, signature=sig, constexprs=consts,
+        num_warps=PRE_WARPS, num_stages=1, arch=arch, dtype=dtype, head_dims=(dk, dv),
+        tile=f"{PRE_BLOCK_T}x{bd}", extra=spec_divisible(divisible),
+    )
+
+
+def dense_bwd_specs(arch: int) -> list[CompileSpec]:
+    """Every backward configuration the autotuner may pick on ``arch`` (80, 86, 89, 90...): preprocess
+    (once per Dv and dtype), dkdv and dq kernels, for the dtypes and shapes of :data:`SPEC_SHAPES` (fp32
+    with IEEE products; TF32 allowed on :data:`SPEC_TF32_SHAPES`), and the window variants."""
+    from kernels.attention_bwd import bwd_configs
+
+    specs, seen = [], set()
+    for dk, dv, group, v_is_k in SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            if (dk, dv, dtype) not in seen:
+                seen.add((dk, dv, dtype))
+                specs.append(preprocess_spec(arch, dtype, dk, dv))
+            for kind in ("dkdv", "dq"):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype, v_is_k):
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
+    for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
+        for kind in ("dkdv", "dq"):
+            for cfg in bwd_configs(kind, arch, dk, dv, "fp32", v_is_k):
+                specs.append(bwd_spec(kind, arch, "fp32", dk, dv, group, v_is_k, cfg, allow_tf32=True))
+    for dk, dv, group, v_is_k in SPEC_WINDOW_SHAPES:
+        for dtype in SPEC_WINDOW_DTYPES:
+            for kind in ("dkdv", "dq"):
+                for cfg in bwd_configs(kind, arch, dk, dv, dtype):
+                    specs.append(bwd_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, window=True))
+    return specs
+
+
+# Block-sparse ---------------------------------------------------------------------------------
+
+#: Representative shapes of the block-sparse specs (as the dense ones; d32 shares d64's tiles).
+BS_SPEC_SHAPES = ((64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False), (576, 512, 128, True))
+#: Mask geometries whose fitted configurations are compiled: packed rows per query block
+#: (``BLOCK_M_mask * G``) x key block size. ``fit_rows`` / ``fit_keys`` depend only on which of
+#: the candidate tiles divide the block and on a few thresholds, so this grid reaches every tile they
+#: can produce from the tables.
+SPEC_ROWS = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 1024)
+SPEC_BLOCK_N = (8, 16, 24, 32, 48, 64, 96, 128, 256)
+#: FlexAttention masks (partial-block bits, ``HAS_PARTIAL``): their BLOCK_SIZE (128 by default; 64) in
+#: packed rows x keys, compiled for every shape and dtype.
+PARTIAL_SPEC_GEOMETRIES = ((128, 128), (64, 64))
+
+
+def block_sparse_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg,
+                      partial: bool = False) -> CompileSpec:
+    """One block-sparse spec (``kind`` "fwd", "dkdv" or "dq", causal); ``partial``: the ``HAS_PARTIAL``
+    variant (FlexAttention partial-block bits)."""
+    if kind == "fwd":
+        values = _fwd_values(dtype, dk, dv, group, v_is_k, True, False, True)
+    else:
+        values = _bwd_values(kind, dtype, dk, dv, group, v_is_k, True, False, True)
+    if partial:
+        values.update(partial=(Pointer("i32"), Pointer("i8")), HAS_PARTIAL=True)
+    values.update(tile_constexprs(cfg, dk, dv, v_is_k))
+    return _spec(f"block_sparse_{kind}" + ("_partial" if partial else ""), kind, values, arch, dtype, dk, dv, cfg,
+                 cfg.tile, {"group": group, "v_is_k": v_is_k, "causal": True, "partial": partial})
+
+
+def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int) -> list:
+    """Distinct fitted configurations of ``kind`` over the geometries :data:`SPEC_ROWS` x :data:`SPEC_BLOCK_N`."""
+    from kernels.block_sparse import bwd_configs, dedup, fwd_configs
+
+    out = []
+    for rows, bn in itertools.product(SPEC_ROWS, SPEC_BLOCK_N):
+        if kind == "fwd":
+            out += fwd_configs(arch, dk, dv, dtype, rows, bn)
+        else:
+            out += bwd_configs(kind, arch, dk, dv, dtype, rows, bn)
+    return dedup(out)
+
+
+def block_sparse_specs(arch: int) -> list[CompileSpec]:
+    """Every block-sparse configuration the launchers may pick on ``arch`` (80, 86, 89, 90...) for the
+    representative head dims of :data:`BS_SPEC_SHAPES`, each dtype, fitted to every mask geometry; plus
+    the partial-block (FlexAttention) variant for :data:`PARTIAL_SPEC_GEOMETRIES`."""
+    from kernels.block_sparse import bwd_configs, dedup, fwd_configs
+
+    specs = []
+    for dk, dv, group, v_is_k in BS_SPEC_SHAPES:
+        for dtype in SPEC_DTYPES:
+            for kind in ("fwd", "dkdv", "dq"):
+                for cfg in spec_configs(kind, arch, dk, dv, dtype, group):
+                    specs.append(block_sparse_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
+                partial = []
+                for rows, bn in PARTIAL_SPEC_GEOMETRIES:
+                    partial += (fwd_configs(arch, dk, dv, dtype, rows * group, bn) if kind == "fwd"
+                                else bwd_configs(kind, arch, dk, dv, dtype, rows * group, bn))
+                for cfg in dedup(partial):
+                    specs.append(block_sparse_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, partial=True))
+    return specs
+
+
+#: ``compile_specs(arch)`` of each op module whose specs live here, by short module name
+#: (:func:`kernels._compile.collect_specs` looks here first).
+SPEC_BUILDERS = {
+    "attention_fwd": fwd_specs,
+    "attention_bwd": dense_bwd_specs,
+    "block_sparse": block_sparse_specs,
+}

@@ -52,50 +52,51 @@ heads then pad the tile; never below 16 elsewhere). See :func:`compile_specs` fo
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
+
+import torch
+import triton
 
 from kernels import tuning
 from kernels._common import (
     LOG2E,
+    TileConfig,
     bwd_outputs,
     compiled_launch,
     device_arch,
     dot_precision,
     dtype_name,
     fwd_outputs,
+    head_class,
     is_prefix_alias,
     launch,
     next_pow2,
+    specs_getattr,
+    tile_constexprs,
 )
-from kernels._config import HAS_TRITON, CompileSpec
-from kernels.attention_bwd import BwdConfig, bwd_delta, sink_grad
-from kernels.attention_bwd import _plan_constexprs as _bwd_plan_constexprs
-from kernels.attention_bwd import _spec_values as _bwd_spec_values
+from kernels._config import arch_family
+from kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, bwd_delta, bwd_kernel_args, sink_grad
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
 from kernels.attention_bwd import interp_config as bwd_interp_config
-from kernels.attention_fwd import FwdConfig, arch_family, head_class
-from kernels.attention_fwd import _plan_constexprs as _fwd_plan_constexprs
+from kernels.attention_fwd import attn_fwd_kernel
 from kernels.attention_fwd import fwd_configs as dense_fwd_configs
 from kernels.attention_fwd import interp_config as fwd_interp_config
-
-if HAS_TRITON:
-    import triton
-
-    from kernels.attention_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-    from kernels.attention_fwd import _attn_fwd_kernel
 
 __all__ = [
     "block_sparse_attention_bwd",
     "block_sparse_attention_fwd",
     "bwd_configs",
-    "compile_specs",
+    "dedup",
     "fit_keys",
     "fit_rows",
     "fwd_configs",
     "packing",
 ]
+
+# Compile-spec names that moved to kernels._specs, still readable here.
+__getattr__ = specs_getattr(__name__, "spec_configs", "SPEC_DTYPES", "SPEC_ROWS", "SPEC_BLOCK_N",
+    "PARTIAL_SPEC_GEOMETRIES", compile_specs="block_sparse_specs", SPEC_SHAPES="BS_SPEC_SHAPES")
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ def _table(kind: str, arch: int, dk: int, dv: int, dtype: str, v_is_k: bool = Tr
     return [replace(c, **ov) for c in cfgs] if ov else cfgs
 
 
-def _dedup(items):
+def dedup(items) -> list:
+    """``items`` without repeats, in first-seen order (configs are hashable but their order matters)."""
     out = []
     for c in items:
         if c not in out:
@@ -192,7 +194,7 @@ def _fit(cfgs, fit_m, fit_n, odd_m: int, odd_n: int):
 
 
 def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,
-                v_is_k: bool = True) -> list[FwdConfig]:
+                v_is_k: bool = True) -> list[TileConfig]:
     """Forward candidates on ``arch`` for head dims (Dk, Dv), ``dtype`` ("fp16"/"bf16"/"fp32"), mask query
     blocks of ``rows`` packed rows and key blocks of ``block_n`` tokens (the dense table, fitted)."""
     mr = _min_rows(arch, dtype)
@@ -201,7 +203,7 @@ def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int
 
 
 def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,
-                v_is_k: bool = True) -> list[BwdConfig]:
+                v_is_k: bool = True) -> list[TileConfig]:
     """Backward candidates of ``kind`` ("dkdv" or "dq"), fitted like :func:`fwd_configs`. dK/dV keeps
     its key tile (the M side of its transposed products) >= 64 rows for fp16/bf16 on sm90."""
     mr = _min_rows(arch, dtype)
@@ -213,12 +215,12 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
     return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16), lambda c: fit_keys(c.block_n, block_n, mn), 16, mn)
 
 
-def _interp_fwd(dk: int, dv: int, rows: int, block_n: int) -> FwdConfig:
+def _interp_fwd(dk: int, dv: int, rows: int, block_n: int) -> TileConfig:
     c = fwd_interp_config(dk, dv)
     return replace(c, block_m=fit_rows(c.block_m, rows, 16), block_n=fit_keys(c.block_n, block_n, 16) or 16)
 
 
-def _interp_bwd(dk: int, dv: int, rows: int, block_n: int) -> BwdConfig:
+def _interp_bwd(dk: int, dv: int, rows: int, block_n: int) -> TileConfig:
     c = bwd_interp_config(dk, dv)
     return replace(c, block_m=fit_rows(c.block_m, rows, 16), block_n=fit_keys(c.block_n, block_n, 16) or 16)
 
@@ -229,12 +231,11 @@ def _interp_bwd(dk: int, dv: int, rows: int, block_n: int) -> BwdConfig:
 
 
 def _mask_args(num, idx, name: str, n_blocks: int, B: int, Hq: int, device):
-    """Kernel arguments of one (count, index) pair: tensors and strides (0 on broadcast dims).
+    """Kernel ``mask`` argument of one (count, index) pair: tensors and strides (0 on broadcast dims), and
+    the mask's head dim.
 
     Raises ``ValueError``/``TypeError`` on host-checkable mismatches (shapes, dims, dtype, device).
     """
-    import torch
-
     for what, t, rank in ((f"{name}_num_blocks", num, 3), (f"{name}_indices", idx, 4)):
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
             raise ValueError(f"block-sparse attention: {what} must be a {rank}-d int32 tensor, got "
@@ -266,8 +267,6 @@ def _partial_args(part, idx, bits, name: str, bm: int, bn: int) -> dict:
 
     Raises ``ValueError`` when ``part`` does not have ``idx``'s shape or ``bits`` is not ``[P, >=bm, >=bn]``.
     """
-    import torch
-
     if bits is None or part is None or bits.shape[0] == 0:
         return {}
     if tuple(part.shape) != tuple(idx.shape) and not (idx.shape[3] == 1 and part.shape[3] == 0):
@@ -278,7 +277,7 @@ def _partial_args(part, idx, bits, name: str, bm: int, bn: int) -> dict:
     if part.shape[3] == 0:  # no lane is ever read; give the kernel a valid pointer
         part = torch.full(idx.shape, -1, dtype=torch.int32, device=idx.device)
     bits = (bits.view(torch.int8) if bits.dtype == torch.bool else bits.to(torch.int8))[:, :bm, :bn].contiguous()
-    return dict(PART=part.to(torch.int32).contiguous(), BITS=bits, HAS_PARTIAL=True)
+    return dict(partial=(part.to(torch.int32).contiguous(), bits), HAS_PARTIAL=True)
 
 
 def _block_size(block_size, T: int, S: int) -> tuple[int, int, int, int]:
@@ -303,19 +302,19 @@ def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
     """``triton.autotune`` over fitted ``configs`` of kernel ``kind`` ("fwd", "dkdv", "dq")."""
     key = (kind, tuple(configs), dk, dv, v_is_k)
     if key not in _AUTOTUNERS:
-        fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-        plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
-        tconfigs = [triton.Config(plan(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in configs]
-        keys = ["G", "CAUSAL", "KV_REP", "MASK_BM", "MASK_BN", "HAS_PARTIAL"]
-        keys += ["WRITE_MAXL"] if kind == "fwd" else []
-        _AUTOTUNERS[key] = triton.autotune(configs=tconfigs, key=keys)(fn)
+        tconfigs = [triton.Config(tile_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps,
+                                  num_stages=c.num_stages) for c in configs]
+        keys = ["G", "CAUSAL", "mask_geom", "HAS_PARTIAL"] + (["WRITE_MAXL"] if kind == "fwd" else [])
+        _AUTOTUNERS[key] = triton.autotune(configs=tconfigs, key=keys)(_KERNELS[kind])
     return _AUTOTUNERS[key]
+
+
+_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 
 
 def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: tuple[int, int],
                                softmax_scale: float, causal: bool, *, return_max_logit: bool = False,
-                               out=None, lse=None, config: FwdConfig | None = None, allow_tf32: bool | None = None,
+                               out=None, lse=None, config: TileConfig | None = None, allow_tf32: bool | None = None,
                                kv_partial=None, partial_bits=None, sinks=None):
     """Block-sparse fused attention forward.
 
@@ -331,7 +330,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         softmax_scale: multiplies ``q·kᵀ``. causal: bottom-right aligned, applied inside listed blocks.
         return_max_logit: also return the per-(batch, head) maximum visible scaled score.
         out, lse: optional preallocated outputs (``[B, T, Hq, Dv]`` q.dtype any strides; contiguous fp32
-            ``[B, Hq, T]``). config: force one :class:`kernels.attention_fwd.FwdConfig` (used as given);
+            ``[B, Hq, T]``). config: force one :class:`kernels._common.TileConfig` (used as given);
             default: a pinned or deterministic choice among :func:`fwd_configs` (:mod:`kernels.tuning`),
             else autotune over them on GPU; one small fitted config under the interpreter.
         allow_tf32: fp32 inputs only: TF32 products instead of IEEE fp32; ``None`` follows
@@ -348,13 +347,9 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         max_logit fp32 [B, Hq] (-inf for heads that see nothing) or None)``.
 
     Raises:
-        RuntimeError: Triton is not installed. ValueError / TypeError: mask tensors that do not fit
+        ValueError / TypeError: mask tensors that do not fit
         the inputs (shape, broadcast dims, dtype, device) or a non-positive block size.
     """
-    import torch
-
-    if not HAS_TRITON:
-        raise RuntimeError("block_sparse_attention_fwd needs triton")
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bm0, _, bm, bn = _block_size(block_size, T, S)
@@ -373,17 +368,17 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
     dot = dot_precision(q.dtype, allow_tf32)
 
     def launch_args(maxl, n_mblocks):
-        args = (
-            q, k, v, out, lse, maxl if maxl is not None else lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            T, S, Hkv, float(softmax_scale) * LOG2E, n_mblocks, 0,
-            *margs, bm, bn, kv_rep,
+        kw = dict(
+            Q=q, K=k, V=v, O=out, LSE=lse, MAXL=maxl if maxl is not None else lse,
+            q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(), o_strides=out.stride(),
+            T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
+            mask=margs, mask_geom=(bm, bn, kv_rep),
+            G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
+            WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part,
         )
-        consts = dict(G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-                      WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part)
         if sinks is not None:
-            consts.update(SINKS=sinks, HAS_SINKS=True)
-        return args, consts
+            kw.update(SINKS=sinks, HAS_SINKS=True)
+        return kw
 
     grid_rows = lambda block_m: n_qblocks * triton.cdiv(rows, block_m)  # noqa: E731
     configs = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k) if compiled else []
@@ -394,26 +389,24 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         # Blocks a larger BLOCK_M does not write stay -inf.
         maxl = (torch.full((B, Hq, n_mblocks), float("-inf"), dtype=torch.float32, device=q.device)
                 if return_max_logit else None)
-        args, consts = launch_args(maxl, n_mblocks)
-        grid = lambda meta: (grid_rows(meta["BLOCK_M"]) * B * Hkv * kv_rep, meta["NSPLIT"])  # noqa: E731
-        launch(_autotuned("fwd", configs, Dk, Dv, v_is_k), grid, *args, **consts)
+        grid = lambda meta: (grid_rows(meta["TILE"].BLOCK_M) * B * Hkv * kv_rep, meta["TILE"].NSPLIT)  # noqa: E731
+        launch(_autotuned("fwd", configs, Dk, Dv, v_is_k), grid, **launch_args(maxl, n_mblocks))
     else:
         cfg = config or _interp_fwd(Dk, Dv, rows, bn)
         n_mblocks = grid_rows(cfg.block_m)
         # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
         maxl = (torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
                 if return_max_logit else None)
-        args, consts = launch_args(maxl, n_mblocks)
-        consts.update(_fwd_plan_constexprs(cfg, Dk, Dv, v_is_k))
-        launch(_attn_fwd_kernel, (n_mblocks * B * Hkv * kv_rep, consts["NSPLIT"]),
-               *args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tile = tile_constexprs(cfg, Dk, Dv, v_is_k)
+        launch(attn_fwd_kernel, (n_mblocks * B * Hkv * kv_rep, tile["TILE"].NSPLIT), **launch_args(maxl, n_mblocks),
+               **tile, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
 
 
 def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
                                block_size: tuple[int, int], softmax_scale: float, causal: bool, *,
                                dlse=None, dq=None, dk=None, dv=None, delta=None,
-                               dkdv_config: BwdConfig | None = None, dq_config: BwdConfig | None = None,
+                               dkdv_config: TileConfig | None = None, dq_config: TileConfig | None = None,
                                allow_tf32: bool | None = None, kv_partial=None, q_partial=None, partial_bits=None,
                                sinks=None):
     """Block-sparse fused attention backward (deterministic: no atomics).
@@ -443,12 +436,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         and ``dv`` the value path (autograd sums them through the view).
 
     Raises:
-        RuntimeError: Triton is not installed. ValueError / TypeError: as in the forward.
+        ValueError / TypeError: as in the forward.
     """
-    import torch
-
-    if not HAS_TRITON:
-        raise RuntimeError("block_sparse_attention_bwd needs triton")
     B, T, Hq, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bm0, bn0, bm, bn = _block_size(block_size, T, S)
@@ -475,123 +464,33 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
     lse = lse.contiguous()  # offsets assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
     compiled = compiled_launch(q)
-    common = (T, S, Hkv, float(softmax_scale) * LOG2E, float(softmax_scale), 0)
-    consts = dict(G=G, HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=v_is_k, SPARSE=True,
-                  DOT=dot_precision(q.dtype, allow_tf32))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    kw = bwd_kernel_args(q, k, v, do, lse, delta, softmax_scale, causal, v_is_k, dot_precision(q.dtype, allow_tf32),
+                         T, S)
+    kw.update(SPARSE=True, G=G)  # G: heads packed per row (1 with per-head lists)
     n_q, n_k = math.ceil(T / bm), math.ceil(S / bn)
     bwd_delta(out, do, delta, dlse)
 
-    def run(kind, fixed, args, grid_of, tile, part):
-        """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned;
-        ``part``: its partial-block keyword arguments."""
+    def run(kind, fixed, kern_kw, grid_of, tile_dim):
+        """One backward kernel: ``fixed`` (or a pinned / deterministic choice) as given, else autotuned."""
         configs = []
         if compiled and fixed is None:
             configs = bwd_configs(kind, device_arch(q.device), Dk, Dv, dtype_name(q.dtype), rows, bn, v_is_k)
             fixed = tuning.choose(f"block_sparse_{kind}", head_class(Dk, Dv), configs)
         if compiled and fixed is None:
-            grid = lambda meta: (grid_of(meta[tile]), meta["NSPLIT"])  # noqa: E731
-            launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, *args, **consts, **part)
+            grid = lambda meta: (grid_of(getattr(meta["TILE"], tile_dim)), meta["TILE"].NSPLIT)  # noqa: E731
+            launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, **kern_kw)
             return
         cfg = fixed or _interp_bwd(Dk, Dv, rows, bn)
-        pc = _bwd_plan_constexprs(cfg, Dk, Dv, v_is_k)
-        fn = _attn_bwd_dkdv_kernel if kind == "dkdv" else _attn_bwd_dq_kernel
-        launch(fn, (grid_of(getattr(cfg, tile.lower())), pc["NSPLIT"]), *args, **consts, **pc, **part,
+        tile = tile_constexprs(cfg, Dk, Dv, v_is_k)
+        launch(_KERNELS[kind], (grid_of(getattr(cfg, tile_dim.lower())), tile["TILE"].NSPLIT), **kern_kw, **tile,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common,
-                 *q_args, bm, bn, kv_rep)
-    run("dkdv", dkdv_config, dkdv_args, lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv, "BLOCK_N",
-        q_part)
-    dq_args = (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *common, *kv_args, bm, bn, kv_rep)
-    run("dq", dq_config, dq_args, lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M",
-        kv_part)
+    geom = (bm, bn, kv_rep)
+    run("dkdv", dkdv_config, dict(kw, DK=dk, DV=dv, dk_strides=dk.stride(), dv_strides=dv.stride(), mask=q_args,
+                                  mask_geom=geom, **q_part),
+        lambda block_n: n_k * triton.cdiv(bn, block_n) * B * Hkv, "BLOCK_N")
+    run("dq", dq_config, dict(kw, DQ=dq, dq_strides=dq.stride(), mask=kv_args, mask_geom=geom, **kv_part),
+        lambda block_m: n_q * triton.cdiv(rows, block_m) * B * Hkv * kv_rep, "BLOCK_M")
     if sinks is not None:
         return dq, dk, dv, sink_grad(sinks, lse, delta)
     return dq, dk, dv
-
-
-# --------------------------------------------------------------------------------------------
-# Compile specs
-# --------------------------------------------------------------------------------------------
-
-#: Representative shapes for the compile check: (Dk, Dv, G = Hq/Hkv, v aliases k), as the dense kernels.
-#: (d32 shares d64's tiles and is left out.)
-SPEC_SHAPES = ((64, 64, 1, False), (128, 128, 4, False), (192, 128, 1, False), (576, 512, 128, True))
-SPEC_DTYPES = ("fp16", "bf16", "fp32")
-#: Mask geometries whose fitted configurations are compiled: packed rows per query block
-#: (``BLOCK_M_mask * G``) x key block size. :func:`fit_rows` / :func:`fit_keys` depend only on which of
-#: the candidate tiles divide the block and on a few thresholds, so this grid reaches every tile they
-#: can produce from the tables.
-SPEC_ROWS = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 1024)
-SPEC_BLOCK_N = (8, 16, 24, 32, 48, 64, 96, 128, 256)
-
-
-def _spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group: int, v_is_k: bool, cfg,
-          partial: bool = False) -> CompileSpec:
-    """One compile spec; ``partial``: the ``HAS_PARTIAL`` variant (FlexAttention partial-block bits)."""
-    from kernels._compile import Pointer, spec_args
-
-    # The dense backward's spec values (pointers, strides, sizes of contiguous inputs), plus the
-    # forward-only arguments and a real block mask.
-    values = _bwd_spec_values(dtype, dk, dv, group, v_is_k, True)
-    T, hq = values["T"] - 1, group * 2
-    i32 = Pointer("i32")
-    values.update(
-        O=Pointer(dtype), MAXL=Pointer("fp32"), sob=T * hq * dv, sot=hq * dv, soh=dv, sod=1, n_mblocks=7,
-        # Mask [1, Hq, n, 40]: batch broadcast (stride 0), per-head lists.
-        KVN=i32, KVI=i32, QN=i32, QI=i32, snb=0, snh=9, snq=1, snk=1, sib=0, sih=9 * 40, siq=40, sik=40, sil=1,
-        MASK_BM=64, MASK_BN=128, KV_REP=1,
-        G_P=next_pow2(group), WRITE_MAXL=True, SPARSE=True,
-    )
-    if partial:
-        values.update(PART=i32, BITS=Pointer("i8"), HAS_PARTIAL=True)
-    plan = _fwd_plan_constexprs if kind == "fwd" else _bwd_plan_constexprs
-    values.update(plan(cfg, dk, dv, v_is_k))
-    fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    sig, consts, divisible = spec_args(fn, values)
-    return CompileSpec(
-        kernel=f"block_sparse_{kind}" + ("_partial" if partial else ""), fn=fn, signature=sig, constexprs=consts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch, dtype=dtype, head_dims=(dk, dv),
-        tile=cfg.tile,
-        extra={"divisible": divisible, "group": group, "v_is_k": v_is_k, "causal": True, "config": cfg,
-               "partial": partial},
-    )
-
-
-def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int) -> list:
-    """Distinct fitted configurations of ``kind`` over the geometries :data:`SPEC_ROWS` x :data:`SPEC_BLOCK_N`."""
-    out = []
-    for rows, bn in itertools.product(SPEC_ROWS, SPEC_BLOCK_N):
-        if kind == "fwd":
-            out += fwd_configs(arch, dk, dv, dtype, rows, bn)
-        else:
-            out += bwd_configs(kind, arch, dk, dv, dtype, rows, bn)
-    return _dedup(out)
-
-
-#: FlexAttention masks (partial-block bits, ``HAS_PARTIAL``): their BLOCK_SIZE (128 by default; 64) in
-#: packed rows x keys, compiled for every shape and dtype.
-PARTIAL_SPEC_GEOMETRIES = ((128, 128), (64, 64))
-
-
-def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every block-sparse configuration the launchers may pick on ``arch`` (80, 86, 89, 90...) for the
-    representative head dims of :data:`SPEC_SHAPES`, each dtype, fitted to every mask geometry; plus
-    the partial-block (FlexAttention) variant for :data:`PARTIAL_SPEC_GEOMETRIES`."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dk, dv, group, v_is_k in SPEC_SHAPES:
-        for dtype in SPEC_DTYPES:
-            for kind in ("fwd", "dkdv", "dq"):
-                for cfg in spec_configs(kind, arch, dk, dv, dtype, group):
-                    specs.append(_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg))
-                partial = []
-                for rows, bn in PARTIAL_SPEC_GEOMETRIES:
-                    fitted = (fwd_configs(arch, dk, dv, dtype, rows * group, bn) if kind == "fwd"
-                              else bwd_configs(kind, arch, dk, dv, dtype, rows * group, bn))
-                    partial += fitted
-                for cfg in _dedup(partial):
-                    specs.append(_spec(kind, arch, dtype, dk, dv, group, v_is_k, cfg, partial=True))
-    return specs

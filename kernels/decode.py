@@ -28,7 +28,7 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   hold -1, garbage or NaN), and the cache loads need no masks (fewer registers).
 
 Register / shared-memory measurements of every configuration and the variants rejected: DESIGN §9.2
-(docs/design.md). Compile specs: :mod:`kernels._specs`.
+(docs/design.md). Compile specs: :mod:`kernels._specs_topk`.
 """
 
 from __future__ import annotations
@@ -706,16 +706,17 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
 
 
 def compile_specs(arch: int) -> list:
-    """Every configuration the decode launcher may pick on ``arch``: :func:`kernels._specs.decode_compile_specs`."""
-    from kernels._specs import decode_compile_specs
+    """Every configuration the decode launcher may pick on ``arch``:
+    :func:`kernels._specs_topk.decode_compile_specs`."""
+    from kernels._specs_topk import decode_compile_specs
 
     return decode_compile_specs(arch)
 
 
 def __getattr__(name: str):
-    # compile-spec helpers kept importable from here (they live in kernels._specs)
+    # compile-spec helpers kept importable from here (they live in kernels._specs_topk)
     if name == "_split_spec":
-        from kernels._specs import decode_split_spec
+        from kernels._specs_topk import decode_split_spec
 
         return decode_split_spec
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

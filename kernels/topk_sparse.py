@@ -10,7 +10,7 @@ no key gives output 0, ``lse = +inf`` and zero gradients, never NaN.
 Kernels and launchers only (our own Triton code; the ideas are published, no code is copied): query-major
 forward / dQ / atomic dK/dV programs with the kv group's heads packed into the tile rows, a key-major
 deterministic dK/dV over :mod:`kernels.key_major_index`, the column plan and tile tables of
-:mod:`kernels.topk_configs`, compile specs in :mod:`kernels._specs`. Method, register / spill tables and
+:mod:`kernels.topk_configs`, compile specs in :mod:`kernels._specs_topk`. Method, register / spill tables and
 the reasons behind each tile: DESIGN §9.1 (docs/design.md).
 """
 
@@ -716,16 +716,16 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
 
 
 def compile_specs(arch: int) -> list:
-    """Every configuration the top-k launchers may pick on ``arch``: :func:`kernels._specs.topk_compile_specs`."""
-    from kernels._specs import topk_compile_specs
+    """Every configuration the top-k launchers may pick on ``arch``: :func:`kernels._specs_topk.topk_compile_specs`."""
+    from kernels._specs_topk import topk_compile_specs
 
     return topk_compile_specs(arch)
 
 
 def __getattr__(name: str):
-    # compile-spec names kept importable from here (they live in kernels._specs)
+    # compile-spec names kept importable from here (they live in kernels._specs_topk)
     if name in ("topk_spec", "SPEC_SHAPES", "SPEC_DTYPES", "SPEC_FP32_SHAPES"):
-        from kernels import _specs
+        from kernels import _specs_topk as _specs
 
         return getattr(_specs, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,10 +160,10 @@ def test_dense_and_block_sparse_launchers_pass_dot_precision(monkeypatch, set_tf
     block_sparse.block_sparse_attention_bwd(torch.randn_like(out), q, k, v, out, lse, num, idx, num, idx, (8, 8),
                                             0.25, True, **kw)
     names = [n for n, _ in seen]
-    assert names.count("_attn_fwd_kernel") == 2 and names.count("_bwd_preprocess") == 2
+    assert names.count("_attn_fwd_kernel") == 2 and names.count("bwd_preprocess") == 2
     assert names.count("_attn_bwd_dkdv_kernel") == 2 and names.count("_attn_bwd_dq_kernel") == 2
     assert _precisions(seen) == {want}
-    assert all(kw_["DOT"] == want for n, kw_ in seen if n != "_bwd_preprocess")
+    assert all(kw_["DOT"] == want for n, kw_ in seen if n != "bwd_preprocess")
     # 16-bit inputs: the switch is irrelevant, tensor-core products
     seen.clear()
     attention_fwd.attention_fwd(q.half(), k.half(), v.half(), 0.25, True, **kw)

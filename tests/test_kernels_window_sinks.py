@@ -106,16 +106,18 @@ def test_sinks_backward_is_deterministic():
 if INTERPRET or CUDA:
     import triton.language as tl
 
+    from kernels._jit import window_block_range, window_q_range
+
     @triton.jit
     def _ranges_kernel(OUT_F, OUT_B, T, S, WIN_L, WIN_R, G: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
         """Program i writes the forward/dQ block range of row tile i and the dK/dV row-block range of key
         block i (the helpers the kernels use)."""
         i = tl.program_id(0)
-        n0, n1 = fwd_mod._window_block_range(i * BLOCK_M, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+        n0, n1 = window_block_range(i * BLOCK_M, T, S, G, BLOCK_M, BLOCK_N, (WIN_L, WIN_R))
         tl.store(OUT_F + 2 * i, n0)
         tl.store(OUT_F + 2 * i + 1, n1)
-        m0, m1 = bwd_mod._window_q_range(i * BLOCK_N, T, S, G, BLOCK_M, BLOCK_N, WIN_L, WIN_R)
+        m0, m1 = window_q_range(i * BLOCK_N, T, S, G, BLOCK_M, BLOCK_N, (WIN_L, WIN_R))
         tl.store(OUT_B + 2 * i, m0)
         tl.store(OUT_B + 2 * i + 1, m1)
 

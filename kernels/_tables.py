@@ -1,0 +1,216 @@
+"""Tile tables of the dense-family kernels (forward, dK/dV, dQ; block-sparse fits them to its mask): the
+autotune candidates per architecture family, head class and dtype, and the single interpreter
+configuration. Every entry is compiled by the compile check (:mod:`kernels._specs`)."""
+
+from __future__ import annotations
+
+from kernels._common import TileConfig, head_class, next_pow2
+from kernels._config import arch_family
+
+__all__ = ["PRE_BLOCK_T", "PRE_WARPS", "bwd_configs", "bwd_interp_config", "fwd_configs", "fwd_interp_config",
+           "pre_block_d"]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward (kernels.attention_fwd)
+# --------------------------------------------------------------------------------------------
+
+
+# Tables per architecture family and head class, chosen from the compile report (registers,
+# spills, shared memory of every candidate; bench/compile_report.py) and kept small: every entry
+# is compiled by the compile check (tests/test_compile_check.py) for sm80, sm86, sm89 and sm90.
+# Keys are kernels._config.arch_family values (90: Hopper+, 80: 163 KiB, 86: 99 KiB parts). Triton/ptxas
+# register allocation is erratic near 255 registers, so entries keep a margin where one exists.
+# d576 (absorbed MLA) splits the value dim in two: one program per 256 value columns.
+_FWD_TABLE: dict[int, dict[str, list[TileConfig]]] = {
+    90: {
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d576": [
+            TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2),  # other half of q may stay on chip
+            TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2, stream=True),  # ... or stream from L2
+        ],
+    },
+    80: {
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d576": [
+            TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2),
+            TileConfig(64, 64, nsplit=2, num_warps=8, num_stages=2),
+        ],
+    },
+    # 99 KiB parts (sm86, sm89, sm120): the sm80 entries that fit, smaller ones where none does
+    # (shared bytes measured for sm86: d64 64x64 40 KiB, d256 at 256/256 68 KiB, d576 92 KiB; the
+    # sm80 128x64 d64 tile spills 16 bytes there and d576 64x32/v2 needs 112 KiB).
+    86: {
+        "d64": [TileConfig(64, 64, num_warps=4, num_stages=3)],
+        "d128": [TileConfig(128, 32, num_warps=8, num_stages=3)],
+        # 4 warps: with 8 ptxas caps 64x32 at 128 registers and spills 8 bytes at 192/128 (mma.sync)
+        "d256": [TileConfig(64, 32, num_warps=4, num_stages=2)],
+        "d576": [TileConfig(64, 16, nsplit=2, num_warps=8, num_stages=2)],
+    },
+}
+
+# fp32 inputs (IEEE dots by default, TF32 when allowed): twice the bytes per operand; one
+# conservative config per class, the same on every architecture (fp32 attention on a GPU is for
+# checks, not speed).
+# IEEE products lower to FMAs that keep whole operand rows in registers: 32-row tiles (or 8 warps)
+# for d128/d256 (64-row tiles spill 0.3-3.8 KiB on sm80/sm90, triton 3.9).
+_FWD_TABLE_FP32: dict[int, dict[str, list[TileConfig]]] = {
+    fam: {
+        "d64": [TileConfig(64, 32, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(32, 32, num_warps=8, num_stages=1)],
+        "d256": [TileConfig(32, 32, num_warps=8, num_stages=1)],
+        # one stage on the 99 KiB parts (two: 110-118 KiB)
+        "d576": [TileConfig(32, 16, nsplit=4, num_warps=4, num_stages=1 if fam == 86 else 2, stream=True)],
+    }
+    for fam in (80, 86, 90)
+}
+
+# The absorbed class without the v alias (a separate 512-column value buffer per pipeline stage),
+# keyed (family, fp32): where the alias tables do not fit (sm80 64x64/v2: 184 KiB; sm86 64x16/v2:
+# 100 KiB; sm86 fp32: 118 KiB) the entries that do. sm90 keeps its table (at most 208 KiB).
+_FWD_NO_ALIAS: dict[tuple[int, bool], list[TileConfig]] = {
+    (80, False): [TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2)],
+    (86, False): [TileConfig(64, 16, nsplit=2, num_warps=8, num_stages=1)],
+}
+
+
+#: The one configuration used under the interpreter (autotuning there would run every config).
+_INTERP_CONFIG = TileConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
+
+
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True) -> list[TileConfig]:
+    """Autotune candidates for ``arch`` and head dims (Dk, Dv); ``dtype`` "fp16"/"bf16" or "fp32"
+    (IEEE or TF32 dots: twice the shared memory and operand registers, its own smaller table).
+    The table is the one of :func:`kernels._config.arch_family` (every entry fits that family's
+    shared memory); the first entry is the preferred one (deterministic mode, :mod:`kernels.tuning`).
+    ``v_is_k=False`` with the absorbed head class (a separate ``v`` tile): :data:`_FWD_NO_ALIAS`.
+    """
+    fam, cls = arch_family(arch), head_class(dk, dv)
+    if cls == "d576" and not v_is_k and (fam, dtype == "fp32") in _FWD_NO_ALIAS:
+        return list(_FWD_NO_ALIAS[(fam, dtype == "fp32")])
+    table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
+    return list(table[fam][cls])
+
+
+def fwd_interp_config(dk: int, dv: int) -> TileConfig:
+    """The single interpreter configuration (value dim split in two above 256 to exercise that path)."""
+    return TileConfig(_INTERP_CONFIG.block_m, _INTERP_CONFIG.block_n, nsplit=2 if dv > 256 else 1, num_warps=4,
+                      num_stages=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (kernels.attention_bwd)
+# --------------------------------------------------------------------------------------------
+
+
+# dkdv: BLOCK_N keys fixed per program, BLOCK_M packed query rows per step; dq: the other way
+# round. Chosen from the compile report like the forward tables (kernels/attention_fwd.py) and
+# compiled by the compile check. The absorbed shape (d576) splits dK/dV (dQ) columns over 4
+# programs of 128 columns: two 256-column accumulators plus the rope tail do not fit the registers.
+_DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
+    90: {
+        "d64": [TileConfig(64, 128, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(32, 128, num_warps=8, num_stages=2), TileConfig(32, 64, num_warps=8, num_stages=2)],
+        "d256": [TileConfig(32, 64, num_warps=8, num_stages=2), TileConfig(16, 64, num_warps=8, num_stages=2)],
+        "d576": [TileConfig(16, 64, nsplit=4, num_warps=8, num_stages=2)],
+    },
+    80: {
+        "d64": [TileConfig(32, 128, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(32, 64, num_warps=8, num_stages=2), TileConfig(16, 128, num_warps=8, num_stages=2)],
+        "d256": [TileConfig(16, 32, num_warps=4, num_stages=2)],
+        "d576": [TileConfig(16, 32, nsplit=4, num_warps=8, num_stages=2)],
+    },
+}
+# 99 KiB parts (sm86, sm89, sm120): every sm80 dK/dV entry fits (at most 72 KiB on sm86).
+_DKDV_TABLE[86] = _DKDV_TABLE[80]
+_DQ_TABLE: dict[int, dict[str, list[TileConfig]]] = {
+    90: {
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=2)],
+        "d256": [TileConfig(128, 32, num_warps=8, num_stages=2), TileConfig(64, 16, num_warps=4, num_stages=2)],
+        # 64x32 spilled 88 bytes with 16 heads per kv head (DeepSeek at 8-way TP) and 16 without the alias
+        "d576": [TileConfig(64, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+    },
+    80: {
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(32, 64, num_warps=4, num_stages=3), TileConfig(64, 32, num_warps=4, num_stages=2)],
+        "d256": [TileConfig(32, 32, num_warps=4, num_stages=2)],
+        # 64-row tiles spilled 24 bytes with 16 heads per kv head and need 170 KiB without the alias
+        "d576": [TileConfig(32, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
+    },
+    # 99 KiB parts: sm80's entries fit (at most 84 KiB on sm86) except d576 (154 KiB): 32 rows.
+    86: {
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
+        "d128": [TileConfig(32, 64, num_warps=4, num_stages=3), TileConfig(64, 32, num_warps=4, num_stages=2)],
+        "d256": [TileConfig(32, 32, num_warps=4, num_stages=2)],
+        "d576": [TileConfig(32, 16, nsplit=4, num_warps=8, num_stages=2, stream=True)],
+    },
+}
+
+# fp32 inputs (IEEE dots by default, TF32 when allowed): one conservative config per class (fp32
+# on a GPU is for checks, not speed); no wgmma needed, so small M tiles are fine.
+# IEEE products (FMAs holding operand rows in registers) need narrower tiles than TF32 did; chosen
+# from the compile report (triton 3.9): clean except the d576 dQ and, on sm90, d576 in general.
+# d576 dK/dV: 16-key steps (32 with 8 splits needs 206 KiB without the v alias); one stage on
+# the 99 KiB parts.
+_DKDV_TABLE_FP32: dict[int, dict[str, list[TileConfig]]] = {
+    fam: {
+        "d64": [TileConfig(32, 32, num_warps=4, num_stages=2)],
+        "d128": [TileConfig(16, 32, num_warps=8, num_stages=2)],
+        "d256": [TileConfig(16, 32, num_warps=8, num_stages=2 if fam == 90 else 1)],
+        "d576": [TileConfig(16, 16, nsplit=8, num_warps=4, num_stages=1 if fam == 86 else 2, stream=True)],
+    }
+    for fam in (80, 86, 90)
+}
+_DQ_TABLE_FP32: dict[int, dict[str, list[TileConfig]]] = {
+    fam: {
+        "d64": [TileConfig(32, 16, num_warps=4, num_stages=2)],
+        "d128": [TileConfig(32, 32, num_warps=8, num_stages=2)],
+        "d256": [TileConfig(32, 32, num_warps=8, num_stages=2)],
+        "d576": [TileConfig(32, 16, nsplit=8, num_warps=8, num_stages=1, stream=True)],
+    }
+    for fam in (80, 86, 90)
+}
+
+# The absorbed class without the v alias (a separate value buffer), keyed (kind, family, fp32), where
+# the alias tables do not fit or spill (measured, triton 3.9): sm90 dK/dV 16x64/v4 spills 152 bytes
+# (v8: clean); sm86 dK/dV and dQ need 103 KiB with two stages.
+_NO_ALIAS: dict[tuple[str, int, bool], list[TileConfig]] = {
+    ("dkdv", 90, False): [TileConfig(16, 64, nsplit=8, num_warps=8, num_stages=2)],
+    ("dkdv", 86, False): [TileConfig(16, 32, nsplit=4, num_warps=8, num_stages=1)],
+    ("dq", 86, False): [TileConfig(32, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+}
+
+def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True) -> list[TileConfig]:
+    """Autotune candidates of backward kernel ``kind`` ("dkdv" or "dq") for ``arch``, (Dk, Dv) and
+    ``dtype`` ("fp16"/"bf16", or "fp32" with its own smaller table), from the table of
+    :func:`kernels._config.arch_family` (entries fit its shared memory; the first is the preferred
+    one, used in deterministic mode). ``v_is_k=False`` in the absorbed class: :data:`_NO_ALIAS`
+    where the alias tables do not fit or spill."""
+    fam, cls = arch_family(arch), head_class(dk, dv)
+    if dtype == "fp32":
+        table = {"dkdv": _DKDV_TABLE_FP32, "dq": _DQ_TABLE_FP32}[kind]
+    else:
+        table = {"dkdv": _DKDV_TABLE, "dq": _DQ_TABLE}[kind]
+    if cls == "d576" and not v_is_k and (kind, fam, dtype == "fp32") in _NO_ALIAS:
+        return list(_NO_ALIAS[(kind, fam, dtype == "fp32")])
+    return list(table[fam][cls])
+
+
+def bwd_interp_config(dk: int, dv: int) -> TileConfig:
+    """The single interpreter configuration (value split in two above 256 to exercise that path)."""
+    return TileConfig(32, 32, nsplit=2 if dv > 256 else 1, num_warps=4, num_stages=1)
+
+
+#: Tokens per program and warps of the delta preprocess.
+PRE_BLOCK_T = 64
+PRE_WARPS = 4
+
+
+def pre_block_d(dv: int) -> int:
+    """Head-dim chunk of the delta preprocess (:func:`kernels._jit.bwd_preprocess`) for ``Dv``."""
+    return min(128, max(16, next_pow2(dv)))
