@@ -1,7 +1,7 @@
 """Compile specifications of the top-k sparse and decode kernels (the dense family's: :mod:`kernels._specs`):
 every configuration their launchers may pick, as :class:`kernels._config.CompileSpec` for
-:mod:`kernels._compile` (``python -m bench.compile_report``, ``tests/test_compile_check.py``; DESIGN §9). The op modules expose them as
-``compile_specs(arch)``. Each spec's argument values are those of a representative contiguous launch,
+:mod:`kernels._compile` (``python -m bench.compile_report``, ``tests/test_compile_check.py``; DESIGN §9). The op modules
+expose them as ``compile_specs(arch)``. Each spec's argument values are those of a representative contiguous launch,
 specialised by :func:`kernels._compile.spec_args` as the JIT would (ints equal to 1 constexpr, 16-divisible
 ints and aligned pointers ``tt.divisibility``).
 """
