@@ -36,6 +36,7 @@ __all__ = [
     "HeadPlan",
     "Tile",
     "TileConfig",
+    "cut_head_dims",
     "fold_window",
     "head_class",
     "head_plan",
@@ -245,13 +246,15 @@ class HeadPlan:
         return (self.nsplit - 1) * (self.bk // self.bc)
 
 
-def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> HeadPlan:
-    """Cut ``Dk``/``Dv`` for ``nsplit`` value splits; ``v_is_k`` forces ``bk == bv`` (shared tile).
-
-    Raises ``ValueError`` for non-positive dims or ``nsplit < 1``.
+def cut_head_dims(dk: int, dv: int, v_is_k: bool, nsplit: int, tail_per_split: bool = False
+                  ) -> tuple[int, int, int, int]:
+    """``(nsplit, bk, bt, bv)``: power-of-two tiles covering ``Dk``/``Dv`` with ``nsplit`` value splits
+    (reduced so that no split is without value columns); ``v_is_k`` forces ``bk == bv`` (shared tile).
+    ``Dk`` = ``nsplit`` chunks of ``bk`` + the tail: one ``bt`` piece (dense kernels, :func:`head_plan`)
+    or, with ``tail_per_split``, one ``bt`` piece per split (top-k kernels,
+    :func:`kernels.topk_configs.column_plan`; 576/512 with two splits: ``bt`` 32 instead of 64).
+    ``bt == 0``: no tail. The callers check the arguments.
     """
-    if dk < 1 or dv < 1 or nsplit < 1:
-        raise ValueError(f"head_plan: need dk, dv, nsplit >= 1, got dk={dk}, dv={dv}, nsplit={nsplit}")
     bv = max(MIN_TILE, next_pow2(cdiv(dv, nsplit)))
     nsplit = cdiv(dv, bv)  # never a split without value columns
     if v_is_k:
@@ -259,13 +262,23 @@ def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> Head
     elif nsplit == 1:
         lo = max(MIN_TILE, prev_pow2(dk))
         rest = dk - lo
-        bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
-        # One padded tile beats two dots when the padding is no larger (24 -> 32, not 16 + 16).
-        bk = next_pow2(dk) if rest > 0 and lo + bt >= next_pow2(dk) else lo
+        # One padded tile beats a tile plus a tail when the padding is no larger (24 -> 32, not 16 + 16).
+        bk = next_pow2(dk) if rest > 0 and lo + max(MIN_TILE, next_pow2(rest)) >= next_pow2(dk) else lo
     else:
         bk = max(MIN_TILE, prev_pow2(max(1, dk // nsplit)))
     rest = dk - nsplit * bk
-    bt = max(MIN_TILE, next_pow2(rest)) if rest > 0 else 0
+    bt = max(MIN_TILE, next_pow2(cdiv(rest, nsplit) if tail_per_split else rest)) if rest > 0 else 0
+    return nsplit, bk, bt, bv
+
+
+def head_plan(dk: int, dv: int, v_is_k: bool, nsplit: int, bc: int = 64) -> HeadPlan:
+    """Cut ``Dk``/``Dv`` for ``nsplit`` value splits; ``v_is_k`` forces ``bk == bv`` (shared tile).
+
+    Raises ``ValueError`` for non-positive dims or ``nsplit < 1``.
+    """
+    if dk < 1 or dv < 1 or nsplit < 1:
+        raise ValueError(f"head_plan: need dk, dv, nsplit >= 1, got dk={dk}, dv={dv}, nsplit={nsplit}")
+    nsplit, bk, bt, bv = cut_head_dims(dk, dv, v_is_k, nsplit)
     return HeadPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv, bc=min(bc, bk, bv))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from kernels._common import MIN_TILE, cdiv, dtype_name, next_pow2, prev_pow2
+from kernels._common import cut_head_dims, dtype_name
 from kernels._config import INTERPRET, arch_family
 
 __all__ = ["KINDS", "ColumnPlan", "TopkConfig", "column_plan", "plan_constexprs", "topk_config"]
@@ -40,20 +40,7 @@ def column_plan(dk: int, dv: int, v_is_k: bool, nsplit: int) -> ColumnPlan:
                          f"nsplit={nsplit}")
     if v_is_k and dv > dk:
         raise ValueError(f"column_plan: v aliasing k needs dv <= dk, got dk={dk}, dv={dv}")
-    bv = max(MIN_TILE, next_pow2(cdiv(dv, nsplit)))
-    nsplit = cdiv(dv, bv)  # never a split without value columns
-    if v_is_k:
-        bk = bv
-    elif nsplit == 1:
-        lo = max(MIN_TILE, prev_pow2(dk))
-        rest = dk - lo
-        # one padded tile beats a tile plus a tail when the padding is no larger (24 -> 32, not 16 + 16)
-        bk = next_pow2(dk) if rest > 0 and lo + max(MIN_TILE, next_pow2(rest)) >= next_pow2(dk) else lo
-        bk = max(MIN_TILE, bk)
-    else:
-        bk = max(MIN_TILE, prev_pow2(max(1, dk // nsplit)))
-    rest = dk - nsplit * bk  # the tail: one piece of bt columns per split
-    bt = max(MIN_TILE, next_pow2(cdiv(rest, nsplit))) if rest > 0 else 0
+    nsplit, bk, bt, bv = cut_head_dims(dk, dv, v_is_k, nsplit, tail_per_split=True)
     return ColumnPlan(nsplit=nsplit, bk=bk, bt=bt, bv=bv)
 
 
