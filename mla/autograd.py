@@ -18,6 +18,8 @@ when the Triton backend is used, so ``import mla`` works without Triton.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,13 @@ def _no_max(lse: Tensor) -> Tensor:
     return lse.new_empty(0)
 
 
-def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
+def _no_none(res, lse: Tensor, n: int) -> tuple:
+    """``res`` padded to ``n`` outputs, an empty tensor (``_no_max``) for each one that is None or missing (a
+    max logit or dsinks not requested): a custom op returns a fixed number of tensors."""
+    return tuple(_no_max(lse) if x is None else x for x in (*res, *(None,) * (n - len(res))))
+
+
+def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool, **_):
     """Meta outputs of every attention forward op: out [B,T,Hq,Dv], lse [B,Hq,T], max_logit [B,Hq] or [0]."""
     B, T, Hq, _ = q.shape
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
@@ -48,20 +56,27 @@ def _fake_attention_outputs(q: Tensor, v: Tensor, return_max_logit: bool):
     return q.new_empty(B, T, Hq, v.shape[-1]), lse, ml
 
 
-def _fake_grads(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, sinks: Tensor | None):
+def _fake_grads(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, sinks: Tensor | None = None, **_):
     """Meta outputs of every attention backward op: dq, dk, dv like q, k, v; dsinks like sinks or [0]."""
     ds = sinks.new_empty(sinks.shape) if sinks is not None else _no_max(lse)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
-def _register_autograd(fwd_op, backward_call, sinks_pos: int | None) -> None:
-    """Attach the backward of ``fwd_op`` (outputs ``(out, lse[, max_logit])``, inputs ``q, k, v, ...``).
+#: Each op's parameter names, in order (``_op`` fills it): the backward ops take the forward's inputs by name.
+_PARAMS: dict = {}
 
-    ``backward_call(dout, dlse, out, lse, *inputs)`` runs the backward op and returns
-    ``(dq, dk, dv, dsinks)``; ``sinks_pos`` is the position of ``sinks`` among the inputs (it gets
-    ``dsinks`` when given). The op's inputs arrive with their defaults filled, so every op keeps one
-    arity here; tensors are saved with ``save_for_backward``, the rest on ``ctx``.
+
+def _register_autograd(fwd_op, bwd_op) -> None:
+    """Attach ``bwd_op`` as the backward of ``fwd_op`` (outputs ``(out, lse[, max_logit])``, inputs
+    ``q, k, v, ...``).
+
+    ``bwd_op`` takes ``dout, out, lse, dlse`` and, under the same names, whichever forward inputs it needs,
+    and returns ``(dq, dk, dv[, dsinks])``; ``dsinks`` is the gradient of the forward's ``sinks`` input when
+    one is given. The op's inputs arrive with their defaults filled; tensors are saved with
+    ``save_for_backward``, the rest on ``ctx``.
     """
+    fwd_params, bwd_params = _PARAMS[fwd_op], _PARAMS[bwd_op]
+    sinks_pos = fwd_params.index("sinks") if "sinks" in fwd_params else None
 
     def setup_context(ctx, inputs, output):
         out, lse = output[0], output[1]
@@ -78,10 +93,11 @@ def _register_autograd(fwd_op, backward_call, sinks_pos: int | None) -> None:
             inputs[i] = t
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, ds = backward_call(dout.contiguous(), dlse, out, lse, *inputs)
+        given = dict(zip(fwd_params, inputs), dout=dout.contiguous(), out=out, lse=lse, dlse=dlse)
+        dq, dk, dv, *ds = bwd_op(*(given[name] for name in bwd_params))
         grads = [dq, dk, dv] + [None] * (len(inputs) - 3)
         if sinks_pos is not None and inputs[sinks_pos] is not None:
-            grads[sinks_pos] = ds
+            grads[sinks_pos] = ds[0]
         return tuple(grads)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
@@ -105,29 +121,74 @@ _DOUBLE_BACKWARD = (
 )
 
 
+def _op(name: str, fake):
+    """Decorator: ``fn`` as the custom op ``mla::<name>`` with the meta implementation ``fake``, which gets the
+    op's arguments by name with their defaults filled (so one ``fake`` serves ops of different arities)."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"mla::{name}", mutates_args=())(fn)
+        sig = inspect.signature(fn)
+
+        def fake_impl(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return fake(**bound.arguments)
+
+        op.register_fake(fake_impl)
+        _PARAMS[op] = list(sig.parameters)
+        return op
+
+    return wrap
+
+
+def _backward_op(name: str, fwd_op, fake=_fake_grads):
+    """Decorator: ``fn`` as the backward custom op ``mla::<name>`` (meta outputs from ``fake``), attached to
+    ``fwd_op`` by ``_register_autograd``; a second backward through it raises (``_no_backward``)."""
+
+    def wrap(fn):
+        op = _op(name, fake)(fn)
+        _register_autograd(fwd_op, op)
+        _no_backward(op, _DOUBLE_BACKWARD.format(name))
+        return op
+
+    return wrap
+
+
+def _fake_varlen_outputs(q: Tensor, v: Tensor, **_):
+    """Meta outputs of the varlen forward: out [total_q, Hq, Dv], lse [Hq, total_q]."""
+    total_q, Hq, _ = q.shape
+    return q.new_empty(total_q, Hq, v.shape[-1]), q.new_empty(Hq, total_q, dtype=torch.float32)
+
+
+def _fake_varlen_grads(q: Tensor, k: Tensor, v: Tensor, **_):
+    """Meta outputs of the varlen backward: dq, dk, dv like q, k, v (no sinks on this path)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fake_decode_outputs(q: Tensor, head_dim_v: int, **_):
+    """Meta outputs of the decode op: out [B, Tq, H, head_dim_v], lse [B, H, Tq]."""
+    B, Tq, H, _ = q.shape
+    return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # dense
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mla::attention_fwd", mutates_args=())
+@_op("attention_fwd", _fake_attention_outputs)
 def attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, return_max_logit: bool,
     window_left: int = -1, window_right: int = -1, sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Dense fused forward: ``(out [B,T,Hq,Dv], lse fp32 [B,Hq,T], max_logit fp32 [B,Hq] or [0])``;
     ``window_left/right`` the sliding window (-1 unbounded), ``sinks`` fp32 ``[Hq]`` or None."""
-    out, lse, max_logit = attention_fwd(
+    res = attention_fwd(
         q, k, v, softmax_scale, causal, return_max_logit=return_max_logit,
         window_size=(window_left, window_right), sinks=sinks,
     )
-    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+    return _no_none(res, res[1], 3)
 
 
-@attention_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, return_max_logit, window_left=-1, window_right=-1, sinks=None):
-    return _fake_attention_outputs(q, v, return_max_logit)
-
-
-@torch.library.custom_op("mla::attention_bwd", mutates_args=())
+@_backward_op("attention_bwd", attention_fwd_op)
 def attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
     softmax_scale: float, causal: bool, window_left: int = -1, window_right: int = -1,
@@ -137,27 +198,13 @@ def attention_bwd_op(
     (an empty tensor without sinks)."""
     res = attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal, dlse=dlse,
                         window_size=(window_left, window_right), sinks=sinks)
-    return res if sinks is not None else (*res, _no_max(lse))
-
-
-@attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left=-1, window_right=-1, sinks=None):
-    return _fake_grads(q, k, v, lse, sinks)
-
-
-_register_autograd(
-    attention_fwd_op,
-    lambda dout, dlse, out, lse, q, k, v, scale, causal, _want_max, wl, wr, sinks: attention_bwd_op(
-        dout, q, k, v, out, lse, dlse, scale, causal, wl, wr, sinks),
-    sinks_pos=8,
-)
-_no_backward(attention_bwd_op, _DOUBLE_BACKWARD.format("attention_bwd"))
+    return _no_none(res, lse, 4)
 
 
 # ------------------------------------------------------------------------------------------------
 # top-k sparse
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mla::topk_attention_fwd", mutates_args=())
+@_op("topk_attention_fwd", _fake_attention_outputs)
 def topk_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, softmax_scale: float, causal: bool,
     return_max_logit: bool, sinks: Tensor | None = None, deterministic: bool = True,
@@ -166,18 +213,13 @@ def topk_attention_fwd_op(
     ``sinks`` fp32 ``[Hq]`` or None. ``deterministic`` is for the backward only: True computes dK/dV from
     a key-major transposed index built with a sort (bitwise reproducible, no atomics), False uses fp32
     atomics."""
-    out, lse, max_logit = topk_attention_fwd(
+    res = topk_attention_fwd(
         q, k, v, topk_indices, softmax_scale, causal, return_max_logit=return_max_logit, sinks=sinks
     )
-    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+    return _no_none(res, res[1], 3)
 
 
-@topk_attention_fwd_op.register_fake
-def _(q, k, v, topk_indices, softmax_scale, causal, return_max_logit, sinks=None, deterministic=True):
-    return _fake_attention_outputs(q, v, return_max_logit)
-
-
-@torch.library.custom_op("mla::topk_attention_bwd", mutates_args=())
+@_backward_op("topk_attention_bwd", topk_attention_fwd_op)
 def topk_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, topk_indices: Tensor,
     dlse: Tensor | None, softmax_scale: float, causal: bool, deterministic: bool, sinks: Tensor | None = None,
@@ -188,27 +230,13 @@ def topk_attention_bwd_op(
         dout, q, k, v, out, lse, topk_indices, softmax_scale, causal, dlse=dlse, deterministic=deterministic,
         sinks=sinks,
     )
-    return res if sinks is not None else (*res, _no_max(lse))
-
-
-@topk_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, topk_indices, dlse, softmax_scale, causal, deterministic, sinks=None):
-    return _fake_grads(q, k, v, lse, sinks)
-
-
-_register_autograd(
-    topk_attention_fwd_op,
-    lambda dout, dlse, out, lse, q, k, v, idx, scale, causal, _want_max, sinks, det: topk_attention_bwd_op(
-        dout, q, k, v, out, lse, idx, dlse, scale, causal, det, sinks),
-    sinks_pos=7,
-)
-_no_backward(topk_attention_bwd_op, _DOUBLE_BACKWARD.format("topk_attention_bwd"))
+    return _no_none(res, lse, 4)
 
 
 # ------------------------------------------------------------------------------------------------
 # varlen (FlashAttention's packed layout)
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mla::attention_varlen_fwd", mutates_args=())
+@_op("attention_varlen_fwd", _fake_varlen_outputs)
 def attention_varlen_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, softmax_scale: float, causal: bool,
@@ -219,13 +247,7 @@ def attention_varlen_fwd_op(
     return out, lse
 
 
-@attention_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    total_q, Hq, _ = q.shape
-    return q.new_empty(total_q, Hq, v.shape[-1]), q.new_empty(Hq, total_q, dtype=torch.float32)
-
-
-@torch.library.custom_op("mla::attention_varlen_bwd", mutates_args=())
+@_backward_op("attention_varlen_bwd", attention_varlen_fwd_op, fake=_fake_varlen_grads)
 def attention_varlen_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
@@ -236,24 +258,10 @@ def attention_varlen_bwd_op(
                                 softmax_scale, causal, dlse=dlse)
 
 
-@attention_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-_register_autograd(
-    attention_varlen_fwd_op,
-    lambda dout, dlse, out, lse, q, k, v, *rest: (
-        *attention_varlen_bwd_op(dout, q, k, v, out, lse, dlse, *rest), None),
-    sinks_pos=None,
-)
-_no_backward(attention_varlen_bwd_op, _DOUBLE_BACKWARD.format("attention_varlen_bwd"))
-
-
 # ------------------------------------------------------------------------------------------------
 # block sparse
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mla::block_sparse_attention_fwd", mutates_args=())
+@_op("block_sparse_attention_fwd", _fake_attention_outputs)
 def block_sparse_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor,
     q_indices: Tensor, block_m: int, block_n: int, softmax_scale: float, causal: bool, return_max_logit: bool,
@@ -264,20 +272,14 @@ def block_sparse_attention_fwd_op(
     carried for the backward only; ``kv_partial``/``partial_bits``: partial blocks of a FlexAttention mask):
     ``(out, lse, max_logit or [0])``; ``sinks`` fp32 ``[Hq]`` or None. Inside a listed block every key is
     kept unless ``causal`` (or a partial block's bits) hides it; the backward is deterministic."""
-    out, lse, max_logit = block_sparse_attention_fwd(
+    res = block_sparse_attention_fwd(
         q, k, v, kv_num_blocks, kv_indices, (block_m, block_n), softmax_scale, causal,
         return_max_logit=return_max_logit, kv_partial=kv_partial, partial_bits=partial_bits, sinks=sinks,
     )
-    return out, lse, (max_logit if max_logit is not None else _no_max(lse))
+    return _no_none(res, res[1], 3)
 
 
-@block_sparse_attention_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_m, block_n, softmax_scale, causal,
-      return_max_logit, kv_partial=None, q_partial=None, partial_bits=None, sinks=None):
-    return _fake_attention_outputs(q, v, return_max_logit)
-
-
-@torch.library.custom_op("mla::block_sparse_attention_bwd", mutates_args=())
+@_backward_op("block_sparse_attention_bwd", block_sparse_attention_fwd_op)
 def block_sparse_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_num_blocks: Tensor,
     kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor, dlse: Tensor | None, block_m: int, block_n: int,
@@ -291,29 +293,13 @@ def block_sparse_attention_bwd_op(
         softmax_scale, causal, dlse=dlse, kv_partial=kv_partial, q_partial=q_partial, partial_bits=partial_bits,
         sinks=sinks,
     )
-    return res if sinks is not None else (*res, _no_max(lse))
-
-
-@block_sparse_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, dlse, block_m, block_n,
-      softmax_scale, causal, kv_partial=None, q_partial=None, partial_bits=None, sinks=None):
-    return _fake_grads(q, k, v, lse, sinks)
-
-
-_register_autograd(
-    block_sparse_attention_fwd_op,
-    lambda dout, dlse, out, lse, q, k, v, kvn, kvi, qn, qi, bm, bn, scale, causal, _want_max, *extra: (
-        block_sparse_attention_bwd_op(dout, q, k, v, out, lse, kvn, kvi, qn, qi, dlse, bm, bn, scale, causal,
-                                      *extra)),
-    sinks_pos=15,
-)
-_no_backward(block_sparse_attention_bwd_op, _DOUBLE_BACKWARD.format("block_sparse_attention_bwd"))
+    return _no_none(res, lse, 4)
 
 
 # ------------------------------------------------------------------------------------------------
 # decode (inference only)
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mla::decode", mutates_args=())
+@_op("decode", _fake_decode_outputs)
 def decode_op(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
     head_dim_v: int, causal: bool, topk_indices: Tensor | None, num_splits: int | None, kv_fp8: bool = False,
@@ -326,13 +312,6 @@ def decode_op(
         q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal=causal,
         topk_indices=topk_indices, num_splits=num_splits, kv_fp8=kv_fp8, sinks=sinks, window_left=window_left,
     )
-
-
-@decode_op.register_fake
-def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, causal, topk_indices, num_splits,
-      kv_fp8=False, sinks=None, window_left=-1):
-    B, Tq, H, _ = q.shape
-    return q.new_empty(B, Tq, H, head_dim_v), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 _no_backward(decode_op, "mla_decode: backend='triton' is inference-only (the decode kernel has no backward); "

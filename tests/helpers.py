@@ -172,6 +172,15 @@ def make_inputs(c: Case, device="cpu"):
     return q, k, v
 
 
+def usage_error(main, argv, capsys) -> str:
+    """Run a command line's ``main``/``parse_args`` on ``argv``; assert it exits with argparse's usage code 2
+    and return what it wrote to stderr (the caller checks the message)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
 def nan_buffer(shape, dtype, strided: bool = False, device="cpu") -> torch.Tensor:
     """A NaN-filled ``[B, T, H, D]`` output buffer (``strided``: head-major storage seen as ``[B, T, H, D]``)."""
     if strided:

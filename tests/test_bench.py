@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import usage_error
 
 from bench import report
 from bench.env import Env, rotation_sets
@@ -230,10 +231,7 @@ def test_cpu_quick_suite_writes_all_outputs(tmp_path):
 def test_bench_run_rejects_bad_options(argv, message, capsys):
     from bench.run import parse_args
 
-    with pytest.raises(SystemExit) as exc:
-        parse_args(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(parse_args, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -247,10 +245,7 @@ def test_bench_run_rejects_bad_options(argv, message, capsys):
 def test_compile_report_rejects_unknown_names(argv, message, capsys):
     from bench.compile_report import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(main, argv, capsys)
 
 
 @pytest.mark.parametrize("module", ["bench.compile_report", "bench.static_model"])
@@ -322,7 +317,4 @@ def test_bench_hf_quick_keeps_explicit_options():
 def test_bench_hf_rejects_bad_options(argv, message, capsys):
     from bench.bench_hf import parse_args
 
-    with pytest.raises(SystemExit) as exc:
-        parse_args(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(parse_args, argv, capsys)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import usage_error
 
 from mla.train import (
     DEFAULT_DATA,
@@ -366,10 +367,7 @@ def test_cli_resume_in_process(tmp_path, capsys):
     ],
 )
 def test_cli_bad_input(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli_main([*argv, "--no-progress"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(cli_main, [*argv, "--no-progress"], capsys)
     assert "error:" in err and message in err
 
 
