@@ -24,11 +24,17 @@ __all__ = [
     "causal_q_range",
     "dense_key_range",
     "key_step",
+    "key_walk",
     "load_tile",
     "mask_scores",
     "other_col",
+    "fixed_tiles",
+    "own_tiles",
     "packed_rows",
+    "packed_side",
     "partial_keep",
+    "row_program",
+    "row_tile",
     "scores",
     "sink_finish",
     "sparse_full_tiles",
@@ -94,6 +100,48 @@ def packed_rows(m_start, row_end, G: tl.constexpr, BLOCK_M: tl.constexpr):
     at or past ``row_end`` (``T*G``, or the end of the tile's mask query block) are invalid."""
     rows = m_start + tl.arange(0, BLOCK_M)
     return rows // G, rows % G, rows < row_end
+
+
+@triton.jit
+def packed_side(base, strides, tok, grp, row_ok):
+    """The side (module doc) of packed rows ``(tok, grp, row_ok)`` (:func:`packed_rows`) of a
+    ``(batch, token, head, dim)``-strided tensor; ``base`` already points at the batch and head group."""
+    return base, tok.to(tl.int64) * strides[1] + grp.to(tl.int64) * strides[2], row_ok, strides[3]
+
+
+@triton.jit
+def own_tiles(a, b, split, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr, ROW_MASK: tl.constexpr,
+              B_IS_A: tl.constexpr):
+    """The program's own column chunks of two sides -> ``(a_own, b_own)``: ``a``'s ``[split*BK, +BK)``
+    (score operand) and ``b``'s ``[split*BV, +BV)`` (``a_own`` itself when ``B_IS_A``: the shared latent
+    tile, loaded once); rows masked when ``ROW_MASK``."""
+    a_own = load_tile(a, split * TILE.BK, HEAD_DK, TILE.BK, ROW_MASK, HEAD_DK < TILE.NSPLIT * TILE.BK)
+    if B_IS_A:
+        b_own = a_own
+    else:
+        b_own = load_tile(b, split * TILE.BV, HEAD_DV, TILE.BV, ROW_MASK, HEAD_DV < TILE.NSPLIT * TILE.BV)
+    return a_own, b_own
+
+
+@triton.jit
+def fixed_tiles(a, b, a_tail, split, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
+                B_IS_A: tl.constexpr, off=0):
+    """Load the backward's fixed-side tiles (dK/dV: k and v, dQ: q and dO) -> ``(a_own, a_tail, b_own)``:
+    ``a``'s own chunk ``[split*BK, +BK)`` and ``BT`` tail (``a_tail`` returned as given when ``BT == 0``),
+    ``b``'s own chunk ``[split*BV, +BV)`` (``a_own`` itself when ``B_IS_A``: the shared latent tile, loaded
+    once). Rows always masked; ``off`` as in :func:`load_tile`."""
+    NSPLIT: tl.constexpr = TILE.NSPLIT
+    BK: tl.constexpr = TILE.BK
+    BT: tl.constexpr = TILE.BT
+    BV: tl.constexpr = TILE.BV
+    a_own = load_tile(a, split * BK, HEAD_DK, BK, True, HEAD_DK < NSPLIT * BK, off)
+    if BT > 0:
+        a_tail = load_tile(a, NSPLIT * BK, HEAD_DK, BT, True, HEAD_DK < NSPLIT * BK + BT, off)
+    if B_IS_A:
+        b_own = a_own
+    else:
+        b_own = load_tile(b, split * BV, HEAD_DV, BV, True, HEAD_DV < NSPLIT * BV, off)
+    return a_own, a_tail, b_own
 
 
 @triton.jit
@@ -230,6 +278,54 @@ def sparse_row_tile(pid_m, T, G: tl.constexpr, MASK_BM, NSUB_M, BLOCK_M: tl.cons
 
 
 @triton.jit
+def row_program(T, G: tl.constexpr, Hkv, mask_geom, TILE: tl.constexpr, SPARSE: tl.constexpr):
+    """The row tile of a forward / dQ program -> ``(pid_m, split, b, hg, hkv, n_hg, NSUB_M, NSUB_N)``.
+
+    Axis 0 is (batch*head group, row tile) flattened, row tiles fastest (programs that share K/V run
+    together; axes 1 and 2 of a CUDA grid stop at 65535); axis 1 the column split. ``T``: the (max)
+    query length sizing the grid. Dense: ``cdiv(T*G, BLOCK_M)`` row tiles, ``n_hg = Hkv`` head groups.
+    Block-sparse (``mask_geom = (MASK_BM, MASK_BN, KV_REP)``): ``cdiv(T, MASK_BM) * NSUB_M`` row tiles
+    (:func:`sparse_row_tile`), ``NSUB_M`` / ``NSUB_N`` kernel tiles per mask block (mask blocks need not be
+    multiples of them; 1 when dense), ``n_hg = Hkv*KV_REP``. ``b``, ``hg`` and the kv head ``hkv`` are int64.
+    """
+    if SPARSE:
+        MASK_BM, MASK_BN, KV_REP = mask_geom
+        NSUB_M = tl.cdiv(MASK_BM * G, TILE.BLOCK_M)
+        NSUB_N = tl.cdiv(MASK_BN, TILE.BLOCK_N)
+        n_m = tl.cdiv(T, MASK_BM) * NSUB_M
+    else:
+        KV_REP = 1
+        NSUB_M = 1
+        NSUB_N = 1
+        n_m = tl.cdiv(T * G, TILE.BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bh = tl.program_id(0) // n_m
+    if TILE.NSPLIT > 1:
+        split = tl.program_id(1)
+    else:
+        split = 0
+    n_hg = Hkv * KV_REP
+    b = (pid_bh // n_hg).to(tl.int64)
+    hg = (pid_bh % n_hg).to(tl.int64)
+    return pid_m, split, b, hg, hg // KV_REP, n_hg, NSUB_M, NSUB_N
+
+
+@triton.jit
+def row_tile(pid_m, T, G: tl.constexpr, mask_geom, NSUB_M, BLOCK_M: tl.constexpr, SPARSE: tl.constexpr):
+    """Rows of row tile ``pid_m`` (:func:`row_program`; ``T`` the sequence's own length) ->
+    ``(qb, m_start, tok, grp, row_ok)``: the mask query block (block-sparse, else 0), the first packed row
+    and :func:`packed_rows`."""
+    if SPARSE:
+        qb, m_start, row_end = sparse_row_tile(pid_m, T, G, mask_geom[0], NSUB_M, BLOCK_M)
+    else:
+        qb = 0
+        m_start = pid_m * BLOCK_M
+        row_end = T * G
+    tok, grp, row_ok = packed_rows(m_start, row_end, G, BLOCK_M)
+    return qb, m_start, tok, grp, row_ok
+
+
+@triton.jit
 def sparse_kv_tile(idx_base, sil, j, NSUB_N, MASK_BN, S, BLOCK_N: tl.constexpr):
     """Key sub-tile ``j`` of a ``kv_indices`` row: ``j // NSUB_N``-th listed block, its
     ``j % NSUB_N``-th ``BLOCK_N`` keys. Returns ``(first key, end of the block's valid keys)``."""
@@ -315,6 +411,24 @@ def sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G: tl.constexpr, N
     else:
         n_full = n_blk * 0
     return (KVI + part_off, sil, NSUB_N, MASK_BM, MASK_BN, qb, part_off), n_full, n_blk * NSUB_N
+
+
+@triton.jit
+def key_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G: tl.constexpr, NSUB_N, TILE: tl.constexpr,
+             CAUSAL: tl.constexpr, window, HAS_WINDOW: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+             IS_VARLEN: tl.constexpr, SPARSE: tl.constexpr, LANES: tl.constexpr):
+    """The key steps of a forward / dQ row tile -> ``(walk, n_full, n_lo, n_end)``: steps ``[0, n_full)``
+    every row of the tile sees in full skip the masks, ``[n_lo, n_end)`` run masked. Block-sparse: the
+    FlexAttention-style walk over sub-tiles of the listed key blocks, ascending (:func:`sparse_kv_walk`,
+    ``n_lo = n_full``); dense: :func:`dense_key_range`, ``walk`` unused (0)."""
+    if SPARSE:
+        walk, n_full, n_end = sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL,
+                                             HAS_PARTIAL, LANES)
+        n_lo = n_full
+    else:
+        walk = 0
+        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW, IS_VARLEN)
+    return walk, n_full, n_lo, n_end
 
 
 # --------------------------------------------------------------------------------------------

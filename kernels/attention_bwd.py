@@ -55,18 +55,20 @@ from kernels._jit import (
     batch_offsets,
     bwd_preprocess,
     causal_q_range,
-    dense_key_range,
+    fixed_tiles,
     key_step,
-    load_tile,
+    key_walk,
     mask_scores,
+    own_tiles,
     packed_rows,
+    packed_side,
+    row_program,
+    row_tile,
     scores,
     sparse_kv_keep,
-    sparse_kv_walk,
     sparse_masked_q_tiles,
     sparse_q_keep,
     sparse_q_tile,
-    sparse_row_tile,
     store_tile,
     varlen_clip,
     window_bounds,
@@ -113,28 +115,15 @@ def _dkdv_block(
     """
     dk_acc, dk_tail, dv_acc = accs
     k_own, k_tail, v_own = kv_own
-    NSPLIT: tl.constexpr = TILE.NSPLIT
-    BK: tl.constexpr = TILE.BK
     BT: tl.constexpr = TILE.BT
-    BV: tl.constexpr = TILE.BV
-    MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
-    MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
-    MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
     if not TILE.RESIDENT:
         # Re-read the key block's tiles (cache hits) instead of holding them for the whole loop.
-        k_own = load_tile(k, split * BK, HEAD_DK, BK, True, MASK_K, hide)
-        if BT > 0:
-            k_tail = load_tile(k, NSPLIT * BK, HEAD_DK, BT, True, MASK_T, hide)
-        if V_IS_K:
-            v_own = k_own
-        else:
-            v_own = load_tile(v, split * BV, HEAD_DV, BV, True, MASK_V, hide)
+        k_own, k_tail, v_own = fixed_tiles(k, v, k_tail, split, HEAD_DK, HEAD_DV, TILE, V_IS_K, hide)
     tok, grp, row_ok = packed_rows(m_start, row_end, G, TILE.BLOCK_M)
     q_base, q_strides, do_base, do_strides = qdo
-    q = (q_base, tok.to(tl.int64) * q_strides[1] + grp.to(tl.int64) * q_strides[2], row_ok, q_strides[3])
-    do = (do_base, tok.to(tl.int64) * do_strides[1] + grp.to(tl.int64) * do_strides[2], row_ok, do_strides[3])
-    q_own = load_tile(q, split * BK, HEAD_DK, BK, True, MASK_K)
-    do_own = load_tile(do, split * BV, HEAD_DV, BV, True, MASK_V)
+    q = packed_side(q_base, q_strides, tok, grp, row_ok)
+    do = packed_side(do_base, do_strides, tok, grp, row_ok)
+    q_own, do_own = own_tiles(q, do, split, HEAD_DK, HEAD_DV, TILE, True, False)
     st, dpt, q_tail = scores(k_own, q_own, k_tail, k, q, v_own, do_own, v, do, split, hide,
                              HEAD_DK, HEAD_DV, TILE, True, True, V_IS_K, True, DOT)
     # Padding rows read lse = +inf: P = 0 there.
@@ -261,13 +250,7 @@ def _attn_bwd_dkdv_kernel(
     k_tail = tl.zeros([BLOCK_N, BT if BT > 0 else 16], dtype=K.dtype.element_ty)
     v_own = tl.zeros([BLOCK_N, BV], dtype=V.dtype.element_ty)
     if TILE.RESIDENT:
-        k_own = load_tile(k, split * BK, HEAD_DK, BK, True, MASK_K)
-        if BT > 0:
-            k_tail = load_tile(k, NSPLIT * BK, HEAD_DK, BT, True, MASK_T)
-        if V_IS_K:
-            v_own = k_own  # the shared latent tile, loaded once
-        else:
-            v_own = load_tile(v, split * BV, HEAD_DV, BV, True, MASK_V)
+        k_own, k_tail, v_own = fixed_tiles(k, v, k_tail, split, HEAD_DK, HEAD_DV, TILE, V_IS_K)
     kv_own = (k_own, k_tail, v_own)
 
     dk_acc = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
@@ -357,28 +340,15 @@ def _dq_block(
     :func:`_dkdv_block`, here for the q/dO re-loads."""
     q_own, q_tail, do_own = q_tiles
     k_base, k_strides, v_base, v_strides = kv
-    NSPLIT: tl.constexpr = TILE.NSPLIT
-    BK: tl.constexpr = TILE.BK
     BT: tl.constexpr = TILE.BT
-    BV: tl.constexpr = TILE.BV
-    MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
-    MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
-    MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
     if not TILE.RESIDENT:
         # Re-read the row block's q/dO tiles (cache hits) instead of holding them for the whole loop.
-        q_own = load_tile(q, split * BK, HEAD_DK, BK, True, MASK_K, hide)
-        if BT > 0:
-            q_tail = load_tile(q, NSPLIT * BK, HEAD_DK, BT, True, MASK_T, hide)
-        do_own = load_tile(do, split * BV, HEAD_DV, BV, True, MASK_V, hide)
+        q_own, q_tail, do_own = fixed_tiles(q, do, q_tail, split, HEAD_DK, HEAD_DV, TILE, False, hide)
     keys = start_n + tl.arange(0, TILE.BLOCK_N)
     key_ok = keys < kend
     k = (k_base, keys.to(tl.int64) * k_strides[1], key_ok, k_strides[3])
     v = (v_base, keys.to(tl.int64) * v_strides[1], key_ok, v_strides[3])
-    k_own = load_tile(k, split * BK, HEAD_DK, BK, MASKED, MASK_K)
-    if V_IS_K:
-        v_own = k_own
-    else:
-        v_own = load_tile(v, split * BV, HEAD_DV, BV, MASKED, MASK_V)
+    k_own, v_own = own_tiles(k, v, split, HEAD_DK, HEAD_DV, TILE, MASKED, V_IS_K)
     s, dp, k_tail = scores(q_own, k_own, q_tail, q, k, do_own, v_own, do, v, split, hide,
                            HEAD_DK, HEAD_DV, TILE, MASKED, False, V_IS_K, True, DOT)
     s = s * qk_scale
@@ -431,50 +401,21 @@ def _attn_bwd_dq_kernel(
     BK: tl.constexpr = TILE.BK
     BT: tl.constexpr = TILE.BT
     BV: tl.constexpr = TILE.BV
-    if SPARSE:
-        MASK_BM, MASK_BN, KV_REP = mask_geom
-        # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
-        NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
-        NSUB_N = tl.cdiv(MASK_BN, TILE.BLOCK_N)
-        n_m = tl.cdiv(T, MASK_BM) * NSUB_M
-    else:
-        KV_REP = 1
-        n_m = tl.cdiv(T * G, BLOCK_M)  # axis 0 flattened (batch*head group, row block), as in the forward
-    pid_m = tl.program_id(0) % n_m
-    pid_bh = tl.program_id(0) // n_m
-    if NSPLIT > 1:
-        split = tl.program_id(1)
-    else:
-        split = 0
-    n_hg = Hkv * KV_REP
-    b = (pid_bh // n_hg).to(tl.int64)
-    hg = (pid_bh % n_hg).to(tl.int64)
+    pid_m, split, b, hg, hkv, n_hg, NSUB_M, NSUB_N = row_program(T, G, Hkv, mask_geom, TILE, SPARSE)
     # Batch offsets; statistics at st_bh + head * st_h + token (varlen: as in the forward).
     q_b, k_b, v_b, do_b, st_bh, st_h, T, S = batch_offsets(b, T, S, n_hg * G, q_strides, k_strides, v_strides,
                                                            do_strides, varlen, IS_VARLEN)
     MASK_K: tl.constexpr = HEAD_DK < NSPLIT * BK
     MASK_T: tl.constexpr = HEAD_DK < NSPLIT * BK + BT
-    MASK_V: tl.constexpr = HEAD_DV < NSPLIT * BV
-
-    if SPARSE:
-        qb, m_start, row_end = sparse_row_tile(pid_m, T, G, MASK_BM, NSUB_M, BLOCK_M)
-    else:
-        m_start = pid_m * BLOCK_M
-        row_end = T * G
-    tok, grp, row_ok = packed_rows(m_start, row_end, G, BLOCK_M)
-    q = (Q + q_b + hg * G * q_strides[2], tok.to(tl.int64) * q_strides[1] + grp.to(tl.int64) * q_strides[2],
-         row_ok, q_strides[3])
-    do = (DO + do_b + hg * G * do_strides[2], tok.to(tl.int64) * do_strides[1] + grp.to(tl.int64) * do_strides[2],
-          row_ok, do_strides[3])
-    kv = (K + k_b + (hg // KV_REP) * k_strides[2], k_strides, V + v_b + (hg // KV_REP) * v_strides[2], v_strides)
+    qb, m_start, tok, grp, row_ok = row_tile(pid_m, T, G, mask_geom, NSUB_M, BLOCK_M, SPARSE)
+    q = packed_side(Q + q_b + hg * G * q_strides[2], q_strides, tok, grp, row_ok)
+    do = packed_side(DO + do_b + hg * G * do_strides[2], do_strides, tok, grp, row_ok)
+    kv = (K + k_b + hkv * k_strides[2], k_strides, V + v_b + hkv * v_strides[2], v_strides)
     q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
     q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=Q.dtype.element_ty)
     do_own = tl.zeros([BLOCK_M, BV], dtype=DO.dtype.element_ty)
     if TILE.RESIDENT:
-        q_own = load_tile(q, split * BK, HEAD_DK, BK, True, MASK_K)
-        if BT > 0:
-            q_tail = load_tile(q, NSPLIT * BK, HEAD_DK, BT, True, MASK_T)
-        do_own = load_tile(do, split * BV, HEAD_DV, BV, True, MASK_V)
+        q_own, q_tail, do_own = fixed_tiles(q, do, q_tail, split, HEAD_DK, HEAD_DV, TILE, False)
     q_tiles = (q_own, q_tail, do_own)
     head = st_bh + (hg * G + grp.to(tl.int64)) * st_h + tok
     # lse = +inf (no visible key) makes P = 0 on the whole row.
@@ -484,13 +425,9 @@ def _attn_bwd_dq_kernel(
 
     dq_acc = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
     dq_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=tl.float32)
-    if SPARSE:  # the forward's walks: kernels.attention_fwd._attn_fwd_kernel
-        walk, n_full, n_end = sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL,
-                                             HAS_PARTIAL, _LANES)
-        n_lo = n_full
-    else:
-        walk = None
-        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW, IS_VARLEN)
+    # The forward's key walk (kernels.attention_fwd._attn_fwd_kernel).
+    walk, n_full, n_lo, n_end = key_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL, window,
+                                         HAS_WINDOW, HAS_PARTIAL, IS_VARLEN, SPARSE, _LANES)
     if NSPLIT == 1 and not HAS_WINDOW:
         dq_acc, dq_tail = _dq_blocks(dq_acc, dq_tail, 0, n_full, q_tiles, stats, q, do, tok, kv, T, S, qk_scale,
                                      split, opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
@@ -503,8 +440,7 @@ def _attn_bwd_dq_kernel(
         dq_b = tl.load(varlen[0] + b).to(tl.int64) * dq_strides[1]
     else:
         dq_b = b * dq_strides[0]
-    dq = (DQ + dq_b + hg * G * dq_strides[2], tok.to(tl.int64) * dq_strides[1] + grp.to(tl.int64) * dq_strides[2],
-          row_ok, dq_strides[3])
+    dq = packed_side(DQ + dq_b + hg * G * dq_strides[2], dq_strides, tok, grp, row_ok)
     store_tile(dq, split * BK, HEAD_DK, BK, MASK_K, (dq_acc * sm_scale).to(DQ.dtype.element_ty))
     if BT > 0:
         if split == NSPLIT - 1:

@@ -64,16 +64,16 @@ from kernels._common import (
 )
 from kernels._jit import (
     batch_offsets,
-    dense_key_range,
     key_step,
+    key_walk,
     load_tile,
     mask_scores,
-    packed_rows,
+    packed_side,
+    row_program,
+    row_tile,
     scores,
     sink_finish,
     sparse_kv_keep,
-    sparse_kv_walk,
-    sparse_row_tile,
     store_tile,
 )
 from kernels._tables import fwd_configs
@@ -221,38 +221,13 @@ def _attn_fwd_kernel(
     BK: tl.constexpr = TILE.BK
     BT: tl.constexpr = TILE.BT
     BV: tl.constexpr = TILE.BV
-    # Axis 0 is (batch*head group, row block) flattened, row blocks fastest (programs that share
-    # K/V run together); axes 1 and 2 of a CUDA grid stop at 65535.
-    if SPARSE:
-        MASK_BM, MASK_BN, KV_REP = mask_geom
-        # Sub-tiles per mask block (mask blocks need not be multiples of the kernel tiles).
-        NSUB_M = tl.cdiv(MASK_BM * G, BLOCK_M)
-        NSUB_N = tl.cdiv(MASK_BN, TILE.BLOCK_N)
-        n_m = tl.cdiv(T, MASK_BM) * NSUB_M
-    else:
-        KV_REP = 1
-        n_m = tl.cdiv(T * G, BLOCK_M)
-    pid_m = tl.program_id(0) % n_m
-    pid_bh = tl.program_id(0) // n_m
-    if NSPLIT > 1:
-        split = tl.program_id(1)
-    else:
-        split = 0  # static: column offsets fold away
-    n_hg = Hkv * KV_REP
-    b = (pid_bh // n_hg).to(tl.int64)
-    hg = (pid_bh % n_hg).to(tl.int64)
+    pid_m, split, b, hg, hkv, n_hg, NSUB_M, NSUB_N = row_program(T, G, Hkv, mask_geom, TILE, SPARSE)
     # Batch offsets; statistics at st_bh + head * st_h + token.
     q_b, k_b, v_b, o_b, st_bh, st_h, T, S = batch_offsets(b, T, S, n_hg * G, q_strides, k_strides, v_strides,
                                                           o_strides, varlen, IS_VARLEN)
-    if SPARSE:
-        qb, m_start, row_end = sparse_row_tile(pid_m, T, G, MASK_BM, NSUB_M, BLOCK_M)
-    else:
-        m_start = pid_m * BLOCK_M
-        row_end = T * G
-    tok, grp, row_ok = packed_rows(m_start, row_end, G, BLOCK_M)
-    q = (Q + q_b + hg * G * q_strides[2], tok.to(tl.int64) * q_strides[1] + grp.to(tl.int64) * q_strides[2],
-         row_ok, q_strides[3])
-    kv = (K + k_b + (hg // KV_REP) * k_strides[2], k_strides, V + v_b + (hg // KV_REP) * v_strides[2], v_strides)
+    qb, m_start, tok, grp, row_ok = row_tile(pid_m, T, G, mask_geom, NSUB_M, BLOCK_M, SPARSE)
+    q = packed_side(Q + q_b + hg * G * q_strides[2], q_strides, tok, grp, row_ok)
+    kv = (K + k_b + hkv * k_strides[2], k_strides, V + v_b + hkv * v_strides[2], v_strides)
 
     q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
     if TILE.RESIDENT:
@@ -266,13 +241,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
 
     # Key steps [0, n_full) every row of the tile sees in full skip the masks; [n_lo, n_end) run masked.
-    if SPARSE:  # FlexAttention-style walk: sub-tiles of the listed key blocks, ascending
-        walk, n_full, n_end = sparse_kv_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL,
-                                             HAS_PARTIAL, _LANES)
-        n_lo = n_full
-    else:
-        walk = None
-        n_full, n_lo, n_end = dense_key_range(m_start, T, S, G, TILE, CAUSAL, window, HAS_WINDOW, IS_VARLEN)
+    walk, n_full, n_lo, n_end = key_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL, window,
+                                         HAS_WINDOW, HAS_PARTIAL, IS_VARLEN, SPARSE, _LANES)
     if NSPLIT == 1 and not HAS_WINDOW:
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
                                     opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
@@ -292,8 +262,7 @@ def _attn_fwd_kernel(
         l_div = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_div[:, None]
         lse2 = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_div))
-    o = (O + o_b + hg * G * o_strides[2], tok.to(tl.int64) * o_strides[1] + grp.to(tl.int64) * o_strides[2],
-         row_ok, o_strides[3])
+    o = packed_side(O + o_b + hg * G * o_strides[2], o_strides, tok, grp, row_ok)
     store_tile(o, split * BV, HEAD_DV, BV, HEAD_DV < NSPLIT * BV, out.to(O.dtype.element_ty))
 
     # Statistics are identical in every split: split 0 writes them.

@@ -58,23 +58,8 @@ from dataclasses import replace
 import torch
 import triton
 
-from kernels import tuning
-from kernels._common import (
-    LOG2E,
-    TileConfig,
-    bwd_outputs,
-    compiled_launch,
-    device_arch,
-    dot_precision,
-    dtype_name,
-    fwd_outputs,
-    head_class,
-    is_prefix_alias,
-    launch,
-    next_pow2,
-    specs_getattr,
-    tile_constexprs,
-)
+from kernels import _common, tuning
+from kernels._common import TileConfig, compiled_launch, device_arch, dot_precision, dtype_name, head_class, launch
 from kernels._config import arch_family
 from kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, bwd_delta, bwd_kernel_args, sink_grad
 from kernels.attention_bwd import bwd_configs as dense_bwd_configs
@@ -95,7 +80,7 @@ __all__ = [
 ]
 
 # Compile-spec names that moved to kernels._specs, still readable here.
-__getattr__ = specs_getattr(__name__, "spec_configs", "SPEC_DTYPES", "SPEC_ROWS", "SPEC_BLOCK_N",
+__getattr__ = _common.specs_getattr(__name__, "spec_configs", "SPEC_DTYPES", "SPEC_ROWS", "SPEC_BLOCK_N",
     "PARTIAL_SPEC_GEOMETRIES", compile_specs="block_sparse_specs", SPEC_SHAPES="BS_SPEC_SHAPES")
 
 
@@ -302,7 +287,7 @@ def _autotuned(kind: str, configs, dk: int, dv: int, v_is_k: bool):
     """``triton.autotune`` over fitted ``configs`` of kernel ``kind`` ("fwd", "dkdv", "dq")."""
     key = (kind, tuple(configs), dk, dv, v_is_k)
     if key not in _AUTOTUNERS:
-        tconfigs = [triton.Config(tile_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps,
+        tconfigs = [triton.Config(_common.tile_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps,
                                   num_stages=c.num_stages) for c in configs]
         keys = ["G", "CAUSAL", "mask_geom", "HAS_PARTIAL"] + (["WRITE_MAXL"] if kind == "fwd" else [])
         _AUTOTUNERS[key] = triton.autotune(configs=tconfigs, key=keys)(_KERNELS[kind])
@@ -357,12 +342,12 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         kv_indices = kv_indices.contiguous()  # kv_partial is read with its strides
     margs, Hm = _mask_args(kv_num_blocks, kv_indices, "kv", math.ceil(T / bm0), B, Hq, q.device)
     part = _partial_args(kv_partial, margs[1], partial_bits, "kv", bm, bn)
-    out, lse, early = fwd_outputs(q, Dv, out, lse, return_max_logit)
+    out, lse, early = _common.fwd_outputs(q, Dv, out, lse, return_max_logit)
     if early is not None:
         return early
     G, kv_rep = packing(Hq, Hkv, Hm)
     rows = bm * G
-    v_is_k = is_prefix_alias(k, v)
+    v_is_k = _common.is_prefix_alias(k, v)
     compiled = compiled_launch(q)
     n_qblocks = math.ceil(T / bm)
     dot = dot_precision(q.dtype, allow_tf32)
@@ -371,9 +356,9 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         kw = dict(
             Q=q, K=k, V=v, O=out, LSE=lse, MAXL=maxl if maxl is not None else lse,
             q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(), o_strides=out.stride(),
-            T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
+            T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * _common.LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
             mask=margs, mask_geom=(bm, bn, kv_rep),
-            G=G, G_P=next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
+            G=G, G_P=_common.next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
             WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part,
         )
         if sinks is not None:
@@ -397,7 +382,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         # NaN: every entry must be written (amax propagates NaN, so a missed one fails the tests).
         maxl = (torch.full((B, Hq, n_mblocks), float("nan"), dtype=torch.float32, device=q.device)
                 if return_max_logit else None)
-        tile = tile_constexprs(cfg, Dk, Dv, v_is_k)
+        tile = _common.tile_constexprs(cfg, Dk, Dv, v_is_k)
         launch(attn_fwd_kernel, (n_mblocks * B * Hkv * kv_rep, tile["TILE"].NSPLIT), **launch_args(maxl, n_mblocks),
                **tile, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)
@@ -452,7 +437,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         _check_stat("dlse", dlse, B, Hq, T)
     if Hm_q != Hm:
         raise ValueError(f"block-sparse attention: q_num_blocks has head dim {Hm_q}, kv_num_blocks {Hm}")
-    dq, dk, dv, done = bwd_outputs(q, k, v, dq, dk, dv)
+    dq, dk, dv, done = _common.bwd_outputs(q, k, v, dq, dk, dv)
     if done and sinks is not None:  # no kernel: no key (P_sink = 1, delta = 0) or no query
         no_key = dlse is not None and S == 0
         return dq, dk, dv, (dlse.float().sum((0, 2)) if no_key else torch.zeros(Hq, device=q.device))
@@ -460,7 +445,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
         return dq, dk, dv
     G, kv_rep = packing(Hq, Hkv, Hm)
     rows = bm * G
-    v_is_k = is_prefix_alias(k, v)
+    v_is_k = _common.is_prefix_alias(k, v)
     lse = lse.contiguous()  # offsets assume [B, Hq, T] contiguous
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if delta is None else delta
     compiled = compiled_launch(q)
@@ -481,7 +466,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_num_blocks, kv_indices,
             launch(_autotuned(kind, configs, Dk, Dv, v_is_k), grid, **kern_kw)
             return
         cfg = fixed or _interp_bwd(Dk, Dv, rows, bn)
-        tile = tile_constexprs(cfg, Dk, Dv, v_is_k)
+        tile = _common.tile_constexprs(cfg, Dk, Dv, v_is_k)
         launch(_KERNELS[kind], (grid_of(getattr(cfg, tile_dim.lower())), tile["TILE"].NSPLIT), **kern_kw, **tile,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
