@@ -25,9 +25,12 @@ are read by :mod:`bench.sass`. One row per main loop (innermost loop with matrix
   softmax / address work serialised after the MMAs or fully overlapped; ``÷ref``: ``eff ser`` over
   the reference kernel's (same arch).
 
-Exit status: 0; 1 when a kernel module fails to import; 2 for unknown ``--kernels`` / ``--arch``
-names (the message lists the valid ones) or when the kernels cannot be compiled here
-(``TRITON_INTERPRET`` set, no Triton). A configuration that fails to compile is a row whose
+``--check`` adds the headline table (:data:`HEADLINES`: the configurations the kernels are judged
+by, with their targets) and fails on any replicated dot or missed target (:func:`check`).
+
+Exit status: 0; 1 when a kernel module fails to import or ``--check`` finds a problem; 2 for
+unknown ``--kernels`` / ``--arch`` names (the message lists the valid ones) or when the kernels
+cannot be compiled here (``TRITON_INTERPRET`` set, no Triton). A configuration that fails to compile is a row whose
 ``status`` starts with ``error``.
 """
 
@@ -386,6 +389,130 @@ def compare(current: dict[str, dict], baseline: dict[str, dict], tolerance: floa
     return problems
 
 
+# --------------------------------------------------------------------------------------------
+# Targets: what the kernels must reach (issue 12), checked by ``--check`` and a CI test
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A headline configuration class and its modeled targets (sm90, fp16/bf16, steady-state loops;
+    window tiles are left out: their band loop is slower by design).
+
+    ``kernel``/``head_dims``/``groups`` select the rows (``groups`` empty: any G; ``variant``: the
+    decode mode must start with it). ``min_useful`` applies to every selectable configuration of the
+    class (replication and recompute are structural), ``min_serial`` (modeled serial efficiency) and
+    ``min_vs_reference`` (serial ÷ the in-repo reference's) to the best one, or to every one when
+    ``every`` is set (the backward: each config the autotuner may pick must reach it)."""
+
+    name: str
+    kernel: str
+    head_dims: str
+    groups: tuple[int, ...] = ()
+    variant: str = ""
+    min_useful: float = 0.0
+    min_serial: float = 0.0
+    min_vs_reference: float = 0.0
+    every: bool = False
+
+
+#: The issue's targets. Dense forward: at least the reference kernel's serial efficiency; the
+#: absorbed 576/512 forward and decode with >= 64 heads per kv head: 0.65 useful, 0.35 serial;
+#: backward d128 and 192/128: 0.6 serial for every selectable configuration.
+HEADLINES: tuple[Headline, ...] = (
+    Headline("dense fwd d128", "attention_fwd", "128/128", min_vs_reference=1.0),
+    Headline("dense fwd 192/128", "attention_fwd", "192/128", min_vs_reference=1.0),
+    Headline("absorbed fwd G=128", "attention_fwd", "576/512", (128,), min_useful=0.65, min_serial=0.35),
+    Headline("absorbed fwd G=16", "attention_fwd", "576/512", (16,), min_useful=0.65, min_serial=0.35),
+    Headline("decode H=128", "mla_decode_split", "576/512", (128,), "dense", min_useful=0.65, min_serial=0.35),
+    Headline("bwd dK/dV d128", "attention_bwd_dkdv", "128/128", min_serial=0.6, every=True),
+    Headline("bwd dQ d128", "attention_bwd_dq", "128/128", min_serial=0.6, every=True),
+    Headline("bwd dK/dV 192/128", "attention_bwd_dkdv", "192/128", min_serial=0.6, every=True),
+    Headline("bwd dQ 192/128", "attention_bwd_dq", "192/128", min_serial=0.6, every=True),
+)
+
+#: Targets not reached yet, by headline name: the floor the check holds instead (so they cannot get
+#: worse) and why. A headline that reaches its target while listed here fails the check too, so
+#: the entry is removed when the work lands.
+SHORT_OF_TARGET: dict[str, tuple[dict, str]] = {}
+
+
+def _headline_rows(rows: list[dict], h: Headline) -> list[dict]:
+    return [r for r in rows if r["kernel"] == h.kernel and r["arch"] == 90 and r["dtype"] in ("fp16", "bf16")
+            and r["head_dims"] == h.head_dims and (not h.groups or r["group"] in h.groups)
+            and r.get("variant", "").startswith(h.variant) and "/win" not in r["tile"]
+            and r["status"] == "ok" and r["useful_share"] is not None]
+
+
+def headline_table(rows: list[dict]) -> list[dict]:
+    """Per :data:`HEADLINES` entry found in ``rows``: configurations, lowest useful share, most
+    replicated dots, best and worst modeled serial efficiency (each configuration's best loop) and
+    the best ÷ reference."""
+    out = []
+    for h in HEADLINES:
+        sel = _headline_rows(rows, h)
+        if not sel:
+            continue
+        per_cfg = summarize(sel)
+        best = {}
+        for r in sel:
+            k = _config_key(r)
+            best[k] = max(best.get(k, 0.0), r["vs_reference"] or 0.0)
+        out.append({"name": h.name, "configs": len(per_cfg),
+                    "useful": min(c["useful_share"] for c in per_cfg.values()),
+                    "replicated": max(c["replicated_dots"] or 0 for c in per_cfg.values()),
+                    "serial_best": max(c["eff_serial"] for c in per_cfg.values()),
+                    "serial_worst": min(c["eff_serial"] for c in per_cfg.values()),
+                    "vs_reference": max(best.values())})
+    return out
+
+
+def check(rows: list[dict]) -> list[str]:
+    """Problems in sm90 ``rows`` (from :func:`run`): every replicated dot of any configuration, and
+    every :data:`HEADLINES` target missed (or a :data:`SHORT_OF_TARGET` floor missed, or a listed
+    shortfall that is in fact met). Returns one line per problem; empty when all pass."""
+    problems = [f"{_config_key(r)} loop {r['loop']}: {r['replicated_dots']} of {r['dots']} dots replicated "
+                "across warpgroups" for r in rows
+                if r["arch"] == 90 and r["status"] == "ok" and r["replicated_dots"]]
+    table = {t["name"]: t for t in headline_table(rows)}
+    for h in HEADLINES:
+        t = table.get(h.name)
+        if t is None:
+            continue
+        serial = t["serial_worst"] if h.every else t["serial_best"]
+        want = {"useful": h.min_useful, "serial": h.min_serial, "vs_reference": h.min_vs_reference}
+        got = {"useful": t["useful"], "serial": serial, "vs_reference": t["vs_reference"]}
+        floor, why = SHORT_OF_TARGET.get(h.name, ({}, ""))
+        for what, target in want.items():
+            if not target:
+                continue
+            if what in floor:
+                if got[what] >= target - 1e-3:
+                    problems.append(f"{h.name}: {what} {got[what]:.3f} now meets the target {target}; remove it "
+                                    "from SHORT_OF_TARGET")
+                elif got[what] < floor[what] - 1e-3:
+                    problems.append(f"{h.name}: {what} {got[what]:.3f} < recorded floor {floor[what]} ({why})")
+            elif got[what] < target - 1e-3:
+                problems.append(f"{h.name}: {what} {got[what]:.3f} < target {target}")
+    return problems
+
+
+def format_headlines(rows: list[dict]) -> str:
+    """The :func:`headline_table` as fixed-width text with each target."""
+    targets = {h.name: h for h in HEADLINES}
+    body = []
+    for t in headline_table(rows):
+        h = targets[t["name"]]
+        goal = ", ".join(s for s in (f"useful >= {h.min_useful}" if h.min_useful else "",
+                                      f"serial >= {h.min_serial}" if h.min_serial else "",
+                                      f"÷ref >= {h.min_vs_reference}" if h.min_vs_reference else "") if s)
+        body.append([t["name"], str(t["configs"]), f"{t['useful']:.2f}", str(t["replicated"]),
+                     f"{t['serial_best']:.2f}", f"{t['serial_worst']:.2f}", f"{t['vs_reference']:.2f}",
+                     goal + (" (every config)" if h.every else "")])
+    return text_table(["headline (sm90)", "configs", "useful min", "repl max", "serial best", "serial worst",
+                       "÷ref best", "target"], body)
+
+
 def write_baseline(rows: list[dict], path: str, command: str) -> None:
     """Record :func:`summarize` of ``rows`` with the Triton version and the command that produced them."""
     import triton
@@ -430,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.static_model", description=summary)
     add_compile_args(ap, "80,90", "comma-separated compute capabilities (default 80,90)",
                      "fp16 specs plus every dtype of the absorbed 576/512 shape (the compile check's set)")
+    ap.add_argument("--check", action="store_true",
+                    help="print the headline targets table; exit 1 on a replicated dot or a missed target (sm90)")
     ap.add_argument("--write-baseline", metavar="PATH",
                     help="record the per-configuration summary for the ratchet test (tests/static_model_baseline.json)")
     args = ap.parse_args(argv)
@@ -457,12 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    status = 0
+    if args.check:
+        print()
+        print(format_headlines(rows))
+        problems = check(rows)
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{len(problems)} problem(s) against the targets (sm90)")
+        status = 1 if problems else 0
     if args.write_baseline:
         opts = [f"--{k} {v}" for k, v in (("kernels", args.kernels), ("arch", args.arch), ("dtypes", args.dtypes)) if v]
         cmd = " ".join(["python -m bench.static_model", *(["--quick"] if args.quick else []), *opts,
                         "--write-baseline", args.write_baseline])
         write_baseline(rows, args.write_baseline, cmd)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

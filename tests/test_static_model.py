@@ -23,10 +23,6 @@ from bench.reference_kernel import reference_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "tests" / "static_model_baseline.json"
-#: The ratchet's default subset: the kernels with headline targets (dense forward, backward, decode);
-#: ``MLA_STATIC_MODEL_FULL=1`` models the whole ``--quick`` set (every kernel module).
-RATCHET_KERNELS = "attention_fwd,attention_bwd,decode"
-FULL = os.environ.get("MLA_STATIC_MODEL_FULL", "0") not in ("", "0")
 
 
 def _sass_line(addr: int, ins: str) -> str:
@@ -275,24 +271,69 @@ def test_summarize_takes_worst_share_and_best_loop():
     assert static_model.summarize(rows) == {"k sm90 fp16 128/128 G1 128x64 w8 s2": _summary(1, 0.5, 0.56)}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sass.have_cuobjdump(), reason="no cuobjdump bundled with triton")
-def test_no_selectable_config_gets_worse(tmp_path):
-    """Ratchet over the sm90 ``--quick`` configurations (default: the dense forward, backward and decode
-    modules; ``MLA_STATIC_MODEL_FULL=1``: all): no configuration may get more replicated dots, a lower
-    useful-MAC share or a lower modeled serial efficiency than recorded in
-    tests/static_model_baseline.json when the static model was added, so later kernel work can only
-    improve them (record improvements with the command in the baseline's ``command`` field). A new
-    configuration is held to the worst recorded one of its kernel / dtype / head dims / G. About 100 s
-    on 2 cores with a cold Triton cache."""
-    import triton
-
-    args = ["--quick", "--arch", "90"] + ([] if FULL else ["--kernels", RATCHET_KERNELS])
-    rows = _static_model(tmp_path, *args)
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory) -> list[dict]:
+    """``python -m bench.static_model --quick --arch 90`` over every kernel module, run once for the
+    ratchet and the target check (about 1 min on 2 cores with a warm Triton cache, 3-4 min cold)."""
+    if not sass.have_cuobjdump():
+        pytest.skip("no cuobjdump bundled with triton")
+    rows = _static_model(tmp_path_factory.mktemp("static_model"), "--quick", "--arch", "90")
     ref = [r for r in rows if r["kernel"] == static_model.REFERENCE]
     assert ref and ref[0]["status"] == "ok" and ref[0]["replicated_dots"] == 0
-    assert {r["kernel"] for r in rows} > {static_model.REFERENCE, "attention_fwd", "mla_decode_split"}
+    return rows
+
+
+@pytest.mark.slow
+def test_no_selectable_config_gets_worse(quick_rows):
+    """Ratchet over the sm90 ``--quick`` configurations of every kernel module: no configuration may get
+    more replicated dots, a lower useful-MAC share or a lower modeled serial efficiency than recorded
+    in tests/static_model_baseline.json, so later kernel work can only improve them (record
+    improvements with the command in the baseline's ``command`` field). A new configuration is held
+    to the worst recorded one of its kernel / dtype / head dims / G."""
+    import triton
+
+    assert {r["kernel"] for r in quick_rows} > {static_model.REFERENCE, "attention_fwd", "mla_decode_split"}
     baseline = json.loads(BASELINE.read_text())
     tol = static_model.EFF_TOLERANCE["same_triton" if baseline["triton"] == triton.__version__ else "other_triton"]
-    problems = static_model.compare(static_model.summarize(rows), baseline["configs"], tol)
+    problems = static_model.compare(static_model.summarize(quick_rows), baseline["configs"], tol)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_no_replicated_dot_and_headline_targets(quick_rows):
+    """The targets (``bench.static_model.check``, the same as ``python -m bench.static_model --quick
+    --arch 90 --check``): no dot of any selectable sm90 configuration is replicated across
+    warpgroups, and every headline class (``HEADLINES``) reaches its modeled target, or the floor
+    ``SHORT_OF_TARGET`` records for it. Fails as soon as a change brings the waste back."""
+    assert {h.name for h in static_model.HEADLINES} <= {t["name"] for t in static_model.headline_table(quick_rows)}
+    problems = static_model.check(quick_rows)
+    assert not problems, "\n".join(problems)
+
+
+def _headline_row(**kw) -> dict:
+    row = dict(kernel="attention_fwd", arch=90, dtype="fp16", head_dims="576/512", group=128, tile="128x32/v2",
+               warps=8, stages=2, variant="", loop="1/1", status="ok", replicated_dots=0, dots=3, useful_share=0.65,
+               eff_serial=0.36, vs_reference=0.56)
+    row.update(kw)
+    return row
+
+
+def test_check_flags_replication_and_missed_targets(monkeypatch):
+    ok = [_headline_row(), _headline_row(group=16)]
+    assert static_model.check(ok) == []
+    assert "replicated" in static_model.check(ok + [_headline_row(kernel="topk_fwd", replicated_dots=1)])[0]
+    problems = static_model.check([_headline_row(useful_share=0.39, eff_serial=0.19)])
+    assert len(problems) == 2 and "useful 0.390 < target 0.65" in problems[0] and "serial" in problems[1]
+    # A recorded shortfall holds a floor instead, and must be removed once the target is met.
+    monkeypatch.setitem(static_model.SHORT_OF_TARGET, "absorbed fwd G=128", ({"serial": 0.3}, "why"))
+    assert static_model.check([_headline_row(eff_serial=0.31)]) == []
+    assert "floor" in static_model.check([_headline_row(eff_serial=0.29)])[0]
+    assert "remove it" in static_model.check([_headline_row(eff_serial=0.36)])[0]
+    # "every": the worst selectable configuration counts; window tiles and fp32 rows are not headlines.
+    bwd = dict(kernel="attention_bwd_dkdv", head_dims="128/128", group=4, dots=4, useful_share=1.0)
+    assert static_model.check([_headline_row(**bwd, tile="32x128", eff_serial=0.62),
+                               _headline_row(**bwd, tile="32x64", eff_serial=0.61)]) == []
+    assert "serial 0.310 < target 0.6" in static_model.check([_headline_row(**bwd, tile="32x128", eff_serial=0.62),
+                                                              _headline_row(**bwd, tile="32x64", eff_serial=0.31)])[0]
+    assert static_model.check([_headline_row(tile="128x32/v2/win", useful_share=0.1),
+                               _headline_row(dtype="fp32", useful_share=0.1)]) == []
