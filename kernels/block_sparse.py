@@ -194,10 +194,41 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
     mr = _min_rows(arch, dtype)
     cfgs = _table(kind, arch, dk, dv, dtype, v_is_k)
     if kind == "dq":
-        return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr), lambda c: fit_keys(c.block_n, block_n, 16),
-                    mr, 16)
+        return _unreplicated(kind, arch, dk, dv, dtype, _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr),
+                                                     lambda c: fit_keys(c.block_n, block_n, 16), mr, 16))
     mn = 64 if arch_family(arch) == 90 and dtype != "fp32" else 16
-    return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16), lambda c: fit_keys(c.block_n, block_n, mn), 16, mn)
+    return _unreplicated(kind, arch, dk, dv, dtype, _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16),
+                                                 lambda c: fit_keys(c.block_n, block_n, mn), 16, mn))
+
+
+#: sm90 fp16/bf16 backward tiles whose chained product has fewer than 16 rows per warp, keyed (kind,
+#: head class): caps on the tile sides with 4 warps where the plain change spills (triton 3.9: d128 dQ 64x64 88 bytes,
+#: d256 dK/dV 32x64 16 bytes), ``None`` to keep the table's 8 warps (d576 dK/dV 16x64/v4: 980 bytes
+#: with 4 warps; 16x64/v8 with 4 warps and one stage is clean but its useful MAC share is 0.21 < 0.22).
+_FOUR_WARPS: dict[tuple[str, str], dict | None] = {
+    ("dq", "d128"): dict(block_n=32),
+    ("dkdv", "d256"): dict(block_m=16),
+    ("dkdv", "d576"): None,
+}
+
+
+def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list[TileConfig]) -> list[TileConfig]:
+    """Backward ``cfgs`` with at most one warp per 16 rows of the chained product's M side on sm90 fp16/bf16.
+
+    The score product feeds the next product, so Triton lays it out with every warp along M (one
+    warpgroup covers 64 rows): M = the key tile (dK/dV) or the row tile (dQ). A tile fitted down to 64
+    rows with the table's 8 warps would compute its scores twice; it gets 4 warps (and the
+    :data:`_FOUR_WARPS` change where that spills; DESIGN §9)."""
+    if arch_family(arch) != 90 or dtype == "fp32":
+        return cfgs
+    out = []
+    for c in cfgs:
+        m = c.block_n if kind == "dkdv" else c.block_m
+        fix = _FOUR_WARPS.get((kind, head_class(dk, dv)), {})
+        if 16 * c.num_warps > m and fix is not None:
+            c = replace(c, num_warps=max(4, m // 16), **{k: min(getattr(c, k), v) for k, v in fix.items()})
+        out.append(c)
+    return dedup(out)
 
 
 def _interp_fwd(dk: int, dv: int, rows: int, block_n: int) -> TileConfig:
