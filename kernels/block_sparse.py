@@ -47,7 +47,9 @@ Tiles (:func:`fwd_configs`, :func:`bwd_configs`) are the dense tables' entries f
 (:func:`fit_rows`, :func:`fit_keys`): the key tile divides the mask's key block when it can (else
 sub-tiles are masked to the block), the row tile shrinks to the packed rows of a query block
 (never below 64 rows for fp16/bf16 on sm90, where wgmma needs them: per-token masks with fewer than 64
-heads then pad the tile; never below 16 elsewhere). See :func:`compile_specs` for the compiled set.
+heads then pad the tile; never below 16 elsewhere). A backward tile fitted down to 64 rows on the M side of
+its score product gets 4 warps on sm90 (:func:`_unreplicated`: 8 warps would compute the scores twice).
+See :func:`compile_specs` for the compiled set.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list
     The score product feeds the next product, so Triton lays it out with every warp along M (one
     warpgroup covers 64 rows): M = the key tile (dK/dV) or the row tile (dQ). A tile fitted down to 64
     rows with the table's 8 warps would compute its scores twice; it gets 4 warps (and the
-    :data:`_FOUR_WARPS` change where that spills; DESIGN §9)."""
+    :data:`_FOUR_WARPS` change where that spills)."""
     if arch_family(arch) != 90 or dtype == "fp32":
         return cfgs
     out = []
