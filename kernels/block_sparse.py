@@ -204,13 +204,13 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
 
 
 #: sm90 fp16/bf16 backward tiles whose chained product has fewer than 16 rows per warp, keyed (kind,
-#: head class): caps on the tile sides with 4 warps where the plain change spills (triton 3.9: d128 dQ 64x64 88 bytes,
-#: d256 dK/dV 32x64 16 bytes), ``None`` to keep the table's 8 warps (d576 dK/dV 16x64/v4: 980 bytes
-#: with 4 warps; 16x64/v8 with 4 warps and one stage is clean but its useful MAC share is 0.21 < 0.22).
-_FOUR_WARPS: dict[tuple[str, str], dict | None] = {
+#: head class): caps on the 4-warp replacement where it spills (triton 3.9: d128 dQ 64x64 88 bytes,
+#: d256 dK/dV 32x64 16 bytes, d576 dK/dV 16x64/v4 980 bytes: there 32 keys on 2 warps, mma.sync, 0 spills
+#: with or without the v alias; modeled useful MAC share 0.39, was 0.22 with 8 warps).
+_UNREPLICATED_CAPS: dict[tuple[str, str], dict] = {
     ("dq", "d128"): dict(block_n=32),
     ("dkdv", "d256"): dict(block_m=16),
-    ("dkdv", "d576"): None,
+    ("dkdv", "d576"): dict(block_n=32, num_warps=2, nsplit=4),
 }
 
 
@@ -219,16 +219,17 @@ def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list
 
     The score product feeds the next product, so Triton lays it out with every warp along M (one
     warpgroup covers 64 rows): M = the key tile (dK/dV) or the row tile (dQ). A tile fitted down to 64
-    rows with the table's 8 warps would compute its scores twice; it gets 4 warps (and the
-    :data:`_FOUR_WARPS` change where that spills)."""
+    rows with the table's 8 warps would compute its scores twice; it gets 4 warps, capped by
+    :data:`_UNREPLICATED_CAPS` where that spills."""
     if arch_family(arch) != 90 or dtype == "fp32":
         return cfgs
     out = []
     for c in cfgs:
         m = c.block_n if kind == "dkdv" else c.block_m
-        fix = _FOUR_WARPS.get((kind, head_class(dk, dv)), {})
-        if 16 * c.num_warps > m and fix is not None:
-            c = replace(c, num_warps=max(4, m // 16), **{k: min(getattr(c, k), v) for k, v in fix.items()})
+        if 16 * c.num_warps > m:
+            c = replace(c, num_warps=max(4, m // 16))
+            caps = _UNREPLICATED_CAPS.get((kind, head_class(dk, dv)), {})
+            c = replace(c, **{k: min(getattr(c, k), v) for k, v in caps.items()})
         out.append(c)
     return dedup(out)
 
