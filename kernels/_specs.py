@@ -259,7 +259,8 @@ def block_sparse_spec(kind: str, arch: int, dtype: str, dk: int, dv: int, group:
         values.update(partial=(Pointer("i32"), Pointer("i8")), HAS_PARTIAL=True)
     values.update(tile_constexprs(cfg, dk, dv, v_is_k))
     return _spec(f"block_sparse_{kind}" + ("_partial" if partial else ""), kind, values, arch, dtype, dk, dv, cfg,
-                 cfg.tile, {"group": group, "v_is_k": v_is_k, "causal": True, "partial": partial})
+                 cfg.tile, {"group": group, "v_is_k": v_is_k, "causal": True, "partial": partial,
+                            "wgmma": cfg.num_warps % 4 == 0})  # a 2-warp tile has no warpgroup: mma.sync
 
 
 def spec_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, group: int) -> list:

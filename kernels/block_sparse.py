@@ -47,7 +47,9 @@ Tiles (:func:`fwd_configs`, :func:`bwd_configs`) are the dense tables' entries f
 (:func:`fit_rows`, :func:`fit_keys`): the key tile divides the mask's key block when it can (else
 sub-tiles are masked to the block), the row tile shrinks to the packed rows of a query block
 (never below 64 rows for fp16/bf16 on sm90, where wgmma needs them: per-token masks with fewer than 64
-heads then pad the tile; never below 16 elsewhere). See :func:`compile_specs` for the compiled set.
+heads then pad the tile; never below 16 elsewhere). A backward tile fitted down to 64 rows on the M side of
+its score product gets 4 warps on sm90 (:func:`_unreplicated`: 8 warps would compute the scores twice).
+See :func:`compile_specs` for the compiled set.
 """
 
 from __future__ import annotations
@@ -194,10 +196,42 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
     mr = _min_rows(arch, dtype)
     cfgs = _table(kind, arch, dk, dv, dtype, v_is_k)
     if kind == "dq":
-        return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr), lambda c: fit_keys(c.block_n, block_n, 16),
-                    mr, 16)
+        return _unreplicated(kind, arch, dk, dv, dtype, _fit(cfgs, lambda c: fit_rows(c.block_m, rows, mr),
+                                                     lambda c: fit_keys(c.block_n, block_n, 16), mr, 16))
     mn = 64 if arch_family(arch) == 90 and dtype != "fp32" else 16
-    return _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16), lambda c: fit_keys(c.block_n, block_n, mn), 16, mn)
+    return _unreplicated(kind, arch, dk, dv, dtype, _fit(cfgs, lambda c: fit_rows(c.block_m, rows, 16),
+                                                 lambda c: fit_keys(c.block_n, block_n, mn), 16, mn))
+
+
+#: sm90 fp16/bf16 backward tiles whose chained product has fewer than 16 rows per warp, keyed (kind,
+#: head class): caps on the 4-warp replacement where it spills (triton 3.9: d128 dQ 64x64 88 bytes,
+#: d256 dK/dV 32x64 16 bytes, d576 dK/dV 16x64/v4 980 bytes: there 32 keys on 2 warps, mma.sync, 0 spills
+#: with or without the v alias; modeled useful MAC share 0.39, was 0.22 with 8 warps).
+_UNREPLICATED_CAPS: dict[tuple[str, str], dict] = {
+    ("dq", "d128"): dict(block_n=32),
+    ("dkdv", "d256"): dict(block_m=16),
+    ("dkdv", "d576"): dict(block_n=32, num_warps=2, nsplit=4),
+}
+
+
+def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list[TileConfig]) -> list[TileConfig]:
+    """Backward ``cfgs`` with at most one warp per 16 rows of the chained product's M side on sm90 fp16/bf16.
+
+    The score product feeds the next product, so Triton lays it out with every warp along M (one
+    warpgroup covers 64 rows): M = the key tile (dK/dV) or the row tile (dQ). A tile fitted down to 64
+    rows with the table's 8 warps would compute its scores twice; it gets 4 warps, capped by
+    :data:`_UNREPLICATED_CAPS` where that spills."""
+    if arch_family(arch) != 90 or dtype == "fp32":
+        return cfgs
+    out = []
+    for c in cfgs:
+        m = c.block_n if kind == "dkdv" else c.block_m
+        if 16 * c.num_warps > m:
+            c = replace(c, num_warps=max(4, m // 16))
+            caps = _UNREPLICATED_CAPS.get((kind, head_class(dk, dv)), {})
+            c = replace(c, **{k: min(getattr(c, k), v) for k, v in caps.items()})
+        out.append(c)
+    return dedup(out)
 
 
 def _interp_fwd(dk: int, dv: int, rows: int, block_n: int) -> TileConfig:

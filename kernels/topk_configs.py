@@ -59,6 +59,8 @@ class TopkConfig:
     partials exceeds the launcher's budget). ``split_dkdv``: dK/dV kinds: dV and dK in two
     launches (each holds one accumulator set; the dV launch needs no dP). ``wgmma``: False for a
     tile deliberately below wgmma's 64 rows on sm90 (the compile check then does not ask for wgmma).
+    ``load_v``: deterministic dK/dV: load the value tiles on their own even when ``v`` is a prefix of
+    ``k`` (the shared tile held for both products spills on the 2-warp mma.sync tile).
     """
 
     block_m: int
@@ -70,6 +72,7 @@ class TopkConfig:
     rows_per_item: int = 4096
     split_dkdv: bool = False
     wgmma: bool = True
+    load_v: bool = False
 
     @property
     def tile(self) -> str:
@@ -94,9 +97,11 @@ for _g in ("g16", "g"):
         (90, "fwd", "big", _g): _C(64, 32, nsplit=2, num_warps=4, num_stages=2),
         (90, "dq", "big", _g): _C(64, 32, nsplit=2, num_warps=4, num_stages=2),
         (90, "dkdv_atomic", "big", _g): _C(64, 16, nsplit=2, num_warps=4, num_stages=2, split_dkdv=True),
-        # keys on M (64) with two warpgroups: the score tiles are computed twice, but the dK
-        # accumulators are split over 256 threads (with 4 warps they spill)
-        (90, "dkdv_det", "big", _g): _C(16, 64, nsplit=2, num_warps=8, num_stages=2, split_dkdv=True),
+        # keys on M: 32 keys per program on mma.sync with 2 warps (16 keys each), so no warp repeats the
+        # scores; wgmma's 64 keys need 8 warps to fit the dK accumulators (the scores computed twice)
+        # and spill with 4 (176 bytes); value tiles loaded apart (the shared tile spills 1272 bytes)
+        (90, "dkdv_det", "big", _g): _C(16, 32, nsplit=2, num_warps=2, num_stages=2, split_dkdv=True, wgmma=False,
+                                        load_v=True),
         (90, "fwd", "small", _g): _C(64, 64, num_warps=4, num_stages=2),
         (90, "dq", "small", _g): _C(64, 32, num_warps=4, num_stages=2),
         (90, "dkdv_atomic", "small", _g): _C(64, 32, num_warps=4, num_stages=2),
@@ -126,13 +131,9 @@ _GPU_TABLE.update({(86,) + key[1:]: cfg for key, cfg in _GPU_TABLE.items() if ke
 _GPU_TABLE[(86, "fwd", "big", "g")] = _C(64, 16, nsplit=2, num_warps=8, num_stages=2)
 # The absorbed class without the v alias (a separate value buffer), any group, where the alias
 # entries do not fit (triton 3.9): sm90 dQ 64x32 needs 272 KiB, the atomic dK 256 KiB; sm86
-# forward / dQ need 100-103 KiB. The sm90 deterministic dK/dV: no 64-key (wgmma) tile is spill-free
-# with the separate value tiles resident (16x64/v2/p: 152 bytes with 8 warps; 4 or 16 warps, one stage,
-# streamed tiles, 32 rows per step: 376-2000 bytes or over 227 KiB), so it runs 32 keys per program on
-# mma.sync (dK 249 registers, dV 128, 0 spills, 104640 / 64640 bytes; wgmma=False).
+# forward / dQ need 100-103 KiB. (The sm90 deterministic dK/dV entry loads its value tiles apart anyway.)
 _NO_ALIAS: dict[tuple[int, str], TopkConfig] = {
     (90, "dq"): _C(64, 16, nsplit=2, num_warps=4, num_stages=2),
-    (90, "dkdv_det"): _C(16, 32, nsplit=2, num_warps=4, num_stages=2, split_dkdv=True, wgmma=False),
     (90, "dkdv_atomic"): _C(64, 16, nsplit=2, num_warps=4, num_stages=1, split_dkdv=True),
     (86, "fwd"): _C(64, 16, nsplit=2, num_warps=8, num_stages=1),
     (86, "dq"): _C(16, 32, nsplit=2, num_warps=4, num_stages=1, stream=2),

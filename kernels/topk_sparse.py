@@ -694,7 +694,7 @@ def topk_attention_bwd(do, q, k, v, out, lse, topk_indices, softmax_scale: float
                 _topk_bwd_kv_det_kernel, (kmi.items.shape[0], pc["PLAN"][0]),
                 DK=dk_buf, DV=dv_buf, index=(ent_t, ent_lo, ent_hi, kmi.items), partials=(pk, pv),
                 dk_str=_str3(dk_buf), dv_str=_str3(dv_buf), dims=(T, S, Hkv, kmi.num_key_blocks),
-                OFF64=off64, PARTS=part, **common, **pc,
+                OFF64=off64, PARTS=part, **{**common, "V_IS_K": v_is_k and not cfg.load_v}, **pc,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         n_multi = kmi.multi.shape[0]

@@ -234,6 +234,18 @@ def test_gpu_code_paths(stream):
                configs={"dq": cfg, "dkdv_atomic": cfg, "dkdv_det": det})
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter
+def test_det_value_tiles_loaded_apart(dtype):
+    """The sm90 absorbed deterministic dK/dV path (``load_v``): v a prefix view of k, but the value tiles
+    are loaded on their own; dV and dK in two launches over two column splits with a two-piece tail."""
+    B, T, S, Hq, Hkv, Dk, Dv, K = 1, 3, 21, 4, 1, 80, 64, 10
+    q, k, v = make_qkv(B, T, S, Hq, Hkv, Dk, Dv, dtype, alias=True, seed=12)
+    idx = make_idx(B, T, Hkv, K, S, seed=13)
+    det = TopkConfig(16, 32, nsplit=2, rows_per_item=8, split_dkdv=True, load_v=True)
+    full_check(q, k, v, idx, 0.15, True, dtype, modes=(True,), configs={"dkdv_det": det})
+
+
 @pytest.mark.interpreter
 def test_rows_without_keys():
     """Every lane -1, or every listed key causally hidden: out 0, lse +inf, max_logit -inf, all
@@ -413,5 +425,7 @@ def test_configs_and_compile_specs():
                     assert sorted(s.extra["part"] for s in got) == ([1, 2] if cfg.split_dkdv else [3])
                     if arch == 90 and kind != "dkdv_det":
                         assert cfg.block_m >= 64  # wgmma needs 64-row tiles
+                    if arch == 90 and kind == "dkdv_det":
+                        assert cfg.block_n >= 16 * cfg.num_warps  # no warp repeats the keys-on-M scores
     with pytest.raises(ValueError):
         topk_config("nope", 90, 64, 64, 1)
