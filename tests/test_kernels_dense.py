@@ -71,6 +71,7 @@ CASES = [
     Case(3, 40, 8, 1, 576, 512, True, F16, fwd_cfg=HELD),
     Case(17, 45, 4, 2, 80, 64, False, F16, fwd_cfg=HELD),  # bk = bv = 32, bt = 16
     Case(17, 40, 2, 2, 64, 64, True, strided=True, fwd_cfg=HELD),  # no tail
+    Case(45, 17, 4, 2, 80, 64, True, fwd_cfg=HELD),  # T > S causal: rows without keys
 ]
 if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
     CASES += [replace(c, dtype=torch.bfloat16) for c in CASES if c.dtype == F16]
