@@ -196,7 +196,8 @@ class TileConfig:
     ``resident``: the fixed side's own tiles (forward / dQ: q (and dO), dK/dV: K/V) are loaded once,
     before the loop; else re-read every step. ``stream``: the other splits' pieces of the fixed side are
     re-read every step through the load pipeline (else Triton may hoist them and keep them in
-    registers). ``bc``: width of those pieces (see :class:`HeadPlan`).
+    registers). ``bc``: width of those pieces (see :class:`HeadPlan`); a ``bc`` as wide as the chunk with
+    two splits, resident and not streamed, makes the forward hold the other chunk too (loaded once).
     """
 
     block_m: int
@@ -210,9 +211,11 @@ class TileConfig:
 
     @property
     def tile(self) -> str:
-        """Report label: ``BLOCK_MxBLOCK_N``, ``/vN`` value splits, ``/r`` own tiles re-read, ``/s`` streamed."""
+        """Report label: ``BLOCK_MxBLOCK_N``, ``/vN`` value splits, ``/r`` own tiles re-read, ``/s`` streamed,
+        ``/cW`` pieces ``W`` wide (when not the default 64)."""
         return (f"{self.block_m}x{self.block_n}" + (f"/v{self.nsplit}" if self.nsplit > 1 else "")
-                + ("" if self.resident else "/r") + ("/s" if self.stream else ""))
+                + ("" if self.resident else "/r") + ("/s" if self.stream else "")
+                + (f"/c{self.bc}" if self.bc != 64 else ""))
 
 
 #: The backward kernels' name of :class:`TileConfig` (same fields).

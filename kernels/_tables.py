@@ -22,15 +22,18 @@ __all__ = ["PRE_BLOCK_T", "PRE_WARPS", "bwd_configs", "bwd_interp_config", "fwd_
 # Keys are kernels._config.arch_family values (90: Hopper+, 80: 163 KiB, 86: 99 KiB parts). Triton/ptxas
 # register allocation is erratic near 255 registers, so entries keep a margin where one exists.
 # d576 (absorbed MLA) splits the value dim in two: one program per 256 value columns.
+# sm90 d576: 128 packed rows (with G >= 128 the heads of one token) over 8 warps, so no warpgroup
+# computes the same rows twice (64-row tiles replicated 6 of 7 dots), and all of q held in shared
+# memory (bc=256: 3 chained products a step): 216 KiB, 222-255 registers, modeled serial 0.41
+# (triton 3.9, bench.static_model). Only 2 stages fit (3: 252 KiB). Tried and left out: the other
+# half of q hoisted into registers with 3 stages (204 KiB, modeled 0.35-0.36, 255 registers, spills
+# 16 bytes in the block-sparse partial-block variant); streaming q from L2 (280 KiB at 128 rows).
 _FWD_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
         "d64": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, num_warps=4, num_stages=3)],
         "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
         "d256": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
-        "d576": [
-            TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2),  # other half of q may stay on chip
-            TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2, stream=True),  # ... or stream from L2
-        ],
+        "d576": [TileConfig(128, 32, nsplit=2, num_warps=8, num_stages=2, bc=256)],
     },
     80: {
         "d64": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, num_warps=4, num_stages=3)],
@@ -71,8 +74,10 @@ _FWD_TABLE_FP32: dict[int, dict[str, list[TileConfig]]] = {
 
 # The absorbed class without the v alias (a separate 512-column value buffer per pipeline stage),
 # keyed (family, fp32): where the alias tables do not fit (sm80 64x64/v2: 184 KiB; sm86 64x16/v2:
-# 100 KiB; sm86 fp32: 118 KiB) the entries that do. sm90 keeps its table (at most 208 KiB).
+# 100 KiB; sm86 fp32: 118 KiB; sm90 128x32 held q: 248 KiB) the entries that do. sm90: 16 keys per
+# step hold q in 222 KiB with 3 stages (128x32 with q hoisted spills 48 bytes in the varlen variant).
 _FWD_NO_ALIAS: dict[tuple[int, bool], list[TileConfig]] = {
+    (90, False): [TileConfig(128, 16, nsplit=2, num_warps=8, num_stages=3, bc=256)],
     (80, False): [TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2)],
     (86, False): [TileConfig(64, 16, nsplit=2, num_warps=8, num_stages=1)],
 }

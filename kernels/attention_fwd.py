@@ -18,8 +18,11 @@ How the work is cut:
   loop when ``Q_RESIDENT``), the other splits' chunks in ``BC``-wide pieces and the tail. The q
   pieces are loop-invariant: Triton may hoist them (q stays on chip), or with ``STREAM`` they are
   re-read every key block through the load pipeline (fewer registers, more shared memory); the
-  autotuner picks. Split (large) bodies use one masked key loop instead of two, which halves
-  their code size and compile time.
+  autotuner picks. With two splits and ``BC == BK`` (one other piece) and q resident, not streamed,
+  the other chunk is *held*: loaded once before the loop like the own chunk, so all of q stays in
+  shared memory as the wgmma operand and a step is three chained products (own, other, tail) with no
+  per-step re-staging (sm90's absorbed 128-row tile, ``bc=256``). Split (large) bodies use one masked
+  key loop instead of two, which halves their code size and compile time; the held body keeps both.
 * **v aliasing k** (absorbed MLA: ``v = k[..., :Dv]``). The launcher detects it and sets
   ``V_IS_K``; the plan then uses ``BK == BV`` so the own score chunk *is* the value tile: it is
   loaded once and used by both dots.
@@ -68,6 +71,7 @@ from kernels._jit import (
     key_walk,
     load_tile,
     mask_scores,
+    other_col,
     packed_side,
     row_program,
     row_tile,
@@ -109,7 +113,7 @@ _LANES = tl.constexpr(64)  # kv_indices lanes read per step when counting unmask
 
 @triton.jit
 def _fwd_block(
-    acc, m_i, l_i, q_own, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, hide,
+    acc, m_i, l_i, q_own, q_oth, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, hide,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
     TILE: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr, window, HAS_WINDOW: tl.constexpr,
     keep=None, HAS_KEEP: tl.constexpr = False,
@@ -135,8 +139,18 @@ def _fwd_block(
     k_own = load_tile(k, split * TILE.BK, HEAD_DK, TILE.BK, MASKED, MASK_K)
     if not TILE.RESIDENT:
         q_own = load_tile(q, split * TILE.BK, HEAD_DK, TILE.BK, True, MASK_K, hide)
-    qk, _, _ = scores(q_own, k_own, q_tail, q, k, q_own, k_own, q, k, split, hide,
-                      HEAD_DK, HEAD_DV, TILE, MASKED, False, V_IS_K, False, DOT)
+    if q_oth is not None:
+        # Three products per step, their q operands loaded once (before the loop, in shared memory).
+        qk = tl.dot(q_own, tl.trans(k_own), input_precision=DOT)
+        k_oth = load_tile(k, other_col(0, split, TILE.BK, TILE.BC), HEAD_DK, TILE.BC, MASKED, MASK_K)
+        qk = tl.dot(q_oth, tl.trans(k_oth), qk, input_precision=DOT)
+        if TILE.BT > 0:
+            k_tail = load_tile(k, TILE.NSPLIT * TILE.BK, HEAD_DK, TILE.BT, MASKED,
+                               HEAD_DK < TILE.NSPLIT * TILE.BK + TILE.BT)
+            qk = tl.dot(q_tail, tl.trans(k_tail), qk, input_precision=DOT)
+    else:
+        qk, _, _ = scores(q_own, k_own, q_tail, q, k, q_own, k_own, q, k, split, hide,
+                          HEAD_DK, HEAD_DV, TILE, MASKED, False, V_IS_K, False, DOT)
     qk = qk * qk_scale
     if MASKED:
         qk = mask_scores(qk, keys, key_ok, tok, T, S, CAUSAL, window, HAS_WINDOW, keep, HAS_KEEP)
@@ -160,7 +174,7 @@ def _fwd_block(
 
 @triton.jit
 def _fwd_blocks(
-    acc, m_i, l_i, lo, hi, q_own, q_tail, q, tok, kv, T, S, qk_scale, split, opaque_zero, walk, partial,
+    acc, m_i, l_i, lo, hi, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split, opaque_zero, walk, partial,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
     TILE: tl.constexpr, DOT: tl.constexpr, window, HAS_WINDOW: tl.constexpr,
     SPARSE: tl.constexpr, MASKED: tl.constexpr, HAS_PARTIAL: tl.constexpr,
@@ -174,7 +188,7 @@ def _fwd_blocks(
         if HAS_PARTIAL:
             keep = sparse_kv_keep(partial, walk, j, tok, TILE.BLOCK_N)
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q_own, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, j * opaque_zero,
+            acc, m_i, l_i, q_own, q_oth, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, j * opaque_zero,
             HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, MASKED, DOT, window, HAS_WINDOW, keep, HAS_PARTIAL,
         )
     return acc, m_i, l_i
@@ -232,6 +246,13 @@ def _attn_fwd_kernel(
     q_own = tl.zeros([BLOCK_M, BK], dtype=Q.dtype.element_ty)
     if TILE.RESIDENT:
         q_own = load_tile(q, split * BK, HEAD_DK, BK, True, HEAD_DK < NSPLIT * BK)
+    # Two splits whose other chunk is one BC piece: with q resident (not streamed) that piece is held
+    # too, loaded once here so the compiler keeps it in shared memory as a wgmma operand instead of
+    # re-staging a hoisted register copy every step (None: contracted in pieces by ``scores``).
+    HOLD_OTHER: tl.constexpr = TILE.RESIDENT and not TILE.STREAM and (NSPLIT - 1) * (BK // TILE.BC) == 1
+    q_oth = None
+    if HOLD_OTHER:
+        q_oth = load_tile(q, other_col(0, split, BK, TILE.BC), HEAD_DK, TILE.BC, True, HEAD_DK < NSPLIT * BK)
     q_tail = tl.zeros([BLOCK_M, BT if BT > 0 else 16], dtype=Q.dtype.element_ty)
     if BT > 0:
         q_tail = load_tile(q, NSPLIT * BK, HEAD_DK, BT, True, HEAD_DK < NSPLIT * BK + BT)
@@ -243,11 +264,16 @@ def _attn_fwd_kernel(
     # Key steps [0, n_full) every row of the tile sees in full skip the masks; [n_lo, n_end) run masked.
     walk, n_full, n_lo, n_end = key_walk(mask, mask_geom, b, hg, qb, m_start, T, S, G, NSUB_N, TILE, CAUSAL, window,
                                          HAS_WINDOW, HAS_PARTIAL, IS_VARLEN, SPARSE, _LANES)
-    if NSPLIT == 1 and not HAS_WINDOW:
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
+    # Split bodies run one masked loop (half the code), except the dense held-q body (sm90's absorbed
+    # tile, registers to spare), whose mask arithmetic is ~13% of a step's instructions.
+    TWO_LOOPS: tl.constexpr = not HAS_WINDOW and (NSPLIT == 1 or (HOLD_OTHER and not SPARSE))
+    if NSPLIT > 1 and TWO_LOOPS:
+        n_lo = n_full
+    if TWO_LOOPS:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split,
                                     opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
                                     window, False, SPARSE, False, False)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_end, q_own, q_tail, q, tok, kv, T, S, qk_scale, split,
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_end, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split,
                                 opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
                                 window, HAS_WINDOW, SPARSE, True, HAS_PARTIAL)
 
@@ -423,7 +449,7 @@ def attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         res = _launch(*args, config or interp_config(Dk, Dv), dot, vl)
     else:
         if config is None:
-            cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype))
+            cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
             config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
         res = _launch(*args, config, dot, vl) if config is not None else _launch_autotuned(*args, dot, vl)
     return out, lse, res[2]

@@ -12,7 +12,7 @@ entirely):
   and the shape class (the entry the tables list first as the preferred one). No timing, same
   choice in every process on the same GPU model.
 * **Pins** (``pin_config(kernel, shape_class, config)``, or
-  ``MLA_KERNEL_CONFIG="attention_fwd:d576=64x32/v2:w8s2;attention_bwd_dq:d128=#0"``): the named
+  ``MLA_KERNEL_CONFIG="attention_fwd:d576=128x32/v2/c256:w8s2;attention_bwd_dq:d128=#0"``): the named
   configuration for that kernel and shape class. ``config`` is a config object of the kernel's
   table (``FwdConfig``, ``BwdConfig``), its :func:`config_name` (``"<tile>:w<warps>s<stages>"``), or
   ``"#i"`` (the i-th candidate). A name that is not a candidate on the running GPU raises

@@ -283,10 +283,11 @@ def clean_tuning(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_choose_pins_and_deterministic(clean_tuning, monkeypatch):
-    from kernels.attention_fwd import fwd_configs
+    from kernels._common import TileConfig
 
-    cands = fwd_configs(90, 576, 512, "fp16")
-    assert len(cands) == 2
+    # Two candidates of the d576 class (the tables may list fewer; the choice logic is what is tested).
+    cands = [TileConfig(128, 32, nsplit=2, num_warps=8, num_stages=2, bc=256),
+             TileConfig(64, 32, nsplit=2, num_warps=8, num_stages=2, stream=True)]
     assert tuning.choose("attention_fwd", "d576", cands) is None  # default: autotune
     with tuning.deterministic():
         assert tuning.choose("attention_fwd", "d576", cands) == cands[0]

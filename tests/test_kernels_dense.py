@@ -17,7 +17,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from helpers import CUDA, DEVICE, Case, assert_close, case_params, make_inputs, nan_buffer, needs_kernels  # noqa: E402
-from oracle import attention, attention_grads, causal_keep  # noqa: E402
+from oracle import attention, attention_grads, causal_keep, window_keep  # noqa: E402
 
 from kernels import attention_bwd as bwd_mod  # noqa: E402
 from kernels import attention_fwd as fwd_mod  # noqa: E402
@@ -31,6 +31,8 @@ def formula(q, k, v, scale: float, causal: bool):
 
 
 F32, F16 = torch.float32, torch.float16
+#: Two value splits with pieces as wide as a chunk: the forward holds the other split's q chunk.
+HELD = fwd_mod.FwdConfig(32, 32, nsplit=2, num_stages=1, bc=256)
 CASES = [
     Case(17, 17, 4, 4, 32, 32, True),
     Case(64, 130, 4, 4, 32, 32, False, B=2),
@@ -63,6 +65,13 @@ CASES = [
     Case(3, 40, 8, 1, 576, 512, True, alias=True,  # the GPU's absorbed backward split (4 x 128 columns)
          fwd_cfg=fwd_mod.FwdConfig(32, 32, nsplit=2, num_stages=1, q_resident=False, stream=True),
          bwd_cfg=bwd_mod.BwdConfig(32, 32, nsplit=4, num_stages=1, resident=False, stream=True)),
+    # The held-q body (sm90's absorbed tile: the other split's q chunk loaded once, two key loops):
+    # unmasked and masked steps, row and key tails, with and without the alias and the rope-like tail.
+    Case(5, 70, 8, 1, 576, 512, True, alias=True, fwd_cfg=HELD),
+    Case(3, 40, 8, 1, 576, 512, True, F16, fwd_cfg=HELD),
+    Case(17, 45, 4, 2, 80, 64, False, F16, fwd_cfg=HELD),  # bk = bv = 32, bt = 16
+    Case(17, 40, 2, 2, 64, 64, True, strided=True, fwd_cfg=HELD),  # no tail
+    Case(45, 17, 4, 2, 80, 64, True, fwd_cfg=HELD),  # T > S causal: rows without keys
 ]
 if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
     CASES += [replace(c, dtype=torch.bfloat16) for c in CASES if c.dtype == F16]
@@ -141,6 +150,48 @@ def test_backward(c: Case):
     # Deterministic: no atomics, so a second run is bitwise identical.
     dq2, dk2, dv2 = run_bwd(c, do, q, k, v, out, lse, scale)
     assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_held_q_varlen_window_sinks_and_block_sparse(dtype):
+    """The held-q body (:data:`HELD`) in the launch modes that share it: varlen (per-sequence key
+    walks, empty sequences), a sliding window with sinks (one masked loop) and a block-sparse causal
+    list (one masked loop) against the float64 oracle; outputs poisoned with NaN."""
+    from kernels import block_sparse as bs
+    from kernels.attention_fwd import attention_fwd_varlen
+    from mla.sparsity import causal_block_mask
+
+    Hq, Hkv, Dk, Dv, scale = 4, 2, 80, 64, 0.2
+    g = torch.Generator().manual_seed(3)
+    lq, lk = [3, 0, 17, 9], [5, 2, 40, 9]
+    q = torch.randn(sum(lq), Hq, Dk, generator=g).to(dtype)
+    k = torch.randn(sum(lk), Hkv, Dk, generator=g).to(dtype)
+    v = torch.randn(sum(lk), Hkv, Dv, generator=g).to(dtype)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk))
+    out = torch.full((sum(lq), Hq, Dv), math.nan, dtype=dtype)
+    lse = torch.full((Hq, sum(lq)), math.nan)
+    attention_fwd_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, True, out=out, lse=lse, config=HELD)
+    for b in range(len(lq)):
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        ref, ref_lse, _ = attention(q[qs][None], k[ks][None], v[ks][None], scale, causal_keep(lq[b], lk[b]))
+        assert_close(out[qs], ref[0], name=f"varlen out {b}")
+        assert_close(lse[:, qs], ref_lse[0], name=f"varlen lse {b}")
+
+    c = Case(20, 45, Hq, Hkv, Dk, Dv, dtype=dtype)
+    q, k, v = make_inputs(c, DEVICE)
+    sinks = torch.randn(Hq, generator=g).to(DEVICE)
+    out = nan_buffer((1, c.T, Hq, Dv), dtype, False, DEVICE)
+    fwd_mod.attention_fwd(q, k, v, scale, True, out=out, window_size=(7, -1), sinks=sinks, config=HELD)
+    ref, _, _ = attention(q, k, v, scale, window_keep(c.T, c.S, 7, -1) & causal_keep(c.T, c.S), sinks=sinks)
+    assert_close(out, ref, name="window+sinks out")
+
+    mask = causal_block_mask(c.T, c.S, 16)
+    kvn, kvi = mask.kv_num_blocks.to(DEVICE), mask.kv_indices.to(DEVICE)
+    out = nan_buffer((1, c.T, Hq, Dv), dtype, False, DEVICE)
+    bs.block_sparse_attention_fwd(q, k, v, kvn, kvi, mask.BLOCK_SIZE, scale, True, out=out, config=HELD)
+    ref, _, _ = attention(q, k, v, scale, causal_keep(c.T, c.S))
+    assert_close(out, ref, name="block-sparse out")
 
 
 @pytest.mark.interpreter
