@@ -118,7 +118,7 @@ if HAS_TRITON:
         offs_n = start + tl.arange(0, BLOCK_N)
         if HAS_TOPK:
             pos = tl.load(tk_row + offs_n, mask=offs_n < hi, other=-1)
-            key_ok = (pos >= 0) & (pos < key_end)
+            key_ok = pos.to(tl.uint32, bitcast=True) < tl.maximum(key_end, 0).to(tl.uint32)  # 0 <= pos < key_end
             pos_ld = tl.where(key_ok, pos, 0)
         else:
             pos = offs_n
