@@ -15,13 +15,18 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   once for all heads of a head group.
 * **V is a prefix of K**: the value of a token is the first ``Dv`` columns of its cache row; a
   program's value columns are a block of the key tile it already loaded for the scores.
-* **Register budget** (DESIGN §9.2): a ``[64, 512]`` fp32
-  accumulator alone takes 128 registers per thread at 8 warps; with it every variant we compiled
-  spilled on sm90. So for Dv = 512 two programs share a (sequence, head group, split), each owning
-  256 value columns (``DV_SPLIT = 2``, grid axis 2): each loads the whole key tile once (its own
-  256 latent columns double as V) and computes the full scores, i.e. the score FLOPs are done
-  twice (about 1.5x the tensor-core work of one program; the cache is read from DRAM once, from
-  L2 twice).
+* **Register budget** (DESIGN §9.2): a ``[64, 512]`` fp32 accumulator per warpgroup alone takes 256
+  registers per thread. So for Dv = 512 two programs share a (sequence, head group, split), each
+  owning 256 value columns (``DV_SPLIT = 2``; adjacent program ids, so both read the tile in the same
+  wave): each loads the whole key tile once (its own 256 latent columns double as V) and computes the
+  full scores, i.e. the score FLOPs are done twice (about 1.5x the tensor-core work of one program;
+  the cache is read from DRAM once, from L2 twice).
+* **One warpgroup per 64 rows** (Hopper): Triton gives the score product of an M-row tile
+  ``warpsPerCTA = [num_warps, 1]`` and a warpgroup covers 64 rows, so the sm90 tiles are 128 rows x 8
+  warps or 64 rows x 4 warps; 64 rows x 8 warps would compute every score twice.
+* **Addresses one step ahead**: the block-table lookup of step i + 1 runs during step i, so the
+  cache copies of a step depend on a loop-carried offset only and the software pipeliner can issue
+  them ``num_stages - 1`` steps ahead.
 * **Masked lanes read a visible key**: a lane past the end of the range (or a -1 / out-of-range
   top-k index) loads the row of a key the query does see, and its score is set to -inf before the
   exponential. No block-table entry or page slot beyond a sequence's length is ever read (they may
@@ -118,7 +123,8 @@ if HAS_TRITON:
         offs_n = start + tl.arange(0, BLOCK_N)
         if HAS_TOPK:
             pos = tl.load(tk_row + offs_n, mask=offs_n < hi, other=-1)
-            key_ok = pos.to(tl.uint32, bitcast=True) < tl.maximum(key_end, 0).to(tl.uint32)  # 0 <= pos < key_end
+            # 0 <= pos < key_end in one unsigned compare (a step runs only when key_end > 0)
+            key_ok = pos.to(tl.uint32, bitcast=True) < key_end.to(tl.uint32, bitcast=True)
             pos_ld = tl.where(key_ok, pos, 0)
         else:
             pos = offs_n
