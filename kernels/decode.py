@@ -259,11 +259,10 @@ if HAS_TRITON:
         # software pipeliner can issue them num_stages - 1 steps ahead (a lookup inside the step would
         # serialise lookup -> copy every step, whatever num_stages).
         pos_c, ok_c, off_c = _key_rows(lo, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE, HAS_TOPK, BLOCK_N)
-        nxt = lo
         for start in range(lo, hi, BLOCK_N):
             pos, key_ok, kv_off = pos_c, ok_c, off_c
-            nxt = start + BLOCK_N
-            pos_c, ok_c, off_c = _key_rows(nxt, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE, HAS_TOPK, BLOCK_N)
+            pos_c, ok_c, off_c = _key_rows(start + BLOCK_N, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE, HAS_TOPK,
+                                           BLOCK_N)
             if KV_FP8:
                 kv = _fp8_latent(KV, kv_off, pid_v * BLOCK_DV, offs_v, v_ok, DV, PAD, BLOCK_DV // 128, q_lat.dtype,
                                  FP8_NATIVE)
@@ -305,11 +304,9 @@ if HAS_TRITON:
 
         # Epilogue addressing, int64 (partial buffers can be large). Rows past the last one (padding) store
         # to the last row what it holds already (they re-read its query), so the output store needs no row
-        # mask, and no column mask unless the value blocks overhang Dv: masks cost the registers that a
-        # [128, 256] fp32 tile does not leave. ``zero = (nxt - lo) % BLOCK_N`` is 0 but known only after the
-        # loop: it keeps the compiler from computing the row pointers before the loop and holding them.
-        zero = (nxt - lo) % BLOCK_N
-        rows = row_base + zero + tl.arange(0, BLOCK_H)
+        # mask, and no column mask unless the value blocks overhang Dv: with the masks the fp32 partial
+        # store of a [128, 256] tile spilled 360 bytes.
+        rows = row_base + tl.arange(0, BLOCK_H)
         row_ok = rows <= row_last
         rows64 = tl.minimum(rows, row_last).to(tl.int64)
         if HAS_SINKS and DIRECT:  # the sink closes each row's softmax: finite lse, empty rows give 0
