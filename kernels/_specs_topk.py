@@ -134,7 +134,8 @@ def decode_split_spec(arch: int, dtype: torch.dtype, dk: int, dv: int, num_heads
     from kernels import decode
 
     fn = decode._mla_decode_split_kernel
-    cfg = decode.decode_config(dk, dv, dtype, arch, kv_fp8=kv_fp8, interpret=False)
+    cfg = decode.decode_config(dk, dv, dtype, arch, kv_fp8=kv_fp8, rows=num_heads if topk else num_heads * q_len,
+                               interpret=False)
     ty = dtype_name(dtype)
     H, T = num_heads, q_len
     S = 1 if direct else num_splits
@@ -195,9 +196,11 @@ def decode_compile_specs(arch: int) -> list[CompileSpec]:
     with split partials; dense causal Tq = 2 written directly; top-k causal Tq = 1 with split
     partials), H = 16 (dense causal Tq = 2, split partials), H = 1 (dense causal, Tq = 1), and a
     generic shape (80, 64) (dense causal, Tq = 2: masked rope block); the combine kernel for Dv = 512
-    and 64; with attention sinks the direct 576/512 split kernel and the Dv = 512 combine. For fp32 (IEEE
-    products): the absorbed split kernel, dense and top-k, and its combine.
-    The tile does not depend on H or Tq; they only change the launch specialisation. Signatures
+    and 64; with attention sinks the direct 576/512 split kernel and the Dv = 512 combine; the FP8 cache
+    (bf16 queries) in the three H = 128 modes and H = 16. For fp32 (IEEE products): the absorbed split
+    kernel, dense and top-k, and its combine.
+    The tile depends on the rows per sequence (``Tq * H``, top-k ``H``: ``decode_config(rows=)``); H and Tq
+    also change the launch specialisation. Signatures
     are specialised as a contiguous launch is (ints equal to 1 constexpr; ``extra["divisible"]``
     names the 16-divisible ints and aligned pointers, as ``kernels._compile.compile_spec``
     expects); without those hints the loads are not vectorised and the 576/512 kernel spills.
@@ -225,6 +228,9 @@ def decode_compile_specs(arch: int) -> list[CompileSpec]:
     for causal, topk, direct, q_len in ((False, False, False, 1), (True, False, True, 2), (True, True, False, 1)):
         specs.append(decode_split_spec(arch, torch.bfloat16, 576, 512, 128, q_len, causal=causal, topk=topk,
                                  direct=direct, kv_fp8=True))
+    # ... and with 16 heads (the sm90 64-row tile)
+    specs.append(decode_split_spec(arch, torch.bfloat16, 576, 512, 16, 2, causal=True, topk=False, direct=False,
+                                   kv_fp8=True))
     # fp32 (IEEE products): the absorbed shape, dense and top-k, and its combine.
     specs.append(decode_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=False, topk=False, direct=False))
     specs.append(decode_split_spec(arch, torch.float32, 576, 512, 128, 1, causal=True, topk=True, direct=False))

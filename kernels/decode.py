@@ -15,13 +15,18 @@ Method (our own Triton code; the ideas are published, the code is not copied):
   once for all heads of a head group.
 * **V is a prefix of K**: the value of a token is the first ``Dv`` columns of its cache row; a
   program's value columns are a block of the key tile it already loaded for the scores.
-* **Register budget** (DESIGN §9.2): a ``[64, 512]`` fp32
-  accumulator alone takes 128 registers per thread at 8 warps; with it every variant we compiled
-  spilled on sm90. So for Dv = 512 two programs share a (sequence, head group, split), each owning
-  256 value columns (``DV_SPLIT = 2``, grid axis 2): each loads the whole key tile once (its own
-  256 latent columns double as V) and computes the full scores, i.e. the score FLOPs are done
-  twice (about 1.5x the tensor-core work of one program; the cache is read from DRAM once, from
-  L2 twice).
+* **Register budget** (DESIGN §9.2): a ``[64, 512]`` fp32 accumulator per warpgroup alone takes 256
+  registers per thread. So for Dv = 512 two programs share a (sequence, head group, split), each
+  owning 256 value columns (``DV_SPLIT = 2``; adjacent program ids, so both read the tile in the same
+  wave): each loads the whole key tile once (its own 256 latent columns double as V) and computes the
+  full scores, i.e. the score FLOPs are done twice (about 1.5x the tensor-core work of one program;
+  the cache is read from DRAM once, from L2 twice).
+* **One warpgroup per 64 rows** (Hopper): Triton gives the score product of an M-row tile
+  ``warpsPerCTA = [num_warps, 1]`` and a warpgroup covers 64 rows, so the sm90 tiles are 128 rows x 8
+  warps or 64 rows x 4 warps; 64 rows x 8 warps would compute every score twice.
+* **Addresses one step ahead**: the block-table lookup of step i + 1 runs during step i, so the
+  cache copies of a step depend on a loop-carried offset only and the software pipeliner can issue
+  them ``num_stages - 1`` steps ahead.
 * **Masked lanes read a visible key**: a lane past the end of the range (or a -1 / out-of-range
   top-k index) loads the row of a key the query does see, and its score is set to -inf before the
   exponential. No block-table entry or page slot beyond a sequence's length is ever read (they may
@@ -48,7 +53,7 @@ else:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 __all__ = ["MAX_SPLITS", "choose_num_splits", "combine_config", "compile_specs", "decode_config",
-           "mla_decode_fwd"]
+           "mla_decode_fwd", "wave_efficiency"]
 
 #: Upper bound on the number of key splits per sequence (chosen or given).
 MAX_SPLITS = 256
@@ -107,6 +112,35 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _key_rows(start, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE: tl.constexpr, HAS_TOPK: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+        """Key positions ``pos`` [BLOCK_N] of the step at ``start`` (dense: ``start + arange``; top-k: the
+        index list's entries), ``key_ok`` (in range and visible) and the int64 offsets of their cache rows.
+        Masked-out lanes (and every lane of a step at or past ``hi``) address a *visible* key instead (the
+        last one of the range, or key 0 for top-k), so every load is in bounds and finite: no block-table
+        entry or page slot past the sequence is ever read (they may hold -1, garbage, NaN), no cache load
+        needs a mask (registers), and the lane's score is set to -inf, so its p is exactly 0."""
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if HAS_TOPK:
+            pos = tl.load(tk_row + offs_n, mask=offs_n < hi, other=-1)
+            # 0 <= pos < key_end in one unsigned compare (a step runs only when key_end > 0)
+            key_ok = pos.to(tl.uint32, bitcast=True) < key_end.to(tl.uint32, bitcast=True)
+            pos_ld = tl.where(key_ok, pos, 0)
+        else:
+            pos = offs_n
+            key_ok = pos < hi
+            pos_ld = tl.minimum(pos, hi - 1)
+        # A step past the range (the lookahead after the last one, or an empty range) reads no block-table
+        # entry (the table may even have no column).
+        if not HAS_TOPK and PAGE_SIZE % BLOCK_N == 0:
+            # dense steps start at multiples of BLOCK_N: one page per step, one lookup
+            page = tl.load(bt_row + start // PAGE_SIZE, mask=start < hi, other=0)
+        else:  # per key: a step may span pages
+            page = tl.load(bt_row + pos_ld // PAGE_SIZE, mask=(pos_ld * 0 + start) < hi, other=0)
+        kv_off = page.to(tl.int64) * kv_str[0] + (pos_ld % PAGE_SIZE).to(tl.int64) * kv_str[1]
+        return pos, key_ok, kv_off
+
+    @triton.jit
     def _mla_decode_split_kernel(
         Q, KV, BLOCK_TABLE, SEQLENS, TOPK, OUT, LSE,
         sm_scale_log2, q_str, kv_str, tk_str, o_str, lse_str, dims,
@@ -124,14 +158,17 @@ if HAS_TRITON:
         ``tk_str = (batch, token)`` of TOPK; ``o_str = (batch, packed row, split)`` of OUT;
         ``lse_str = (batch, token, head, split)`` of LSE.
 
-        Grid: (B * groups, num_splits, DV_SPLIT). Dense: the ``TQ * H`` rows of a sequence are packed
-        (row r = t * H + h), groups = cdiv(TQ * H, BLOCK_H). Top-k: every query token has its own
-        key list, so the rows of a program are the heads of one token (groups = TQ * cdiv(H, BLOCK_H)).
+        Grid: (B * groups * DV_SPLIT, num_splits), program 0-axis id = (b * groups + group) * DV_SPLIT + value
+        block: the programs that read the same cache tiles (a sequence's row blocks and value halves in one
+        split) have adjacent ids, so they run in the same wave and the tiles are read from DRAM once. Dense:
+        the ``TQ * H`` rows of a sequence are packed (row r = t * H + h), groups = cdiv(TQ * H, BLOCK_H).
+        Top-k: every query token has its own key list, so the rows of a program are the heads of one token
+        (groups = TQ * cdiv(H, BLOCK_H)).
         Q and OUT address packed rows with one row stride (``q_str[1]``, ``o_str[1]``; the launcher
         guarantees ``stride_t == H * stride_h``), OUT's split stride ``o_str[2]`` is 0 when DIRECT.
         The latent part of a key tile (``DV`` columns, padded to ``DV_SPLIT * BLOCK_DV``) is loaded
         once, as ``DV_SPLIT`` (1 or 2) column blocks: all serve as K (scores), the program's own block
-        (grid axis 2) also serves as V, so the program owns ``BLOCK_DV`` output columns (the
+        (``program_id(0) % DV_SPLIT``) also serves as V, so the program owns ``BLOCK_DV`` output columns (the
         accumulator of a [64, 512] tile does not fit the registers next to the rest). The rope part
         (``DK - DV`` columns, padded to ``BLOCK_DR``; 0 when ``DK == DV``) is one more product.
         DIRECT (one split): write the final output (input dtype) and lse ([B, H, TQ], +inf for an
@@ -148,9 +185,9 @@ if HAS_TRITON:
         ``WIN_L + TQ`` positions, never the older pages).
         """
         H, TQ, TOPK_K = dims
-        pid_m = tl.program_id(0)
+        pid_m = tl.program_id(0) // DV_SPLIT  # the value halves of a row block are adjacent programs
+        pid_v = tl.program_id(0) % DV_SPLIT
         pid_s = tl.program_id(1)
-        pid_v = tl.program_id(2)
         n_split = tl.num_programs(1)
 
         if HAS_TOPK:
@@ -177,15 +214,15 @@ if HAS_TRITON:
         else:
             k0 = 0
             if HAS_WINDOW:  # the first position any row of this program sees
-                k0 = tl.maximum(seqlen - TQ + row_base // H - WIN_L, 0)
+                k0 = tl.maximum(seqlen - TQ + row_base // H - WIN_L, 0) // BLOCK_N * BLOCK_N  # steps start aligned
             n_keys = tl.maximum(seqlen - k0, 0)
         blocks_per_split = ((n_keys + BLOCK_N - 1) // BLOCK_N + n_split - 1) // n_split
         lo = k0 + pid_s * blocks_per_split * BLOCK_N
         hi = tl.minimum(lo + blocks_per_split * BLOCK_N, k0 + n_keys)
 
-        # Query tile: rows past the last one re-read the last row (no mask; never stored). The
-        # per-row offsets are int32 (a sequence's query block is small) and distinct from the
-        # epilogue's, so that nothing row-indexed stays live in registers across the key loop.
+        # Query tile: rows past the last one (padding) re-read the last row (no mask) and see its keys,
+        # so they compute the last row's output again (the epilogue stores it unmasked over that row).
+        # The per-row offsets are int32 (a sequence's query block is small).
         # Columns: this program's value block (offs_v), with DV_SPLIT == 2 the other latent block
         # (offs_w; scores only), and the rope part (offs_r; scores only). Both programs of a pair
         # add the two latent blocks in a different order: their statistics agree to fp32 rounding.
@@ -204,32 +241,28 @@ if HAS_TRITON:
             r_ok = offs_r < DK
             q_rope = tl.load(q_ptr + offs_r[None, :], mask=r_ok[None, :], other=0.0)
         bt_row = BLOCK_TABLE + b64 * kv_str[2]
+        tk_row = TOPK
         if HAS_TOPK:
             tk_row = TOPK + b64 * tk_str[0] + t0.to(tl.int64) * tk_str[1]
-        elif IS_CAUSAL:
-            # row r sees keys j < row_end[r] (bottom-right aligned)
-            row_end = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H + 1
+        else:
+            key_end = hi  # unused
+        if IS_CAUSAL and not HAS_TOPK:
+            # row r sees keys j < row_end[r] (bottom-right aligned); padding rows as the last row
+            row_end = seqlen - TQ + q_rows // H + 1
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
 
+        # The cache rows of a step are addressed one step ahead (block-table lookup for step i + 1 while
+        # step i computes): the copies of a step then depend on a loop-carried offset only, so the
+        # software pipeliner can issue them num_stages - 1 steps ahead (a lookup inside the step would
+        # serialise lookup -> copy every step, whatever num_stages).
+        pos_c, ok_c, off_c = _key_rows(lo, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE, HAS_TOPK, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            # Masked-out lanes read a *visible* key instead (the last one of the range, or key 0 for
-            # top-k), so every load is in bounds and finite: no block-table entry or page slot past
-            # the sequence is ever read (they may hold -1, garbage, NaN), no load needs a mask
-            # (registers), and the lane's score is -inf below, so its p is exactly 0.
-            if HAS_TOPK:
-                pos = tl.load(tk_row + offs_n, mask=offs_n < hi, other=-1)
-                key_ok = (pos >= 0) & (pos < key_end)
-                pos_ld = tl.where(key_ok, pos, 0)
-            else:
-                pos = offs_n
-                key_ok = pos < hi
-                pos_ld = tl.minimum(pos, hi - 1)
-            page = tl.load(bt_row + pos_ld // PAGE_SIZE)  # per key: a tile may span pages
-            kv_off = page.to(tl.int64) * kv_str[0] + (pos_ld % PAGE_SIZE).to(tl.int64) * kv_str[1]
+            pos, key_ok, kv_off = pos_c, ok_c, off_c
+            pos_c, ok_c, off_c = _key_rows(start + BLOCK_N, hi, bt_row, tk_row, key_end, kv_str, PAGE_SIZE, HAS_TOPK,
+                                           BLOCK_N)
             if KV_FP8:
                 kv = _fp8_latent(KV, kv_off, pid_v * BLOCK_DV, offs_v, v_ok, DV, PAD, BLOCK_DV // 128, q_lat.dtype,
                                  FP8_NATIVE)
@@ -256,7 +289,7 @@ if HAS_TRITON:
             else:
                 vis = key_ok[None, :]
             if HAS_WINDOW:
-                win_lo = seqlen - TQ + (row_base + tl.arange(0, BLOCK_H)) // H - WIN_L
+                win_lo = seqlen - TQ + q_rows // H - WIN_L
                 vis = vis & (pos[None, :] >= win_lo[:, None])
             s = tl.where(vis, s * sm_scale_log2, float("-inf"))  # base-2 logits
 
@@ -269,12 +302,15 @@ if HAS_TRITON:
             acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # epilogue addressing, int64 (partial buffers can be large)
+        # Epilogue addressing, int64 (partial buffers can be large). Rows past the last one (padding) store
+        # to the last row what it holds already (they re-read its query), so the output store needs no row
+        # mask, and no column mask unless the value blocks overhang Dv: with the masks the fp32 partial
+        # store of a [128, 256] tile spilled 360 bytes.
         rows = row_base + tl.arange(0, BLOCK_H)
         row_ok = rows <= row_last
-        rows64 = rows.to(tl.int64)
+        rows64 = tl.minimum(rows, row_last).to(tl.int64)
         if HAS_SINKS and DIRECT:  # the sink closes each row's softmax: finite lse, empty rows give 0
-            sink = tl.load(SINKS + rows64 % H, mask=row_ok, other=0.0) * 1.4426950408889634
+            sink = tl.load(SINKS + rows64 % H) * 1.4426950408889634
             o_scale, lse2 = _sink_finish(acc, m_i, l_i, sink)
             o = acc * o_scale[:, None]
             lse = lse2 * 0.6931471805599453
@@ -287,16 +323,19 @@ if HAS_TRITON:
         o_ptr = OUT + b64 * o_str[0] + rows64 * o_str[1] + split64 * o_str[2]
         offs_o = pid_v.to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV).to(tl.int64)
         o_ptrs = o_ptr[:, None] + offs_o[None, :]
-        o_mask = row_ok[:, None] & (offs_o < DV)[None, :]
         l_ptr = (LSE + b64 * lse_str[0] + (rows64 // H) * lse_str[1] + (rows64 % H) * lse_str[2]
                  + split64 * lse_str[3])
         l_mask = row_ok & ((rows * 0 + pid_v) == 0)  # both value halves hold the same statistics
         if DIRECT:
-            tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
-            tl.store(l_ptr, tl.where(empty, float("inf"), lse), mask=l_mask)
+            o = o.to(OUT.dtype.element_ty)
+            lse = tl.where(empty, float("inf"), lse)
         else:
-            tl.store(o_ptrs, o, mask=o_mask)
-            tl.store(l_ptr, tl.where(empty, float("-inf"), lse), mask=l_mask)
+            lse = tl.where(empty, float("-inf"), lse)
+        if PAD:
+            tl.store(o_ptrs, o, mask=(offs_o < DV)[None, :])
+        else:
+            tl.store(o_ptrs, o)
+        tl.store(l_ptr, lse, mask=l_mask)
 
     @triton.jit
     def _mla_decode_combine_kernel(
@@ -369,27 +408,38 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
-#: Tile of the split kernel on a GPU: 64 query rows (heads x query tokens) per program, as in
-#: FlashMLA (the M of Hopper's wgmma), 8 warps (two warpgroups), at most 256 value columns per
-#: program (DV_SPLIT = 2 programs share a 512-column latent), 32 keys per pipelined step, two
-#: stages. Measured with ptxas for every spec of ``compile_specs`` (DESIGN §9.2): 0 spills.
-#: A [64, 512] accumulator per program (no value split) spills on sm90 in every variant tried
-#: (BLOCK_N 16 / 32, 2 stages: 0-236 bytes), and BLOCK_N = 64 spills in the top-k variant.
-_GPU_BLOCK_H = 64
-_GPU_WARPS = 8
+#: Tiles of the split kernel on a GPU, keyed by kernels._config.arch_family: at most 256 value columns
+#: per program (DV_SPLIT = 2 programs share a 512-column latent), 32 keys per pipelined step; the query
+#: tile stays in shared memory. Why (static model, bench/static_model.py; registers / shared bytes:
+#: DESIGN §9.2): Triton lays the score product of an M-row tile out as warpsPerCTA [num_warps, 1] and a
+#: Hopper warpgroup (4 warps) covers 64 rows, so a 64-row tile with 8 warps computes its scores twice
+#: (0.39 useful MAC share); 64 rows need 4 warps, 8 warps need 128 rows (both 0.65 useful).
+#: sm90, fewer than 128 rows per sequence (G = 16 tensor parallel, H = 64): 64 rows x 4 warps (one
+#: warpgroup), 3 stages (72 KiB of query + 3 x 36 KiB of key tiles = 180 KiB): two steps of load slack.
+#: sm90, 128 or more rows (H = 128): ``_GPU_WIDE_TILES``, 128 rows x 8 warps (two warpgroups of 64 rows):
+#: each cache tile is read by half as many programs and two warpgroups share an SM; its 144 KiB of query
+#: leave room for 2 stages only (216 KiB), so its loop waits for the step's loads at the top.
+#: A [64, 512] accumulator per program (no value split) spills.
+#: sm80 / 99 KiB parts (mma.sync): 64 rows x 8 warps, 2 stages (3 do not fit); the 99 KiB parts (sm86,
+#: sm89, sm120) step 16 keys at a time (32 keys: 112 KiB, over their limit).
+_GPU_ARCH_TILES = {80: dict(BLOCK_H=64, num_warps=8, BLOCK_N=32, num_stages=2),
+                   86: dict(BLOCK_H=64, num_warps=8, BLOCK_N=16, num_stages=2),
+                   90: dict(BLOCK_H=64, num_warps=4, BLOCK_N=32, num_stages=3)}
+_GPU_WIDE_TILES = {90: dict(BLOCK_H=128, num_warps=8, BLOCK_N=32, num_stages=2)}
 _GPU_MAX_BLOCK_DV = 256
-#: Keyed by kernels._config.arch_family. 99 KiB parts (sm86, sm89, sm120) step 16 keys at a time:
-#: 92 KiB of shared memory for 576/512 on sm86 (32 keys: 112 KiB, over their limit).
-_GPU_ARCH_TILES = {80: dict(BLOCK_N=32, num_stages=2), 86: dict(BLOCK_N=16, num_stages=2),
-                   90: dict(BLOCK_N=32, num_stages=2)}
 #: FP8 (fp8_ds_mla) cache tiles, measured with ptxas like the above (bf16 queries, 576/512, the three
-#: launch modes of ``compile_specs``): the dequantized tiles live in registers before the products, so
-#: the wgmma family (90) takes 16 keys per step (32: 255 registers and 28 spilled bytes in the causal
-#: direct mode) and the others (mma.sync, no wgmma; ~91 KiB shared, within the 99 KiB parts' limit) 32
-#: rows per program (64 rows: 600-3,200 spilled bytes for 16 or 32 keys).
-_GPU_FP8_TILES = {80: dict(BLOCK_H=32, BLOCK_N=32, num_stages=2), 90: dict(BLOCK_N=16, num_stages=2)}
+#: launch modes of ``compile_specs``): the dequantized tiles live in registers before the products. The
+#: wgmma family (90) keeps its tiles (64 rows x 4 warps: 255 registers, 128 rows x 8 warps: 235, 0 spills); the
+#: others (mma.sync, no wgmma; ~91 KiB shared, within the 99 KiB parts' limit) take 32 rows per program
+#: (64 rows: 600-3,200 spilled bytes for 16 or 32 keys).
+_GPU_FP8_TILES = {80: dict(BLOCK_H=32, BLOCK_N=32, num_stages=2), 90: {}}
 #: Minimum number of key tiles a split should own before splitting further pays for the combine.
 _MIN_TILES_PER_SPLIT = 2
+#: Split heuristic costs, in key steps of one program (``choose_num_splits``): a program's fixed work
+#: (query load, epilogue, launch slot) and the combine pass (a second launch, the fp32 partials written
+#: and read back). Estimates, not measurements.
+_PROGRAM_OVERHEAD_STEPS = 2
+_COMBINE_STEPS = 8
 
 
 def _dim_blocks(head_dim: int, head_dim_v: int, max_block_dv: int) -> dict:
@@ -399,28 +449,31 @@ def _dim_blocks(head_dim: int, head_dim_v: int, max_block_dv: int) -> dict:
     return dict(BLOCK_DV=dv_p2 // dv_split, DV_SPLIT=dv_split, BLOCK_DR=block_dr)
 
 
-def _gpu_config(head_dim: int, head_dim_v: int, arch: int = 90, dtype: torch.dtype | None = None) -> dict:
+def _gpu_config(head_dim: int, head_dim_v: int, arch: int, dtype: torch.dtype | None, rows: int | None) -> dict:
     if dtype == torch.float32:
         # fp32 inputs (IEEE products on CUDA cores): a correctness path, not a fast one. Small tiles
         # so that shared memory fits (576/512: 69632 bytes on sm80/sm90); it spills (~3.7 KiB).
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
                     num_warps=4, num_stages=1)
-    tiles = _GPU_ARCH_TILES[arch_family(arch)]
-    return dict(BLOCK_H=_GPU_BLOCK_H, **_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV),
-                num_warps=_GPU_WARPS, **tiles)
+    family = arch_family(arch)
+    wide = family in _GPU_WIDE_TILES and (rows is None or rows >= _GPU_WIDE_TILES[family]["BLOCK_H"])
+    tiles = (_GPU_WIDE_TILES if wide else _GPU_ARCH_TILES)[family]
+    return dict(**_dim_blocks(head_dim, head_dim_v, _GPU_MAX_BLOCK_DV), **tiles)
 
 
 def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = None, arch: int = 90,
-                  kv_fp8: bool = False, *, interpret: bool | None = None) -> dict:
+                  kv_fp8: bool = False, *, rows: int | None = None, interpret: bool | None = None) -> dict:
     """Tile configuration of the split kernel for head dims (``head_dim`` = Dk, ``head_dim_v`` = Dv).
 
     Returns a dict with ``BLOCK_H`` (query rows per program), ``BLOCK_N`` (keys per step),
     ``BLOCK_DV`` (value columns per program: ``Dv`` padded to a power of two >= 16, halved when
-    ``DV_SPLIT`` is 2), ``DV_SPLIT`` (1 or 2 programs share the value columns; grid axis 2),
+    ``DV_SPLIT`` is 2), ``DV_SPLIT`` (1 or 2 programs share the value columns),
     ``BLOCK_DR`` (``Dk - Dv`` padded to a power of two >= 16; 0 when ``Dk == Dv``), ``num_warps``
     and ``num_stages``. ``arch`` is the compute capability (80: A100-class shared memory; >= 90:
-    Hopper). fp16 and bf16 share the tiles; fp32 (IEEE products, a correctness path) gets small
-    ones. Under the Triton interpreter (``kernels._config.INTERPRET``) one small configuration is
+    Hopper). ``rows``: the query rows that share a cache tile (dense: ``Tq * H``; top-k: ``H``; None:
+    as many as the widest tile has): on Hopper 128 or more take the 128-row tile (``_GPU_WIDE_TILES``),
+    fewer the 64-row one. fp16 and bf16 share the tiles; fp32 (IEEE products, a correctness path) gets
+    small ones. Under the Triton interpreter (``kernels._config.INTERPRET``) one small configuration is
     used (``interpret``, default ``kernels._config.INTERPRET``). ``kv_fp8``: tiles for the ``fp8_ds_mla``
     cache (``_GPU_FP8_TILES``).
     Raises ``ValueError`` unless ``1 <= head_dim_v <= head_dim``.
@@ -429,7 +482,7 @@ def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype | None = No
         raise ValueError(f"need 1 <= head_dim_v <= head_dim, got head_dim={head_dim}, head_dim_v={head_dim_v}")
     if INTERPRET if interpret is None else interpret:
         return dict(BLOCK_H=16, BLOCK_N=16, **_dim_blocks(head_dim, head_dim_v, 1024), num_warps=4, num_stages=1)
-    cfg = _gpu_config(head_dim, head_dim_v, arch, dtype)
+    cfg = _gpu_config(head_dim, head_dim_v, arch, dtype, rows)
     if kv_fp8 and dtype != torch.float32:
         cfg.update(_fp8_tiles(arch))
     return cfg
@@ -448,17 +501,22 @@ def combine_config(head_dim_v: int, num_splits: int) -> dict:
 
 
 def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, num_sms: int, *,
-                      block_h: int = _GPU_BLOCK_H, block_n: int = 64, dv_split: int = 1) -> int:
-    """Number of key splits per sequence for the split-KV decode (Flash-Decoding's idea).
+                      block_h: int = 64, block_n: int = 64, dv_split: int = 1) -> int:
+    """Number of key splits per sequence for the split-KV decode (Flash-Decoding's idea), chosen by waves.
 
-    Without splitting there are ``batch * cdiv(q_len * num_heads, block_h) * dv_split`` programs.
-    When that already fills ``num_sms`` streaming multiprocessors the answer is 1 (no combine pass).
-    Otherwise the count ``n`` is the smallest one whose wave efficiency
-    ``programs / (ceil(programs / num_sms) * num_sms)`` is within 85 % of the best reachable, where
-    ``n`` is limited so that each split owns at least ``_MIN_TILES_PER_SPLIT`` tiles of ``block_n``
-    keys of a ``max_seqlen``-key sequence (more splits than keys would only add empty work), and by
-    ``MAX_SPLITS``. (The same wave-quantisation argument as FlashAttention-2's split heuristic; our
-    own formulation.) ``max_seqlen`` is an upper bound on the keys per sequence (for top-k decode: K).
+    Without splitting there are ``base = batch * cdiv(q_len * num_heads, block_h) * dv_split`` programs,
+    one per SM at a time (the 576/512 tiles take more than half of an SM's shared memory). With ``n``
+    splits each program walks ``cdiv(T, n)`` key steps of ``block_n`` keys (``T = cdiv(max_seqlen,
+    block_n)``) and the ``base * n`` programs run in ``waves = cdiv(base * n, num_sms)`` waves. The
+    answer minimises the modeled time ``waves * (cdiv(T, n) + overhead) + combine`` in key steps:
+    ``overhead`` = ``_PROGRAM_OVERHEAD_STEPS`` per program, plus ``_COMBINE_STEPS`` / 4 per program and
+    ``_COMBINE_STEPS`` once when ``n > 1`` (the fp32 partials and the combine pass); ties go to fewer
+    splits. So a batch that leaves the last wave mostly idle is split too (B = 40, H = 128 on 132 SMs with
+    the 128-row tile: 80 programs keep 61 % of the SMs busy without splits, 3 splits: 240 programs in 2
+    waves, 91 %), and a long single sequence is cut until its pieces fill the machine. ``n`` is at most
+    ``MAX_SPLITS`` and leaves each split at least ``_MIN_TILES_PER_SPLIT`` key steps. (Wave quantisation
+    as in FlashAttention-2's split heuristic; our own formulation and constants.) ``max_seqlen`` is an
+    upper bound on the keys per sequence (top-k decode: K).
 
     Returns an int in ``[1, MAX_SPLITS]``. Raises ``ValueError`` for negative sizes or ``num_sms < 1``.
     """
@@ -466,19 +524,22 @@ def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, n
         raise ValueError(f"choose_num_splits: sizes must be >= 0 and num_sms >= 1, got batch={batch}, "
                          f"num_heads={num_heads}, q_len={q_len}, max_seqlen={max_seqlen}, num_sms={num_sms}")
     base = batch * cdiv(q_len * num_heads, block_h) * max(1, dv_split)
-    if base == 0 or max_seqlen == 0 or base >= num_sms:
+    steps = cdiv(max_seqlen, block_n)
+    if base == 0 or steps == 0:
         return 1
-    limit = max(1, min(MAX_SPLITS, cdiv(max_seqlen, block_n) // _MIN_TILES_PER_SPLIT))
+    limit = max(1, min(MAX_SPLITS, steps // _MIN_TILES_PER_SPLIT))
 
-    def efficiency(n: int) -> float:
-        programs = base * n
-        return programs / (cdiv(programs, num_sms) * num_sms)
+    def cost(n: int) -> float:
+        per_program = cdiv(steps, n) + _PROGRAM_OVERHEAD_STEPS + (_COMBINE_STEPS / 4 if n > 1 else 0)
+        return cdiv(base * n, num_sms) * per_program + (_COMBINE_STEPS if n > 1 else 0)
 
-    best = max(efficiency(n) for n in range(1, limit + 1))
-    for n in range(1, limit + 1):
-        if efficiency(n) >= 0.85 * best:
-            return n
-    return limit  # pragma: no cover - the loop always returns
+    return min(range(1, limit + 1), key=lambda n: (cost(n), n))
+
+
+def wave_efficiency(programs: int, num_sms: int) -> float:
+    """Busy fraction of ``num_sms`` SMs over the waves that ``programs`` equal programs (one per SM at a
+    time) take: ``programs / (cdiv(programs, num_sms) * num_sms)``; 1.0 for no programs."""
+    return programs / (cdiv(programs, num_sms) * num_sms) if programs else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,7 +708,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         arch, num_sms = props.major * 10 + props.minor, props.multi_processor_count
     else:  # interpreter
         arch, num_sms = 90, 8
-    cfg = decode_config(Dk, Dv, q.dtype, arch, kv_fp8=kv_fp8)
+    cfg = decode_config(Dk, Dv, q.dtype, arch, kv_fp8=kv_fp8, rows=H if has_topk else Tq * H)
     if config:
         cfg.update(config)
     _check(cfg["DV_SPLIT"] in (1, 2) and cfg["DV_SPLIT"] * cfg["BLOCK_DV"] >= Dv,
@@ -677,7 +738,7 @@ def mla_decode_fwd(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         l_buf = torch.empty((B, Tq, H, num_splits), dtype=torch.float32, device=dev)
         o_strides = (o_buf.stride(0), o_buf.stride(2), o_buf.stride(3))
         l_strides = l_buf.stride()
-    grid = (groups, num_splits, cfg["DV_SPLIT"])
+    grid = (groups * cfg["DV_SPLIT"], num_splits)
     launch(
         _mla_decode_split_kernel, grid,
         Q=q, KV=kv_cache, BLOCK_TABLE=block_table, SEQLENS=cache_seqlens, TOPK=tk, OUT=o_buf, LSE=l_buf,

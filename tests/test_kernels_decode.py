@@ -19,7 +19,14 @@ from kernels._config import HAS_TRITON
 pytestmark = needs_kernels
 
 if HAS_TRITON:
-    from kernels.decode import MAX_SPLITS, choose_num_splits, compile_specs, decode_config, mla_decode_fwd
+    from kernels.decode import (
+        MAX_SPLITS,
+        choose_num_splits,
+        compile_specs,
+        decode_config,
+        mla_decode_fwd,
+        wave_efficiency,
+    )
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # the Hopper configuration splits a 512-wide value dim over two programs; run that path here too
@@ -272,6 +279,74 @@ def test_topk_four_dim_indices_and_causal_empty_row():
 
 
 # ------------------------------------------------------------------------------------------------
+# the GPU tiles under the interpreter (it runs one small configuration unless a test forces one)
+# ------------------------------------------------------------------------------------------------
+#: sm90's tiles (kernels.decode._GPU_ARCH_TILES / _GPU_WIDE_TILES) at small head dims: 64 or 128 rows,
+#: 32 keys per step (one block-table lookup per step when the page size is a multiple of 32), value split.
+GPU_TILES = [{"BLOCK_H": 128, "BLOCK_N": 32, "BLOCK_DV": 16, "DV_SPLIT": 2},
+             {"BLOCK_H": 64, "BLOCK_N": 32, "BLOCK_DV": 16, "DV_SPLIT": 2}]
+
+
+@pytest.mark.parametrize("cfg,page_size,dtype", [
+    (GPU_TILES[0], 64, torch.float32), pytest.param(GPU_TILES[0], 16, torch.float16, marks=pytest.mark.slow),
+    (GPU_TILES[1], 16, torch.float32), pytest.param(GPU_TILES[1], 64, torch.float16, marks=pytest.mark.slow)],
+                         ids=["rows128-page64-fp32", "rows128-page16-fp16", "rows64-page16-fp32", "rows64-page64-fp16"])
+@pytest.mark.interpreter
+def test_gpu_tiles_dense(cfg, page_size, dtype):
+    """The sm90 tiles: Tq * H = 144 rows (the last row block mostly padding rows, stored unmasked over
+    the last row), causal, key steps that cross the end of the range and (page size 16) span pages, an
+    empty sequence; direct and split, against the oracle."""
+    dk, dv, H, Tq = 48, 32, 36, 4
+    lens = [45, 0]
+    cache, table, seq, rows = make_cache(lens, dk, page_size, dtype)
+    q = make_q(2, Tq, H, dk, dtype)
+    ro, rl = paged_decode(q, rows, 0.2, dv, causal=True)
+    for ns in (1, 2):
+        o, lse = run(q, cache, table, seq, 0.2, dv, causal=True, num_splits=ns, config=cfg)
+        check(o, lse, ro, rl, dtype)
+
+
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["rows128", "rows64"])
+@pytest.mark.interpreter
+def test_gpu_tiles_topk(cfg):
+    """The sm90 tiles in top-k mode: 20 heads per token (padding rows), -1 lanes, causal."""
+    dtype, dk, dv, H, Tq, K = torch.float32, 48, 32, 20, 1, 40
+    lens = [30, 45, 20]
+    cache, table, seq, rows = make_cache(lens, dk, 16, dtype)
+    idx = _topk(3, Tq, K, lens)
+    q = make_q(3, Tq, H, dk, dtype)
+    ro, rl = paged_decode(q, rows, 0.2, dv, causal=True, topk=idx)
+    for ns in (1, 2):
+        o, lse = run(q, cache, table, seq, 0.2, dv, causal=True, topk_indices=idx.to(DEVICE), num_splits=ns,
+                     config=cfg)
+        check(o, lse, ro, rl, dtype)
+
+
+@pytest.mark.parametrize("cfg", GPU_TILES, ids=["rows128", "rows64"])
+@pytest.mark.interpreter
+def test_gpu_tiles_window_and_sinks(cfg):
+    """The sm90 tiles with a sliding window (its first step starts at a multiple of 32 keys below the window)
+    and attention sinks, direct and split, against the reference backend."""
+    from mla.functional import mla_decode
+
+    B, Tq, H, dk, dv, page = 2, 2, 40, 48, 32, 64
+    g = torch.Generator().manual_seed(5)
+    lens = torch.tensor([150, 41], dtype=torch.int32)  # windows: positions 104.. (steps from 96 on), 0..
+    cache = torch.randn(6, page, 1, dk, generator=g).to(DEVICE)
+    table = torch.arange(6, dtype=torch.int32).view(2, 3).to(DEVICE)
+    q = torch.randn(B, Tq, H, dk, generator=g).to(DEVICE)
+    sinks = torch.randn(H, generator=g).to(DEVICE)
+    lens = lens.to(DEVICE)
+    ref, ref_lse = mla_decode(q.double(), cache.double(), table, lens, backend="reference", head_dim_v=dv,
+                              softmax_scale=dk**-0.5, causal=True, window_size=(45, 0), sinks=sinks)
+    for ns in (1, 3):
+        out, lse = run(q, cache, table, lens, dk**-0.5, dv, causal=True, num_splits=ns, config=cfg,
+                       sinks=sinks, window_left=45)
+        assert_close(out, ref.float(), name="out")
+        assert_close(lse, ref_lse.float(), name="lse")
+
+
+# ------------------------------------------------------------------------------------------------
 # host-side pieces
 # ------------------------------------------------------------------------------------------------
 def test_choose_num_splits():
@@ -289,6 +364,29 @@ def test_choose_num_splits():
             assert 1 <= n <= MAX_SPLITS and n <= max(1, math.ceil(L / 64))
     with pytest.raises(ValueError):
         choose_num_splits(1, 16, 1, 100, 0)
+
+
+@pytest.mark.parametrize("batch,splits", [(1, 64), (8, 8), (40, 3), (64, 1), (128, 1)])
+def test_choose_num_splits_by_waves(batch, splits):
+    """The issue's cases on an H100 / H200 (132 SMs), H = 128, S = 4096, the sm90 tile (128 rows, 32 keys,
+    two value halves: 2 programs per sequence and split): B = 40 fills one wave to 61 % unsplit, so it is
+    split (3: 240 programs, 91 %); B = 128 fills 1.94 waves (97 %): no split; small batches split until the
+    machine is full. Every answer keeps >= 90 % of the SMs busy."""
+    cfg = decode_config(576, 512, torch.float16, 90, rows=128, interpret=False)
+    assert (cfg["BLOCK_H"], cfg["BLOCK_N"], cfg["DV_SPLIT"]) == (128, 32, 2)
+    kw = dict(block_h=cfg["BLOCK_H"], block_n=cfg["BLOCK_N"], dv_split=cfg["DV_SPLIT"])
+    n = choose_num_splits(batch, 128, 1, 4096, 132, **kw)
+    assert n == splits
+    assert wave_efficiency(batch * 2 * n, 132) >= 0.9
+    assert wave_efficiency(40 * 2, 132) < 0.65 and wave_efficiency(128 * 2, 132) > 0.95  # unsplit
+    # top-k decode counts the query tokens as sequences: B = 20, Tq = 2 behaves as B = 40
+    assert choose_num_splits(20 * 2, 128, 1, 2048, 132, **kw) > 1
+
+
+def test_wave_efficiency():
+    assert wave_efficiency(132, 132) == 1.0 and wave_efficiency(0, 132) == 1.0
+    assert wave_efficiency(133, 132) == pytest.approx(133 / 264)
+    assert wave_efficiency(80, 132) == pytest.approx(80 / 132)
 
 
 def test_decode_config_and_compile_specs():
