@@ -111,11 +111,15 @@ def fwd_interp_config(dk: int, dv: int) -> TileConfig:
 # round. Chosen from the compile report like the forward tables (kernels/attention_fwd.py) and
 # compiled by the compile check. The absorbed shape (d576) splits dK/dV (dQ) columns over 4
 # programs of 128 columns: two 256-column accumulators plus the rope tail do not fit the registers.
+# sm90: the chained dot of dK/dV (P = exp(K·Qᵀ)) has the key block as M, so 8 warps need 128 keys
+# (64 keys x 8 warps computed every score twice: the static model's replicated dots); 3 stages keep
+# a step of load slack (bench/static_model.py).
 _DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
-        "d64": [TileConfig(64, 128, num_warps=8, num_stages=2)],
-        "d128": [TileConfig(32, 128, num_warps=8, num_stages=2), TileConfig(32, 64, num_warps=8, num_stages=2)],
-        "d256": [TileConfig(32, 64, num_warps=8, num_stages=2), TileConfig(16, 64, num_warps=8, num_stages=2)],
+        "d64": [TileConfig(64, 128, num_warps=8, num_stages=3)],
+        "d128": [TileConfig(64, 128, num_warps=8, num_stages=3), TileConfig(32, 128, num_warps=8, num_stages=3)],
+        # 255 registers, 0 spills (64x128 spills 1.1 KiB, 32x64 with 4 warps 88 bytes)
+        "d256": [TileConfig(32, 128, num_warps=8, num_stages=3)],
         "d576": [TileConfig(16, 64, nsplit=4, num_warps=8, num_stages=2)],
     },
     80: {
@@ -129,11 +133,11 @@ _DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
 _DKDV_TABLE[86] = _DKDV_TABLE[80]
 _DQ_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
-        "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
-        "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=2)],
-        "d256": [TileConfig(128, 32, num_warps=8, num_stages=2), TileConfig(64, 16, num_warps=4, num_stages=2)],
-        # 64x32 spilled 88 bytes with 16 heads per kv head (DeepSeek at 8-way TP) and 16 without the alias
-        "d576": [TileConfig(64, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=3)],
+        "d128": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        # 64 rows need 4 warps (8 replicate the score dots); 64x32 spills 128 bytes, 2 stages need 268 KiB
+        "d576": [TileConfig(64, 16, nsplit=4, num_warps=4, num_stages=1, stream=True)],
     },
     80: {
         "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
