@@ -9,8 +9,9 @@ Same layout, packing and head-dim plan as :mod:`kernels.attention_fwd` (read its
   formed transposed (``[BLOCK_N, BLOCK_M]``) so the key block is the M side of every dot.
   With ``NSPLIT > 1`` split ``s`` owns dV columns ``[s*BV, +BV)`` and dK columns ``[s*BK, +BK)``
   (the last split also the dK tail); every split recomputes P and dP. The absorbed shape needs
-  ``NSPLIT = 4`` to stay spill-free (a 2-way split would hold 2 x 256 + 64 fp32 accumulator
-  columns), so its scores are computed 4 times: about 2.6x the minimal tensor-core work.
+  ``NSPLIT = 4`` (sm80) or 8 (sm90: 128-key blocks, so that 8 warps do not replicate the score dots)
+  to stay spill-free (a 2-way split would hold 2 x 256 + 64 fp32 accumulator columns), so its
+  scores are computed 4 or 8 times: 2.6x or 4.7x the minimal tensor-core work.
 * ``_attn_bwd_dq_kernel``: one program per packed row block (and split), walking the same key
   blocks as the forward (:func:`kernels._jit.dense_key_range`), ``dQ = dS·K``. All three compute their
   scores with the one helper :func:`kernels._jit.scores`.

@@ -63,6 +63,8 @@ CASES = [
     # More heads per kv head than dK/dV rows per step (DeepSeek's 128 or 16): a step's rows are one token.
     Case(9, 40, 32, 1, 32, 32, True, bwd_cfg=bwd_mod.BwdConfig(16, 32, num_stages=1)),
     Case(9, 40, 32, 1, 32, 32, False, F16, bwd_cfg=bwd_mod.BwdConfig(16, 32, num_stages=1)),
+    Case(2, 33, 8, 1, 576, 512, True, F16, alias=True,  # sm90's splits: 8 x 64 columns, 16/32-wide pieces
+         bwd_cfg=bwd_mod.BwdConfig(16, 32, nsplit=8, num_stages=1, stream=True, bc=16)),
     Case(3, 40, 8, 1, 576, 512, True, alias=True,  # the GPU's absorbed backward split (4 x 128 columns)
          fwd_cfg=fwd_mod.FwdConfig(32, 32, nsplit=2, num_stages=1, q_resident=False, stream=True),
          bwd_cfg=bwd_mod.BwdConfig(32, 32, nsplit=4, num_stages=1, resident=False, stream=True)),
