@@ -115,13 +115,24 @@ def fwd_interp_config(dk: int, dv: int) -> TileConfig:
 # dkdv: BLOCK_N keys fixed per program, BLOCK_M packed query rows per step; dq: the other way
 # round. Chosen from the compile report like the forward tables (kernels/attention_fwd.py) and
 # compiled by the compile check. The absorbed shape (d576) splits dK/dV (dQ) columns over 4
-# programs of 128 columns: two 256-column accumulators plus the rope tail do not fit the registers.
+# programs of 128 columns (sm90 dK/dV: 8 of 64): two 256-column accumulators plus the rope tail do
+# not fit the registers.
+# sm90: the chained dot of dK/dV (P = exp(K·Qᵀ)) has the key block as M, so 8 warps need 128 keys
+# (64 keys x 8 warps computed every score twice: the static model's replicated dots); 3 stages keep
+# a step of load slack (bench/static_model.py).
 _DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
-        "d64": [TileConfig(64, 128, num_warps=8, num_stages=2)],
-        "d128": [TileConfig(32, 128, num_warps=8, num_stages=2), TileConfig(32, 64, num_warps=8, num_stages=2)],
-        "d256": [TileConfig(32, 64, num_warps=8, num_stages=2), TileConfig(16, 64, num_warps=8, num_stages=2)],
-        "d576": [TileConfig(16, 64, nsplit=4, num_warps=8, num_stages=2)],
+        "d64": [TileConfig(64, 128, num_warps=8, num_stages=3)],
+        # 64x128 models faster (0.65-0.69 vs 0.59-0.62) and is clean here, but the block-sparse
+        # variant of the kernel (same tables) spills 180-232 bytes with it
+        "d128": [TileConfig(32, 128, num_warps=8, num_stages=3)],
+        # 255 registers, 0 spills; 32x128 (0.60-0.63) spills 72 bytes in the block-sparse variant,
+        # 64x128 1.1 KiB, 32x64 with 4 warps 88 bytes
+        "d256": [TileConfig(16, 128, num_warps=8, num_stages=3)],
+        # 128 keys x 8 warps, 8 column splits of 64 (4 splits of 128 spill 56-1180 bytes with 64 or 128
+        # keys); one stage: the streamed pieces need 324 KiB with two; 32-wide pieces: 64-wide ones
+        # spill 72 bytes with a sliding window
+        "d576": [TileConfig(32, 128, nsplit=8, num_warps=8, num_stages=1, stream=True, bc=32)],
     },
     80: {
         "d64": [TileConfig(32, 128, num_warps=8, num_stages=2)],
@@ -134,11 +145,12 @@ _DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
 _DKDV_TABLE[86] = _DKDV_TABLE[80]
 _DQ_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
-        "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
-        "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=2)],
-        "d256": [TileConfig(128, 32, num_warps=8, num_stages=2), TileConfig(64, 16, num_warps=4, num_stages=2)],
-        # 64x32 spilled 88 bytes with 16 heads per kv head (DeepSeek at 8-way TP) and 16 without the alias
-        "d576": [TileConfig(64, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
+        "d64": [TileConfig(128, 64, num_warps=8, num_stages=3)],
+        "d128": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        "d256": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        # 64 rows need 4 warps (8 replicate the score dots); 16-wide pieces of the other splits' chunks
+        # (64-wide: 64x32 spills 128 bytes, 64x16 24-48 with 16 heads); 2 stages need 268 KiB
+        "d576": [TileConfig(64, 32, nsplit=4, num_warps=4, num_stages=1, stream=True, bc=16)],
     },
     80: {
         "d64": [TileConfig(128, 64, num_warps=8, num_stages=2)],
@@ -182,10 +194,10 @@ _DQ_TABLE_FP32: dict[int, dict[str, list[TileConfig]]] = {
 }
 
 # The absorbed class without the v alias (a separate value buffer), keyed (kind, family, fp32), where
-# the alias tables do not fit or spill (measured, triton 3.9): sm90 dK/dV 16x64/v4 spills 152 bytes
-# (v8: clean); sm86 dK/dV and dQ need 103 KiB with two stages.
+# the alias tables do not fit or spill (measured, triton 3.9): sm90 dK/dV has its own entry (the same
+# tile today); sm86 dK/dV and dQ need 103 KiB with two stages.
 _NO_ALIAS: dict[tuple[str, int, bool], list[TileConfig]] = {
-    ("dkdv", 90, False): [TileConfig(16, 64, nsplit=8, num_warps=8, num_stages=2)],
+    ("dkdv", 90, False): [TileConfig(32, 128, nsplit=8, num_warps=8, num_stages=1, stream=True, bc=32)],
     ("dkdv", 86, False): [TileConfig(16, 32, nsplit=4, num_warps=8, num_stages=1)],
     ("dq", 86, False): [TileConfig(32, 16, nsplit=4, num_warps=8, num_stages=1, stream=True)],
 }

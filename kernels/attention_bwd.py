@@ -9,8 +9,9 @@ Same layout, packing and head-dim plan as :mod:`kernels.attention_fwd` (read its
   formed transposed (``[BLOCK_N, BLOCK_M]``) so the key block is the M side of every dot.
   With ``NSPLIT > 1`` split ``s`` owns dV columns ``[s*BV, +BV)`` and dK columns ``[s*BK, +BK)``
   (the last split also the dK tail); every split recomputes P and dP. The absorbed shape needs
-  ``NSPLIT = 4`` to stay spill-free (a 2-way split would hold 2 x 256 + 64 fp32 accumulator
-  columns), so its scores are computed 4 times: about 2.6x the minimal tensor-core work.
+  ``NSPLIT = 4`` (sm80) or 8 (sm90: 128-key blocks, so that 8 warps do not replicate the score dots)
+  to stay spill-free (a 2-way split would hold 2 x 256 + 64 fp32 accumulator columns), so its
+  scores are computed 4 or 8 times: 2.6x or 4.7x the minimal tensor-core work.
 * ``_attn_bwd_dq_kernel``: one program per packed row block (and split), walking the same key
   blocks as the forward (:func:`kernels._jit.dense_key_range`), ``dQ = dS·K``. All three compute their
   scores with the one helper :func:`kernels._jit.scores`.
@@ -60,7 +61,6 @@ from kernels._jit import (
     key_walk,
     mask_scores,
     own_tiles,
-    packed_rows,
     packed_side,
     row_program,
     row_tile,
@@ -94,6 +94,34 @@ _LANES = tl.constexpr(64)  # q_indices lanes read per step when counting masked 
 
 
 @triton.jit
+def _step_rows(m_start, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed rows ``m_start + [0, BLOCK_M)`` of a dK/dV step as ``(tok0, grp0, dtok, dgrp)``: token
+    ``tok0 + dtok``, head ``grp0 + dgrp``, with per-step scalars ``tok0``/``grp0`` and step-invariant
+    ``dtok``/``dgrp`` when ``G > 1`` divides ``BLOCK_M`` or ``BLOCK_M`` divides ``G`` (every step then starts at a
+    multiple of ``G``, resp. of ``BLOCK_M``: dense row blocks and the sub-tiles of mask query blocks of
+    ``MASK_BM * G`` rows). The compiler hoists the invariant row offsets out of the row loop, so a step
+    adds one scalar per side instead of recomputing ``rows // G``, ``rows % G`` and two 64-bit products
+    per row (about a sixth of the d128 loop's instructions). ``G == 1`` keeps the per-step rows: one
+    product per row, and no offsets held across the loop (192/128 is at the register limit)."""
+    i = tl.arange(0, BLOCK_M)
+    if G > 1 and BLOCK_M % G == 0:
+        tok0, grp0, dtok, dgrp = m_start // G, m_start * 0, i // G, i % G
+    elif G % BLOCK_M == 0:
+        tok0, grp0, dtok, dgrp = m_start // G, m_start % G, i * 0, i
+    else:
+        tok0, grp0, dtok, dgrp = m_start * 0, m_start * 0, (m_start + i) // G, (m_start + i) % G
+    return tok0, grp0, dtok, dgrp
+
+
+@triton.jit
+def _step_side(base, strides, tok0, grp0, dtok, dgrp, row_ok):
+    """The side (``kernels._jit`` doc) of :func:`_step_rows`'s packed rows of a ``(batch, token, head,
+    dim)``-strided tensor: the per-step scalar folded into ``base``, the row offsets step-invariant."""
+    base = base + tok0.to(tl.int64) * strides[1] + grp0.to(tl.int64) * strides[2]
+    return base, dtok.to(tl.int64) * strides[1] + dgrp.to(tl.int64) * strides[2], row_ok, strides[3]
+
+
+@triton.jit
 def _dkdv_block(
     accs, kv_own, keys, k, v, m_start, row_end, qdo, stats, T, S, qk_scale, split, hide,
     G: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
@@ -119,18 +147,21 @@ def _dkdv_block(
     if not TILE.RESIDENT:
         # Re-read the key block's tiles (cache hits) instead of holding them for the whole loop.
         k_own, k_tail, v_own = fixed_tiles(k, v, k_tail, split, HEAD_DK, HEAD_DV, TILE, V_IS_K, hide)
-    tok, grp, row_ok = packed_rows(m_start, row_end, G, TILE.BLOCK_M)
+    tok0, grp0, dtok, dgrp = _step_rows(m_start, G, TILE.BLOCK_M)
+    tok = tok0 + dtok
+    row_ok = m_start + tl.arange(0, TILE.BLOCK_M) < row_end
     q_base, q_strides, do_base, do_strides = qdo
-    q = packed_side(q_base, q_strides, tok, grp, row_ok)
-    do = packed_side(do_base, do_strides, tok, grp, row_ok)
+    q = _step_side(q_base, q_strides, tok0, grp0, dtok, dgrp, row_ok)
+    do = _step_side(do_base, do_strides, tok0, grp0, dtok, dgrp, row_ok)
     q_own, do_own = own_tiles(q, do, split, HEAD_DK, HEAD_DV, TILE, True, False)
     st, dpt, q_tail = scores(k_own, q_own, k_tail, k, q, v_own, do_own, v, do, split, hide,
                              HEAD_DK, HEAD_DV, TILE, True, True, V_IS_K, True, DOT)
     # Padding rows read lse = +inf: P = 0 there.
     LSE_BH, DELTA_BH, st_h = stats
-    st_off = grp.to(tl.int64) * st_h + tok
-    lse = tl.load(LSE_BH + st_off, mask=row_ok, other=float("inf")) * _LOG2E
-    delta = tl.load(DELTA_BH + st_off, mask=row_ok, other=0.0)
+    st0 = grp0.to(tl.int64) * st_h + tok0
+    st_off = dgrp.to(tl.int64) * st_h + dtok
+    lse = tl.load(LSE_BH + st0 + st_off, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA_BH + st0 + st_off, mask=row_ok, other=0.0)
     st = st * qk_scale
     if MASKED:
         if CAUSAL:

@@ -62,6 +62,11 @@ CASES = [
     Case(17, 64, 4, 4, 128, 64, True,  # Dv split in two: the other splits' chunks are re-loaded
          fwd_cfg=fwd_mod.FwdConfig(32, 16, nsplit=2, num_stages=1),
          bwd_cfg=bwd_mod.BwdConfig(16, 32, nsplit=2, num_stages=1)),
+    # More heads per kv head than dK/dV rows per step (DeepSeek's 128 or 16): a step's rows are one token.
+    Case(9, 40, 32, 1, 32, 32, True, bwd_cfg=bwd_mod.BwdConfig(16, 32, num_stages=1)),
+    Case(9, 40, 32, 1, 32, 32, False, F16, bwd_cfg=bwd_mod.BwdConfig(16, 32, num_stages=1)),
+    Case(2, 33, 8, 1, 576, 512, True, F16, alias=True,  # sm90's splits: 8 x 64 columns, 16/32-wide pieces
+         bwd_cfg=bwd_mod.BwdConfig(16, 32, nsplit=8, num_stages=1, stream=True, bc=16)),
     Case(3, 40, 8, 1, 576, 512, True, alias=True,  # the GPU's absorbed backward split (4 x 128 columns)
          fwd_cfg=fwd_mod.FwdConfig(32, 32, nsplit=2, num_stages=1, q_resident=False, stream=True),
          bwd_cfg=bwd_mod.BwdConfig(32, 32, nsplit=4, num_stages=1, resident=False, stream=True)),
@@ -105,7 +110,7 @@ SLOW_FWD = {"gqa6:2-d32x32-T64-S130-causal-float32-cfg", "mha4:4-d128x64-T17-S64
 QUICK_BWD = {"mha4:4-d32x32-T17-S17-causal-float32", "mha4:4-d32x32-T1-S1-causal-float32",
              "gqa6:2-d80x80-T17-S33-causal-float32", "mqa8:1-d576x512-T3-S40-causal-float32",
              "mha4:4-d192x128-T17-S64-causal-float32", "gqa6:2-d24x16-T17-S64-full-float16-strided",
-             "mqa8:1-d576x512-T2-S17-causal-float32-alias-strided"}
+             "mqa8:1-d576x512-T2-S17-causal-float32-alias-strided", "mqa32:1-d32x32-T9-S40-causal-float32-cfg"}
 
 
 @pytest.mark.interpreter
