@@ -51,6 +51,7 @@ __all__ = [
     "fwd_outputs",
     "is_prefix_alias",
     "launch",
+    "needs_off64",
     "next_pow2",
     "prev_pow2",
     "specs_getattr",
@@ -99,6 +100,13 @@ def is_prefix_alias(k, v) -> bool:
         and v.stride() == k.stride()
         and v.shape[3] <= k.shape[3]
     )
+
+
+def needs_off64(k, v) -> bool:
+    """Whether a ``[B, S, H, D]`` key/value pair's per-step element offsets (``key * token stride`` within one
+    batch entry) can pass 2**31: the kernels then compute them in int64 (else int32, one multiply-add per
+    address; the ``OFF64`` constexpr of :mod:`kernels.attention_fwd`)."""
+    return k.shape[1] * max(k.stride(1), v.stride(1)) >= 2**31
 
 
 def compiled_launch(q) -> bool:

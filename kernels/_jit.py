@@ -61,9 +61,11 @@ __all__ = [
 
 @triton.jit
 def load_tile(side, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr,
-              off=0):
+              off=0, step=None):
     """``[R, BLOCK_D]`` tile of ``side`` (module doc): columns ``col0 + [0, BLOCK_D)`` of ``D``; ``off`` is
-    added to the base (the opaque zero that keeps re-loads in the loop, see :func:`scores`).
+    added to the base (the opaque zero that keeps re-loads in the loop, see :func:`scores`); ``step`` (a
+    scalar element offset, or None) is added last: with a loop-invariant side the pointer tile is hoisted
+    and each step costs one wide multiply-add per address (an int32 ``step``) instead of a 64-bit add pair.
 
     Masks only where the caller cannot rule out overhang (statically known full tiles keep
     vectorized, unpredicated loads); masked elements read 0.
@@ -71,6 +73,8 @@ def load_tile(side, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.c
     base, row_off, row_ok, col_stride = side
     cols = col0 + tl.arange(0, BLOCK_D)
     ptrs = base + off + row_off[:, None] + cols.to(tl.int64)[None, :] * col_stride
+    if step is not None:
+        ptrs = ptrs + step
     if ROW_MASK and COL_MASK:
         x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
     elif ROW_MASK:

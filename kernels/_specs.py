@@ -160,6 +160,7 @@ def fwd_specs(arch: int) -> list[CompileSpec]:
         for dtype in SPEC_DTYPES:
             for cfg in fwd_configs(arch, dk, dv, dtype, v_is_k):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg))
+            for cfg in fwd_configs(arch, dk, dv, dtype, v_is_k, varlen=True):
                 specs.append(fwd_spec(arch, dtype, dk, dv, group, v_is_k, cfg, varlen=True))
     for dk, dv, group, v_is_k in SPEC_TF32_SHAPES:
         for cfg in fwd_configs(arch, dk, dv, "fp32", v_is_k):

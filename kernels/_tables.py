@@ -31,8 +31,11 @@ __all__ = ["PRE_BLOCK_T", "PRE_WARPS", "bwd_configs", "bwd_interp_config", "fwd_
 _FWD_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
         "d64": [TileConfig(128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, num_warps=4, num_stages=3)],
-        "d128": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        # 128x128 with 3 stages: 224 KiB, 255 registers, no spills (triton 3.9)
+        "d128": [TileConfig(128, 128, num_warps=8, num_stages=3), TileConfig(128, 64, num_warps=8, num_stages=3)],
         "d256": [TileConfig(128, 64, num_warps=8, num_stages=2), TileConfig(128, 32, num_warps=8, num_stages=3)],
+        # 192/128 (DeepSeek's non-absorbed MLA): 128x128 needs 208 KiB with 2 stages (3: 288 KiB)
+        "d192": [TileConfig(128, 128, num_warps=8, num_stages=2), TileConfig(128, 64, num_warps=8, num_stages=3)],
         "d576": [TileConfig(128, 32, nsplit=2, num_warps=8, num_stages=2, bc=256)],
     },
     80: {
@@ -83,21 +86,36 @@ _FWD_NO_ALIAS: dict[tuple[int, bool], list[TileConfig]] = {
 }
 
 
+# Varlen launches (kernels.attention_fwd.attention_fwd_varlen: per-sequence offsets and lengths live in
+# registers), keyed (family, head class), where the dense 16-bit table spills: sm90 192/128 128x128 s2
+# spills 40 bytes (triton 3.9).
+_FWD_VARLEN: dict[tuple[int, str], list[TileConfig]] = {
+    (90, "d192"): [TileConfig(128, 64, num_warps=8, num_stages=3)],
+}
+
+
 #: The one configuration used under the interpreter (autotuning there would run every config).
 _INTERP_CONFIG = TileConfig(32, 32, nsplit=1, num_warps=4, num_stages=1)
 
 
-def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True) -> list[TileConfig]:
+def fwd_configs(arch: int, dk: int, dv: int, dtype: str = "fp16", v_is_k: bool = True,
+                varlen: bool = False) -> list[TileConfig]:
     """Autotune candidates for ``arch`` and head dims (Dk, Dv); ``dtype`` "fp16"/"bf16" or "fp32"
     (IEEE or TF32 dots: twice the shared memory and operand registers, its own smaller table).
     The table is the one of :func:`kernels._config.arch_family` (every entry fits that family's
     shared memory); the first entry is the preferred one (deterministic mode, :mod:`kernels.tuning`).
     ``v_is_k=False`` with the absorbed head class (a separate ``v`` tile): :data:`_FWD_NO_ALIAS`.
+    192/128 heads (Dk <= 192, Dv <= 128) have their own 16-bit entries (``"d192"``); ``varlen``: the
+    packed-sequence launch, :data:`_FWD_VARLEN` where the dense entries spill.
     """
     fam, cls = arch_family(arch), head_class(dk, dv)
     if cls == "d576" and not v_is_k and (fam, dtype == "fp32") in _FWD_NO_ALIAS:
         return list(_FWD_NO_ALIAS[(fam, dtype == "fp32")])
     table = _FWD_TABLE_FP32 if dtype == "fp32" else _FWD_TABLE
+    if cls == "d256" and dk <= 192 and dv <= 128 and "d192" in table[fam]:
+        cls = "d192"  # its own (larger) tiles where the whole d256 class would not fit
+    if varlen and dtype != "fp32" and (fam, cls) in _FWD_VARLEN:
+        return list(_FWD_VARLEN[(fam, cls)])
     return list(table[fam][cls])
 
 

@@ -60,6 +60,7 @@ from kernels._common import (
     head_class,
     is_prefix_alias,
     launch,
+    needs_off64,
     next_pow2,
     specs_getattr,
     tile_constexprs,
@@ -116,12 +117,13 @@ def _fwd_block(
     acc, m_i, l_i, q_own, q_oth, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, hide,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
     TILE: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr, window, HAS_WINDOW: tl.constexpr,
-    keep=None, HAS_KEEP: tl.constexpr = False,
+    keep=None, HAS_KEEP: tl.constexpr = False, OFF64: tl.constexpr = False,
 ):
     """Online-softmax update of one row tile with the key block starting at ``start_n``; keys at or
     past ``kend`` (``S``, or the end of a block-sparse mask block) are masked out when ``MASKED``
     (and keys outside the sliding window with ``HAS_WINDOW``, keys whose bit in ``keep`` is 0 with
-    ``HAS_KEEP``). ``q``: the query side (``kernels._jit`` doc); ``kv = (k_base, k_strides, v_base,
+    ``HAS_KEEP``). ``OFF64``: key-step offsets in int64 (the launcher's :func:`kernels._common.needs_off64`).
+    ``q``: the query side (``kernels._jit`` doc); ``kv = (k_base, k_strides, v_base,
     v_strides)``.
 
     ``hide`` is 0, but the compiler cannot prove it. The q re-loads (own chunk without
@@ -135,8 +137,12 @@ def _fwd_block(
     keys = start_n + tl.arange(0, TILE.BLOCK_N)
     key_ok = keys < kend
     k = (k_base, keys.to(tl.int64) * k_strides[1], key_ok, k_strides[3])
-    # Own score chunk; when v aliases k it is also the value tile (loaded once).
-    k_own = load_tile(k, split * TILE.BK, HEAD_DK, TILE.BK, MASKED, MASK_K)
+    # Own K and V tiles: a loop-invariant pointer tile plus this step's offset (int32 unless OFF64).
+    rows = tl.arange(0, TILE.BLOCK_N).to(tl.int64)
+    if OFF64:
+        start_n = start_n.to(tl.int64)
+    k_own = load_tile((k_base, rows * k_strides[1], key_ok, k_strides[3]), split * TILE.BK, HEAD_DK, TILE.BK,
+                      MASKED, MASK_K, 0, start_n * k_strides[1])  # also the value tile when v aliases k
     if not TILE.RESIDENT:
         q_own = load_tile(q, split * TILE.BK, HEAD_DK, TILE.BK, True, MASK_K, hide)
     if q_oth is not None:
@@ -151,23 +157,24 @@ def _fwd_block(
     else:
         qk, _, _ = scores(q_own, k_own, q_tail, q, k, q_own, k_own, q, k, split, hide,
                           HEAD_DK, HEAD_DV, TILE, MASKED, False, V_IS_K, False, DOT)
-    qk = qk * qk_scale
     if MASKED:
         qk = mask_scores(qk, keys, key_ok, tok, T, S, CAUSAL, window, HAS_WINDOW, keep, HAS_KEEP)
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # qk_scale > 0 (validated by mla.functional): scale the row max, not every score, and fold the scale
+    # into the exponent's multiply-add (FlashAttention-2; -inf stays -inf).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row that has seen nothing yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.exp2(qk - m_sub[:, None])
+    p = tl.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if V_IS_K:
         v_t = k_own
     else:
-        v = (v_base, keys.to(tl.int64) * v_strides[1], key_ok, v_strides[3])
-        v_t = load_tile(v, split * TILE.BV, HEAD_DV, TILE.BV, MASKED, MASK_V)
+        v_t = load_tile((v_base, rows * v_strides[1], key_ok, v_strides[3]), split * TILE.BV, HEAD_DV, TILE.BV,
+                        MASKED, MASK_V, 0, start_n * v_strides[1])
     acc = tl.dot(p.to(v_t.dtype), v_t, acc * alpha[:, None], input_precision=DOT)
     return acc, m_new, l_i
 
@@ -177,7 +184,7 @@ def _fwd_blocks(
     acc, m_i, l_i, lo, hi, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split, opaque_zero, walk, partial,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, CAUSAL: tl.constexpr, V_IS_K: tl.constexpr,
     TILE: tl.constexpr, DOT: tl.constexpr, window, HAS_WINDOW: tl.constexpr,
-    SPARSE: tl.constexpr, MASKED: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+    SPARSE: tl.constexpr, MASKED: tl.constexpr, HAS_PARTIAL: tl.constexpr, OFF64: tl.constexpr = False,
 ):
     """Key steps ``[lo, hi)`` of a row tile, all masked or none (``MASKED``): dense blocks ``i * BLOCK_N``,
     or (``SPARSE``) the sub-tiles of a ``kv_indices`` row, ``walk = (idx_base, sil, NSUB_N, MASK_BM,
@@ -189,7 +196,7 @@ def _fwd_blocks(
             keep = sparse_kv_keep(partial, walk, j, tok, TILE.BLOCK_N)
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q_own, q_oth, q_tail, start_n, kend, q, tok, kv, T, S, qk_scale, split, j * opaque_zero,
-            HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, MASKED, DOT, window, HAS_WINDOW, keep, HAS_PARTIAL,
+            HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, MASKED, DOT, window, HAS_WINDOW, keep, HAS_PARTIAL, OFF64,
         )
     return acc, m_i, l_i
 
@@ -204,6 +211,7 @@ def _attn_fwd_kernel(
     varlen=None, IS_VARLEN: tl.constexpr = False,
     SINKS=None, HAS_SINKS: tl.constexpr = False,
     window=(-1, -1), HAS_WINDOW: tl.constexpr = False,
+    OFF64: tl.constexpr = False,
 ):
     """Grid ``(n_m * B*Hkv*KV_REP, NSPLIT)``; ``qk_scale = softmax_scale * log2(e)``; ``opaque_zero`` is 0
     (see :func:`_fwd_block`); strides ``(batch, token, head, dim)`` in elements; ``TILE``:
@@ -272,10 +280,10 @@ def _attn_fwd_kernel(
     if TWO_LOOPS:
         acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, 0, n_full, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split,
                                     opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                    window, False, SPARSE, False, False)
+                                    window, False, SPARSE, False, False, OFF64)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, n_lo, n_end, q_own, q_oth, q_tail, q, tok, kv, T, S, qk_scale, split,
                                 opaque_zero, walk, partial, HEAD_DK, HEAD_DV, CAUSAL, V_IS_K, TILE, DOT,
-                                window, HAS_WINDOW, SPARSE, True, HAS_PARTIAL)
+                                window, HAS_WINDOW, SPARSE, True, HAS_PARTIAL, OFF64)
 
     Hq = n_hg * G
     head = hg * G + grp.to(tl.int64)
@@ -336,21 +344,23 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
         T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
         mask=None, mask_geom=None,
         G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=bool(v_is_k),
-        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, **ws, **(vl["kw"] if vl is not None else {}),
+        WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, OFF64=needs_off64(k, v), **ws,
+        **(vl["kw"] if vl is not None else {}),
     )
 
 
 _AUTOTUNERS: dict = {}
 
 
-def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str):
-    """``triton.autotune`` over :func:`fwd_configs` for these head dims and dtype family (one tuner
-    each), keyed on the group size, causality and max-logit switch (and the dtype, Triton adds it)."""
-    key = (arch, dk, dv, v_is_k, dtype == "fp32")
+def _autotuned(arch: int, dk: int, dv: int, v_is_k: bool, dtype: str, varlen: bool = False):
+    """``triton.autotune`` over :func:`fwd_configs` for these head dims, dtype family and launch kind
+    (dense or varlen; one tuner each), keyed on the group size, causality and max-logit switch (and the
+    dtype, Triton adds it)."""
+    key = (arch, dk, dv, v_is_k, dtype == "fp32", varlen)
     if key not in _AUTOTUNERS:
         configs = [
             triton.Config(tile_constexprs(c, dk, dv, v_is_k), num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in fwd_configs(arch, dk, dv, dtype, v_is_k)
+            for c in fwd_configs(arch, dk, dv, dtype, v_is_k, varlen)
         ]
         _AUTOTUNERS[key] = triton.autotune(
             configs=configs, key=["G", "CAUSAL", "WRITE_MAXL", "IS_VARLEN", "HAS_WINDOW", "HAS_SINKS"]
@@ -449,7 +459,7 @@ def attention_fwd_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         res = _launch(*args, config or interp_config(Dk, Dv), dot, vl)
     else:
         if config is None:
-            cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k)
+            cands = fwd_configs(device_arch(q.device), Dk, Dv, dtype_name(q.dtype), v_is_k, varlen=True)
             config = tuning.choose("attention_fwd", head_class(Dk, Dv), cands)
         res = _launch(*args, config, dot, vl) if config is not None else _launch_autotuned(*args, dot, vl)
     return out, lse, res[2]
@@ -491,10 +501,10 @@ def _launch_autotuned(q, k, v, out, lse, softmax_scale, causal, v_is_k, return_m
     # The tuner picks BLOCK_M: size the per-row-block max buffer for the smallest candidate; the
     # blocks a larger BLOCK_M does not write stay -inf.
     dtype = dtype_name(q.dtype)
-    n_mblocks = triton.cdiv(T * G, min(c.block_m for c in fwd_configs(arch, Dk, Dv, dtype, v_is_k)))
+    n_mblocks = triton.cdiv(T * G, min(c.block_m for c in fwd_configs(arch, Dk, Dv, dtype, v_is_k, vl is not None)))
     maxl = _maxl_buffer(q, B, Hq, n_mblocks, float("-inf"), return_max_logit)
     kw = _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_mblocks, dot, vl,
                           window_size, sinks)
     grid = lambda meta: (triton.cdiv(T * G, meta["TILE"].BLOCK_M) * B * Hkv, meta["TILE"].NSPLIT)  # noqa: E731
-    launch(_autotuned(arch, Dk, Dv, v_is_k, dtype), grid, **kw)
+    launch(_autotuned(arch, Dk, Dv, v_is_k, dtype, vl is not None), grid, **kw)
     return out, lse, (maxl.amax(dim=-1) if maxl is not None else None)

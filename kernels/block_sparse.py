@@ -148,11 +148,19 @@ _OVERRIDES: dict[tuple[str, int, str, str], dict] = {
 }
 
 
+#: Largest forward key tile per head class (16-bit): the dense sm90 tables' 128-key tiles spill 68-352 bytes
+#: with the sparse walk's extra registers (d128 128x128 s3, 192/128 128x128 s2, their 64-row fits).
+_FWD_MAX_BLOCK_N = {"d128": 64, "d256": 64}
+
+
 def _table(kind: str, arch: int, dk: int, dv: int, dtype: str, v_is_k: bool = True) -> list:
     """Dense table entries of ``kind`` with the block-sparse overrides applied."""
     cfgs = (dense_fwd_configs(arch, dk, dv, dtype, v_is_k) if kind == "fwd"
             else dense_bwd_configs(kind, arch, dk, dv, dtype, v_is_k))
-    ov = _OVERRIDES.get((kind, arch_family(arch), head_class(dk, dv), "fp32" if dtype == "fp32" else "16"))
+    hc = head_class(dk, dv)
+    if kind == "fwd" and dtype != "fp32" and hc in _FWD_MAX_BLOCK_N:
+        cfgs = dedup(replace(c, block_n=min(c.block_n, _FWD_MAX_BLOCK_N[hc])) for c in cfgs)
+    ov = _OVERRIDES.get((kind, arch_family(arch), hc, "fp32" if dtype == "fp32" else "16"))
     return [replace(c, **ov) for c in cfgs] if ov else cfgs
 
 
@@ -185,8 +193,14 @@ def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int
     """Forward candidates on ``arch`` for head dims (Dk, Dv), ``dtype`` ("fp16"/"bf16"/"fp32"), mask query
     blocks of ``rows`` packed rows and key blocks of ``block_n`` tokens (the dense table, fitted)."""
     mr = _min_rows(arch, dtype)
-    return _fit(_table("fwd", arch, dk, dv, dtype, v_is_k), lambda c: fit_rows(c.block_m, rows, mr),
+    cfgs = _fit(_table("fwd", arch, dk, dv, dtype, v_is_k), lambda c: fit_rows(c.block_m, rows, mr),
                 lambda c: fit_keys(c.block_n, block_n, 16), mr, 16)
+    if dtype == "fp32" or head_class(dk, dv) == "d576":  # fp32: FMA products, nothing to replicate;
+        return cfgs  # d576 follows its dense table (4 warps on its 64-row tiles spill 8-104 bytes)
+    # The score dot feeds the value dot, so Triton lays its warps along M (16 rows per warp, a warpgroup
+    # per 64 rows on sm90): a row tile fitted below 16 * num_warps would have every warp group compute
+    # the same scores. Fewer warps instead.
+    return dedup(replace(c, num_warps=max(4, min(c.num_warps, c.block_m // 16))) for c in cfgs)
 
 
 def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,
@@ -393,7 +407,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
             T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * _common.LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
             mask=margs, mask_geom=(bm, bn, kv_rep),
             G=G, G_P=_common.next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
-            WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, **part,
+            WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, OFF64=_common.needs_off64(k, v), **part,
         )
         if sinks is not None:
             kw.update(SINKS=sinks, HAS_SINKS=True)

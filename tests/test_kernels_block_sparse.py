@@ -267,6 +267,15 @@ def test_blocks_longer_than_the_sequence():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interpreter
+def test_forward_off64_path(monkeypatch):
+    """The int64 key-offset variant (``OFF64``: keys/values past 2**31 elements per batch entry) forced on a
+    small block-sparse case with uneven blocks (tiles masked to their block)."""
+    monkeypatch.setattr(bs._common, "needs_off64", lambda k, v: True)
+    check_case(Case(33, 70, 3, 3, 24, 16, block=(16, 24), pattern="random", causal=True, bh=(1, 3),
+                    name="off64"))
+
+
 def test_packing_modes():
     assert bs.packing(128, 1, 1) == (128, 1)  # per-token absorbed MLA: the heads of one token per tile
     assert bs.packing(6, 2, 1) == (3, 1)  # shared lists: GQA group packed
@@ -278,7 +287,8 @@ def test_packing_modes():
 def test_fitted_configs_respect_mask_blocks(arch):
     """Fitted tiles: no key tile spans two mask key blocks when a table tile can divide them, row tiles
     stay inside one query block, wgmma-sized M sides on sm90 (16-bit) with at most one warp per 16 of
-    their rows in the backward, and every fitted config is one the compile check compiles."""
+    their rows (no replicated score product; the absorbed forward follows its dense table), and every
+    fitted config is one the compile check compiles."""
     for dk, dv, _g, _alias in bs.SPEC_SHAPES:
         for dtype in ("fp16", "fp32"):
             spec = {kind: set(bs.spec_configs(kind, arch, dk, dv, dtype, 1)) for kind in ("fwd", "dkdv", "dq")}
@@ -293,7 +303,7 @@ def test_fitted_configs_respect_mask_blocks(arch):
                             if arch == 90 and dtype == "fp16":
                                 # wgmma M sides (d576 dK/dV: 32 keys on 2 warps, mma.sync)
                                 assert m_side >= 64 or (kind, dk, cfg.num_warps) == ("dkdv", 576, 2), (kind, cfg)
-                                if kind != "fwd":  # no warp repeats the chained score product
+                                if kind != "fwd" or dk <= 256:  # no warp repeats the chained score product
                                     assert m_side >= 16 * cfg.num_warps, (kind, cfg)
                             if bn % 16 == 0:
                                 odd = kind == "dkdv" and cfg.block_n in (32, 64) and bn < cfg.block_n

@@ -67,6 +67,9 @@ CASES = [
     Case(9, 40, 32, 1, 32, 32, False, F16, bwd_cfg=bwd_mod.BwdConfig(16, 32, num_stages=1)),
     Case(2, 33, 8, 1, 576, 512, True, F16, alias=True,  # sm90's splits: 8 x 64 columns, 16/32-wide pieces
          bwd_cfg=bwd_mod.BwdConfig(16, 32, nsplit=8, num_stages=1, stream=True, bc=16)),
+    # The sm90 tables' 128x128 tiles (192/128: own chunk + 64-column tail), several key steps and a tail.
+    Case(129, 260, 2, 1, 128, 128, True, F16, fwd_cfg=fwd_mod.FwdConfig(128, 128, num_warps=8, num_stages=3)),
+    Case(70, 260, 2, 1, 192, 128, False, F16, fwd_cfg=fwd_mod.FwdConfig(128, 128, num_warps=8, num_stages=2)),
     Case(3, 40, 8, 1, 576, 512, True, alias=True,  # the GPU's absorbed backward split (4 x 128 columns)
          fwd_cfg=fwd_mod.FwdConfig(32, 32, nsplit=2, num_stages=1, q_resident=False, stream=True),
          bwd_cfg=bwd_mod.BwdConfig(32, 32, nsplit=4, num_stages=1, resident=False, stream=True)),
@@ -254,6 +257,33 @@ def test_head_plan_known_shapes():
     assert fwd_mod.head_plan(192, 128, False, 1) == fwd_mod.HeadPlan(nsplit=1, bk=128, bt=64, bv=128, bc=64)
     assert fwd_mod.head_plan(24, 16, False, 1).bk == 32  # one padded tile, not 16 + 16
     assert fwd_mod.head_plan(80, 80, False, 1) == fwd_mod.HeadPlan(nsplit=1, bk=64, bt=16, bv=128, bc=64)
+
+
+def test_needs_off64_threshold():
+    """Per-step key offsets switch to int64 exactly where ``S * token stride`` reaches 2**31 elements."""
+    from types import SimpleNamespace
+
+    def kv(S, stride):
+        return SimpleNamespace(shape=(1, S, 1, 128), stride=lambda dim: stride)
+
+    assert not fwd_mod.needs_off64(kv(2**20, 2**11 - 1), kv(2**20, 128))
+    assert fwd_mod.needs_off64(kv(2**20, 128), kv(2**20, 2**11))
+    assert fwd_mod.needs_off64(kv(2**31, 1), kv(2**31, 1))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("c", [Case(17, 130, 6, 2, 32, 32, True), Case(64, 70, 4, 1, 192, 128, False, F16),
+                               Case(5, 40, 8, 1, 576, 512, True, alias=True)], ids=lambda c: c.id)
+def test_forward_off64_path(monkeypatch, c: Case):
+    """The int64 key-offset variant (``OFF64``, taken for keys/values past 2**31 elements per batch entry)
+    forced on small shapes: same results as the oracle."""
+    monkeypatch.setattr(fwd_mod, "needs_off64", lambda k, v: True)
+    q, k, v = make_inputs(c, DEVICE)
+    scale = c.Dk**-0.5
+    out, lse, _ = run_fwd(c, q, k, v, scale, return_max_logit=False)
+    ref_out, ref_lse, _ = formula(q, k, v, scale, c.causal)
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, name="lse")
 
 
 @pytest.mark.interpreter
