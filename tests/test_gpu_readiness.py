@@ -258,8 +258,8 @@ def test_consumer_gpus_get_their_own_tiles():
     from kernels import attention_bwd, attention_fwd, decode, topk_sparse
 
     for arch in (86, 89, 120):
-        assert decode._gpu_config(576, 512, arch, torch.float16)["BLOCK_N"] == 16
-        assert decode._gpu_config(576, 512, 80, torch.float16)["BLOCK_N"] == 32
+        assert decode.decode_config(576, 512, torch.float16, arch, interpret=False)["BLOCK_N"] == 16
+        assert decode.decode_config(576, 512, torch.float16, 80, interpret=False)["BLOCK_N"] == 32
         big = topk_sparse.topk_config("fwd", arch, 576, 512, 128, "fp16", interpret=False)
         assert big.tile == "64x16/v2", big
         assert all(c.block_n == 16 for c in attention_fwd.fwd_configs(arch, 576, 512, "fp16"))
