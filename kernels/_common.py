@@ -38,6 +38,7 @@ __all__ = [
     "TileConfig",
     "cut_head_dims",
     "fold_window",
+    "fwd_qk_scale",
     "head_class",
     "head_plan",
     "tile_constexprs",
@@ -66,6 +67,16 @@ LN2 = 0.6931471805599453
 MIN_TILE = 16
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def fwd_qk_scale(softmax_scale) -> float:
+    """``softmax_scale * log2(e)`` for the forward kernels, which scale the row max instead of every score
+    (``max(s) * c == max(s * c)`` needs ``c > 0``; masked ``-inf`` scores times 0 are NaN).
+    Raises ``ValueError`` unless ``softmax_scale`` is a finite positive number."""
+    s = float(softmax_scale)
+    if not 0 < s < float("inf"):  # NaN fails too
+        raise ValueError(f"softmax_scale: expected a finite positive float, got {softmax_scale}")
+    return s * LOG2E
 
 
 def cdiv(a: int, b: int) -> int:

@@ -57,6 +57,7 @@ from kernels._common import (
     dtype_name,
     fold_window,
     fwd_outputs,
+    fwd_qk_scale,
     head_class,
     is_prefix_alias,
     launch,
@@ -159,8 +160,8 @@ def _fwd_block(
                           HEAD_DK, HEAD_DV, TILE, MASKED, False, V_IS_K, False, DOT)
     if MASKED:
         qk = mask_scores(qk, keys, key_ok, tok, T, S, CAUSAL, window, HAS_WINDOW, keep, HAS_KEEP)
-    # qk_scale > 0 (validated by mla.functional): scale the row max, not every score, and fold the scale
-    # into the exponent's multiply-add (FlashAttention-2; -inf stays -inf).
+    # qk_scale > 0 (the launchers check it: _common.fwd_qk_scale): scale the row max, not every score, and
+    # fold the scale into the exponent's multiply-add (FlashAttention-2; -inf stays -inf).
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row that has seen nothing yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
@@ -341,7 +342,7 @@ def _fwd_launch_args(q, k, v, out, lse, maxl, softmax_scale, causal, v_is_k, n_m
     return dict(
         Q=q, K=k, V=v, O=out, LSE=lse, MAXL=maxl if maxl is not None else lse,
         q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(), o_strides=out.stride(),
-        T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
+        T=T, S=S, Hkv=Hkv, qk_scale=fwd_qk_scale(softmax_scale), n_mblocks=n_mblocks, opaque_zero=0,
         mask=None, mask_geom=None,
         G=Hq // Hkv, G_P=next_pow2(Hq // Hkv), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=causal, V_IS_K=bool(v_is_k),
         WRITE_MAXL=maxl is not None, SPARSE=False, DOT=dot, OFF64=needs_off64(k, v), **ws,

@@ -404,7 +404,7 @@ def block_sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, block_size: t
         kw = dict(
             Q=q, K=k, V=v, O=out, LSE=lse, MAXL=maxl if maxl is not None else lse,
             q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(), o_strides=out.stride(),
-            T=T, S=S, Hkv=Hkv, qk_scale=float(softmax_scale) * _common.LOG2E, n_mblocks=n_mblocks, opaque_zero=0,
+            T=T, S=S, Hkv=Hkv, qk_scale=_common.fwd_qk_scale(softmax_scale), n_mblocks=n_mblocks, opaque_zero=0,
             mask=margs, mask_geom=(bm, bn, kv_rep),
             G=G, G_P=_common.next_pow2(G), HEAD_DK=Dk, HEAD_DV=Dv, CAUSAL=bool(causal), V_IS_K=bool(v_is_k),
             WRITE_MAXL=maxl is not None, SPARSE=True, DOT=dot, OFF64=_common.needs_off64(k, v), **part,

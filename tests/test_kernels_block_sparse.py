@@ -335,3 +335,14 @@ def test_autotuned_launch_path(monkeypatch):
     assert all(len(bs.bwd_configs(kind, 80, 192, 128, "fp32", rows, bn)) == 1 for kind in ("dkdv", "dq"))
     c = Case(100, 70, 2, 1, 192, 128, block=(64, bn), pattern="random", causal=True, name="autotuned")
     check_case(c)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_fwd_rejects_nonpositive_scale(scale):
+    """The forward scales the row max (softmax_scale > 0 only): a scale <= 0 raises, never NaN output."""
+    q, k, v = (torch.randn(1, n, 2, 16, device=DEVICE) for n in (5, 7, 7))
+    kvn = torch.ones(1, 1, 1, dtype=torch.int32, device=DEVICE)
+    kvi = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        bs.block_sparse_attention_fwd(q, k, v, kvn, kvi, (16, 16), scale, False)

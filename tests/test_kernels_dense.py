@@ -313,3 +313,18 @@ def test_autotuned_launch_path(monkeypatch):
     bwd_mod._launch_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, scale, True, False, True, None, None, None, "ieee")
     for name, x, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), attention_grads(q, k, v, scale, do, causal_keep(40, 50))):
         assert_close(x, ref, name=name)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [-0.3, 0.0, math.nan, math.inf])
+def test_forward_rejects_nonpositive_scale(scale):
+    """The forward scales the row max, not each score (valid for softmax_scale > 0 only): a direct
+    launcher call with a scale <= 0 (or not finite) raises instead of writing NaN (it did before)."""
+    from kernels.attention_fwd import attention_fwd_varlen
+
+    q, k, v = (torch.randn(1, n, 2, 16).to(DEVICE) for n in (5, 7, 7))
+    with pytest.raises(ValueError, match="softmax_scale"):
+        fwd_mod.attention_fwd(q, k, v, scale, False)
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=DEVICE) for n in (5, 7))
+    with pytest.raises(ValueError, match="softmax_scale"):
+        attention_fwd_varlen(q[0], k[0], v[0], cu_q, cu_k, 5, 7, scale, False)
