@@ -518,11 +518,15 @@ def choose_num_splits(batch: int, num_heads: int, q_len: int, max_seqlen: int, n
     as in FlashAttention-2's split heuristic; our own formulation and constants.) ``max_seqlen`` is an
     upper bound on the keys per sequence (top-k decode: K).
 
-    Returns an int in ``[1, MAX_SPLITS]``. Raises ``ValueError`` for negative sizes or ``num_sms < 1``.
+    Returns an int in ``[1, MAX_SPLITS]``. Raises ``ValueError`` for negative sizes, ``num_sms < 1`` or a
+    tile (``block_h``, ``block_n``) below 1.
     """
     if min(batch, num_heads, q_len, max_seqlen) < 0 or num_sms < 1:
         raise ValueError(f"choose_num_splits: sizes must be >= 0 and num_sms >= 1, got batch={batch}, "
                          f"num_heads={num_heads}, q_len={q_len}, max_seqlen={max_seqlen}, num_sms={num_sms}")
+    if min(block_h, block_n) < 1:
+        raise ValueError(f"choose_num_splits: block_h and block_n must be >= 1, got block_h={block_h}, "
+                         f"block_n={block_n}")
     base = batch * cdiv(q_len * num_heads, block_h) * max(1, dv_split)
     steps = cdiv(max_seqlen, block_n)
     if base == 0 or steps == 0:

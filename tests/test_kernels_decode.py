@@ -364,6 +364,9 @@ def test_choose_num_splits():
             assert 1 <= n <= MAX_SPLITS and n <= max(1, math.ceil(L / 64))
     with pytest.raises(ValueError):
         choose_num_splits(1, 16, 1, 100, 0)
+    for tile in (dict(block_h=0), dict(block_n=0)):  # was ZeroDivisionError
+        with pytest.raises(ValueError, match="block_h and block_n"):
+            choose_num_splits(1, 16, 1, 100, 132, **tile)
 
 
 @pytest.mark.parametrize("batch,splits", [(1, 64), (8, 8), (40, 3), (64, 1), (128, 1)])
