@@ -141,12 +141,12 @@ def fwd_interp_config(dk: int, dv: int) -> TileConfig:
 _DKDV_TABLE: dict[int, dict[str, list[TileConfig]]] = {
     90: {
         "d64": [TileConfig(64, 128, num_warps=8, num_stages=3)],
-        # 64x128 models faster (0.65-0.69 vs 0.59-0.62) and is clean here, but the block-sparse
-        # variant of the kernel (same tables) spills 180-232 bytes with it
-        "d128": [TileConfig(32, 128, num_warps=8, num_stages=3)],
-        # 255 registers, 0 spills; 32x128 (0.60-0.63) spills 72 bytes in the block-sparse variant,
-        # 64x128 1.1 KiB, 32x64 with 4 warps 88 bytes
-        "d256": [TileConfig(16, 128, num_warps=8, num_stages=3)],
+        # 64x128: models 0.65-0.69 (32x128: 0.59-0.62); the block-sparse variant caps its rows
+        # at 32 (64 spills 180-232 bytes there)
+        "d128": [TileConfig(64, 128, num_warps=8, num_stages=3)],
+        # 32x128: 0 spills, models 0.60-0.63 (16x128: 0.54); block-sparse caps its rows at 16 (32
+        # spills 72 bytes there); 64x128 spills 1.1 KiB, 32x64 with 4 warps 88 bytes
+        "d256": [TileConfig(32, 128, num_warps=8, num_stages=3)],
         # 128 keys x 8 warps, 8 column splits of 64 (4 splits of 128 spill 56-1180 bytes with 64 or 128
         # keys); one stage: the streamed pieces need 324 KiB with two; 32-wide pieces: 64-wide ones
         # spill 72 bytes with a sliding window

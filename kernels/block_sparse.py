@@ -219,13 +219,20 @@ def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, b
 
 #: sm90 fp16/bf16 backward tiles whose chained product has fewer than 16 rows per warp, keyed (kind,
 #: head class): caps on the 4-warp replacement where it spills (triton 3.9: d128 dQ 64x64 88 bytes,
-#: d256 dK/dV 32x64 16 bytes, d576 dK/dV 16x64/v4 980 bytes: there 32 keys on 2 warps, mma.sync, 0 spills
-#: with or without the v alias; modeled useful MAC share 0.39, was 0.22 with 8 warps).
+#: d128 dK/dV 32x64 s3 16 bytes (s2: 0), d256 dK/dV 32x64 16 bytes and 16x64 s3 72 (s2: 0), d576 dK/dV
+#: 32x64/v8/s/c32 8 bytes (16 rows: 0; 32 keys on 2 warps with 4 or 8 splits spill 4-888 bytes).
 _UNREPLICATED_CAPS: dict[tuple[str, str], dict] = {
     ("dq", "d128"): dict(block_n=32),
-    ("dkdv", "d256"): dict(block_m=16),
-    ("dkdv", "d576"): dict(block_n=32, num_warps=2, nsplit=4),
+    ("dkdv", "d128"): dict(num_stages=2),
+    ("dkdv", "d256"): dict(block_m=16, num_stages=2),
+    ("dkdv", "d576"): dict(block_m=16),
 }
+
+
+#: Largest sm90 fp16/bf16 dK/dV row tile (the N side of its score product: no replication) per head
+#: class: the dense tables' 64x128 (d128) and 32x128 (192/128) spill 180-232 and 72 bytes with the
+#: sparse walk's extra registers (triton 3.9).
+_DKDV_MAX_BLOCK_M = {"d128": 32, "d256": 16}
 
 
 def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list[TileConfig]) -> list[TileConfig]:
@@ -234,11 +241,13 @@ def _unreplicated(kind: str, arch: int, dk: int, dv: int, dtype: str, cfgs: list
     The score product feeds the next product, so Triton lays it out with every warp along M (one
     warpgroup covers 64 rows): M = the key tile (dK/dV) or the row tile (dQ). A tile fitted down to 64
     rows with the table's 8 warps would compute its scores twice; it gets 4 warps, capped by
-    :data:`_UNREPLICATED_CAPS` where that spills."""
+    :data:`_UNREPLICATED_CAPS` where that spills. dK/dV row tiles are capped by :data:`_DKDV_MAX_BLOCK_M`."""
     if arch_family(arch) != 90 or dtype == "fp32":
         return cfgs
     out = []
     for c in cfgs:
+        if kind == "dkdv":
+            c = replace(c, block_m=min(c.block_m, _DKDV_MAX_BLOCK_M.get(head_class(dk, dv), c.block_m)))
         m = c.block_n if kind == "dkdv" else c.block_m
         if 16 * c.num_warps > m:
             c = replace(c, num_warps=max(4, m // 16))
