@@ -148,6 +148,12 @@ CASES = [
     Case(3, 33, 3, 1, 576, 512, block=(1, 16), pattern="random", causal=False,
          alias=True, dtype=F16, name="per-token-absorbed-f16"),
     Case(9, 50, 8, 2, 24, 16, block=(1, 16), pattern="random", causal=True, alias=True, name="per-token-gqa-alias"),
+    # sm90's 4-warp absorbed fits (fwd_configs): q streamed in 64-column pieces, 64-row tiles (64 packed rows
+    # per query block), 32 keys with the v alias, 16 without.
+    Case(40, 70, 4, 1, 576, 512, block=(16, 32), pattern="random", causal=True, alias=True, dtype=F16,
+         fwd_cfg=FC(64, 32, nsplit=2, stream=True), name="absorbed-streamed-q-f16"),
+    Case(40, 70, 4, 1, 576, 512, block=(16, 32), pattern="random", causal=True,
+         fwd_cfg=FC(64, 16, nsplit=2, stream=True), name="absorbed-streamed-q-noalias"),
     Case(20, 30, **GQA, block=(16, 16), pattern="empty", causal=False, name="empty-mask"),
 ]
 if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
@@ -155,7 +161,7 @@ if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
 
 
 #: The everyday run's block-sparse parity cases (the others take 4-30 s each on a 2-core CPU).
-QUICK = {"per-head-mha", "empty-mask"}
+QUICK = {"per-head-mha", "empty-mask", "absorbed-streamed-q-f16"}
 
 
 @pytest.mark.interpreter
@@ -287,7 +293,7 @@ def test_packing_modes():
 def test_fitted_configs_respect_mask_blocks(arch):
     """Fitted tiles: no key tile spans two mask key blocks when a table tile can divide them, row tiles
     stay inside one query block, wgmma-sized M sides on sm90 (16-bit) with at most one warp per 16 of
-    their rows (no replicated score product; the absorbed forward follows its dense table), and every
+    their rows (no replicated score product), and every
     fitted config is one the compile check compiles."""
     for dk, dv, _g, _alias in bs.SPEC_SHAPES:
         for dtype in ("fp16", "fp32"):
@@ -303,8 +309,8 @@ def test_fitted_configs_respect_mask_blocks(arch):
                             if arch == 90 and dtype == "fp16":
                                 # wgmma M sides (d576 dK/dV: 32 keys on 2 warps, mma.sync)
                                 assert m_side >= 64 or (kind, dk, cfg.num_warps) == ("dkdv", 576, 2), (kind, cfg)
-                                if kind != "fwd" or dk <= 256:  # no warp repeats the chained score product
-                                    assert m_side >= 16 * cfg.num_warps, (kind, cfg)
+                                # no warp repeats the chained score product
+                                assert m_side >= 16 * cfg.num_warps, (kind, cfg)
                             if bn % 16 == 0:
                                 odd = kind == "dkdv" and cfg.block_n in (32, 64) and bn < cfg.block_n
                                 assert bn % cfg.block_n == 0 or odd  # the smallest key tile, masked
