@@ -195,12 +195,26 @@ def fwd_configs(arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int
     mr = _min_rows(arch, dtype)
     cfgs = _fit(_table("fwd", arch, dk, dv, dtype, v_is_k), lambda c: fit_rows(c.block_m, rows, mr),
                 lambda c: fit_keys(c.block_n, block_n, 16), mr, 16)
-    if dtype == "fp32" or head_class(dk, dv) == "d576":  # fp32: FMA products, nothing to replicate;
-        return cfgs  # d576 follows its dense table (4 warps on its 64-row tiles spill 8-104 bytes)
+    if dtype == "fp32":  # FMA products, nothing to replicate
+        return cfgs
     # The score dot feeds the value dot, so Triton lays its warps along M (16 rows per warp, a warpgroup
     # per 64 rows on sm90): a row tile fitted below 16 * num_warps would have every warp group compute
-    # the same scores. Fewer warps instead.
+    # the same scores. Fewer warps instead (the absorbed shape on sm90: :data:`_FWD_D576_4WARPS`).
+    if head_class(dk, dv) == "d576":
+        if arch_family(arch) != 90:
+            return cfgs
+        return dedup(replace(c, num_warps=4, block_n=min(c.block_n, 32), **_FWD_D576_4WARPS)
+                     if 16 * c.num_warps > c.block_m else c for c in cfgs)
     return dedup(replace(c, num_warps=max(4, min(c.num_warps, c.block_m // 16))) for c in cfgs)
+
+
+#: sm90 fp16/bf16 d576 forward tiles fitted below 128 rows (the dense 128x32/v2/c256 8-warp tile on 64-row
+#: mask blocks) run on 4 warps with q streamed in 64-column pieces, 2 stages, at most 32 keys a step
+#: (triton 3.9, block-sparse variant): 64x32/v2/s 255 registers, 0 spills, 176 KiB with the v alias
+#: (178 partial), modeled serial 0.34 (8 warps: 0.18, 3 of 4 dots replicated); without the alias the no-alias
+#: table's 16 keys: 64x16/v2/s 0 spills, 156 KiB, 0.25. Spilled: q held or hoisted on 4 warps (8-104 bytes),
+#: 64x32 without the alias (24-40 bytes streamed; 8 with 32-column pieces), 3 stages (244 KiB).
+_FWD_D576_4WARPS = dict(num_stages=2, resident=True, stream=True, bc=64)
 
 
 def bwd_configs(kind: str, arch: int, dk: int, dv: int, dtype: str, rows: int, block_n: int,

@@ -148,6 +148,12 @@ CASES = [
     Case(3, 33, 3, 1, 576, 512, block=(1, 16), pattern="random", causal=False,
          alias=True, dtype=F16, name="per-token-absorbed-f16"),
     Case(9, 50, 8, 2, 24, 16, block=(1, 16), pattern="random", causal=True, alias=True, name="per-token-gqa-alias"),
+    # sm90's 4-warp absorbed fits (fwd_configs): q streamed in 64-column pieces, 64-row tiles (64 packed rows
+    # per query block), 32 keys with the v alias, 16 without.
+    Case(40, 70, 4, 1, 576, 512, block=(16, 32), pattern="random", causal=True, alias=True, dtype=F16,
+         fwd_cfg=FC(64, 32, nsplit=2, stream=True), name="absorbed-streamed-q-f16"),
+    Case(40, 70, 4, 1, 576, 512, block=(16, 32), pattern="random", causal=True,
+         fwd_cfg=FC(64, 16, nsplit=2, stream=True), name="absorbed-streamed-q-noalias"),
     Case(20, 30, **GQA, block=(16, 16), pattern="empty", causal=False, name="empty-mask"),
 ]
 if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
@@ -155,7 +161,7 @@ if CUDA:  # bf16 only compiled: the interpreter's bf16 dot is wrong
 
 
 #: The everyday run's block-sparse parity cases (the others take 4-30 s each on a 2-core CPU).
-QUICK = {"per-head-mha", "empty-mask"}
+QUICK = {"per-head-mha", "empty-mask", "absorbed-streamed-q-f16"}
 
 
 @pytest.mark.interpreter
@@ -287,8 +293,8 @@ def test_packing_modes():
 def test_fitted_configs_respect_mask_blocks(arch):
     """Fitted tiles: no key tile spans two mask key blocks when a table tile can divide them, row tiles
     stay inside one query block, wgmma-sized M sides on sm90 (16-bit) with at most one warp per 16 of
-    their rows (no replicated score product; the absorbed forward follows its dense table), sm90 dK/dV
-    row tiles capped (d128: 32, 192/128: 16), and every fitted config is one the compile check compiles."""
+    their rows (no replicated score product), sm90 dK/dV row tiles capped (d128: 32, 192/128: 16), and
+    every fitted config is one the compile check compiles."""
     for dk, dv, _g, _alias in bs.SPEC_SHAPES:
         for dtype in ("fp16", "fp32"):
             spec = {kind: set(bs.spec_configs(kind, arch, dk, dv, dtype, 1)) for kind in ("fwd", "dkdv", "dq")}
@@ -302,8 +308,8 @@ def test_fitted_configs_respect_mask_blocks(arch):
                             m_side = cfg.block_n if kind == "dkdv" else cfg.block_m
                             if arch == 90 and dtype == "fp16":
                                 assert m_side >= 64, (kind, cfg)  # wgmma M sides
-                                if kind != "fwd" or dk <= 256:  # no warp repeats the chained score product
-                                    assert m_side >= 16 * cfg.num_warps, (kind, cfg)
+                                # no warp repeats the chained score product
+                                assert m_side >= 16 * cfg.num_warps, (kind, cfg)
                                 if kind == "dkdv" and dk in (128, 192):  # row caps: the dense rows spill here
                                     assert cfg.block_m <= {128: 32, 192: 16}[dk], cfg
                             if bn % 16 == 0:
